@@ -1,0 +1,59 @@
+"""The bus port: how a worker reaches every other worker and node.
+
+It carries committed operations to every hub (in store seq order per publisher; a receiver that
+sees a gap fills it from storage) and holds the state that must be shared: entity lock leases.
+The in-process bus (`memory.py`) serves the embedded single worker; Redis serves many.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from chefia_rt.domain import EntityKey, OpRecord
+from chefia_rt.sync.locks import Lease
+
+
+@dataclass(frozen=True, slots=True)
+class Push:
+    """A committed operation on its way to the store's terminals; `origin` is the terminal
+    that caused it (it already has the confirmation, so it is not sent the push)."""
+
+    record: OpRecord
+    origin: str
+
+
+Deliver = Callable[[str, Sequence[Push]], None]
+
+
+class Bus(Protocol):
+    """Fan-out of committed operations, and shared lock leases."""
+
+    kind: str
+
+    async def start(self, deliver: Deliver) -> None:
+        """Begin delivering every store's pushes (from any worker) to `deliver`."""
+
+    async def close(self) -> None:
+        """Stop delivering and release connections."""
+
+    async def publish(self, store_id: str, pushes: Sequence[Push]) -> None:
+        """Send one store's committed operations, in seq order, to every worker."""
+
+    async def get_lease(self, key: EntityKey) -> Lease | None:
+        """The live lease on an entity, if any."""
+
+    async def acquire_lease(
+        self, key: EntityKey, owner: str, lock_id: str, ttl: float
+    ) -> tuple[bool, Lease | None]:
+        """(True, lease) when taken or renewed; (False, the holder's lease) otherwise."""
+
+    async def release_lease(self, key: EntityKey, owner: str) -> bool:
+        """Release a lease the owner holds; False when it held none."""
+
+    async def release_owner(self, store_id: str, owner: str) -> list[EntityKey]:
+        """Release every lease a terminal holds (it went away)."""
+
+    async def ping(self) -> bool:
+        """True when the bus answers."""

@@ -1,0 +1,47 @@
+"""The in-process bus: the embedded default, for one worker without Redis."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+from chefia_rt.bus.base import Deliver, Push
+from chefia_rt.domain import EntityKey
+from chefia_rt.sync.locks import Lease, LockTable
+
+
+class MemoryBus:
+    """Delivers pushes straight to this process's hub; keeps leases in a dict."""
+
+    kind = "memory"
+
+    def __init__(self) -> None:
+        self._deliver: Deliver | None = None
+        self._locks = LockTable()
+
+    async def start(self, deliver: Deliver) -> None:
+        self._deliver = deliver
+
+    async def close(self) -> None:
+        self._deliver = None
+
+    async def publish(self, store_id: str, pushes: Sequence[Push]) -> None:
+        if self._deliver is not None:
+            self._deliver(store_id, pushes)
+
+    async def get_lease(self, key: EntityKey) -> Lease | None:
+        return self._locks.get(key, time.time())
+
+    async def acquire_lease(
+        self, key: EntityKey, owner: str, lock_id: str, ttl: float
+    ) -> tuple[bool, Lease | None]:
+        return self._locks.acquire(key, owner, lock_id, ttl, time.time())
+
+    async def release_lease(self, key: EntityKey, owner: str) -> bool:
+        return self._locks.release(key, owner, time.time())
+
+    async def release_owner(self, store_id: str, owner: str) -> list[EntityKey]:
+        return self._locks.release_owner(store_id, owner)
+
+    async def ping(self) -> bool:
+        return True

@@ -1,0 +1,148 @@
+"""Settings: the environment names of SPEC §7, validated once at start and passed down."""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from chefia_rt.errors import ConfigError
+
+DEFAULT_DATABASE_URL = "sqlite:///chefia-rt.db"
+
+
+def _default_workers() -> int:
+    return min(4, os.cpu_count() or 1)
+
+
+class Settings(BaseSettings):
+    """Every knob of the server. Field names map to environment variables in upper case."""
+
+    model_config = SettingsConfigDict(
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        case_sensitive=False,
+        populate_by_name=True,
+    )
+
+    ws_host: str = "0.0.0.0"
+    ws_port: int = Field(8001, ge=0, le=65535)
+    ws_path: str = "/ws"
+    max_ws_connections: int = Field(1000, ge=1)
+    max_ws_message_size: int = Field(1_048_576, ge=1024)
+    ws_connection_timeout: float = Field(300.0, gt=0)
+    ws_heartbeat_interval: float = Field(30.0, gt=0)
+    ws_message_queue_size: int = Field(1000, ge=1)
+    ws_workers: int | None = Field(
+        None, ge=1, le=256, validation_alias=AliasChoices("ws_workers", "ws_worker_threads")
+    )
+    ws_allowed_origins: str = "*"
+    ws_enable_compression: bool = True
+    ws_enable_metrics: bool = True
+    ws_metrics_interval: float = Field(60.0, gt=0)
+    ws_log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    ws_log_messages: bool = False
+    # Batching of msgpack pushes: flush at this many messages or after this window.
+    ws_batch_max_messages: int = Field(100, ge=1, le=1000)
+    ws_batch_window_ms: float = Field(2.0, ge=0, le=5)
+    compression_threshold: int = Field(1024, ge=64)
+    # Abuse: this many invalid frames within the window closes the connection with 4006.
+    ws_invalid_frame_limit: int = Field(20, ge=1)
+    ws_invalid_frame_window: float = Field(10.0, gt=0)
+    # Group commit: at most this many operations per transaction; at most this many waiting.
+    sync_batch_max_ops: int = Field(500, ge=1)
+    sync_queue_size: int = Field(10_000, ge=1)
+    sync_commit_timeout: float = Field(10.0, gt=0)
+    metrics_port: int | None = Field(None, ge=0, le=65535)
+
+    database_url: str = DEFAULT_DATABASE_URL
+    redis_url: str | None = None
+    jwt_secret_key: str | None = None
+
+    backup_dir: str = "./backups"
+    backup_retention_days: int = Field(30, ge=1)
+    backup_schedule: str = "0 2 * * *"
+
+    @field_validator("ws_path")
+    @classmethod
+    def _path_shape(cls, value: str) -> str:
+        if not value.startswith("/") or value.endswith("/") or " " in value:
+            raise ValueError("must start with '/' and not end with '/', e.g. /ws")
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_scheme(cls, value: str) -> str:
+        if not value.startswith(("sqlite:///", "postgresql://", "postgres://")):
+            raise ValueError("must be sqlite:///path or postgresql://user@host/db")
+        if value.startswith("sqlite:///") and value == "sqlite:///":
+            raise ValueError("sqlite:/// needs a file path")
+        return value
+
+    @field_validator("redis_url", "jwt_secret_key", "metrics_port", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        return None if value == "" else value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must be redis://host:port/db")
+        return value
+
+    @model_validator(mode="after")
+    def _workers(self) -> Settings:
+        if self.ws_workers is None:
+            self.ws_workers = _default_workers() if self.redis_url else 1
+        if self.ws_workers > 1 and not self.redis_url:
+            raise ValueError(
+                f"WS_WORKERS={self.ws_workers} needs REDIS_URL: without Redis the workers "
+                "could not reach each other's terminals; set REDIS_URL or WS_WORKERS=1"
+            )
+        return self
+
+    @property
+    def workers(self) -> int:
+        assert self.ws_workers is not None
+        return self.ws_workers
+
+    @property
+    def storage_kind(self) -> str:
+        return "sqlite" if self.database_url.startswith("sqlite") else "postgresql"
+
+    @property
+    def sqlite_path(self) -> str:
+        return self.database_url.removeprefix("sqlite:///")
+
+    @property
+    def bus_kind(self) -> str:
+        return "redis" if self.redis_url else "memory"
+
+    @property
+    def auth_enabled(self) -> bool:
+        return self.jwt_secret_key is not None
+
+    @property
+    def allowed_origins(self) -> list[str] | None:
+        """None when every origin is allowed."""
+        origins = [o.strip() for o in self.ws_allowed_origins.split(",") if o.strip()]
+        return None if not origins or "*" in origins else origins
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read and validate the environment (and .env); a bad value is a one-line ConfigError."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            name = "_".join(str(p) for p in err["loc"]).upper()
+            value = err.get("input")
+            shown = "" if isinstance(value, dict) else f" (got {value!r})"
+            message = err["msg"].removeprefix("Value error, ")
+            problems.append(f"{name}: {message}{shown}" if name else message)
+        raise ConfigError("invalid configuration: " + "; ".join(problems)) from None

@@ -1,0 +1,158 @@
+"""Plain records shared by the engine (sync/), the stores (store/) and the node.
+
+No behaviour and no I/O lives here: these are the nouns of the restaurant's data, so that the
+pure engine and the storage backends can speak about the same things without importing each other.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+JSON = dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class EntityKey:
+    """One entity of one store: the unit of versioning, locking and conflict resolution."""
+
+    store_id: str
+    entity_type: str
+    entity_id: str
+
+
+@dataclass(slots=True)
+class Entity:
+    """The server's current state of one entity.
+
+    `field_versions` remembers, per field, the version that last changed it and the client
+    timestamp of that change; the merge policies need both to tell what changed since a base.
+    `timestamp` is the client timestamp of the operation that last wrote the entity.
+    """
+
+    key: EntityKey
+    version: int
+    data: JSON
+    deleted: bool = False
+    timestamp: str = ""
+    updated_by: str = ""
+    field_versions: dict[str, list[Any]] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class Operation:
+    """A change a terminal sent (`data_sync.operation`), already validated."""
+
+    id: str
+    store_id: str
+    entity_type: str
+    entity_id: str
+    operation: str  # CREATE | UPDATE | DELETE | BULK_UPDATE
+    data: JSON
+    version: int
+    timestamp: str
+    terminal_id: str
+    user_id: str | None = None
+    requires_lock: bool = False
+    priority: str = "medium"
+
+    @property
+    def key(self) -> EntityKey:
+        return EntityKey(self.store_id, self.entity_type, self.entity_id)
+
+    def touched_keys(self) -> list[EntityKey]:
+        """Every entity this operation may change (BULK_UPDATE touches many)."""
+        if self.operation == "BULK_UPDATE":
+            updates = self.data.get("updates", [])
+            return [EntityKey(self.store_id, self.entity_type, u["entity_id"]) for u in updates]
+        return [self.key]
+
+
+@dataclass(slots=True)
+class Resolution:
+    """A `conflict_resolution` a terminal sent for a pending manual conflict."""
+
+    conflict_id: str
+    store_id: str
+    terminal_id: str
+    user_id: str | None
+    resolution: str  # accept_remote | accept_local | merge
+    resolved_data: JSON | None
+    timestamp: str
+
+
+@dataclass(slots=True)
+class Conflict:
+    """A pending manual conflict: the operation that could not be applied, kept until resolved."""
+
+    id: str
+    operation: Operation
+    server_version: int
+    server_data: JSON
+    created_at: str
+
+
+@dataclass(slots=True)
+class OpRecord:
+    """One row of the operation log: what was decided for an operation id.
+
+    `seq` is None for an operation that changed nothing (a losing last-write-wins write, a
+    pending manual conflict); such rows are still kept, so that a retry is recognised.
+    """
+
+    id: str
+    store_id: str
+    entity_type: str
+    entity_id: str
+    operation: str
+    data: JSON
+    version: int | None
+    seq: int | None
+    status: str  # applied | merged | resolved | conflict
+    conflict_resolved: bool
+    terminal_id: str
+    user_id: str | None
+    priority: str
+    timestamp: str
+    server_time: str
+    deleted: bool = False
+
+
+@dataclass(slots=True)
+class AuditRecord:
+    """One audit row: who changed what, with the state before and after."""
+
+    operation_id: str
+    store_id: str
+    entity_type: str
+    entity_id: str
+    operation: str
+    terminal_id: str
+    user_id: str | None
+    before: JSON | None
+    after: JSON | None
+    sync_status: str
+    conflict_resolved: bool
+    timestamp: str
+
+
+@dataclass(slots=True)
+class BatchState:
+    """What a store read (under lock) for a batch, handed to the engine."""
+
+    known_ops: dict[str, OpRecord]
+    entities: dict[EntityKey, Entity]
+    conflicts: dict[str, Conflict]
+    last_seqs: dict[str, int]
+
+
+@dataclass(slots=True)
+class BatchWrite:
+    """What the engine decided a batch writes, in one transaction."""
+
+    entities: list[Entity] = field(default_factory=list)
+    op_records: list[OpRecord] = field(default_factory=list)
+    audit: list[AuditRecord] = field(default_factory=list)
+    new_conflicts: list[Conflict] = field(default_factory=list)
+    settled_conflicts: list[str] = field(default_factory=list)
+    last_seqs: dict[str, int] = field(default_factory=dict)

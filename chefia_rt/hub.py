@@ -1,0 +1,343 @@
+"""This worker's connections: per-terminal outbound lanes, batching, and ordered delivery.
+
+Each session has two bounded lanes. The urgent lane carries answers to the terminal's own requests
+(confirmations, errors, pongs, lock answers), so they never wait behind a backlog of pushes. The
+push lane carries the store's operations in seq order; when it overflows, the terminal is too slow
+and is closed with 1013 (it resumes with `since`). A pushed message is encoded once per encoding
+and shared by every receiver.
+
+Ordering: a session accepts push seq `next_seq` only. Anything older is a duplicate; anything
+newer means a gap, and the session catches up from storage before it goes live again. The same
+catch-up serves resume, snapshots and the start of every connection, so the hand-off from stored
+to live operations never skips or repeats.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from chefia_rt.bus.base import Push
+from chefia_rt.domain import OpRecord
+from chefia_rt.errors import Code
+from chefia_rt.protocol.codec import encode_json, encode_msgpack, msgpack_frame
+
+log = logging.getLogger("chefia_rt.hub")
+
+CATCH_UP_PAGE = 500
+
+
+class Transport(Protocol):
+    """What a session needs of its WebSocket."""
+
+    async def send(self, frame: str | bytes) -> None: ...
+
+    async def close(self, code: int, reason: str) -> None: ...
+
+
+class OutFrame:
+    """One outgoing message, encoded at most once per encoding however many receive it."""
+
+    __slots__ = ("_json", "_msgpack", "message")
+
+    def __init__(self, message: dict[str, Any]) -> None:
+        self.message = message
+        self._json: str | None = None
+        self._msgpack: bytes | None = None
+
+    def encoded(self, encoding: str) -> str | bytes:
+        if encoding == "json":
+            if self._json is None:
+                self._json = encode_json(self.message)
+            return self._json
+        if self._msgpack is None:
+            self._msgpack = encode_msgpack(self.message)
+        return self._msgpack
+
+
+def push_message(record: OpRecord) -> dict[str, Any]:
+    """`data_sync` as other terminals receive it: the full state after the operation."""
+    return {
+        "type": "data_sync",
+        "operation": {
+            "id": record.id,
+            "seq": record.seq,
+            "entity_type": record.entity_type,
+            "entity_id": record.entity_id,
+            "operation": record.operation,
+            "data": record.data,
+            "version": record.version,
+            "deleted": record.deleted,
+            "timestamp": record.timestamp,
+            "terminal_id": record.terminal_id,
+            "user_id": record.user_id,
+            "priority": record.priority,
+            "server_time": record.server_time,
+        },
+    }
+
+
+@dataclass(slots=True)
+class Outbound:
+    """Per-connection sending limits, from Settings."""
+
+    queue_size: int
+    batch_max: int
+    batch_window: float
+    compression_threshold: int | None
+
+
+ReadOps = Callable[[str, int, int], Awaitable[list[OpRecord]]]
+
+
+@dataclass(eq=False, slots=True)
+class Session:
+    """One terminal's connection as the hub sees it."""
+
+    terminal_id: str
+    terminal_type: str
+    store_id: str
+    session_id: str
+    encoding: str
+    user_id: str | None
+    transport: Transport
+    limits: Outbound
+    connected_at: str = ""
+    last_seen: float = field(default_factory=time.monotonic)
+    acked_seq: int = 0
+    metrics: dict[str, Any] | None = None
+    next_seq: int = 1
+    live: bool = False
+    closed: bool = False
+    close_code: int | None = None
+    bytes_in: int = 0
+    bytes_out: int = 0
+    messages_in: int = 0
+    messages_out: int = 0
+    _urgent: deque[OutFrame] = field(default_factory=deque)
+    _pushes: deque[OutFrame] = field(default_factory=deque)
+    _wake: asyncio.Event = field(default_factory=asyncio.Event)
+    _room: asyncio.Event = field(default_factory=asyncio.Event)
+    _writer: asyncio.Task[None] | None = None
+    _catch_up: asyncio.Task[None] | None = None
+
+    # ---- sending ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._writer = asyncio.create_task(self._write_loop(), name=f"writer:{self.session_id}")
+
+    def send(self, message: dict[str, Any]) -> None:
+        """Queue an answer to this terminal's own request (the urgent lane)."""
+        if self.closed:
+            return
+        if len(self._urgent) >= self.limits.queue_size:
+            self.close(Code.TRY_AGAIN_LATER, "outbound queue full")
+            return
+        self._urgent.append(OutFrame(message))
+        self._wake.set()
+
+    def queue_push(self, frame: OutFrame) -> None:
+        if self.closed:
+            return
+        if len(self._pushes) >= self.limits.queue_size:
+            self.close(Code.TRY_AGAIN_LATER, "too slow: outbound queue full, resume with since")
+            return
+        self._pushes.append(frame)
+        self._wake.set()
+
+    def close(self, code: int, reason: str) -> None:
+        """Close the connection once; queued frames are dropped."""
+        if self.closed:
+            return
+        self.closed = True
+        self.close_code = code
+        self._urgent.clear()
+        self._pushes.clear()
+        self._room.set()
+        self._wake.set()
+        if self._catch_up is not None:
+            self._catch_up.cancel()
+        asyncio.get_running_loop().create_task(self._close_transport(code, reason))
+
+    async def _close_transport(self, code: int, reason: str) -> None:
+        with contextlib.suppress(Exception):
+            await self.transport.close(code, reason)
+
+    async def stop(self) -> None:
+        """Cancel this session's tasks (the connection ended)."""
+        self.closed = True
+        for task in (self._writer, self._catch_up):
+            if task is not None and task is not asyncio.current_task():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+
+    def _take(self) -> list[OutFrame]:
+        frames: list[OutFrame] = []
+        limit = self.limits.batch_max if self.encoding == "msgpack" else 1
+        while self._urgent and len(frames) < limit:
+            frames.append(self._urgent.popleft())
+        while self._pushes and len(frames) < limit:
+            frames.append(self._pushes.popleft())
+        if len(self._pushes) < self.limits.queue_size // 2:
+            self._room.set()
+        return frames
+
+    async def _write_loop(self) -> None:
+        window = self.limits.batch_window
+        while not self.closed:
+            await self._wake.wait()
+            self._wake.clear()
+            if (
+                window
+                and self.encoding == "msgpack"
+                and not self._urgent
+                and len(self._pushes) < self.limits.batch_max
+            ):
+                # Only pushes are waiting: give the batch a moment to fill. Answers never wait.
+                await asyncio.sleep(window)
+            while not self.closed and (self._urgent or self._pushes):
+                frames = self._take()
+                if self.encoding == "json":
+                    payload: str | bytes = frames[0].encoded("json")
+                else:
+                    bodies = [f.encoded("msgpack") for f in frames]
+                    payload = msgpack_frame(bodies, self.limits.compression_threshold)  # type: ignore[arg-type]
+                try:
+                    await self.transport.send(payload)
+                except Exception:
+                    self.closed = True
+                    return
+                self.bytes_out += len(payload)
+                self.messages_out += len(frames)
+
+    # ---- ordered delivery -----------------------------------------------------------------
+
+    def offer(
+        self, seq: int, frame: OutFrame, from_self: bool, restart: Callable[[], None]
+    ) -> None:
+        """A live push of the store: take it if it is the next one, fill a gap otherwise."""
+        if not self.live or self.closed or seq < self.next_seq:
+            return
+        if seq > self.next_seq:
+            restart()
+            return
+        self.next_seq = seq + 1
+        if not from_self:
+            self.queue_push(frame)
+
+    def resume_from(self, seq: int, read_ops: ReadOps, head: Callable[[], int]) -> None:
+        """Deliver every stored op after `seq`, then go live: no gap, no duplicate."""
+        if self._catch_up is not None:
+            self._catch_up.cancel()
+        self.live = False
+        self.next_seq = seq + 1
+        self._catch_up = asyncio.create_task(
+            self._catch_up_loop(read_ops, head), name=f"catch-up:{self.session_id}"
+        )
+
+    async def _catch_up_loop(self, read_ops: ReadOps, head: Callable[[], int]) -> None:
+        try:
+            while not self.closed:
+                while len(self._pushes) > self.limits.queue_size - CATCH_UP_PAGE:
+                    self._room.clear()
+                    await self._room.wait()  # the terminal reads; no timeout needed
+                    if self.closed:
+                        return
+                page = min(CATCH_UP_PAGE, self.limits.queue_size)
+                records = await read_ops(self.store_id, self.next_seq - 1, page)
+                for record in records:
+                    if record.seq == self.next_seq:
+                        self.queue_push(OutFrame(push_message(record)))
+                        self.next_seq += 1
+                # Going live happens in the same tick as the check, so no push slips between.
+                if len(records) < page and self.next_seq - 1 >= head():
+                    self.live = True
+                    return
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("catch-up of %s failed: %s", self.terminal_id, exc)
+            self.close(Code.TRY_AGAIN_LATER, "catch-up failed; reconnect with since")
+
+
+class Hub:
+    """The sessions of this worker, by store and terminal."""
+
+    __slots__ = ("_heads", "_read_ops", "_stores")
+
+    def __init__(self, read_ops: ReadOps) -> None:
+        self._stores: dict[str, dict[str, Session]] = {}
+        self._heads: dict[str, int] = {}
+        self._read_ops = read_ops
+
+    def __len__(self) -> int:
+        return sum(len(s) for s in self._stores.values())
+
+    def sessions(self) -> list[Session]:
+        return [s for store in self._stores.values() for s in store.values()]
+
+    def store_sessions(self, store_id: str) -> list[Session]:
+        return list(self._stores.get(store_id, {}).values())
+
+    def head(self, store_id: str) -> int:
+        return self._heads.get(store_id, 0)
+
+    def get(self, store_id: str, terminal_id: str) -> Session | None:
+        return self._stores.get(store_id, {}).get(terminal_id)
+
+    def attach(self, session: Session) -> Session | None:
+        """Register a session; return the older session of the same terminal it replaces."""
+        terminals = self._stores.setdefault(session.store_id, {})
+        old = terminals.get(session.terminal_id)
+        terminals[session.terminal_id] = session
+        return old
+
+    def detach(self, session: Session) -> bool:
+        """Forget a session; True when it was still the terminal's current one."""
+        terminals = self._stores.get(session.store_id, {})
+        if terminals.get(session.terminal_id) is not session:
+            return False
+        del terminals[session.terminal_id]
+        if not terminals:
+            del self._stores[session.store_id]
+        return True
+
+    def resume(self, session: Session, since: int) -> None:
+        session.resume_from(since, self._read_ops, lambda: self.head(session.store_id))
+
+    def deliver(self, store_id: str, pushes: Sequence[Push]) -> None:
+        """Hand a store's committed operations to its sessions, each encoded once."""
+        if pushes:
+            last = pushes[-1].record.seq or 0
+            self._heads[store_id] = max(self._heads.get(store_id, 0), last)
+        sessions = self._stores.get(store_id)
+        if not sessions:
+            return
+        for push in pushes:
+            seq = push.record.seq
+            if seq is None:
+                continue
+            frame = OutFrame(push_message(push.record))
+            for session in list(sessions.values()):
+                session.offer(
+                    seq,
+                    frame,
+                    session.terminal_id == push.origin,
+                    lambda s=session: self.resume(s, s.next_seq - 1),  # type: ignore[misc]
+                )
+
+    def broadcast(
+        self, store_id: str, message: dict[str, Any], types: set[str] | None = None
+    ) -> None:
+        """Send a message that is not an operation to a store's sessions (monitors, caches)."""
+        frame = OutFrame(message)
+        for session in self._stores.get(store_id, {}).values():
+            if types is None or session.terminal_type in types:
+                session.queue_push(frame)

@@ -1,0 +1,538 @@
+"""The composition root and the write pipeline.
+
+`Node.create(settings)` builds the store, the bus, the engine and the hub. Operations from every
+connection of this worker meet in one bounded queue; one writer task takes whatever is waiting (up
+to SYNC_BATCH_MAX_OPS), commits it as one transaction with the engine deciding inside it, answers
+each sender, and only then publishes the applied operations to every worker's hub. Group commit
+comes from the queue itself: while one transaction is on disk the next batch gathers, so a busy
+server commits large batches and an idle one commits at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections import deque
+from collections.abc import Coroutine, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from chefia_rt import __version__
+from chefia_rt.bus.base import Bus, Push
+from chefia_rt.bus.memory import MemoryBus
+from chefia_rt.config import Settings
+from chefia_rt.domain import BatchState, BatchWrite, EntityKey, Operation, Resolution
+from chefia_rt.errors import ChefiaError, ConfigError, Overloaded, StorageUnavailable
+from chefia_rt.hub import Hub, OutFrame, Session
+from chefia_rt.protocol.messages import format_timestamp, sync_error_msg, utc_now_iso
+from chefia_rt.store.base import BatchRequest, LogBounds, SessionRecord, Store
+from chefia_rt.sync.engine import Engine, Outcome, conflict_id_for, wire_data
+from chefia_rt.sync.locks import check_write
+from chefia_rt.sync.permissions import Permissions
+from chefia_rt.sync.policies import PolicyTable
+
+log = logging.getLogger("chefia_rt.node")
+
+
+@dataclass(slots=True)
+class Pending:
+    """An operation or resolution waiting for the next batch, with who to answer."""
+
+    item: Operation | Resolution
+    session: Session
+    received: float
+
+
+class Stats:
+    """This worker's figures for /ws/stats: per-second buckets over the last minute."""
+
+    WINDOW = 60
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+        self._buckets: deque[list[float]] = deque(maxlen=self.WINDOW)
+        self._second = -1
+        self.operations = 0
+        self.conflicts = 0
+        self.latency_sum = 0.0
+        self.latency_count = 0
+
+    def _bucket(self) -> list[float]:
+        second = int(time.monotonic())
+        if second != self._second:
+            self._second = second
+            self._buckets.append([0.0, 0.0])  # messages, operations
+        return self._buckets[-1]
+
+    def message(self, count: int = 1) -> None:
+        self._bucket()[0] += count
+
+    def operation(self, latency: float, conflict: bool) -> None:
+        self._bucket()[1] += 1
+        self.operations += 1
+        self.conflicts += conflict
+        self.latency_sum += latency
+        self.latency_count += 1
+
+    def snapshot(self) -> dict[str, float]:
+        self._bucket()
+        span = max(1, min(self.WINDOW, len(self._buckets)))
+        return {
+            "message_throughput": round(sum(b[0] for b in self._buckets) / span, 3),
+            "operations_per_minute": sum(b[1] for b in self._buckets),
+            "average_latency": round(
+                1000 * self.latency_sum / self.latency_count if self.latency_count else 0.0, 3
+            ),
+            "conflict_rate": round(self.conflicts / self.operations if self.operations else 0, 4),
+            "uptime_seconds": round(time.monotonic() - self.started, 1),
+        }
+
+
+def make_store(settings: Settings) -> Store:
+    """The storage backend DATABASE_URL names."""
+    if settings.storage_kind == "sqlite":
+        from chefia_rt.store.sqlite import SQLiteStore
+
+        return SQLiteStore(settings.sqlite_path)
+    raise ConfigError("PostgreSQL storage is not available in this build; use sqlite:///path")
+
+
+def make_bus(settings: Settings) -> Bus:
+    """The bus REDIS_URL names (in process without it)."""
+    if settings.redis_url is None:
+        return MemoryBus()
+    raise ConfigError("the Redis bus is not available in this build; unset REDIS_URL")
+
+
+def confirmation_msg(outcome: Outcome) -> dict[str, Any]:
+    record = outcome.record
+    assert record is not None
+    return {
+        "type": "sync_confirmation",
+        "operation_id": record.id,
+        "seq": record.seq,
+        "version": record.version,
+        "status": outcome.status,
+        "conflict_resolved": record.conflict_resolved,
+        "entity_type": record.entity_type,
+        "entity_id": record.entity_id,
+        "server_time": utc_now_iso(),
+    }
+
+
+def conflict_msg(outcome: Outcome, policy: str) -> dict[str, Any]:
+    conflict = outcome.conflict
+    assert conflict is not None
+    op = conflict.operation
+    return {
+        "type": "sync_conflict",
+        "operation_id": op.id,
+        "conflict_id": conflict.id,
+        "entity_type": op.entity_type,
+        "entity_id": op.entity_id,
+        "policy": policy,
+        "local_data": op.data,
+        "local_version": op.version,
+        "server_data": conflict.server_data,
+        "server_version": conflict.server_version,
+    }
+
+
+class Node:
+    """One worker: storage, bus, engine, hub, and the write pipeline between them."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        bus: Bus,
+        engine: Engine,
+        permissions: Permissions,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.bus = bus
+        self.engine = engine
+        self.permissions = permissions
+        self.hub = Hub(store.read_operations)
+        self.stats = Stats()
+        self.draining = False
+        self._queue: asyncio.Queue[Pending] = asyncio.Queue(settings.sync_queue_size)
+        self._writer: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[Any]] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @classmethod
+    def create(cls, settings: Settings) -> Node:
+        return cls(
+            settings,
+            make_store(settings),
+            make_bus(settings),
+            Engine(PolicyTable()),
+            Permissions(),
+        )
+
+    # ---- life cycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.store.open()
+        await self.bus.start(self.hub.deliver)
+        self._writer = asyncio.create_task(self._write_loop(), name="writer")
+
+    async def drain(self, timeout: float) -> None:
+        """Stop taking operations and commit what is queued (SIGTERM)."""
+        self.draining = True
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._idle.wait()
+
+    async def stop(self) -> None:
+        if self._writer is not None:
+            self._writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._writer
+        for session in self.hub.sessions():
+            await session.stop()
+        if self._background:
+            await asyncio.wait(self._background, timeout=5)
+        await self.bus.close()
+        await self.store.close()
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        """Run a side task (session log, lock release) owned by the node."""
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # ---- sessions ---------------------------------------------------------------------------
+
+    async def open_session(self, session: Session, since: int | None) -> None:
+        """Register a connection, greet it, and start its stream at `since` (or now)."""
+        old = self.hub.attach(session)
+        if old is not None:
+            old.close(4004, "replaced by a newer connection of the same terminal")
+        bounds = await self.store.log_bounds(session.store_id)
+        session.send(
+            {
+                "type": "connection_established",
+                "terminal_id": session.terminal_id,
+                "terminal_type": session.terminal_type,
+                "store_id": session.store_id,
+                "session_id": session.session_id,
+                "server_time": utc_now_iso(),
+                "last_seq": bounds.last_seq,
+                "heartbeat_interval": self.settings.ws_heartbeat_interval,
+                "encoding": session.encoding,
+            }
+        )
+        session.start()
+        self.position(session, since, bounds)
+        self.spawn(self.store.record_session(self._session_record(session, connected=True)))
+
+    def position(self, session: Session, since: int | None, bounds: LogBounds) -> None:
+        """Stream from `since` when the log still reaches it; else say resync_required."""
+        if since is None:
+            self.hub.resume(session, bounds.last_seq)
+            return
+        if since > bounds.last_seq or since + 1 < bounds.oldest_seq:
+            reason = (
+                "since is ahead of the server's log"
+                if since > bounds.last_seq
+                else "the operation log no longer reaches back to since"
+            )
+            session.send(
+                {
+                    "type": "resync_required",
+                    "since": since,
+                    "oldest_seq": bounds.oldest_seq,
+                    "last_seq": bounds.last_seq,
+                    "reason": reason + "; send snapshot_request",
+                }
+            )
+            self.hub.resume(session, bounds.last_seq)
+            return
+        self.hub.resume(session, since)
+
+    async def resume(self, session: Session, since: int) -> None:
+        session.live = False  # pushes wait for the catch-up from here
+        self.position(session, since, await self.store.log_bounds(session.store_id))
+
+    async def close_session(self, session: Session) -> None:
+        """The connection ended: forget it and, unless a newer one replaced it, its locks."""
+        await session.stop()
+        if self.hub.detach(session):
+            self.spawn(self.bus.release_owner(session.store_id, session.terminal_id))
+        self.spawn(self.store.record_session(self._session_record(session, connected=False)))
+
+    def _session_record(self, session: Session, connected: bool) -> SessionRecord:
+        return SessionRecord(
+            session_id=session.session_id,
+            terminal_id=session.terminal_id,
+            terminal_type=session.terminal_type,
+            store_id=session.store_id,
+            user_id=session.user_id,
+            connected_at=session.connected_at,
+            disconnected_at=None if connected else utc_now_iso(),
+            bytes_in=session.bytes_in,
+            bytes_out=session.bytes_out,
+            messages_in=session.messages_in,
+            messages_out=session.messages_out,
+            close_code=None if connected else session.close_code,
+        )
+
+    async def snapshot(self, session: Session, entity_types: Sequence[str] | None) -> None:
+        """Send the store's state at a watermark, then live operations after it."""
+        session.live = False
+        seq, entities = await self.store.snapshot(session.store_id, entity_types)
+        session.queue_push(
+            OutFrame(
+                {
+                    "type": "snapshot",
+                    "store_id": session.store_id,
+                    "seq": seq,
+                    "entities": [
+                        {
+                            "entity_type": e.key.entity_type,
+                            "entity_id": e.key.entity_id,
+                            "version": e.version,
+                            "data": wire_data(e),
+                            "deleted": e.deleted,
+                        }
+                        for e in entities
+                    ],
+                }
+            )
+        )
+        self.hub.resume(session, seq)
+
+    # ---- locks ------------------------------------------------------------------------------
+
+    async def acquire_lock(
+        self,
+        session: Session,
+        entity_type: str,
+        entity_id: str,
+        timeout_ms: int,
+        lock_id: str | None,
+    ) -> dict[str, Any]:
+        self.permissions.check_lock(session.terminal_type, entity_type)
+        key = EntityKey(session.store_id, entity_type, entity_id)
+        lock_id = lock_id or f"lock-{uuid.uuid4().hex}"
+        taken, lease = await self.bus.acquire_lease(
+            key, session.terminal_id, lock_id, timeout_ms / 1000
+        )
+        if taken and lease is not None:
+            return {
+                "type": "lock_acquired",
+                "lock_id": lease.lock_id,
+                "entity_type": entity_type,
+                "entity_id": entity_id,
+                "expires_at": _iso(lease.expires_at),
+            }
+        return {
+            "type": "lock_failed",
+            "lock_id": lock_id,
+            "entity_type": entity_type,
+            "entity_id": entity_id,
+            "reason": "locked by another terminal",
+            "locked_by": lease.owner if lease else None,
+            "locked_until": _iso(lease.expires_at) if lease else None,
+        }
+
+    async def release_lock(
+        self, session: Session, entity_type: str, entity_id: str, lock_id: str | None
+    ) -> dict[str, Any]:
+        key = EntityKey(session.store_id, entity_type, entity_id)
+        released = await self.bus.release_lease(key, session.terminal_id)
+        return {
+            "type": "lock_released",
+            "lock_id": lock_id,
+            "entity_type": entity_type,
+            "entity_id": entity_id,
+            "released": released,
+        }
+
+    # ---- writes -----------------------------------------------------------------------------
+
+    async def check_operation(self, session: Session, op: Operation) -> None:
+        """Permissions and locks, before an operation may join a batch."""
+        fields: set[str] = set(op.data)
+        if op.operation == "BULK_UPDATE":
+            fields = {f for u in op.data["updates"] for f in u.get("data", {})}
+        self.permissions.check_write(session.terminal_type, op.entity_type, op.operation, fields)
+        needs_lock = op.operation != "CREATE" and (
+            op.requires_lock or self.engine.policies[op.entity_type].requires_lock
+        )
+        now = time.time()
+        for key in op.touched_keys():
+            check_write(key, await self.bus.get_lease(key), session.terminal_id, needs_lock, now)
+
+    def submit(self, item: Operation | Resolution, session: Session, received: float) -> None:
+        """Queue an item for the next batch; Overloaded (1013) when the queue is full."""
+        if self.draining:
+            raise StorageUnavailable("server is shutting down; retry on reconnect")
+        try:
+            self._queue.put_nowait(Pending(item, session, received))
+        except asyncio.QueueFull:
+            raise Overloaded("server busy: write queue full, retry") from None
+        self._idle.clear()  # set again by the writer once the queue is empty
+
+    async def _write_loop(self) -> None:
+        limit = self.settings.sync_batch_max_ops
+        while True:
+            first = await self._queue.get()
+            batch = [first]
+            while len(batch) < limit and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            try:
+                await self._commit(batch)
+            except Exception:
+                log.exception("batch of %d failed unexpectedly", len(batch))
+            finally:
+                if self._queue.empty():
+                    self._idle.set()
+
+    async def _commit(self, batch: list[Pending]) -> None:
+        items = [p.item for p in batch]
+        request = BatchRequest()
+        stores: set[str] = set()
+        for item in items:
+            stores.add(item.store_id)
+            if isinstance(item, Resolution):
+                request.conflict_ids.append(item.conflict_id)
+            else:
+                request.operation_ids.append(item.id)
+                request.conflict_ids.append(conflict_id_for(item.id))
+                request.entity_keys.extend(item.touched_keys())
+        request.store_ids = sorted(stores)
+        now = utc_now_iso()
+
+        def decide(state: BatchState) -> tuple[list[Outcome], BatchWrite]:
+            return self.engine.decide(items, state, now)
+
+        commit = asyncio.ensure_future(self.store.commit(request, decide))
+        try:
+            async with asyncio.timeout(self.settings.sync_commit_timeout):
+                outcomes = await asyncio.shield(commit)
+        except Exception as exc:
+            if isinstance(exc, TimeoutError):
+                # The transaction may still land: its pushes go out then, and a retry of any
+                # of its operations is answered `duplicate`, so "retry" is always safe.
+                commit.add_done_callback(self._late_commit)
+                reason = "storage did not answer in time; retry"
+            elif isinstance(exc, ChefiaError):
+                reason = exc.reason
+            else:
+                log.exception("commit failed")
+                reason = "storage error; retry"
+            for pending in batch:
+                pending.session.send(
+                    sync_error_msg(
+                        _item_id(pending.item), 1013, reason, *_item_entity(pending.item)
+                    )
+                )
+            return
+        self._answer(batch, outcomes)
+        await self._publish(batch, outcomes)
+
+    def _late_commit(self, commit: asyncio.Future[list[Outcome]]) -> None:
+        if commit.cancelled() or commit.exception() is not None:
+            return
+        log.warning("a timed-out commit landed late; publishing its operations")
+        outcomes = commit.result()
+        pushes: dict[str, list[Push]] = {}
+        for outcome in outcomes:
+            if outcome.record is not None and outcome.record.seq is not None:
+                origin = outcome.record.terminal_id
+                pushes.setdefault(outcome.record.store_id, []).append(Push(outcome.record, origin))
+        for store_id, store_pushes in pushes.items():
+            self.spawn(self.bus.publish(store_id, store_pushes))
+
+    def _answer(self, batch: list[Pending], outcomes: list[Outcome]) -> None:
+        done = time.monotonic()
+        for pending, outcome in zip(batch, outcomes, strict=True):
+            session = pending.session
+            if outcome.status == "error":
+                assert outcome.error is not None
+                session.send(
+                    sync_error_msg(
+                        outcome.id,
+                        outcome.error.code,
+                        outcome.error.reason,
+                        *_item_entity(pending.item),
+                    )
+                )
+                continue
+            if outcome.status == "conflict":
+                assert outcome.conflict is not None
+                policy = self.engine.policies[outcome.conflict.operation.entity_type].policy
+                session.send(conflict_msg(outcome, policy))
+                self.stats.operation(done - pending.received, conflict=True)
+                continue
+            session.send(confirmation_msg(outcome))
+            if outcome.status != "duplicate":
+                conflict = outcome.record is not None and outcome.record.conflict_resolved
+                self.stats.operation(done - pending.received, conflict=conflict)
+
+    async def _publish(self, batch: list[Pending], outcomes: list[Outcome]) -> None:
+        pushes: dict[str, list[Push]] = {}
+        for pending, outcome in zip(batch, outcomes, strict=True):
+            record = outcome.record
+            if record is None or record.seq is None or outcome.status == "duplicate":
+                continue
+            pushes.setdefault(record.store_id, []).append(Push(record, pending.session.terminal_id))
+        for store_id, store_pushes in pushes.items():
+            try:
+                await self.bus.publish(store_id, store_pushes)
+            except Exception as exc:
+                # Committed and confirmed already; receivers fill the gap from storage.
+                log.warning("publishing to the bus failed: %s", exc)
+
+    # ---- health and stats -------------------------------------------------------------------
+
+    async def health(self) -> tuple[bool, dict[str, Any]]:
+        storage_ok = await self.store.ping()
+        bus_ok = await self.bus.ping()
+        body = {
+            "status": "ok" if storage_ok and bus_ok else "degraded",
+            "version": __version__,
+            "uptime_seconds": round(time.monotonic() - self.stats.started, 1),
+            "storage": {"kind": self.store.kind, "ok": storage_ok},
+            "bus": {"kind": self.bus.kind, "ok": bus_ok},
+            "workers": self.settings.workers,
+            "auth": "jwt" if self.settings.auth_enabled else "open",
+            "connections": len(self.hub),
+            "draining": self.draining,
+        }
+        if not self.settings.auth_enabled:
+            body["warning"] = "open mode: JWT_SECRET_KEY is not set, any terminal may connect"
+        return storage_ok, body
+
+    def websocket_stats(self) -> dict[str, Any]:
+        by_type: dict[str, int] = {}
+        for session in self.hub.sessions():
+            by_type[session.terminal_type] = by_type.get(session.terminal_type, 0) + 1
+        return {
+            "total_connections": len(self.hub),
+            "connections_by_type": by_type,
+            **self.stats.snapshot(),
+        }
+
+
+def _iso(epoch: float) -> str:
+    return format_timestamp(datetime.fromtimestamp(epoch, UTC))
+
+
+def _item_id(item: Operation | Resolution) -> str:
+    return item.id if isinstance(item, Operation) else item.conflict_id
+
+
+def _item_entity(item: Operation | Resolution) -> tuple[str | None, str | None]:
+    if isinstance(item, Operation):
+        return item.entity_type, item.entity_id
+    return None, None

@@ -1,0 +1,464 @@
+"""Every message of SPEC §2 as a pydantic model, and the validation of incoming messages.
+
+Incoming messages are validated here (a schema violation is InvalidMessage, 4006). Outgoing
+messages are built as plain dicts by the `*_msg` helpers below, which the tests check against the
+server-to-client models, so the wire stays what the models document.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+
+from chefia_rt.errors import InvalidMessage
+
+# \A...\Z, not ^...$: "$" also matches before a trailing newline, so "pos-1\n" would pass.
+TERMINAL_ID_RE = re.compile(r"\A[A-Za-z0-9._:-]{1,64}\Z")
+NAME_PATTERN = r"^[A-Za-z0-9._:-]+$"
+MAX_BULK_UPDATES = 500
+MAX_LOCK_TIMEOUT_MS = 300_000
+MAX_VERSION = 2**62  # exclusive; far beyond any real entity, and safe in a signed 64-bit column
+
+
+class TerminalType(StrEnum):
+    POS = "pos"
+    KDS = "kds"
+    WAITER = "waiter"
+    MONITOR = "monitor"
+
+
+class OpKind(StrEnum):
+    CREATE = "CREATE"
+    UPDATE = "UPDATE"
+    DELETE = "DELETE"
+    BULK_UPDATE = "BULK_UPDATE"
+
+
+class Priority(StrEnum):
+    LOW = "low"
+    MEDIUM = "medium"
+    HIGH = "high"
+    CRITICAL = "critical"
+
+
+class ConfirmStatus(StrEnum):
+    APPLIED = "applied"
+    MERGED = "merged"
+    RESOLVED = "resolved"
+    DUPLICATE = "duplicate"
+
+
+class ResolutionKind(StrEnum):
+    ACCEPT_REMOTE = "accept_remote"
+    ACCEPT_LOCAL = "accept_local"
+    MERGE = "merge"
+
+
+def utc_now_iso() -> str:
+    """Server time in the one canonical form used everywhere (sortable as text)."""
+    return format_timestamp(datetime.now(UTC))
+
+
+def format_timestamp(moment: datetime) -> str:
+    """`YYYY-MM-DDTHH:MM:SS.ffffffZ` in UTC: fixed width, so text order is time order.
+
+    A naive `moment` is taken as UTC. (strftime's %Y does not zero-pad years below 1000.)
+    """
+    if moment.tzinfo is not None:
+        moment = moment.astimezone(UTC).replace(tzinfo=None)
+    return moment.isoformat(timespec="microseconds") + "Z"
+
+
+def normalize_timestamp(value: str) -> str:
+    """Parse an ISO 8601 client timestamp (naive means UTC) into the canonical sortable form.
+
+    Raises ValueError (never anything else) for text that is not a representable moment.
+    """
+    try:
+        moment = datetime.fromisoformat(value)
+        if moment.tzinfo is not None:
+            # An offset can push year 1 or 9999 out of datetime's range: OverflowError.
+            moment = moment.astimezone(UTC)
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError("timestamp must be ISO 8601, e.g. 2024-01-15T10:30:00.000Z") from None
+    return format_timestamp(moment)
+
+
+class _Strict(BaseModel):
+    # Unknown fields are ignored (newer clients), but the known ones are typed strictly:
+    # integers, booleans and numbers are never coerced from text or from each other
+    # (`"version": "2"` or `"requires_lock": "no"` is a schema violation, not a guess).
+    model_config = ConfigDict(extra="ignore", str_max_length=4096, frozen=True, allow_inf_nan=False)
+
+
+Int = Annotated[int, Field(strict=True)]
+Bool = Annotated[bool, Field(strict=True)]
+Number = Annotated[float, Field(strict=True)]  # an int is accepted, a bool or text is not
+Name = Annotated[str, Field(min_length=1, max_length=64, pattern=NAME_PATTERN)]
+EntityId = Annotated[str, Field(min_length=1, max_length=128)]
+OperationId = Annotated[str, Field(min_length=1, max_length=128)]
+Timestamp = Annotated[str, Field(min_length=1, max_length=64)]
+
+
+class BulkItem(_Strict):
+    entity_id: EntityId
+    data: dict[str, Any] = Field(default_factory=dict)
+    version: Int = Field(ge=1, lt=MAX_VERSION)
+
+
+class OperationModel(_Strict):
+    id: OperationId
+    entity_type: Name
+    entity_id: EntityId
+    operation: OpKind
+    data: dict[str, Any] = Field(default_factory=dict)
+    version: Int = Field(ge=1, lt=MAX_VERSION)
+    timestamp: Timestamp | None = None
+    terminal_id: str | None = None
+    user_id: str | None = Field(None, max_length=128)
+    requires_lock: Bool = False
+    priority: Priority = Priority.MEDIUM
+
+    @field_validator("timestamp")
+    @classmethod
+    def _canonical_time(cls, value: str | None) -> str | None:
+        return None if value is None else normalize_timestamp(value)
+
+    def bulk_items(self) -> list[BulkItem]:
+        """The validated `data.updates` of a BULK_UPDATE."""
+        try:
+            items = _bulk_adapter.validate_python(self.data.get("updates"))
+        except ValidationError as exc:
+            raise InvalidMessage(f"BULK_UPDATE data.updates: {_first_error(exc)}") from None
+        if not 1 <= len(items) <= MAX_BULK_UPDATES:
+            raise InvalidMessage(f"BULK_UPDATE needs 1 to {MAX_BULK_UPDATES} updates")
+        if len({item.entity_id for item in items}) != len(items):
+            raise InvalidMessage("BULK_UPDATE names an entity twice")
+        return items
+
+
+_bulk_adapter = TypeAdapter(list[BulkItem])
+
+
+# ---- client -> server ---------------------------------------------------------------------
+
+
+class DataSyncIn(_Strict):
+    type: Literal["data_sync"]
+    operation: OperationModel
+
+
+class SyncConfirmationIn(_Strict):
+    type: Literal["sync_confirmation"]
+    operation_id: OperationId
+    seq: Int | None = None
+
+
+class ConflictResolutionIn(_Strict):
+    type: Literal["conflict_resolution"]
+    conflict_id: Annotated[str, Field(min_length=1, max_length=128)]
+    resolution: ResolutionKind
+    resolved_data: dict[str, Any] | None = None
+    timestamp: Timestamp | None = None
+
+    @field_validator("timestamp")
+    @classmethod
+    def _canonical_time(cls, value: str | None) -> str | None:
+        return None if value is None else normalize_timestamp(value)
+
+
+class AcquireLockIn(_Strict):
+    type: Literal["acquire_lock"]
+    entity_type: Name
+    entity_id: EntityId
+    timeout: Int = Field(30_000, ge=1, le=MAX_LOCK_TIMEOUT_MS)
+    lock_id: Annotated[str, Field(min_length=1, max_length=128)] | None = None
+
+
+class ReleaseLockIn(_Strict):
+    type: Literal["release_lock"]
+    entity_type: Name
+    entity_id: EntityId
+    lock_id: str | None = None
+
+
+class PingIn(_Strict):
+    type: Literal["ping"]
+    timestamp: Any = None
+
+
+class ResumeIn(_Strict):
+    type: Literal["resume"]
+    since: Int = Field(ge=0)
+
+
+class SnapshotRequestIn(_Strict):
+    type: Literal["snapshot_request"]
+    entity_types: list[Name] | None = None
+
+
+class PerformanceMetricsIn(_Strict):
+    model_config = ConfigDict(extra="allow", frozen=True)
+    type: Literal["performance_metrics"]
+    response_time: Number | None = Field(None, ge=0)
+    memory_usage: Number | None = Field(None, ge=0)
+    cache_hit_rate: Number | None = Field(None, ge=0, le=1)
+
+
+IncomingMessage = Annotated[
+    DataSyncIn
+    | SyncConfirmationIn
+    | ConflictResolutionIn
+    | AcquireLockIn
+    | ReleaseLockIn
+    | PingIn
+    | ResumeIn
+    | SnapshotRequestIn
+    | PerformanceMetricsIn,
+    Field(discriminator="type"),
+]
+_incoming = TypeAdapter(IncomingMessage)
+INCOMING_TYPES = frozenset(
+    {
+        "data_sync",
+        "sync_confirmation",
+        "conflict_resolution",
+        "acquire_lock",
+        "release_lock",
+        "ping",
+        "resume",
+        "snapshot_request",
+        "performance_metrics",
+    }
+)
+
+
+def _clip(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors(include_url=False, include_input=False)[0]
+    where = ".".join(_clip(str(p), 40) for p in err["loc"])
+    return f"{where}: {err['msg']}" if where else err["msg"]
+
+
+def parse_incoming(raw: dict[str, Any]) -> IncomingMessage:
+    """Validate one decoded client message; InvalidMessage (4006) names what is wrong.
+
+    The reason starts with the message type and the path of the offending field, e.g.
+    ``invalid data_sync: data_sync.operation.version: Input should be greater than or equal
+    to 1``; nothing but InvalidMessage is raised, whatever `raw` holds.
+    """
+    if not isinstance(raw, dict):
+        raise InvalidMessage("a message must be an object (map)")
+    kind = raw.get("type")
+    if not isinstance(kind, str) or kind not in INCOMING_TYPES:
+        raise InvalidMessage(f"unknown message type {_clip(repr(kind), 60)}")
+    try:
+        return _incoming.validate_python(raw)
+    except ValidationError as exc:
+        raise InvalidMessage(f"invalid {kind}: {_first_error(exc)}") from None
+
+
+# ---- server -> client (documentation of the wire; built as dicts below) ---------------------
+
+
+class ConnectionEstablished(_Strict):
+    type: Literal["connection_established"]
+    terminal_id: str
+    terminal_type: TerminalType
+    store_id: str
+    session_id: str
+    server_time: str
+    last_seq: int
+    heartbeat_interval: float
+    encoding: Literal["json", "msgpack"]
+
+
+class Pong(_Strict):
+    type: Literal["pong"]
+    server_time: str
+    timestamp: Any = None
+
+
+class SyncConfirmation(_Strict):
+    type: Literal["sync_confirmation"]
+    operation_id: str
+    seq: int | None
+    version: int | None
+    status: ConfirmStatus
+    conflict_resolved: bool
+    entity_type: str
+    entity_id: str
+    server_time: str
+
+
+class SyncError(_Strict):
+    type: Literal["sync_error"]
+    operation_id: str | None
+    code: int
+    error: str
+    entity_type: str | None
+    entity_id: str | None
+
+
+class SyncConflict(_Strict):
+    type: Literal["sync_conflict"]
+    operation_id: str
+    conflict_id: str
+    entity_type: str
+    entity_id: str
+    policy: str
+    local_data: dict[str, Any]
+    local_version: int
+    server_data: dict[str, Any]
+    server_version: int
+
+
+class PushedOperation(_Strict):
+    id: str
+    seq: int
+    entity_type: str
+    entity_id: str
+    operation: OpKind
+    data: dict[str, Any]
+    version: int
+    deleted: bool
+    timestamp: str
+    terminal_id: str
+    user_id: str | None
+    priority: Priority
+    server_time: str
+
+
+class DataSyncPush(_Strict):
+    type: Literal["data_sync"]
+    operation: PushedOperation
+
+
+class LockAcquired(_Strict):
+    type: Literal["lock_acquired"]
+    lock_id: str
+    entity_type: str
+    entity_id: str
+    expires_at: str
+
+
+class LockFailed(_Strict):
+    type: Literal["lock_failed"]
+    lock_id: str | None
+    entity_type: str
+    entity_id: str
+    reason: str
+    locked_by: str | None
+    locked_until: str | None
+
+
+class LockReleased(_Strict):
+    type: Literal["lock_released"]
+    lock_id: str | None
+    entity_type: str
+    entity_id: str
+
+
+class SnapshotEntity(_Strict):
+    entity_type: str
+    entity_id: str
+    version: int
+    data: dict[str, Any]
+    deleted: bool
+
+
+class Snapshot(_Strict):
+    type: Literal["snapshot"]
+    store_id: str
+    seq: int
+    entities: list[SnapshotEntity]
+
+
+class ResyncRequired(_Strict):
+    type: Literal["resync_required"]
+    since: int
+    oldest_seq: int
+    last_seq: int
+    reason: str
+
+
+class CacheInvalidate(_Strict):
+    type: Literal["cache_invalidate"]
+    entity_type: str
+    entity_id: str
+    version: int
+
+
+class ErrorMessage(_Strict):
+    type: Literal["error"]
+    code: int
+    error: str
+
+
+class MessageBatch(_Strict):
+    type: Literal["message_batch"]
+    messages: list[dict[str, Any]]
+    count: int
+
+
+class TerminalStatusUpdate(_Strict):
+    type: Literal["terminal_status_update"]
+    terminal_id: str
+    terminal_type: TerminalType
+    store_id: str
+    status: Literal["online", "offline", "error"]
+    server_time: str
+
+
+class SyncActivity(_Strict):
+    type: Literal["sync_activity"]
+    kind: str
+    terminal_id: str
+    entity_type: str | None = None
+    entity_id: str | None = None
+    operation_id: str | None = None
+    status: str | None = None
+    server_time: str
+
+
+class SystemAlert(_Strict):
+    type: Literal["system_alert"]
+    alert_id: str
+    severity: Literal["info", "warning", "critical"]
+    message: str
+    server_time: str
+
+
+# ---- builders of outgoing messages ---------------------------------------------------------
+
+
+def pong_msg(timestamp: Any) -> dict[str, Any]:
+    return {"type": "pong", "server_time": utc_now_iso(), "timestamp": timestamp}
+
+
+def error_msg(code: int, reason: str) -> dict[str, Any]:
+    return {"type": "error", "code": code, "error": reason}
+
+
+def sync_error_msg(
+    operation_id: str | None,
+    code: int,
+    reason: str,
+    entity_type: str | None = None,
+    entity_id: str | None = None,
+) -> dict[str, Any]:
+    return {
+        "type": "sync_error",
+        "operation_id": operation_id,
+        "code": code,
+        "error": reason,
+        "entity_type": entity_type,
+        "entity_id": entity_id,
+    }

@@ -1,0 +1,375 @@
+"""The WebSocket boundary: handshake, the per-connection loop, and errors turned into frames.
+
+Everything below this module raises ChefiaError with a wire code; only here do codes become
+`error` / `sync_error` frames or closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+import time
+import uuid
+from collections import deque
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import websockets
+from websockets.asyncio.server import Server as WsServer
+from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+from websockets.typing import Origin, Subprotocol
+
+from chefia_rt.config import Settings
+from chefia_rt.domain import Operation, Resolution
+from chefia_rt.errors import ChefiaError, Code, InvalidMessage, MessageTooBig
+from chefia_rt.http import handle_http, is_upgrade, json_response
+from chefia_rt.hub import Outbound, Session
+from chefia_rt.node import Node
+from chefia_rt.protocol import messages as m
+from chefia_rt.protocol.codec import decode_frame
+
+log = logging.getLogger("chefia_rt.server")
+
+SUBPROTOCOLS = {"chefia.v1.json": "json", "chefia.v1.msgpack": "msgpack"}
+STORE_ID_MAX = 64
+
+
+class HandshakeRejected(Exception):
+    """A connection that must be closed right after the upgrade with this code."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+def _query(params: dict[str, list[str]], name: str) -> str | None:
+    values = params.get(name)
+    return values[0] if values else None
+
+
+class Server:
+    """Serves one worker's WebSocket and HTTP traffic for a Node."""
+
+    def __init__(self, settings: Settings, node: Node) -> None:
+        self.settings = settings
+        self.node = node
+        self.ws_server: WsServer | None = None
+        self._prefix = settings.ws_path + "/"
+        self._outbound = Outbound(
+            queue_size=settings.ws_message_queue_size,
+            batch_max=settings.ws_batch_max_messages,
+            batch_window=settings.ws_batch_window_ms / 1000,
+            compression_threshold=(
+                settings.compression_threshold if settings.ws_enable_compression else None
+            ),
+        )
+
+    # ---- handshake --------------------------------------------------------------------------
+
+    async def process_request(
+        self, connection: ServerConnection, request: Request
+    ) -> Response | None:
+        if not is_upgrade(request):
+            return await handle_http(self.node, request)
+        if not urlsplit(request.path).path.startswith(self._prefix):
+            return json_response(404, {"error": "no WebSocket endpoint here"})
+        if len(self.node.hub) >= self.settings.max_ws_connections:
+            return json_response(
+                503, {"error": "too many connections on this worker"}, {"Retry-After": "5"}
+            )
+        if self.node.draining:
+            return json_response(503, {"error": "shutting down"}, {"Retry-After": "5"})
+        return None
+
+    @staticmethod
+    def select_subprotocol(connection: ServerConnection, offered: Any) -> Subprotocol | None:
+        for name in offered:
+            if name in SUBPROTOCOLS:
+                return Subprotocol(name)
+        return None
+
+    def _session_for(self, ws: ServerConnection) -> tuple[Session, int | None]:
+        url = urlsplit(ws.request.path if ws.request else "")
+        terminal_id = unquote(url.path[len(self._prefix) :])
+        params = parse_qs(url.query)
+        if not m.TERMINAL_ID_RE.match(terminal_id):
+            raise HandshakeRejected(Code.INVALID_TERMINAL_ID, "invalid terminal id")
+        terminal_type = _query(params, "type") or "pos"
+        if terminal_type not in m.TerminalType.__members__.values():
+            raise HandshakeRejected(
+                Code.INVALID_TERMINAL_TYPE, f"invalid terminal type {terminal_type!r}"
+            )
+        encoding = _query(params, "encoding") or SUBPROTOCOLS.get(ws.subprotocol or "", "json")
+        if encoding not in ("json", "msgpack"):
+            raise HandshakeRejected(Code.INVALID_MESSAGE, "encoding must be json or msgpack")
+        since_raw = _query(params, "since")
+        since: int | None = None
+        if since_raw is not None:
+            if not since_raw.isdigit():
+                raise HandshakeRejected(Code.INVALID_MESSAGE, "since must be a seq (integer >= 0)")
+            since = int(since_raw)
+        store_id = _query(params, "store_id") or "default"
+        if not m.TERMINAL_ID_RE.match(store_id):
+            raise HandshakeRejected(Code.INVALID_MESSAGE, "invalid store_id")
+        user_id = _query(params, "user_id")
+        session = Session(
+            terminal_id=terminal_id,
+            terminal_type=terminal_type,
+            store_id=store_id,
+            session_id=uuid.uuid4().hex,
+            encoding=encoding,
+            user_id=user_id[:128] if user_id else None,
+            transport=ws,
+            limits=self._outbound,
+            connected_at=m.utc_now_iso(),
+        )
+        return session, since
+
+    # ---- the connection ---------------------------------------------------------------------
+
+    async def handler(self, ws: ServerConnection) -> None:
+        try:
+            session, since = self._session_for(ws)
+        except HandshakeRejected as exc:
+            await ws.close(exc.code, exc.reason)
+            return
+        try:
+            await self.node.open_session(session, since)
+        except ChefiaError as exc:
+            await ws.close(Code.TRY_AGAIN_LATER, exc.reason)
+            return
+        heartbeat = asyncio.create_task(self._heartbeat(ws, session))
+        try:
+            await self._read_loop(ws, session)
+        finally:
+            heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await heartbeat
+            if session.close_code is None and ws.close_code is not None:
+                session.close_code = ws.close_code
+            await self.node.close_session(session)
+
+    async def _heartbeat(self, ws: ServerConnection, session: Session) -> None:
+        """Protocol pings; a peer silent (no frame, no pong) past the timeout is closed."""
+        interval = self.settings.ws_heartbeat_interval
+        while not session.closed:
+            await asyncio.sleep(interval)
+            try:
+                pong = await ws.ping()
+                async with asyncio.timeout(interval):
+                    await pong
+                session.last_seen = time.monotonic()
+            except TimeoutError:
+                pass
+            except ConnectionClosed:
+                return
+            if time.monotonic() - session.last_seen > self.settings.ws_connection_timeout:
+                session.close(Code.GOING_AWAY, "connection timeout: no frame or pong received")
+                return
+
+    async def _read_loop(self, ws: ServerConnection, session: Session) -> None:
+        invalid: deque[float] = deque()
+        limit = self.settings.ws_invalid_frame_limit
+        window = self.settings.ws_invalid_frame_window
+        while not session.closed:
+            try:
+                frame = await ws.recv()
+            except ConnectionClosed:
+                return
+            received = time.monotonic()
+            session.last_seen = received
+            session.bytes_in += len(frame)
+            try:
+                raws = decode_frame(frame, self.settings.max_ws_message_size)
+            except MessageTooBig as exc:
+                session.close(Code.MESSAGE_TOO_BIG, exc.reason)
+                return
+            except InvalidMessage as exc:
+                raws = []
+                session.send(m.error_msg(exc.code, exc.reason))
+                if self._abusive(invalid, received, limit, window):
+                    session.close(Code.INVALID_MESSAGE, "too many invalid messages")
+                    return
+            self.node.stats.message(len(raws) or 1)
+            for raw in raws:
+                session.messages_in += 1
+                try:
+                    await self._dispatch(session, raw, received)
+                except ChefiaError as exc:
+                    session.send(self._error_frame(raw, exc))
+                    if exc.code == Code.INVALID_MESSAGE and self._abusive(
+                        invalid, received, limit, window
+                    ):
+                        session.close(Code.INVALID_MESSAGE, "too many invalid messages")
+                        return
+
+    @staticmethod
+    def _abusive(invalid: deque[float], now: float, limit: int, window: float) -> bool:
+        invalid.append(now)
+        while invalid and invalid[0] < now - window:
+            invalid.popleft()
+        return len(invalid) >= limit
+
+    @staticmethod
+    def _error_frame(raw: dict[str, Any], exc: ChefiaError) -> dict[str, Any]:
+        """sync_error for anything about an operation, plain error otherwise."""
+        kind = raw.get("type")
+        op = raw.get("operation") if kind == "data_sync" else None
+        if isinstance(op, dict):
+            op_id, et, eid = op.get("id"), op.get("entity_type"), op.get("entity_id")
+            return m.sync_error_msg(
+                op_id if isinstance(op_id, str) else None,
+                exc.code,
+                exc.reason,
+                et if isinstance(et, str) else None,
+                eid if isinstance(eid, str) else None,
+            )
+        if kind == "conflict_resolution":
+            cid = raw.get("conflict_id")
+            return m.sync_error_msg(cid if isinstance(cid, str) else None, exc.code, exc.reason)
+        return m.error_msg(exc.code, exc.reason)
+
+    async def _dispatch(self, session: Session, raw: dict[str, Any], received: float) -> None:
+        msg = m.parse_incoming(raw)
+        node = self.node
+        if isinstance(msg, m.DataSyncIn):
+            op = self._operation(session, msg.operation)
+            await node.check_operation(session, op)
+            node.submit(op, session, received)
+        elif isinstance(msg, m.PingIn):
+            session.send(m.pong_msg(msg.timestamp))
+        elif isinstance(msg, m.SyncConfirmationIn):
+            session.acked_seq = max(session.acked_seq, msg.seq or 0)
+        elif isinstance(msg, m.ConflictResolutionIn):
+            node.permissions.check_resolve(session.terminal_type)
+            resolution = Resolution(
+                conflict_id=msg.conflict_id,
+                store_id=session.store_id,
+                terminal_id=session.terminal_id,
+                user_id=session.user_id,
+                resolution=msg.resolution.value,
+                resolved_data=msg.resolved_data,
+                timestamp=msg.timestamp or m.utc_now_iso(),
+            )
+            node.submit(resolution, session, received)
+        elif isinstance(msg, m.AcquireLockIn):
+            session.send(
+                await node.acquire_lock(
+                    session, msg.entity_type, msg.entity_id, msg.timeout, msg.lock_id
+                )
+            )
+        elif isinstance(msg, m.ReleaseLockIn):
+            session.send(
+                await node.release_lock(session, msg.entity_type, msg.entity_id, msg.lock_id)
+            )
+        elif isinstance(msg, m.ResumeIn):
+            await node.resume(session, msg.since)
+        elif isinstance(msg, m.SnapshotRequestIn):
+            await node.snapshot(session, msg.entity_types)
+        elif isinstance(msg, m.PerformanceMetricsIn):
+            session.metrics = msg.model_dump(exclude={"type"})
+            node.hub.broadcast(
+                session.store_id,
+                {
+                    "type": "performance_metrics",
+                    "terminal_id": session.terminal_id,
+                    "terminal_type": session.terminal_type,
+                    "metrics": session.metrics,
+                    "server_time": m.utc_now_iso(),
+                },
+                {"monitor"},
+            )
+
+    @staticmethod
+    def _operation(session: Session, model: m.OperationModel) -> Operation:
+        data = model.data
+        if model.operation == m.OpKind.BULK_UPDATE:
+            data = {"updates": [item.model_dump() for item in model.bulk_items()]}
+        return Operation(
+            id=model.id,
+            store_id=session.store_id,
+            entity_type=model.entity_type,
+            entity_id=model.entity_id,
+            operation=model.operation.value,
+            data=data,
+            version=model.version,
+            timestamp=model.timestamp or m.utc_now_iso(),
+            terminal_id=session.terminal_id,
+            user_id=model.user_id or session.user_id,
+            requires_lock=model.requires_lock,
+            priority=model.priority.value,
+        )
+
+    # ---- serving ----------------------------------------------------------------------------
+
+    async def start(self, sock: socket.socket | None = None) -> WsServer:
+        """Listen (on `sock` when given, else WS_HOST:WS_PORT with SO_REUSEPORT)."""
+        origins: list[Origin | None] | None = None
+        if self.settings.allowed_origins is not None:
+            origins = [Origin(o) for o in self.settings.allowed_origins] + [None]
+        address: dict[str, Any] = (
+            {"sock": sock}
+            if sock is not None
+            else {"host": self.settings.ws_host, "port": self.settings.ws_port, "reuse_port": True}
+        )
+        self.ws_server = await websockets.serve(
+            self.handler,
+            origins=origins,
+            subprotocols=[Subprotocol(s) for s in SUBPROTOCOLS],
+            select_subprotocol=self.select_subprotocol,
+            process_request=self.process_request,
+            compression=None,  # msgpack frames carry lz4 of their own; deflate would cost CPU
+            server_header=None,
+            ping_interval=None,  # our own heartbeat also measures silence
+            max_size=self.settings.max_ws_message_size,
+            max_queue=64,
+            close_timeout=5,
+            **address,
+        )
+        return self.ws_server
+
+    def port(self) -> int:
+        assert self.ws_server is not None
+        return int(self.ws_server.sockets[0].getsockname()[1])
+
+    async def shutdown(self, timeout: float = 10.0) -> None:
+        """Graceful stop: refuse new work, commit what is queued, close clients with 1001."""
+        await self.node.drain(timeout)
+        if self.ws_server is not None:
+            self.ws_server.close(close_connections=True)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await self.ws_server.wait_closed()
+        await self.node.stop()
+
+
+async def run(settings: Settings, sock: socket.socket | None = None) -> None:
+    """Run one worker until SIGTERM/SIGINT, then drain and stop."""
+    node = Node.create(settings)
+    await node.start()
+    server = Server(settings, node)
+    await server.start(sock)
+    log.info(
+        "chefia-rt listening on %s:%d%s (storage %s, bus %s, auth %s)",
+        settings.ws_host,
+        server.port(),
+        settings.ws_path,
+        node.store.kind,
+        node.bus.kind,
+        "jwt" if settings.auth_enabled else "OPEN",
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        log.info("shutting down: draining writes, closing connections with 1001")
+        await server.shutdown()

@@ -1,0 +1,94 @@
+"""The storage port: what the node needs from a database, whichever it is.
+
+The store persists and the engine decides: `commit` reads what a batch touches under lock, hands
+it to a `decide` callback (the node runs the pure engine there) and writes what it returns in the
+same transaction. The store never imports the engine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, TypeVar
+
+from chefia_rt.domain import BatchState, BatchWrite, Entity, EntityKey, OpRecord
+
+T = TypeVar("T")
+
+Decide = Callable[[BatchState], tuple[T, BatchWrite]]
+
+
+@dataclass(slots=True)
+class BatchRequest:
+    """What a batch needs read under lock before the engine can decide it."""
+
+    operation_ids: list[str] = field(default_factory=list)
+    entity_keys: list[EntityKey] = field(default_factory=list)
+    conflict_ids: list[str] = field(default_factory=list)
+    store_ids: list[str] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class LogBounds:
+    """How far back a store's operation log reaches: `oldest_seq` is the first seq still kept
+    (last_seq + 1 when none is), `last_seq` the newest."""
+
+    oldest_seq: int
+    last_seq: int
+
+
+@dataclass(slots=True)
+class SessionRecord:
+    """One WebSocket session, for the session log (`websocket_connections`)."""
+
+    session_id: str
+    terminal_id: str
+    terminal_type: str
+    store_id: str
+    user_id: str | None
+    connected_at: str
+    disconnected_at: str | None = None
+    bytes_in: int = 0
+    bytes_out: int = 0
+    messages_in: int = 0
+    messages_out: int = 0
+    close_code: int | None = None
+
+
+class Store(Protocol):
+    """Durable storage of entities, the operation log, audit, conflicts and sessions."""
+
+    kind: str
+
+    async def open(self) -> None:
+        """Connect and apply pending migrations."""
+
+    async def close(self) -> None:
+        """Release connections; pending calls finish first."""
+
+    async def commit(self, request: BatchRequest, decide: Decide[T]) -> T:
+        """Read the request's rows under lock, call `decide`, write its BatchWrite, commit.
+
+        Raises StorageUnavailable when nothing could be written; after it returns, the batch is
+        durable.
+        """
+
+    async def read_operations(self, store_id: str, after_seq: int, limit: int) -> list[OpRecord]:
+        """Applied operations of a store with seq > after_seq, in seq order, at most `limit`."""
+
+    async def log_bounds(self, store_id: str) -> LogBounds:
+        """The range of seqs the operation log can still replay for a store."""
+
+    async def snapshot(
+        self, store_id: str, entity_types: Sequence[str] | None
+    ) -> tuple[int, list[Entity]]:
+        """The store's entities and the seq they are consistent with, read atomically."""
+
+    async def get_entity(self, key: EntityKey) -> Entity | None:
+        """One entity's current state (tombstones included)."""
+
+    async def record_session(self, session: SessionRecord) -> None:
+        """Insert or update a session log row."""
+
+    async def ping(self) -> bool:
+        """True when storage answers."""

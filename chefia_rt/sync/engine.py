@@ -1,0 +1,497 @@
+"""The pure sync engine: versions, conflicts and idempotency (SPEC §3, §4).
+
+`Engine.decide` takes a batch of operations and conflict resolutions plus what the store read for
+them under lock, and returns one outcome per item and everything the batch writes. It does no I/O
+and reads no clock: the caller passes `now`. Items of one batch are decided in order, each seeing
+the effects of the ones before it, exactly as if they had been committed one by one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from chefia_rt.domain import (
+    JSON,
+    AuditRecord,
+    BatchState,
+    BatchWrite,
+    Conflict,
+    Entity,
+    EntityKey,
+    Operation,
+    OpRecord,
+    Resolution,
+)
+from chefia_rt.errors import ChefiaError, Code, InvalidMessage, ResolutionFailed
+from chefia_rt.sync.policies import (
+    MANUAL_RESOLUTION,
+    EntityPolicy,
+    PolicyTable,
+    latest_change_since,
+)
+
+# How statuses combine in a BULK_UPDATE: the most eventful one is reported.
+_STATUS_RANK = {"applied": 0, "merged": 1, "resolved": 2}
+_OPERATIONS = frozenset({"CREATE", "UPDATE", "DELETE", "BULK_UPDATE"})
+_RESOLUTIONS = frozenset({"accept_remote", "accept_local", "merge"})
+
+
+def conflict_id_for(operation_id: str) -> str:
+    """A pending manual conflict is named after the operation that raised it."""
+    return f"conflict:{operation_id}"
+
+
+def wire_data(entity: Entity) -> JSON:
+    """What terminals see of an entity's state: a tombstone carries no fields."""
+    return {} if entity.deleted else entity.data
+
+
+@dataclass(slots=True)
+class Outcome:
+    """The answer for one item of a batch.
+
+    status: applied | merged | resolved | duplicate (a confirmation, from `record`), conflict
+    (a `sync_conflict`, from `conflict`), or error (a `sync_error`, from `error`).
+    A record with a `seq` is pushed to the store's other terminals (unless it is a duplicate).
+    """
+
+    id: str
+    status: str
+    record: OpRecord | None = None
+    conflict: Conflict | None = None
+    error: ChefiaError | None = None
+    changed: list[Entity] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class _Change:
+    """A decided change of one entity: its full data after, and how it came about.
+
+    `fields` are the fields this change stamps in `field_versions` (what a later merge treats as
+    changed on the server since an older base).
+    """
+
+    data: JSON
+    deleted: bool
+    fields: set[str]
+    status: str
+    conflict_resolved: bool
+
+
+_UNCHANGED = "unchanged"
+_CONFLICT = "conflict"
+_NOT_FOUND = "not_found"
+
+
+def _apply(current: Entity | None, kind: str, patch: JSON) -> _Change:
+    """The change an operation makes when it wins (no conflict, or resolved in its favour).
+
+    A tombstone keeps its last data, so an UPDATE that wins over a DELETE brings the entity back
+    as it was plus the patch (an UPDATE is a patch, never a whole state). A CREATE replaces the
+    whole state; every field it drops counts as changed too.
+    """
+    kept = {} if current is None else current.data
+    if kind == "DELETE":
+        return _Change(dict(kept), True, set(), "applied", False)
+    if kind == "CREATE" or current is None:
+        return _Change(dict(patch), False, set(patch) | set(kept), "applied", False)
+    return _Change({**kept, **patch}, False, set(patch), "applied", False)
+
+
+def resolve(
+    current: Entity | None,
+    kind: str,
+    patch: JSON,
+    version: int,
+    timestamp: str,
+    policy: EntityPolicy,
+    table: PolicyTable,
+    entity_type: str,
+) -> _Change | str:
+    """Decide one entity's change, or say it is unchanged, a manual conflict or not found."""
+    if current is None or (current.deleted and kind == "CREATE"):
+        if kind == "DELETE":
+            return _NOT_FOUND
+        return _apply(current, kind, patch)
+    if current.deleted and kind == "DELETE":
+        return _UNCHANGED
+    if not current.deleted and version == current.version + 1:
+        return _apply(current, kind, patch)
+    # A conflict: a stale version, or an UPDATE of a tombstone.
+    if policy.policy == MANUAL_RESOLUTION:
+        return _CONFLICT
+    base = version - 1
+    if kind == "UPDATE" and not current.deleted:
+        verdict = table.resolver(entity_type)(current, patch, base, timestamp)
+        if verdict.wins_whole:  # even an empty patch: the write wins, a new version
+            change = _apply(current, kind, patch)
+        elif verdict.accepted:
+            change = _apply(current, kind, verdict.accepted)
+            change.status = verdict.status
+        else:
+            return _UNCHANGED
+        change.conflict_resolved = True
+        return change
+    # Whole-entity conflicts (CREATE over a live entity, DELETE, UPDATE of a tombstone) have no
+    # fields to merge: every automatic policy settles them by the later client timestamp.
+    if timestamp >= latest_change_since(current, base):
+        change = _apply(current, kind, patch)
+        change.conflict_resolved = True
+        return change
+    return _UNCHANGED
+
+
+def _bulk_updates(data: JSON) -> list[tuple[str, JSON, int]] | str:
+    """The (entity_id, patch, version) items of a BULK_UPDATE, or why they are malformed."""
+    updates: Any = data.get("updates")
+    if not isinstance(updates, list) or not updates:
+        return "BULK_UPDATE needs a non-empty data.updates list"
+    items = []
+    for i, item in enumerate(updates):
+        if not isinstance(item, Mapping):
+            return f"BULK_UPDATE data.updates[{i}] is not an object"
+        entity_id, patch, version = item.get("entity_id"), item.get("data", {}), item.get("version")
+        if not isinstance(entity_id, str) or not entity_id:
+            return f"BULK_UPDATE data.updates[{i}].entity_id must be a non-empty string"
+        if not isinstance(patch, Mapping):
+            return f"BULK_UPDATE data.updates[{i}].data must be an object"
+        if not isinstance(version, int) or isinstance(version, bool):
+            return f"BULK_UPDATE data.updates[{i}].version must be an integer"
+        items.append((entity_id, dict(patch), version))
+    return items
+
+
+class _Batch:
+    """The working state of one batch: entities as changed so far, and what it will write."""
+
+    def __init__(self, state: BatchState, now: str) -> None:
+        self.now = now
+        self.entities = dict(state.entities)
+        self.records = dict(state.known_ops)
+        self.conflicts = dict(state.conflicts)
+        self.last_seqs = dict(state.last_seqs)
+        self.write = BatchWrite()
+        self._changed: dict[EntityKey, Entity] = {}
+        self._written: dict[str, OpRecord] = {}
+        self._new_conflicts: dict[str, Conflict] = {}
+
+    def next_seq(self, store_id: str) -> int:
+        seq = self.last_seqs.get(store_id, 0) + 1
+        self.last_seqs[store_id] = seq
+        return seq
+
+    def add_conflict(self, conflict: Conflict) -> None:
+        self.conflicts[conflict.id] = conflict
+        self._new_conflicts[conflict.id] = conflict
+
+    def settle_conflict(self, conflict_id: str) -> None:
+        del self.conflicts[conflict_id]
+        # One raised and settled in the same batch is never written as pending at all.
+        self._new_conflicts.pop(conflict_id, None)
+        self.write.settled_conflicts.append(conflict_id)
+
+    def change_entity(
+        self,
+        key: EntityKey,
+        change: _Change,
+        timestamp: str,
+        op: Operation,
+        terminal_id: str,
+        user_id: str | None,
+    ) -> Entity:
+        current = self.entities.get(key)
+        version = (current.version if current else 0) + 1
+        field_versions = dict(current.field_versions) if current else {}
+        for name in change.fields:
+            field_versions[name] = [version, timestamp]
+        entity = Entity(
+            key=key,
+            version=version,
+            data=change.data,
+            deleted=change.deleted,
+            # The client time of this write (Entity.timestamp), even when older than the last.
+            timestamp=timestamp,
+            updated_by=terminal_id,
+            field_versions=field_versions,
+        )
+        self.entities[key] = entity
+        self._changed[key] = entity
+        self.write.audit.append(
+            AuditRecord(
+                operation_id=op.id,
+                store_id=key.store_id,
+                entity_type=key.entity_type,
+                entity_id=key.entity_id,
+                operation=op.operation,
+                terminal_id=terminal_id,
+                user_id=user_id,
+                before=None if current is None or current.deleted else current.data,
+                after=None if entity.deleted else entity.data,
+                sync_status=change.status,
+                conflict_resolved=change.conflict_resolved,
+                timestamp=self.now,
+            )
+        )
+        return entity
+
+    def record(
+        self,
+        op: Operation,
+        *,
+        data: JSON,
+        version: int | None,
+        seq: int | None,
+        status: str,
+        conflict_resolved: bool,
+        deleted: bool = False,
+    ) -> OpRecord:
+        rec = OpRecord(
+            id=op.id,
+            store_id=op.store_id,
+            entity_type=op.entity_type,
+            entity_id=op.entity_id,
+            operation=op.operation,
+            data=data,
+            version=version,
+            seq=seq,
+            status=status,
+            conflict_resolved=conflict_resolved,
+            terminal_id=op.terminal_id,
+            user_id=op.user_id,
+            priority=op.priority,
+            timestamp=op.timestamp,
+            server_time=self.now,
+            deleted=deleted,
+        )
+        self.records[op.id] = rec
+        self._written[op.id] = rec  # a resolution rewrites its operation's earlier record
+        return rec
+
+    def finish(self) -> BatchWrite:
+        self.write.entities = list(self._changed.values())
+        self.write.op_records = list(self._written.values())
+        self.write.new_conflicts = list(self._new_conflicts.values())
+        self.write.last_seqs = self.last_seqs
+        return self.write
+
+
+class Engine:
+    """Decides batches of operations against the policy table. Pure; safe to share."""
+
+    __slots__ = ("policies",)
+
+    def __init__(self, policies: PolicyTable | None = None) -> None:
+        self.policies = policies if policies is not None else PolicyTable()
+
+    def decide(
+        self, items: Sequence[Operation | Resolution], state: BatchState, now: str
+    ) -> tuple[list[Outcome], BatchWrite]:
+        """Decide every item in order; return their outcomes and the batch's writes.
+
+        `state` is not modified. Errors are outcomes, never exceptions.
+        """
+        batch = _Batch(state, now)
+        outcomes = []
+        for item in items:
+            if isinstance(item, Resolution):
+                outcomes.append(self._resolution(item, batch))
+            else:
+                outcomes.append(self._operation(item, batch))
+        return outcomes, batch.finish()
+
+    def _operation(self, op: Operation, batch: _Batch) -> Outcome:
+        known = batch.records.get(op.id)
+        if known is not None:
+            if known.store_id != op.store_id:
+                return Outcome(op.id, "error", error=InvalidMessage("operation id already used"))
+            if known.status == "conflict":
+                conflict = batch.conflicts.get(conflict_id_for(op.id))
+                return Outcome(op.id, "conflict", known, conflict)
+            return Outcome(op.id, "duplicate", known)
+        if op.operation not in _OPERATIONS:
+            return Outcome(
+                op.id, "error", error=InvalidMessage(f"unknown operation {op.operation!r}")
+            )
+        if op.operation == "BULK_UPDATE":
+            return self._bulk(op, batch)
+        policy = self.policies[op.entity_type]
+        current = batch.entities.get(op.key)
+        change = resolve(
+            current,
+            op.operation,
+            op.data,
+            op.version,
+            op.timestamp,
+            policy,
+            self.policies,
+            op.entity_type,
+        )
+        if change == _NOT_FOUND:
+            return Outcome(
+                op.id,
+                "error",
+                error=ChefiaError(
+                    f"{op.entity_type}/{op.entity_id} does not exist", Code.ENTITY_NOT_FOUND
+                ),
+            )
+        if change == _CONFLICT:
+            assert current is not None
+            conflict = Conflict(
+                id=conflict_id_for(op.id),
+                operation=op,
+                server_version=current.version,
+                server_data=wire_data(current),
+                created_at=batch.now,
+            )
+            batch.add_conflict(conflict)
+            rec = batch.record(
+                op,
+                data={},
+                version=current.version,
+                seq=None,
+                status="conflict",
+                conflict_resolved=False,
+            )
+            return Outcome(op.id, "conflict", rec, conflict)
+        if isinstance(change, str):  # unchanged: the server state stands
+            assert current is not None
+            rec = batch.record(
+                op,
+                data={},
+                version=current.version,
+                seq=None,
+                status="resolved",
+                conflict_resolved=True,
+            )
+            return Outcome(op.id, "resolved", rec)
+        entity = batch.change_entity(op.key, change, op.timestamp, op, op.terminal_id, op.user_id)
+        rec = batch.record(
+            op,
+            data=wire_data(entity),
+            version=entity.version,
+            seq=batch.next_seq(op.store_id),
+            status=change.status,
+            conflict_resolved=change.conflict_resolved,
+            deleted=entity.deleted,
+        )
+        return Outcome(op.id, change.status, rec, changed=[entity])
+
+    def _bulk(self, op: Operation, batch: _Batch) -> Outcome:
+        policy = self.policies[op.entity_type]
+        if policy.policy == MANUAL_RESOLUTION:
+            return Outcome(
+                op.id,
+                "error",
+                error=InvalidMessage(
+                    f"BULK_UPDATE is not allowed for {op.entity_type} (manual resolution)"
+                ),
+            )
+        items = _bulk_updates(op.data)
+        if isinstance(items, str):
+            return Outcome(op.id, "error", error=InvalidMessage(items))
+        changed: list[Entity] = []
+        statuses = ["applied"]
+        conflict_resolved = False
+        for entity_id, patch, version in items:
+            key = EntityKey(op.store_id, op.entity_type, entity_id)
+            change = resolve(
+                batch.entities.get(key),
+                "UPDATE",
+                patch,
+                version,
+                op.timestamp,
+                policy,
+                self.policies,
+                op.entity_type,
+            )
+            if isinstance(change, str):
+                statuses.append("resolved")
+                conflict_resolved = True
+                continue
+            statuses.append(change.status)
+            conflict_resolved = conflict_resolved or change.conflict_resolved
+            changed.append(
+                batch.change_entity(key, change, op.timestamp, op, op.terminal_id, op.user_id)
+            )
+        status = max(statuses, key=_STATUS_RANK.__getitem__)
+        if not changed:
+            rec = batch.record(
+                op,
+                data={},
+                version=None,
+                seq=None,
+                status=status,
+                conflict_resolved=conflict_resolved,
+            )
+            return Outcome(op.id, status, rec)
+        updates = [
+            {
+                "entity_id": e.key.entity_id,
+                "data": wire_data(e),
+                "version": e.version,
+                "deleted": e.deleted,
+            }
+            for e in changed
+        ]
+        rec = batch.record(
+            op,
+            data={"updates": updates},
+            version=None,
+            seq=batch.next_seq(op.store_id),
+            status=status,
+            conflict_resolved=conflict_resolved,
+        )
+        return Outcome(op.id, status, rec, changed=changed)
+
+    def _resolution(self, res: Resolution, batch: _Batch) -> Outcome:
+        conflict = batch.conflicts.get(res.conflict_id)
+        if conflict is None or conflict.operation.store_id != res.store_id:
+            return Outcome(
+                res.conflict_id,
+                "error",
+                error=ResolutionFailed(f"no pending conflict {res.conflict_id!r}"),
+            )
+        op = conflict.operation
+        if res.resolution not in _RESOLUTIONS:
+            return Outcome(
+                op.id, "error", error=ResolutionFailed(f"unknown resolution {res.resolution!r}")
+            )
+        current = batch.entities.get(op.key)
+        change: _Change | None
+        if res.resolution == "merge":
+            if res.resolved_data is None:
+                return Outcome(op.id, "error", error=ResolutionFailed("merge needs resolved_data"))
+            change = _apply(current, "CREATE", res.resolved_data)  # replaces the whole state
+        elif res.resolution == "accept_local":
+            change = _apply(current, op.operation, op.data)
+            if change.deleted and (current is None or current.deleted):
+                change = None
+        else:  # accept_remote: the server state stands
+            change = None
+        batch.settle_conflict(res.conflict_id)
+        if change is None:
+            rec = batch.record(
+                op,
+                data={},
+                version=current.version if current else None,
+                seq=None,
+                status="resolved",
+                conflict_resolved=True,
+            )
+            return Outcome(op.id, "resolved", rec)
+        change.status, change.conflict_resolved = "resolved", True
+        entity = batch.change_entity(
+            op.key, change, res.timestamp, op, res.terminal_id, res.user_id
+        )
+        rec = batch.record(
+            op,
+            data=wire_data(entity),
+            version=entity.version,
+            seq=batch.next_seq(op.store_id),
+            status="resolved",
+            conflict_resolved=True,
+            deleted=entity.deleted,
+        )
+        return Outcome(op.id, "resolved", rec, changed=[entity])
