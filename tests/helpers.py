@@ -1,0 +1,195 @@
+"""Test terminals: real WebSocket clients speaking the wire protocol, and a server in-process."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from collections import deque
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import lz4.frame
+import msgpack
+import websockets
+from websockets.asyncio.client import ClientConnection
+
+from chefia_rt.config import Settings, load_settings
+from chefia_rt.node import Node
+from chefia_rt.protocol.codec import COMPRESSED_PREFIX
+from chefia_rt.server import Server
+
+DEFAULT_TIMEOUT = 5.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def decode_server_frame(frame: str | bytes) -> list[dict[str, Any]]:
+    """What a client does with a server frame: JSON text, or msgpack (maybe lz4, maybe batched)."""
+    if isinstance(frame, str):
+        message = json.loads(frame)
+        assert isinstance(message, dict), "every JSON frame is one object"
+        return [message]
+    if frame.startswith(COMPRESSED_PREFIX):
+        frame = lz4.frame.decompress(frame[len(COMPRESSED_PREFIX) :])
+    message = msgpack.unpackb(frame, raw=False)
+    if message.get("type") == "message_batch":
+        assert message["count"] == len(message["messages"])
+        return list(message["messages"])
+    return [message]
+
+
+class Terminal:
+    """One connected test terminal. `recv` yields messages one at a time, batches unpacked."""
+
+    def __init__(self, ws: ClientConnection, encoding: str) -> None:
+        self.ws = ws
+        self.encoding = encoding
+        self.frames: list[str | bytes] = []
+        self._pending: deque[dict[str, Any]] = deque()
+        self.established: dict[str, Any] = {}
+
+    async def send(self, message: dict[str, Any]) -> None:
+        if self.encoding == "msgpack":
+            await self.ws.send(msgpack.packb(message))
+        else:
+            await self.ws.send(json.dumps(message))
+
+    async def recv(self, timeout: float = DEFAULT_TIMEOUT) -> dict[str, Any]:
+        while not self._pending:
+            frame = await asyncio.wait_for(self.ws.recv(), timeout)
+            self.frames.append(frame)
+            self._pending.extend(decode_server_frame(frame))
+        return self._pending.popleft()
+
+    async def expect(self, kind: str, timeout: float = DEFAULT_TIMEOUT) -> dict[str, Any]:
+        """The next message of type `kind`, failing on anything else first."""
+        message = await self.recv(timeout)
+        assert message["type"] == kind, f"expected {kind}, got {message}"
+        return message
+
+    async def until(self, kind: str, timeout: float = DEFAULT_TIMEOUT) -> dict[str, Any]:
+        """Skip messages until one of type `kind` arrives."""
+        async with asyncio.timeout(timeout):
+            while True:
+                message = await self.recv(timeout)
+                if message["type"] == kind:
+                    return message
+
+    async def nothing(self, wait: float = 0.3) -> None:
+        """Assert that no message arrives within `wait` seconds."""
+        try:
+            message = await self.recv(wait)
+        except TimeoutError:
+            return
+        raise AssertionError(f"unexpected message {message}")
+
+    async def close(self) -> None:
+        await self.ws.close()
+
+
+def op(
+    op_id: str,
+    entity_id: str,
+    data: dict[str, Any] | None = None,
+    *,
+    entity_type: str = "tables",
+    operation: str = "UPDATE",
+    version: int = 1,
+    timestamp: str = "2024-01-15T10:30:00.000Z",
+    **extra: Any,
+) -> dict[str, Any]:
+    """A data_sync message."""
+    return {
+        "type": "data_sync",
+        "operation": {
+            "id": op_id,
+            "entity_type": entity_type,
+            "entity_id": entity_id,
+            "operation": operation,
+            "data": data or {},
+            "version": version,
+            "timestamp": timestamp,
+            **extra,
+        },
+    }
+
+
+class RunningServer:
+    """A server running in this event loop, on a free port, with its own SQLite file."""
+
+    def __init__(self, settings: Settings, server: Server) -> None:
+        self.settings = settings
+        self.server = server
+        self.node = server.node
+        self.port = server.port()
+        self.url = f"ws://127.0.0.1:{self.port}{settings.ws_path}"
+        self.http = f"http://127.0.0.1:{self.port}"
+
+    @asynccontextmanager
+    async def terminal(
+        self,
+        terminal_id: str,
+        *,
+        store: str = "s1",
+        type: str = "pos",
+        encoding: str = "json",
+        since: int | None = None,
+        greet: bool = True,
+        **query: str,
+    ) -> AsyncIterator[Terminal]:
+        terminal = await self.connect(
+            terminal_id, store=store, type=type, encoding=encoding, since=since, greet=greet,
+            **query,
+        )
+        try:
+            yield terminal
+        finally:
+            await terminal.close()
+
+    async def connect(
+        self,
+        terminal_id: str,
+        *,
+        store: str = "s1",
+        type: str = "pos",
+        encoding: str = "json",
+        since: int | None = None,
+        greet: bool = True,
+        **query: str,
+    ) -> Terminal:
+        params = {"store_id": store, "type": type, "encoding": encoding, **query}
+        if since is not None:
+            params["since"] = str(since)
+        qs = "&".join(f"{k}={v}" for k, v in params.items())
+        ws = await websockets.connect(f"{self.url}/{terminal_id}?{qs}", max_size=None)
+        terminal = Terminal(ws, encoding)
+        if greet:
+            terminal.established = await terminal.expect("connection_established")
+        return terminal
+
+
+@asynccontextmanager
+async def running_server(tmp_path: Path, **overrides: Any) -> AsyncIterator[RunningServer]:
+    """Start a Node + Server on 127.0.0.1:<free port> with SQLite under tmp_path."""
+    overrides.setdefault("database_url", f"sqlite:///{tmp_path / 'chefia.db'}")
+    overrides.setdefault("ws_host", "127.0.0.1")
+    overrides.setdefault("ws_port", 0)
+    settings = load_settings(**overrides)
+    node = Node.create(settings)
+    await node.start()
+    server = Server(settings, node)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    await server.start(sock)
+    try:
+        yield RunningServer(settings, server)
+    finally:
+        await server.shutdown(timeout=5)
