@@ -66,7 +66,7 @@ def _check_text(text: str) -> None:
         try:
             text.encode("utf-8")
         except UnicodeEncodeError:
-            raise _Rejected("strings must be valid Unicode (lone surrogate)") from None
+            raise _Rejected("strings may not hold a lone surrogate") from None
 
 
 def _check_value(value: Any, depth: int, text: bool) -> None:

@@ -79,6 +79,9 @@ def normalize_timestamp(value: str) -> str:
     Raises ValueError (never anything else) for text that is not a representable moment.
     """
     try:
+        # CPython's parser tolerates a NUL ("...10:30:00\x00+05:00" parses): printable ASCII only.
+        if not isinstance(value, str) or not (value.isascii() and value.isprintable()):
+            raise ValueError(value)
         moment = datetime.fromisoformat(value)
         if moment.tzinfo is not None:
             # An offset can push year 1 or 9999 out of datetime's range: OverflowError.
