@@ -316,6 +316,8 @@ class Engine:
             )
         if op.operation == "BULK_UPDATE":
             return self._bulk(op, batch)
+        if not isinstance(op.data, Mapping):
+            return Outcome(op.id, "error", error=InvalidMessage("operation data must be an object"))
         policy = self.policies[op.entity_type]
         current = batch.entities.get(op.key)
         change = resolve(
@@ -461,7 +463,7 @@ class Engine:
         current = batch.entities.get(op.key)
         change: _Change | None
         if res.resolution == "merge":
-            if res.resolved_data is None:
+            if not isinstance(res.resolved_data, Mapping):
                 return Outcome(op.id, "error", error=ResolutionFailed("merge needs resolved_data"))
             change = _apply(current, "CREATE", res.resolved_data)  # replaces the whole state
         elif res.resolution == "accept_local":
