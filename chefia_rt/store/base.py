@@ -56,7 +56,12 @@ class SessionRecord:
 
 
 class Store(Protocol):
-    """Durable storage of entities, the operation log, audit, conflicts and sessions."""
+    """Durable storage of entities, the operation log, audit, conflicts and sessions.
+
+    Every backend passes tests/store/test_contract.py. After `close` (which may be called more
+    than once) every call raises StorageUnavailable and `ping` says False; no backend's own
+    exception type ever escapes.
+    """
 
     kind: str
 
@@ -69,12 +74,19 @@ class Store(Protocol):
     async def commit(self, request: BatchRequest, decide: Decide[T]) -> T:
         """Read the request's rows under lock, call `decide`, write its BatchWrite, commit.
 
-        Raises StorageUnavailable when nothing could be written; after it returns, the batch is
+        The BatchState holds the requested operation records (with or without a seq), the
+        requested conflicts, the entities of the requested keys and of those conflicts'
+        operations, and the last seq (0 if none) of the requested stores and of every store of
+        those entities. A record is rewritten by id; a seq another operation holds is refused.
+
+        An exception from `decide` propagates unchanged and nothing is written. Raises
+        StorageUnavailable when nothing could be written; after it returns, the batch is
         durable.
         """
 
     async def read_operations(self, store_id: str, after_seq: int, limit: int) -> list[OpRecord]:
-        """Applied operations of a store with seq > after_seq, in seq order, at most `limit`."""
+        """Applied operations of a store with seq > after_seq, in seq order, at most `limit`.
+        Records without a seq (nothing changed, a pending conflict) are never returned."""
 
     async def log_bounds(self, store_id: str) -> LogBounds:
         """The range of seqs the operation log can still replay for a store."""
@@ -82,7 +94,11 @@ class Store(Protocol):
     async def snapshot(
         self, store_id: str, entity_types: Sequence[str] | None
     ) -> tuple[int, list[Entity]]:
-        """The store's entities and the seq they are consistent with, read atomically."""
+        """The store's entities and the seq they are consistent with, read atomically.
+
+        Tombstones included. `entity_types` None or empty means every type. Ordered by
+        (entity_type, entity_id) in code-point order, whatever the database's collation.
+        """
 
     async def get_entity(self, key: EntityKey) -> Entity | None:
         """One entity's current state (tombstones included)."""

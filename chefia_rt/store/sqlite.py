@@ -8,8 +8,10 @@ before `commit` returns: a confirmation sent after it survives `kill -9` and pow
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sqlite3
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
@@ -39,6 +41,11 @@ _ENTITY_COLUMNS = (
     "store_id, entity_type, entity_id, version, data, deleted, timestamp, updated_by, "
     "field_versions"
 )
+_OP_UPDATES = ", ".join(
+    f"{c} = excluded.{c}" for c in (c.strip() for c in _OP_COLUMNS.split(",")) if c != "id"
+)
+# How long opening waits for other connections (busy_timeout, and the switch to WAL).
+_LOCK_WAIT = 10.0
 # SQLite's default limit of host parameters per statement is 32766; stay well under it.
 _CHUNK = 500
 
@@ -55,6 +62,43 @@ def _migrations(prefix: str) -> list[tuple[int, str]]:
         if name.startswith(prefix + "_") and name.endswith(".sql"):
             found.append((int(name.split("_")[1]), item.read_text(encoding="utf-8")))
     return sorted(found)
+
+
+def _statements(sql: str) -> list[str]:
+    """The statements of a migration file, split where SQLite's own tokenizer says one ends:
+    a semicolon inside a string, a comment or a trigger body does not end a statement."""
+    statements, start = [], 0
+    for end, char in enumerate(sql, 1):
+        if char == ";" and sqlite3.complete_statement(sql[start:end]):
+            statements.append(sql[start:end])
+            start = end
+    if sql[start:].strip():  # a last statement without its semicolon, or comments (a no-op)
+        statements.append(sql[start:])
+    return statements
+
+
+def _use_wal(db: sqlite3.Connection) -> None:
+    """Switch the file to WAL. On a new file other connections may be switching it at the same
+    moment, and SQLite answers that with an immediate SQLITE_BUSY that skips the busy handler,
+    so wait here instead."""
+    deadline = time.monotonic() + _LOCK_WAIT
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            busy = exc.sqlite_errorcode in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+            if not busy or time.monotonic() > deadline:
+                raise
+            time.sleep(0.005)
+
+
+def _rollback(db: sqlite3.Connection) -> None:
+    """End a failed transaction, keeping the error that failed it (SQLite may have rolled back
+    already, after an I/O error or a full disk)."""
+    if db.in_transaction:
+        with contextlib.suppress(sqlite3.Error):
+            db.execute("ROLLBACK")
 
 
 def op_record_from_row(row: Sequence[Any]) -> OpRecord:
@@ -117,31 +161,43 @@ class SQLiteStore:
         self.path = path
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite")
         self._db: sqlite3.Connection | None = None
+        self._closed = False
+
+    async def _submit(self, fn: Callable[[], T]) -> T:
+        """Run `fn` on the connection's thread; every failure of storage is StorageUnavailable."""
+        if self._closed:  # the executor is (being) shut down: it would raise RuntimeError
+            raise StorageUnavailable("storage is closed")
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+        except (sqlite3.Error, OSError) as exc:
+            raise StorageUnavailable(f"storage error: {exc}") from exc
 
     async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         def call() -> T:
             if self._db is None:
-                raise StorageUnavailable("storage is closed")
+                raise StorageUnavailable("storage is not open")
             return fn(self._db)
 
-        try:
-            return await asyncio.get_running_loop().run_in_executor(self._executor, call)
-        except sqlite3.Error as exc:
-            raise StorageUnavailable(f"storage error: {exc}") from exc
+        return await self._submit(call)
 
     async def open(self) -> None:
         def connect() -> None:
             if self.path != ":memory:":
                 Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=FULL")
-            db.execute("PRAGMA busy_timeout=10000")
-            db.execute("PRAGMA foreign_keys=ON")
-            self._migrate(db)
+            db = sqlite3.connect(
+                self.path, isolation_level=None, check_same_thread=False, timeout=_LOCK_WAIT
+            )
+            try:
+                _use_wal(db)
+                db.execute("PRAGMA synchronous=FULL")
+                db.execute("PRAGMA foreign_keys=ON")
+                self._migrate(db)  # busy_timeout (from `timeout`) lets it wait for the others
+            except BaseException:
+                db.close()
+                raise
             self._db = db
 
-        await asyncio.get_running_loop().run_in_executor(self._executor, connect)
+        await self._submit(connect)
 
     @staticmethod
     def _migrate(db: sqlite3.Connection) -> None:
@@ -155,23 +211,36 @@ class SQLiteStore:
                 continue
             db.execute("BEGIN IMMEDIATE")
             try:
-                for statement in sql.split(";\n"):
-                    if statement.strip():
+                # Asked again under the write lock: another process (a second worker, `migrate`
+                # beside `serve`) may have applied it since.
+                applied = db.execute(
+                    "SELECT 1 FROM schema_migrations WHERE version = ?", (version,)
+                ).fetchone()
+                if applied is None:
+                    for statement in _statements(sql):
                         db.execute(statement)
-                db.execute("INSERT INTO schema_migrations (version) VALUES (?)", (version,))
+                    db.execute("INSERT INTO schema_migrations (version) VALUES (?)", (version,))
                 db.execute("COMMIT")
             except BaseException:
-                db.execute("ROLLBACK")
+                _rollback(db)
                 raise
 
     async def close(self) -> None:
+        """Close the connection once the calls already queued have run; closing twice is fine.
+        Later calls raise StorageUnavailable (ping says False)."""
+        if self._closed:
+            return
+
         def shut() -> None:
             if self._db is not None:
                 self._db.close()
                 self._db = None
 
-        await asyncio.get_running_loop().run_in_executor(self._executor, shut)
-        self._executor.shutdown(wait=True)
+        try:
+            await self._submit(shut)
+        finally:
+            self._closed = True
+            self._executor.shutdown(wait=True)  # idle by now: `shut` was the last job
 
     async def ping(self) -> bool:
         try:
@@ -181,6 +250,8 @@ class SQLiteStore:
 
     async def commit(self, request: BatchRequest, decide: Decide[T]) -> T:
         def work(db: sqlite3.Connection) -> T:
+            # IMMEDIATE: the write lock is held from the first read, so what the engine decides
+            # on cannot change under it, even with another process on the file.
             db.execute("BEGIN IMMEDIATE")
             try:
                 state = self._read_batch(db, request)
@@ -188,7 +259,7 @@ class SQLiteStore:
                 self._write_batch(db, write)
                 db.execute("COMMIT")
             except BaseException:
-                db.execute("ROLLBACK")
+                _rollback(db)
                 raise
             return result
 
@@ -255,9 +326,13 @@ class SQLiteStore:
                 for e in write.entities
             ],
         )
+        # A record is rewritten by id (a resolution settles its operation's record), but a seq
+        # already taken by another operation is an error: INSERT OR REPLACE would silently
+        # delete that other operation's row to make room.
         db.executemany(
-            f"INSERT OR REPLACE INTO sync_operations ({_OP_COLUMNS}) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            f"INSERT INTO sync_operations ({_OP_COLUMNS}) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            f"ON CONFLICT (id) DO UPDATE SET {_OP_UPDATES}",
             [
                 (
                     r.id,
@@ -355,6 +430,7 @@ class SQLiteStore:
         self, store_id: str, entity_types: Sequence[str] | None
     ) -> tuple[int, list[Entity]]:
         def read(db: sqlite3.Connection) -> tuple[int, list[Entity]]:
+            # One read transaction: another process's commit cannot land between the two reads.
             db.execute("BEGIN")
             try:
                 row = db.execute(
@@ -365,10 +441,12 @@ class SQLiteStore:
                 if entity_types:
                     sql += f" AND entity_type IN ({','.join('?' * len(entity_types))})"
                     params += list(entity_types)
-                sql += " ORDER BY entity_type, entity_id"
+                sql += " ORDER BY entity_type, entity_id"  # BINARY collation: code-point order
                 entities = [entity_from_row(r) for r in db.execute(sql, params)]
-            finally:
                 db.execute("COMMIT")
+            except BaseException:
+                _rollback(db)
+                raise
             return (row[0] if row else 0), entities
 
         return await self._run(read)

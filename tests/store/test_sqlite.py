@@ -1,0 +1,248 @@
+"""What only the SQLite backend promises: durability pragmas, migrations, the file itself."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from chefia_rt.domain import BatchState, BatchWrite, EntityKey
+from chefia_rt.errors import StorageUnavailable
+from chefia_rt.store import sqlite as sqlite_module
+from chefia_rt.store.base import BatchRequest
+from chefia_rt.store.sqlite import SQLiteStore
+from tests.store.test_contract import make_op, sync
+
+
+@pytest.fixture
+async def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "data" / "chefia.db"  # the directory does not exist yet
+
+
+@pytest.fixture
+async def opened(db_path: Path) -> AsyncIterator[SQLiteStore]:
+    store = SQLiteStore(str(db_path))
+    await store.open()
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+def query(path: Path, sql: str) -> list[tuple[object, ...]]:
+    db = sqlite3.connect(path)
+    try:
+        return db.execute(sql).fetchall()
+    finally:
+        db.close()
+
+
+def packaged_versions() -> list[int]:
+    return [version for version, _ in sqlite_module._migrations("sqlite")]
+
+
+async def test_durability_pragmas(opened: SQLiteStore, db_path: Path) -> None:
+    def pragmas(db: sqlite3.Connection) -> tuple[str, int, int]:
+        return (
+            db.execute("PRAGMA journal_mode").fetchone()[0],
+            db.execute("PRAGMA synchronous").fetchone()[0],
+            db.execute("PRAGMA busy_timeout").fetchone()[0],
+        )
+
+    journal, synchronous, busy = await opened._run(pragmas)
+    assert journal == "wal"
+    assert synchronous == 2  # FULL: the WAL is synced before a commit returns
+    assert busy >= 5000  # other processes on the file are waited for, not failed
+    assert query(db_path, "PRAGMA journal_mode") == [("wal",)]  # kept in the file
+
+
+async def test_migrations_are_recorded_and_idempotent(db_path: Path) -> None:
+    for _ in range(3):
+        store = SQLiteStore(str(db_path))
+        await store.open()
+        await store.close()
+    recorded = query(db_path, "SELECT version, applied_at FROM schema_migrations ORDER BY version")
+    assert [version for version, _ in recorded] == packaged_versions() == [1]
+    assert all(applied_at for _, applied_at in recorded)
+    tables = {row[0] for row in query(db_path, "SELECT name FROM sqlite_master WHERE type='table'")}
+    assert {
+        "schema_migrations",
+        "store_seqs",
+        "entities",
+        "sync_operations",
+        "audit_logs",
+        "conflicts",
+        "websocket_connections",
+    } <= tables
+
+
+async def test_only_pending_migrations_run_and_a_failing_one_changes_nothing(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = SQLiteStore(str(db_path))
+    await store.open()
+    await store.close()
+    packaged = sqlite_module._migrations("sqlite")
+
+    # Statements split on semicolons inside a trigger body must still run as one.
+    good = (
+        "-- a comment first; with a semicolon\n"
+        "CREATE TABLE extra (id INTEGER PRIMARY KEY, note TEXT DEFAULT 'a;b');\n"
+        "CREATE TRIGGER extra_note AFTER INSERT ON extra BEGIN\n"
+        "  UPDATE extra SET note = 'x;\ny' WHERE id = new.id;\n"
+        "END;\n"
+        "-- trailing comment\n"
+    )
+    monkeypatch.setattr(sqlite_module, "_migrations", lambda prefix: [*packaged, (2, good)])
+    store = SQLiteStore(str(db_path))
+    await store.open()
+    await store.close()
+    assert query(db_path, "SELECT version FROM schema_migrations ORDER BY version") == [(1,), (2,)]
+
+    bad = "CREATE TABLE half (id INTEGER);\nCREATE TABLE broken (;\n"
+    monkeypatch.setattr(
+        sqlite_module, "_migrations", lambda prefix: [*packaged, (2, good), (3, bad)]
+    )
+    store = SQLiteStore(str(db_path))
+    with pytest.raises(StorageUnavailable):
+        await store.open()
+    await store.close()
+    assert query(db_path, "SELECT max(version) FROM schema_migrations") == [(2,)]
+    assert query(db_path, "SELECT name FROM sqlite_master WHERE name = 'half'") == []
+
+
+async def test_concurrent_first_opens_migrate_once(tmp_path: Path) -> None:
+    """N workers starting on a new file: switching it to WAL and migrating it both race."""
+    for attempt in range(30):
+        path = tmp_path / f"race-{attempt}.db"
+        stores = [SQLiteStore(str(path)) for _ in range(6)]
+        try:
+            await asyncio.gather(*(s.open() for s in stores))
+        finally:
+            for s in stores:
+                await s.close()
+        assert query(path, "SELECT version FROM schema_migrations") == [(1,)]
+
+
+async def test_reopening_the_file_keeps_data(db_path: Path) -> None:
+    store = SQLiteStore(str(db_path))
+    await store.open()
+    first = await sync(
+        store,
+        [
+            make_op("op1", "T1", {"nome": "Mesa 1 — varanda"}, operation="CREATE"),
+            make_op("op2", "T1", {"status": "open"}, version=2),
+        ],
+    )
+    await store.close()
+
+    store = SQLiteStore(str(db_path))
+    await store.open()
+    try:
+        t1 = await store.get_entity(EntityKey("s1", "tables", "T1"))
+        assert t1 is not None and t1.version == 2
+        assert t1.data == {"nome": "Mesa 1 — varanda", "status": "open"}
+        assert await store.read_operations("s1", 0, 10) == [o.record for o in first]
+        (more,) = await sync(store, [make_op("op3", "T1", {"status": "closed"}, version=3)])
+        assert more.record is not None and more.record.seq == 3
+    finally:
+        await store.close()
+    assert query(db_path, "SELECT count(*) FROM schema_migrations") == [(1,)]
+
+
+async def test_two_stores_on_one_file_never_fork(db_path: Path) -> None:
+    """Two processes on one file (a `migrate` beside a server, a second worker by mistake)."""
+    stores = [SQLiteStore(str(db_path)) for _ in range(2)]
+    for s in stores:
+        await s.open()
+    try:
+        commits = [
+            sync(stores[n % 2], [make_op(f"op{n}", "T1", {"n": n}, version=n + 1)])
+            for n in range(40)
+        ]
+        outcomes = await asyncio.gather(*commits)
+        seqs = sorted(o.record.seq for (o,) in outcomes if o.record and o.record.seq)
+        assert seqs == list(range(1, 41))  # every one wins (same timestamp: later arrival)
+        t1 = await stores[0].get_entity(EntityKey("s1", "tables", "T1"))
+        assert t1 is not None and t1.version == 40
+    finally:
+        for s in stores:
+            await s.close()
+
+
+async def test_a_locked_database_is_unavailable_not_an_sqlite_error(
+    opened: SQLiteStore, db_path: Path
+) -> None:
+    await opened._run(lambda db: db.execute("PRAGMA busy_timeout=50"))
+    holder = sqlite3.connect(db_path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        with pytest.raises(StorageUnavailable):
+            await sync(opened, [make_op("op1", "T1", {"a": 1})])
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    (done,) = await sync(opened, [make_op("op1", "T1", {"a": 1})])
+    assert done.status == "applied" and done.record is not None and done.record.seq == 1
+
+
+async def test_a_full_disk_is_unavailable_and_writes_nothing(opened: SQLiteStore) -> None:
+    await sync(opened, [make_op("op0", "T0", {"a": 0})])
+
+    def cap(db: sqlite3.Connection) -> int:
+        pages = int(db.execute("PRAGMA page_count").fetchone()[0])
+        db.execute(f"PRAGMA max_page_count={pages}")
+        return pages
+
+    pages = await opened._run(cap)
+    big = [make_op(f"op{n}", f"T{n}", {"blob": "x" * 5000}) for n in range(1, 40)]
+    with pytest.raises(StorageUnavailable):
+        await sync(opened, big)
+    await opened._run(lambda db: db.execute(f"PRAGMA max_page_count={pages * 1000}"))
+    assert (await opened.log_bounds("s1")).last_seq == 1
+    assert await opened.get_entity(EntityKey("s1", "tables", "T1")) is None
+    outcomes = await sync(opened, big)
+    assert [o.record.seq for o in outcomes if o.record] == list(range(2, 41))
+
+
+async def test_an_unopenable_file_is_unavailable(tmp_path: Path) -> None:
+    store = SQLiteStore(str(tmp_path))  # a directory, not a database file
+    with pytest.raises(StorageUnavailable):
+        await store.open()
+    assert await store.ping() is False
+    await store.close()
+
+
+async def test_decide_runs_inside_an_immediate_transaction(opened: SQLiteStore) -> None:
+    """The write lock is taken before the reads the engine decides on (no stale reads)."""
+    seen: list[bool] = []
+
+    def decide(state: BatchState) -> tuple[None, BatchWrite]:
+        assert opened._db is not None
+        seen.append(opened._db.in_transaction)
+        return None, BatchWrite()
+
+    await opened.commit(BatchRequest(store_ids=["s1"]), decide)
+    assert seen == [True]
+    assert opened._db is not None and not opened._db.in_transaction
+
+
+async def test_hot_queries_use_indexes(opened: SQLiteStore) -> None:
+    def plan(db: sqlite3.Connection, sql: str) -> str:
+        return " ".join(str(row[-1]) for row in db.execute("EXPLAIN QUERY PLAN " + sql))
+
+    reads = await opened._run(
+        lambda db: plan(
+            db, "SELECT * FROM sync_operations WHERE store_id = 's1' AND seq > 5 ORDER BY seq"
+        )
+    )
+    assert "sync_operations_store_seq" in reads and "TEMP B-TREE" not in reads
+    oldest = await opened._run(
+        lambda db: plan(
+            db, "SELECT min(seq) FROM sync_operations WHERE store_id = 's1' AND seq IS NOT NULL"
+        )
+    )
+    assert "sync_operations_store_seq" in oldest
