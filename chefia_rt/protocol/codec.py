@@ -59,10 +59,13 @@ def _key_step(key: str) -> str:
     return key if len(key) <= 40 else key[:37] + "..."
 
 
-def _check_text(text: str) -> None:
+def _check_text(text: str, from_json: bool) -> None:
+    # PostgreSQL's jsonb refuses NUL in strings: such an operation could never be committed.
+    if "\x00" in text:
+        raise _Rejected("strings may not hold NUL (\\u0000)")
     # Only JSON can smuggle in lone surrogates ("\ud800"); msgpack's decoder is strict UTF-8.
     # Such a string cannot be re-encoded as UTF-8, so it would break every receiver's frame.
-    if not text.isascii():
+    if from_json and not text.isascii():
         try:
             text.encode("utf-8")
         except UnicodeEncodeError:
@@ -73,8 +76,7 @@ def _check_value(value: Any, depth: int, text: bool) -> None:
     """Reject what JSON storage cannot carry. `depth` counts the containers around `value`."""
     kind = type(value)
     if kind is str:
-        if text:
-            _check_text(value)
+        _check_text(value, text)
     elif kind is int:
         if not _INT_MIN <= value <= _INT_MAX:
             raise _Rejected("integers must fit in signed 64 bits")
@@ -85,8 +87,7 @@ def _check_value(value: Any, depth: int, text: bool) -> None:
             if type(key) is not str:
                 raise _Rejected("map keys must be strings")
             try:
-                if text:
-                    _check_text(key)
+                _check_text(key, text)
                 _check_value(item, depth + 1, text)
             except _Rejected as exc:
                 exc.path.append(_key_step(key))

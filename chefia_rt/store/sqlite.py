@@ -15,7 +15,6 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
-from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -25,24 +24,23 @@ from chefia_rt.domain import (
     Conflict,
     Entity,
     EntityKey,
-    Operation,
     OpRecord,
 )
 from chefia_rt.errors import StorageUnavailable
 from chefia_rt.store.base import BatchRequest, Decide, LogBounds, SessionRecord
+from chefia_rt.store.rows import (
+    ENTITY_COLUMNS,
+    OP_COLUMNS,
+    conflict_from_row,
+    entity_from_row,
+    migrations,
+    op_record_from_row,
+)
 
 T = TypeVar("T")
 
-_OP_COLUMNS = (
-    "id, store_id, entity_type, entity_id, operation, data, version, seq, status, "
-    "conflict_resolved, terminal_id, user_id, priority, timestamp, server_time, deleted"
-)
-_ENTITY_COLUMNS = (
-    "store_id, entity_type, entity_id, version, data, deleted, timestamp, updated_by, "
-    "field_versions"
-)
 _OP_UPDATES = ", ".join(
-    f"{c} = excluded.{c}" for c in (c.strip() for c in _OP_COLUMNS.split(",")) if c != "id"
+    f"{c} = excluded.{c}" for c in (c.strip() for c in OP_COLUMNS.split(",")) if c != "id"
 )
 # How long opening waits for other connections (busy_timeout, and the switch to WAL).
 _LOCK_WAIT = 10.0
@@ -52,16 +50,6 @@ _CHUNK = 500
 
 def _dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
-
-
-def _migrations(prefix: str) -> list[tuple[int, str]]:
-    """(version, sql) of the packaged migration files named `<prefix>_NNNN_name.sql`."""
-    found = []
-    for item in resources.files("chefia_rt.store.migrations").iterdir():
-        name = item.name
-        if name.startswith(prefix + "_") and name.endswith(".sql"):
-            found.append((int(name.split("_")[1]), item.read_text(encoding="utf-8")))
-    return sorted(found)
 
 
 def _statements(sql: str) -> list[str]:
@@ -101,51 +89,8 @@ def _rollback(db: sqlite3.Connection) -> None:
             db.execute("ROLLBACK")
 
 
-def op_record_from_row(row: Sequence[Any]) -> OpRecord:
-    return OpRecord(
-        id=row[0],
-        store_id=row[1],
-        entity_type=row[2],
-        entity_id=row[3],
-        operation=row[4],
-        data=json.loads(row[5]) if isinstance(row[5], str) else row[5],
-        version=row[6],
-        seq=row[7],
-        status=row[8],
-        conflict_resolved=bool(row[9]),
-        terminal_id=row[10],
-        user_id=row[11],
-        priority=row[12],
-        timestamp=row[13],
-        server_time=row[14],
-        deleted=bool(row[15]),
-    )
-
-
-def entity_from_row(row: Sequence[Any]) -> Entity:
-    def load(value: Any) -> Any:
-        return json.loads(value) if isinstance(value, str) else value
-
-    return Entity(
-        key=EntityKey(row[0], row[1], row[2]),
-        version=row[3],
-        data=load(row[4]),
-        deleted=bool(row[5]),
-        timestamp=row[6],
-        updated_by=row[7],
-        field_versions=load(row[8]),
-    )
-
-
 def conflict_to_json(conflict: Conflict) -> str:
     return _dumps(asdict(conflict.operation))
-
-
-def conflict_from_row(row: Sequence[Any]) -> Conflict:
-    """Row: id, operation (json), server_version, server_data (json), created_at."""
-    op = row[1] if isinstance(row[1], dict) else json.loads(row[1])
-    data = row[3] if isinstance(row[3], dict) else json.loads(row[3])
-    return Conflict(row[0], Operation(**op), row[2], data, row[4])
 
 
 def _chunks(items: Sequence[Any]) -> list[Sequence[Any]]:
@@ -206,7 +151,7 @@ class SQLiteStore:
             "(version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP)"
         )
         done = {row[0] for row in db.execute("SELECT version FROM schema_migrations")}
-        for version, sql in _migrations("sqlite"):
+        for version, sql in migrations("sqlite"):
             if version in done:
                 continue
             db.execute("BEGIN IMMEDIATE")
@@ -271,7 +216,7 @@ class SQLiteStore:
         for chunk in _chunks(request.operation_ids):
             marks = ",".join("?" * len(chunk))
             for row in db.execute(
-                f"SELECT {_OP_COLUMNS} FROM sync_operations WHERE id IN ({marks})", chunk
+                f"SELECT {OP_COLUMNS} FROM sync_operations WHERE id IN ({marks})", chunk
             ):
                 known[row[0]] = op_record_from_row(row)
         conflicts: dict[str, Conflict] = {}
@@ -287,7 +232,7 @@ class SQLiteStore:
         entities: dict[EntityKey, Entity] = {}
         for key in keys:
             row = db.execute(
-                f"SELECT {_ENTITY_COLUMNS} FROM entities "
+                f"SELECT {ENTITY_COLUMNS} FROM entities "
                 "WHERE store_id = ? AND entity_type = ? AND entity_id = ?",
                 (key.store_id, key.entity_type, key.entity_id),
             ).fetchone()
@@ -305,7 +250,7 @@ class SQLiteStore:
     @staticmethod
     def _write_batch(db: sqlite3.Connection, write: BatchWrite) -> None:
         db.executemany(
-            f"INSERT INTO entities ({_ENTITY_COLUMNS}, updated_at) "
+            f"INSERT INTO entities ({ENTITY_COLUMNS}, updated_at) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, strftime('%Y-%m-%dT%H:%M:%fZ', 'now')) "
             "ON CONFLICT (store_id, entity_type, entity_id) DO UPDATE SET "
             "version = excluded.version, data = excluded.data, deleted = excluded.deleted, "
@@ -330,7 +275,7 @@ class SQLiteStore:
         # already taken by another operation is an error: INSERT OR REPLACE would silently
         # delete that other operation's row to make room.
         db.executemany(
-            f"INSERT INTO sync_operations ({_OP_COLUMNS}) "
+            f"INSERT INTO sync_operations ({OP_COLUMNS}) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
             f"ON CONFLICT (id) DO UPDATE SET {_OP_UPDATES}",
             [
@@ -356,8 +301,8 @@ class SQLiteStore:
             ],
         )
         db.executemany(
-            "INSERT INTO audit_logs (operation_id, store_id, entity_type, entity_id, operation, "
-            "terminal_id, user_id, changes, sync_status, conflict_resolved, timestamp) "
+            "INSERT INTO audit_logs_master (operation_id, store_id, entity_type, entity_id, "
+            "operation, terminal_id, user_id, changes, sync_status, conflict_resolved, timestamp) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [
                 (
@@ -404,7 +349,7 @@ class SQLiteStore:
     async def read_operations(self, store_id: str, after_seq: int, limit: int) -> list[OpRecord]:
         def read(db: sqlite3.Connection) -> list[OpRecord]:
             rows = db.execute(
-                f"SELECT {_OP_COLUMNS} FROM sync_operations "
+                f"SELECT {OP_COLUMNS} FROM sync_operations "
                 "WHERE store_id = ? AND seq > ? ORDER BY seq LIMIT ?",
                 (store_id, after_seq, limit),
             ).fetchall()
@@ -436,7 +381,7 @@ class SQLiteStore:
                 row = db.execute(
                     "SELECT last_seq FROM store_seqs WHERE store_id = ?", (store_id,)
                 ).fetchone()
-                sql = f"SELECT {_ENTITY_COLUMNS} FROM entities WHERE store_id = ?"
+                sql = f"SELECT {ENTITY_COLUMNS} FROM entities WHERE store_id = ?"
                 params: list[Any] = [store_id]
                 if entity_types:
                     sql += f" AND entity_type IN ({','.join('?' * len(entity_types))})"
@@ -454,7 +399,7 @@ class SQLiteStore:
     async def get_entity(self, key: EntityKey) -> Entity | None:
         def read(db: sqlite3.Connection) -> Entity | None:
             row = db.execute(
-                f"SELECT {_ENTITY_COLUMNS} FROM entities "
+                f"SELECT {ENTITY_COLUMNS} FROM entities "
                 "WHERE store_id = ? AND entity_type = ? AND entity_id = ?",
                 (key.store_id, key.entity_type, key.entity_id),
             ).fetchone()

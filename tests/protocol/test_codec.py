@@ -485,8 +485,8 @@ def test_nested_batch_is_rejected_even_when_compressed() -> None:
 
 # ---- properties -------------------------------------------------------------------------
 
-# Text a WebSocket text frame (UTF-8) can carry: no surrogate code points.
-TEXT = st.text(st.characters(exclude_categories=["Cs"]), max_size=20)
+# Valid text: no lone surrogates (Cs) and no NUL, which storage (jsonb) cannot hold.
+TEXT = st.text(st.characters(exclude_categories=["Cs"], exclude_characters="\x00"), max_size=20)
 SCALARS = (
     st.none()
     | st.booleans()
@@ -641,3 +641,15 @@ def test_mutated_json_only_raises_protocol_errors(data: st.DataObject) -> None:
     for _ in range(data.draw(st.integers(1, 4))):
         text[data.draw(st.integers(0, len(text) - 1))] = data.draw(alphabet)
     only_protocol_errors("".join(text), MAX)
+
+
+@pytest.mark.parametrize("encoding", ["json", "msgpack"])
+def test_nul_in_strings_is_refused_because_jsonb_cannot_store_it(encoding: str) -> None:
+    message = {"type": "data_sync", "note": "a\x00b"}
+    frame = json.dumps(message) if encoding == "json" else msgpack.packb(message)
+    with pytest.raises(InvalidMessage, match="NUL"):
+        decode_frame(frame, MAX)
+    keyed = {"type": "data_sync", "a\x00": 1}
+    frame = json.dumps(keyed) if encoding == "json" else msgpack.packb(keyed)
+    with pytest.raises(InvalidMessage, match="NUL"):
+        decode_frame(frame, MAX)

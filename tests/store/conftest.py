@@ -8,7 +8,7 @@ tables that returns plain Python values, so the assertions stay backend-neutral.
 
 Adding PostgreSQL: append "postgresql" to BACKENDS and give it a branch in `open_store` (a fresh,
 empty database or schema per test; unreachable server → `tests.conftest.service_missing`), in
-`reopen_store` and in `peek_for` (asyncpg queries, `audit_logs` → `audit_logs_master`, timestamps
+`reopen_store` and in `peek_for` (asyncpg queries, timestamps
 back to the ISO strings the records carry). Nothing else changes.
 """
 
@@ -32,7 +32,7 @@ BACKENDS = ["sqlite"]
 JSON_COLUMNS = {
     "entities": {"data", "field_versions"},
     "sync_operations": {"data"},
-    "audit_logs": {"changes"},
+    "audit_logs_master": {"changes"},
     "conflicts": {"operation", "server_data"},
     "websocket_connections": set(),
 }

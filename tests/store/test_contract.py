@@ -210,7 +210,9 @@ async def test_commit_writes_entities_log_audit_and_conflicts(store: Store, peek
     assert logged["op2"]["status"] == "resolved" and logged["op4"]["status"] == "conflict"
     assert await all_operations(store, "s1") == [outcomes[0].record, outcomes[2].record]
 
-    audit = sorted(await peek.rows("audit_logs", store_id="s1"), key=lambda a: a["operation_id"])
+    audit = sorted(
+        await peek.rows("audit_logs_master", store_id="s1"), key=lambda a: a["operation_id"]
+    )
     assert [(a["operation_id"], a["entity_id"]) for a in audit] == [("op1", "T1"), ("op3", "C1")]
     assert audit[0]["changes"] == {"before": None, "after": {"status": "open", **UNICODE}}
     assert audit[0]["operation"] == "CREATE" and audit[0]["sync_status"] == "applied"
@@ -229,7 +231,9 @@ async def test_audit_rows_keep_before_after_and_who(store: Store, peek: Peek) ->
     await sync(store, [make_op("a1", "T1", {"x": 1, "y": "ç"}, operation="CREATE")], now=later(1))
     await sync(store, [make_op("a2", "T1", {"x": 2}, version=2, user_id=None)], now=later(2))
     await sync(store, [make_op("a3", "T1", operation="DELETE", version=3)], now=later(3))
-    audit = sorted(await peek.rows("audit_logs", entity_id="T1"), key=lambda a: a["timestamp"])
+    audit = sorted(
+        await peek.rows("audit_logs_master", entity_id="T1"), key=lambda a: a["timestamp"]
+    )
     assert [a["changes"] for a in audit] == [
         {"before": None, "after": {"x": 1, "y": "ç"}},
         {"before": {"x": 1, "y": "ç"}, "after": {"x": 2, "y": "ç"}},
@@ -255,7 +259,7 @@ async def test_audit_record_fields_round_trip(store: Store, peek: Peek) -> None:
         timestamp=NOW,
     )
     await store.commit(BatchRequest(), writes(BatchWrite(audit=[audit])))
-    (row,) = await peek.rows("audit_logs", operation_id="op-a")
+    (row,) = await peek.rows("audit_logs_master", operation_id="op-a")
     expected = asdict(audit)
     expected["changes"] = {"before": expected.pop("before"), "after": expected.pop("after")}
     assert {k: row[k] for k in expected} == expected
@@ -267,7 +271,7 @@ async def test_an_audit_time_far_from_now_still_commits(store: Store, peek: Peek
     for n, now in enumerate(["2019-03-31T23:59:59.999999Z", "2099-12-01T00:00:00.000000Z"]):
         (done,) = await sync(store, [make_op(f"old{n}", "T1", {"n": n}, version=n + 1)], now=now)
         assert done.status == "applied"
-        (row,) = await peek.rows("audit_logs", operation_id=f"old{n}")
+        (row,) = await peek.rows("audit_logs_master", operation_id=f"old{n}")
         assert row["timestamp"] == now
 
 
@@ -277,7 +281,7 @@ class Boom(Exception):
 
 async def test_decide_that_raises_writes_nothing(store: Store, peek: Peek) -> None:
     await sync(store, [make_op("op1", "T1", {"a": 1}, operation="CREATE")])
-    before = {t: await peek.rows(t) for t in ("entities", "sync_operations", "audit_logs")}
+    before = {t: await peek.rows(t) for t in ("entities", "sync_operations", "audit_logs_master")}
     items = [
         make_op("op2", "T1", {"a": 2}, version=2),
         make_op("op3", "T2", {"b": 1}, store_id="s2"),
@@ -291,7 +295,7 @@ async def test_decide_that_raises_writes_nothing(store: Store, peek: Peek) -> No
 
     with pytest.raises(Boom):
         await store.commit(request, explode)
-    after = {t: await peek.rows(t) for t in ("entities", "sync_operations", "audit_logs")}
+    after = {t: await peek.rows(t) for t in ("entities", "sync_operations", "audit_logs_master")}
     assert after == before
     assert await store.log_bounds("s2") == await store.log_bounds("nowhere")
 
@@ -316,7 +320,7 @@ async def test_failed_write_rolls_back_the_whole_batch(store: Store, peek: Peek)
     outcomes = await sync(store, [cash, stale])
     pending = outcomes[1].conflict
     assert pending is not None
-    tables = ("entities", "sync_operations", "audit_logs", "conflicts")
+    tables = ("entities", "sync_operations", "audit_logs_master", "conflicts")
     before = {t: await peek.rows(t) for t in tables}
 
     # Everything of this batch is valid but its last part: a conflict id that already exists.
@@ -976,4 +980,4 @@ async def test_store_is_equivalent_to_the_engine_in_memory(
         assert entities == [
             model.entities[k] for k in sorted(model.entities) if k.store_id == store_id
         ]
-    assert len(await peek.rows("audit_logs")) == model.audit
+    assert len(await peek.rows("audit_logs_master")) == model.audit

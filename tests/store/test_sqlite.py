@@ -41,7 +41,7 @@ def query(path: Path, sql: str) -> list[tuple[object, ...]]:
 
 
 def packaged_versions() -> list[int]:
-    return [version for version, _ in sqlite_module._migrations("sqlite")]
+    return [version for version, _ in sqlite_module.migrations("sqlite")]
 
 
 async def test_durability_pragmas(opened: SQLiteStore, db_path: Path) -> None:
@@ -73,7 +73,7 @@ async def test_migrations_are_recorded_and_idempotent(db_path: Path) -> None:
         "store_seqs",
         "entities",
         "sync_operations",
-        "audit_logs",
+        "audit_logs_master",
         "conflicts",
         "websocket_connections",
     } <= tables
@@ -85,7 +85,7 @@ async def test_only_pending_migrations_run_and_a_failing_one_changes_nothing(
     store = SQLiteStore(str(db_path))
     await store.open()
     await store.close()
-    packaged = sqlite_module._migrations("sqlite")
+    packaged = sqlite_module.migrations("sqlite")
 
     # Statements split on semicolons inside a trigger body must still run as one.
     good = (
@@ -96,7 +96,7 @@ async def test_only_pending_migrations_run_and_a_failing_one_changes_nothing(
         "END;\n"
         "-- trailing comment\n"
     )
-    monkeypatch.setattr(sqlite_module, "_migrations", lambda prefix: [*packaged, (2, good)])
+    monkeypatch.setattr(sqlite_module, "migrations", lambda prefix: [*packaged, (2, good)])
     store = SQLiteStore(str(db_path))
     await store.open()
     await store.close()
@@ -104,7 +104,7 @@ async def test_only_pending_migrations_run_and_a_failing_one_changes_nothing(
 
     bad = "CREATE TABLE half (id INTEGER);\nCREATE TABLE broken (;\n"
     monkeypatch.setattr(
-        sqlite_module, "_migrations", lambda prefix: [*packaged, (2, good), (3, bad)]
+        sqlite_module, "migrations", lambda prefix: [*packaged, (2, good), (3, bad)]
     )
     store = SQLiteStore(str(db_path))
     with pytest.raises(StorageUnavailable):

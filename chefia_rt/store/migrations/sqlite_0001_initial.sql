@@ -40,7 +40,7 @@ CREATE UNIQUE INDEX sync_operations_store_seq ON sync_operations (store_id, seq)
 CREATE INDEX sync_operations_entity ON sync_operations (entity_type, entity_id);
 CREATE INDEX sync_operations_timestamp ON sync_operations (server_time);
 
-CREATE TABLE audit_logs (
+CREATE TABLE audit_logs_master (
     id                INTEGER PRIMARY KEY AUTOINCREMENT,
     operation_id      TEXT NOT NULL,
     store_id          TEXT NOT NULL,
@@ -54,8 +54,8 @@ CREATE TABLE audit_logs (
     conflict_resolved INTEGER NOT NULL DEFAULT 0,
     timestamp         TEXT NOT NULL
 );
-CREATE INDEX audit_logs_timestamp ON audit_logs (timestamp);
-CREATE INDEX audit_logs_entity ON audit_logs (store_id, entity_type, entity_id);
+CREATE INDEX audit_logs_timestamp ON audit_logs_master (timestamp);
+CREATE INDEX audit_logs_entity ON audit_logs_master (store_id, entity_type, entity_id);
 
 CREATE TABLE conflicts (
     id             TEXT PRIMARY KEY,

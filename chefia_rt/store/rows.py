@@ -1,0 +1,74 @@
+"""Row ↔ record conversions and migration files shared by the storage backends."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from importlib import resources
+from typing import Any
+
+from chefia_rt.domain import Conflict, Entity, EntityKey, Operation, OpRecord
+
+OP_COLUMNS = (
+    "id, store_id, entity_type, entity_id, operation, data, version, seq, status, "
+    "conflict_resolved, terminal_id, user_id, priority, timestamp, server_time, deleted"
+)
+ENTITY_COLUMNS = (
+    "store_id, entity_type, entity_id, version, data, deleted, timestamp, updated_by, "
+    "field_versions"
+)
+
+
+def _json(value: Any) -> Any:
+    """JSON columns arrive as text from SQLite and decoded from PostgreSQL."""
+    return json.loads(value) if isinstance(value, str) else value
+
+
+def migrations(prefix: str) -> list[tuple[int, str]]:
+    """(version, sql) of the packaged migration files named `<prefix>_NNNN_name.sql`."""
+    found = []
+    for item in resources.files("chefia_rt.store.migrations").iterdir():
+        name = item.name
+        if name.startswith(prefix + "_") and name.endswith(".sql"):
+            found.append((int(name.split("_")[1]), item.read_text(encoding="utf-8")))
+    return sorted(found)
+
+
+def op_record_from_row(row: Sequence[Any]) -> OpRecord:
+    """A row selected with OP_COLUMNS."""
+    return OpRecord(
+        id=row[0],
+        store_id=row[1],
+        entity_type=row[2],
+        entity_id=row[3],
+        operation=row[4],
+        data=_json(row[5]),
+        version=row[6],
+        seq=row[7],
+        status=row[8],
+        conflict_resolved=bool(row[9]),
+        terminal_id=row[10],
+        user_id=row[11],
+        priority=row[12],
+        timestamp=row[13],
+        server_time=row[14],
+        deleted=bool(row[15]),
+    )
+
+
+def entity_from_row(row: Sequence[Any]) -> Entity:
+    """A row selected with ENTITY_COLUMNS."""
+    return Entity(
+        key=EntityKey(row[0], row[1], row[2]),
+        version=row[3],
+        data=_json(row[4]),
+        deleted=bool(row[5]),
+        timestamp=row[6],
+        updated_by=row[7],
+        field_versions=_json(row[8]),
+    )
+
+
+def conflict_from_row(row: Sequence[Any]) -> Conflict:
+    """Row: id, operation (JSON of the Operation), server_version, server_data, created_at."""
+    return Conflict(row[0], Operation(**_json(row[1])), row[2], _json(row[3]), row[4])
