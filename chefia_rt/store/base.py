@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from typing import Protocol, TypeVar
 
 from chefia_rt.domain import BatchState, BatchWrite, Entity, EntityKey, OpRecord
@@ -108,3 +109,8 @@ class Store(Protocol):
 
     async def ping(self) -> bool:
         """True when storage answers."""
+
+    async def maintain(self, retention: timedelta, now: datetime | None = None) -> None:
+        """Daily upkeep: prune operation-log rows older than `retention` without leaving a hole
+        in any store's seqs (resumes from before the oldest kept seq get resync_required), and
+        keep time partitions ahead where the backend has them."""

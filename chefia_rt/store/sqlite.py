@@ -10,11 +10,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -27,6 +29,7 @@ from chefia_rt.domain import (
     OpRecord,
 )
 from chefia_rt.errors import StorageUnavailable
+from chefia_rt.protocol.messages import format_timestamp
 from chefia_rt.store.base import BatchRequest, Decide, LogBounds, SessionRecord
 from chefia_rt.store.rows import (
     ENTITY_COLUMNS,
@@ -38,6 +41,7 @@ from chefia_rt.store.rows import (
 )
 
 T = TypeVar("T")
+log = logging.getLogger("chefia_rt.store.sqlite")
 
 _OP_UPDATES = ", ".join(
     f"{c} = excluded.{c}" for c in (c.strip() for c in OP_COLUMNS.split(",")) if c != "id"
@@ -421,3 +425,29 @@ class SQLiteStore:
             )
 
         await self._run(write)
+
+    async def maintain(self, retention: timedelta, now: datetime | None = None) -> None:
+        """Prune operation-log rows older than the retention (daily). A row stays while an
+        older seq of its store stays, so the log never gets a hole."""
+        cutoff = format_timestamp((now or datetime.now(UTC)) - retention)
+
+        def prune(db: sqlite3.Connection) -> int:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                deleted = db.execute(
+                    "WITH keep AS (SELECT store_id, min(seq) AS first_kept FROM sync_operations "
+                    "  WHERE server_time >= ? AND seq IS NOT NULL GROUP BY store_id) "
+                    "DELETE FROM sync_operations WHERE server_time < ? "
+                    "AND (seq IS NULL OR NOT EXISTS (SELECT 1 FROM keep "
+                    "  WHERE keep.store_id = sync_operations.store_id "
+                    "  AND sync_operations.seq > keep.first_kept))",
+                    (cutoff, cutoff),
+                ).rowcount
+                db.execute("COMMIT")
+            except BaseException:
+                _rollback(db)
+                raise
+            return deleted
+
+        count = await self._run(prune)
+        log.info("pruned %d operation-log rows older than %s", count, cutoff)

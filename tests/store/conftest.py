@@ -16,17 +16,25 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sqlite3
+import uuid
 from collections.abc import AsyncIterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
 
+import asyncpg
 import pytest
 
+from chefia_rt.protocol.messages import format_timestamp
 from chefia_rt.store.base import Store
+from chefia_rt.store.postgres import PostgresStore
 from chefia_rt.store.sqlite import SQLiteStore
+from tests.conftest import service_missing
 
-BACKENDS = ["sqlite"]
+BACKENDS = ["sqlite", "postgresql"]
+PG_DSN = os.environ.get("CHEFIA_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 
 # Columns holding JSON, per logical table; `peek` hands them back decoded.
 JSON_COLUMNS = {
@@ -77,13 +85,68 @@ class SQLitePeek:
         return found
 
 
+class PostgresPeek:
+    """Peek through a separate connection: it sees only what was committed."""
+
+    def __init__(self, dsn: str) -> None:
+        self.dsn = dsn
+
+    async def rows(self, table: str, **where: Any) -> list[dict[str, Any]]:
+        json_columns = JSON_COLUMNS[table]  # KeyError: not a table of the contract
+        conn = await asyncpg.connect(self.dsn)
+        try:
+            sql = f"SELECT * FROM {table}"
+            if where:
+                sql += " WHERE " + " AND ".join(
+                    f"{column} = ${i}" for i, column in enumerate(where, 1)
+                )
+            found = [dict(r) for r in await conn.fetch(sql, *where.values())]
+        finally:
+            await conn.close()
+        for row in found:
+            row.pop("id", None) if table == "audit_logs_master" else None
+            for column in json_columns:
+                row[column] = json.loads(row[column])
+            for column, value in row.items():
+                if isinstance(value, datetime):
+                    row[column] = format_timestamp(value)
+        return found
+
+
+async def new_pg_schema() -> str:
+    """A DSN whose search_path is a fresh, empty schema: each test gets its own database."""
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    try:
+        conn = await asyncpg.connect(PG_DSN, timeout=5)
+    except (OSError, asyncpg.PostgresError) as exc:
+        service_missing("PostgreSQL", f"{PG_DSN}: {exc}")
+    try:
+        await conn.execute(f'CREATE SCHEMA "{schema}"')
+    finally:
+        await conn.close()
+    return f"{PG_DSN}?search_path={schema}"
+
+
+async def drop_pg_schema(dsn: str) -> None:
+    schema = dsn.rsplit("search_path=", 1)[1]
+    conn = await asyncpg.connect(PG_DSN)
+    try:
+        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    finally:
+        await conn.close()
+
+
 async def open_store(backend: str, tmp_path: Path) -> Store:
     """A new, open, empty store of `backend`."""
+    store: Store
     if backend == "sqlite":
         store = SQLiteStore(str(tmp_path / "contract.db"))
-        await store.open()
-        return store
-    raise AssertionError(f"no such backend {backend!r}")
+    elif backend == "postgresql":
+        store = PostgresStore(await new_pg_schema())
+    else:
+        raise AssertionError(f"no such backend {backend!r}")
+    await store.open()
+    return store
 
 
 async def reopen_store(store: Store) -> Store:
@@ -92,12 +155,18 @@ async def reopen_store(store: Store) -> Store:
         again = SQLiteStore(store.path)
         await again.open()
         return again
+    if isinstance(store, PostgresStore):
+        other = PostgresStore(store.dsn)
+        await other.open()
+        return other
     raise AssertionError(f"no reopen for {store.kind!r}")
 
 
 def peek_for(store: Store) -> Peek:
     if isinstance(store, SQLiteStore):
         return SQLitePeek(store.path)
+    if isinstance(store, PostgresStore):
+        return PostgresPeek(store.dsn)
     raise AssertionError(f"no peek for {store.kind!r}")
 
 
@@ -109,6 +178,8 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
         yield opened
     finally:
         await opened.close()
+        if isinstance(opened, PostgresStore):
+            await drop_pg_schema(opened.dsn)
 
 
 @pytest.fixture

@@ -1,0 +1,461 @@
+"""PostgreSQL storage on asyncpg (`DATABASE_URL=postgresql://…`).
+
+One batch is one transaction: lock the batch's stores' seq rows (sorted, so concurrent writers
+never deadlock) and its entity rows, hand them to the engine, then bulk-load the operation log
+and audit rows with COPY, upsert the entities, and commit. Per-store seqs come from the locked
+`store_seqs` row, so they never repeat or skip whatever number of workers and nodes write at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import asdict
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
+
+import asyncpg
+
+from chefia_rt.domain import BatchState, BatchWrite, Entity, EntityKey, OpRecord
+from chefia_rt.errors import StorageUnavailable
+from chefia_rt.protocol.messages import format_timestamp
+from chefia_rt.store.base import BatchRequest, Decide, LogBounds, SessionRecord
+from chefia_rt.store.rows import (
+    ENTITY_COLUMNS,
+    OP_COLUMNS,
+    conflict_from_row,
+    entity_from_row,
+    migrations,
+    op_record_from_row,
+)
+
+log = logging.getLogger("chefia_rt.store.postgres")
+T = TypeVar("T")
+
+MIGRATION_LOCK = 0x636865666961  # "chefia": one advisory lock id for schema changes
+_UNAVAILABLE = (
+    OSError,
+    asyncio.TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.TooManyConnectionsError,
+    asyncpg.AdminShutdownError,
+    asyncpg.QueryCanceledError,
+    # Any error the server reports means the transaction rolled back: nothing was written.
+    asyncpg.PostgresError,
+)
+_OP_FIELDS = [c.strip() for c in OP_COLUMNS.split(",")]
+
+
+def _jsonb_encode(value: Any) -> bytes:
+    return b"\x01" + json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _jsonb_decode(data: bytes) -> Any:
+    return json.loads(data[1:])
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    # Binary jsonb (version byte + text) so that COPY, which is binary, can carry it too.
+    await conn.set_type_codec(
+        "jsonb", encoder=_jsonb_encode, decoder=_jsonb_decode, schema="pg_catalog", format="binary"
+    )
+    await conn.set_type_codec("json", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+
+
+def _month_start(moment: datetime, months_ahead: int = 0) -> datetime:
+    index = moment.year * 12 + moment.month - 1 + months_ahead
+    return datetime(index // 12, index % 12 + 1, 1, tzinfo=UTC)
+
+
+def _parse_time(value: str) -> datetime:
+    return datetime.fromisoformat(value)
+
+
+class PostgresStore:
+    """The Store port on PostgreSQL."""
+
+    kind = "postgresql"
+
+    def __init__(
+        self, dsn: str, *, min_size: int = 1, max_size: int = 8, command_timeout: float = 10.0
+    ) -> None:
+        self.dsn = dsn
+        self._min_size = min_size
+        self._max_size = max_size
+        self._command_timeout = command_timeout
+        self._pool: asyncpg.Pool | None = None
+        self._in_flight = 0
+        self._drained = asyncio.Event()
+
+    # ---- plumbing ---------------------------------------------------------------------------
+
+    async def _with(self, fn: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+        if self._pool is None:
+            raise StorageUnavailable("storage is closed")
+        self._in_flight += 1
+        try:
+            async with self._pool.acquire(timeout=self._command_timeout) as conn:
+                return await fn(conn)
+        except _UNAVAILABLE as exc:
+            raise StorageUnavailable(f"PostgreSQL unavailable: {type(exc).__name__}") from exc
+        finally:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._drained.set()
+
+    async def open(self) -> None:
+        try:
+            self._pool = await asyncpg.create_pool(
+                self.dsn,
+                min_size=self._min_size,
+                max_size=self._max_size,
+                command_timeout=self._command_timeout,
+                init=_init_connection,
+            )
+        except _UNAVAILABLE as exc:
+            raise StorageUnavailable(f"cannot reach PostgreSQL: {exc}") from exc
+        await self._with(self._migrate)
+
+    @staticmethod
+    async def _migrate(conn: asyncpg.Connection) -> None:
+        async with conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
+            await conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations "
+                "(version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+            )
+            done = {r[0] for r in await conn.fetch("SELECT version FROM schema_migrations")}
+            for version, sql in migrations("postgres"):
+                if version not in done:
+                    await conn.execute(sql)
+                    await conn.execute(
+                        "INSERT INTO schema_migrations (version) VALUES ($1)", version
+                    )
+
+    async def maintain(self, retention: timedelta, now: datetime | None = None) -> None:
+        """Keep the audit partitions of this month and the next, and prune the log (daily)."""
+        now = now or datetime.now(UTC)
+
+        async def partitions(conn: asyncpg.Connection) -> None:
+            for ahead in (0, 1):
+                start, end = _month_start(now, ahead), _month_start(now, ahead + 1)
+                name = f"audit_logs_{start:%Y_%m}"
+                if await conn.fetchval("SELECT to_regclass($1)", name) is not None:
+                    continue
+                try:
+                    await conn.execute(
+                        f'CREATE TABLE IF NOT EXISTS "{name}" PARTITION OF audit_logs_master '
+                        f"FOR VALUES FROM ('{start.isoformat()}') TO ('{end.isoformat()}')"
+                    )
+                except asyncpg.CheckViolationError:
+                    # Rows of that month already sit in the default partition (the server was
+                    # down for a month): they stay there, still queryable through the master.
+                    log.warning(
+                        "audit partition %s not created: default partition holds rows", name
+                    )
+
+        await self._with(partitions)
+        cutoff = format_timestamp(now - retention)
+        # Seq order is commit order, not server_time order, so a row is kept when any older
+        # seq of its store is kept: deleting by time alone could punch a hole into the log.
+        result = await self._with(
+            lambda c: c.execute(
+                "WITH keep AS (SELECT store_id, min(seq) AS first_kept FROM sync_operations "
+                "  WHERE server_time >= $1 AND seq IS NOT NULL GROUP BY store_id) "
+                "DELETE FROM sync_operations o WHERE o.server_time < $1 "
+                "AND (o.seq IS NULL OR NOT EXISTS (SELECT 1 FROM keep "
+                "  WHERE keep.store_id = o.store_id AND o.seq > keep.first_kept))",
+                cutoff,
+            )
+        )
+        log.info("pruned %s operation-log rows older than %s", result.split()[-1], cutoff)
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            pool, self._pool = self._pool, None  # no new calls from here on
+            if self._in_flight:
+                # Calls already made finish first (a commit in flight is answered, not lost).
+                self._drained.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._drained.wait(), self._command_timeout)
+            try:
+                await asyncio.wait_for(pool.close(), 10)
+            except TimeoutError:
+                pool.terminate()
+
+    async def ping(self) -> bool:
+        try:
+            return bool(await self._with(lambda c: c.fetchval("SELECT 1", timeout=2)))
+        except StorageUnavailable:
+            return False
+
+    # ---- the batch --------------------------------------------------------------------------
+
+    async def commit(self, request: BatchRequest, decide: Decide[T]) -> T:
+        async def work(conn: asyncpg.Connection) -> T:
+            async with conn.transaction():
+                state = await self._read_batch(conn, request)
+                result, write = decide(state)
+                await self._write_batch(conn, write)
+            return result
+
+        return await self._with(work)
+
+    @staticmethod
+    async def _read_batch(conn: asyncpg.Connection, request: BatchRequest) -> BatchState:
+        # Seq rows first, in sorted order: this serialises writers per store without deadlocks,
+        # and everything read after it (conflicts, entities) cannot change under the batch.
+        stores = sorted(set(request.store_ids) | {k.store_id for k in request.entity_keys})
+        await conn.execute(
+            "INSERT INTO store_seqs (store_id, last_seq) SELECT unnest($1::text[]), 0 "
+            "ON CONFLICT (store_id) DO NOTHING",
+            stores,
+        )
+        last_seqs = {
+            r[0]: r[1]
+            for r in await conn.fetch(
+                "SELECT store_id, last_seq FROM store_seqs WHERE store_id = ANY($1::text[]) "
+                'ORDER BY store_id COLLATE "C" FOR UPDATE',
+                stores,
+            )
+        }
+        conflicts = {
+            r[0]: conflict_from_row(r)
+            for r in await conn.fetch(
+                "SELECT id, operation, server_version, server_data, created_at FROM conflicts "
+                "WHERE id = ANY($1::text[]) FOR UPDATE",
+                request.conflict_ids,
+            )
+        }
+        keys = sorted(set(request.entity_keys) | {c.operation.key for c in conflicts.values()})
+        for store_id in {k.store_id for k in keys} - set(last_seqs):
+            # A conflict of a store the request did not name (the engine refuses to settle it
+            # across stores, but its seq row must still be known).
+            last_seqs[store_id] = (
+                await conn.fetchval(
+                    "SELECT last_seq FROM store_seqs WHERE store_id = $1 FOR UPDATE", store_id
+                )
+                or 0
+            )
+        known = {
+            r[0]: op_record_from_row(r)
+            for r in await conn.fetch(
+                f"SELECT {OP_COLUMNS} FROM sync_operations WHERE id = ANY($1::text[])",
+                request.operation_ids,
+            )
+        }
+        entities: dict[EntityKey, Entity] = {}
+        if keys:
+            rows = await conn.fetch(
+                f"SELECT {ENTITY_COLUMNS} FROM entities e "
+                "JOIN unnest($1::text[], $2::text[], $3::text[]) AS k(s, t, i) "
+                "ON e.store_id = k.s AND e.entity_type = k.t AND e.entity_id = k.i "
+                'ORDER BY e.store_id COLLATE "C", e.entity_type COLLATE "C", '
+                'e.entity_id COLLATE "C" FOR UPDATE OF e',
+                [k.store_id for k in keys],
+                [k.entity_type for k in keys],
+                [k.entity_id for k in keys],
+            )
+            for row in rows:
+                entity = entity_from_row(row)
+                entities[entity.key] = entity
+        return BatchState(known, entities, conflicts, last_seqs)
+
+    @staticmethod
+    async def _write_batch(conn: asyncpg.Connection, write: BatchWrite) -> None:
+        if write.entities:
+            await conn.execute(
+                f"INSERT INTO entities ({ENTITY_COLUMNS}) "
+                "SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], "
+                "$5::jsonb[], $6::boolean[], $7::text[], $8::text[], $9::jsonb[]) "
+                "ON CONFLICT (store_id, entity_type, entity_id) DO UPDATE SET "
+                "version = excluded.version, data = excluded.data, deleted = excluded.deleted, "
+                "timestamp = excluded.timestamp, updated_by = excluded.updated_by, "
+                "field_versions = excluded.field_versions, updated_at = now()",
+                [e.key.store_id for e in write.entities],
+                [e.key.entity_type for e in write.entities],
+                [e.key.entity_id for e in write.entities],
+                [e.version for e in write.entities],
+                [e.data for e in write.entities],
+                [e.deleted for e in write.entities],
+                [e.timestamp for e in write.entities],
+                [e.updated_by for e in write.entities],
+                [e.field_versions for e in write.entities],
+            )
+        if write.op_records:
+            # COPY into a per-transaction staging table, then one upsert: a resolution rewrites
+            # the record its conflict left, everything else is new.
+            await conn.execute(
+                "CREATE TEMP TABLE IF NOT EXISTS sync_operations_in "
+                "(LIKE sync_operations INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+            )
+            await conn.copy_records_to_table(
+                "sync_operations_in",
+                columns=_OP_FIELDS,
+                records=[
+                    (
+                        r.id,
+                        r.store_id,
+                        r.entity_type,
+                        r.entity_id,
+                        r.operation,
+                        r.data,
+                        r.version,
+                        r.seq,
+                        r.status,
+                        r.conflict_resolved,
+                        r.terminal_id,
+                        r.user_id,
+                        r.priority,
+                        r.timestamp,
+                        r.server_time,
+                        r.deleted,
+                    )
+                    for r in write.op_records
+                ],
+            )
+            updates = ", ".join(f"{c} = excluded.{c}" for c in _OP_FIELDS if c != "id")
+            await conn.execute(
+                f"INSERT INTO sync_operations ({OP_COLUMNS}) "
+                f"SELECT {OP_COLUMNS} FROM sync_operations_in "
+                f"ON CONFLICT (id) DO UPDATE SET {updates}"
+            )
+        if write.audit:
+            await conn.copy_records_to_table(
+                "audit_logs_master",
+                columns=[
+                    "operation_id",
+                    "store_id",
+                    "entity_type",
+                    "entity_id",
+                    "operation",
+                    "terminal_id",
+                    "user_id",
+                    "changes",
+                    "sync_status",
+                    "conflict_resolved",
+                    "timestamp",
+                ],
+                records=[
+                    (
+                        a.operation_id,
+                        a.store_id,
+                        a.entity_type,
+                        a.entity_id,
+                        a.operation,
+                        a.terminal_id,
+                        a.user_id,
+                        {"before": a.before, "after": a.after},
+                        a.sync_status,
+                        a.conflict_resolved,
+                        _parse_time(a.timestamp),
+                    )
+                    for a in write.audit
+                ],
+            )
+        if write.new_conflicts:
+            await conn.executemany(
+                "INSERT INTO conflicts (id, store_id, operation_id, operation, server_version, "
+                "server_data, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                [
+                    (
+                        c.id,
+                        c.operation.store_id,
+                        c.operation.id,
+                        asdict(c.operation),
+                        c.server_version,
+                        c.server_data,
+                        c.created_at,
+                    )
+                    for c in write.new_conflicts
+                ],
+            )
+        if write.settled_conflicts:
+            await conn.execute(
+                "DELETE FROM conflicts WHERE id = ANY($1::text[])", write.settled_conflicts
+            )
+        if write.last_seqs:
+            await conn.execute(
+                "INSERT INTO store_seqs (store_id, last_seq) "
+                "SELECT * FROM unnest($1::text[], $2::bigint[]) "
+                "ON CONFLICT (store_id) DO UPDATE SET last_seq = excluded.last_seq",
+                list(write.last_seqs),
+                list(write.last_seqs.values()),
+            )
+
+    # ---- reads ------------------------------------------------------------------------------
+
+    async def read_operations(self, store_id: str, after_seq: int, limit: int) -> list[OpRecord]:
+        rows = await self._with(
+            lambda c: c.fetch(
+                f"SELECT {OP_COLUMNS} FROM sync_operations "
+                "WHERE store_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+                store_id,
+                after_seq,
+                limit,
+            )
+        )
+        return [op_record_from_row(r) for r in rows]
+
+    async def log_bounds(self, store_id: str) -> LogBounds:
+        async def read(conn: asyncpg.Connection) -> LogBounds:
+            last = await conn.fetchval(
+                "SELECT last_seq FROM store_seqs WHERE store_id = $1", store_id
+            )
+            oldest = await conn.fetchval(
+                "SELECT min(seq) FROM sync_operations WHERE store_id = $1 AND seq IS NOT NULL",
+                store_id,
+            )
+            last = last or 0
+            return LogBounds(oldest if oldest is not None else last + 1, last)
+
+        return await self._with(read)
+
+    async def snapshot(
+        self, store_id: str, entity_types: Sequence[str] | None
+    ) -> tuple[int, list[Entity]]:
+        async def read(conn: asyncpg.Connection) -> tuple[int, list[Entity]]:
+            async with conn.transaction(isolation="repeatable_read", readonly=True):
+                seq = await conn.fetchval(
+                    "SELECT last_seq FROM store_seqs WHERE store_id = $1", store_id
+                )
+                rows = await conn.fetch(
+                    f"SELECT {ENTITY_COLUMNS} FROM entities WHERE store_id = $1 "
+                    "AND ($2::text[] IS NULL OR entity_type = ANY($2::text[])) "
+                    'ORDER BY entity_type COLLATE "C", entity_id COLLATE "C"',
+                    store_id,
+                    list(entity_types) if entity_types else None,
+                )
+            return seq or 0, [entity_from_row(r) for r in rows]
+
+        return await self._with(read)
+
+    async def get_entity(self, key: EntityKey) -> Entity | None:
+        row = await self._with(
+            lambda c: c.fetchrow(
+                f"SELECT {ENTITY_COLUMNS} FROM entities "
+                "WHERE store_id = $1 AND entity_type = $2 AND entity_id = $3",
+                key.store_id,
+                key.entity_type,
+                key.entity_id,
+            )
+        )
+        return entity_from_row(row) if row is not None else None
+
+    async def record_session(self, session: SessionRecord) -> None:
+        row = asdict(session)
+        columns = ", ".join(row)
+        marks = ", ".join(f"${i}" for i in range(1, len(row) + 1))
+        updates = ", ".join(f"{c} = excluded.{c}" for c in row if c != "session_id")
+        await self._with(
+            lambda c: c.execute(
+                f"INSERT INTO websocket_connections ({columns}) VALUES ({marks}) "
+                f"ON CONFLICT (session_id) DO UPDATE SET {updates}",
+                *row.values(),
+            )
+        )

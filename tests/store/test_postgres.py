@@ -1,0 +1,134 @@
+"""What only the PostgreSQL backend has: audit partitions, concurrent migration, lost
+connections mid-transaction, COPY at batch size."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+import pytest
+
+from chefia_rt.domain import Operation
+from chefia_rt.errors import StorageUnavailable
+from chefia_rt.store.postgres import PostgresStore
+from tests.store.conftest import drop_pg_schema, new_pg_schema
+from tests.store.test_contract import make_op, sync
+
+
+@pytest.fixture
+async def dsn() -> AsyncIterator[str]:
+    url = await new_pg_schema()
+    try:
+        yield url
+    finally:
+        await drop_pg_schema(url)
+
+
+async def partitions(dsn: str) -> set[str]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetch(
+            "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+            "JOIN pg_class p ON p.oid = i.inhparent WHERE p.relname = 'audit_logs_master' "
+            "AND c.relnamespace = current_schema()::regnamespace"
+        )
+    finally:
+        await conn.close()
+    return {r[0] for r in rows}
+
+
+async def test_maintain_creates_this_and_next_months_audit_partitions(dsn: str) -> None:
+    store = PostgresStore(dsn)
+    await store.open()
+    try:
+        await store.maintain(timedelta(days=30), now=datetime(2026, 12, 15, tzinfo=UTC))
+        assert {"audit_logs_2026_12", "audit_logs_2027_01"} <= await partitions(dsn)
+        await store.maintain(timedelta(days=30), now=datetime(2026, 12, 20, tzinfo=UTC))
+        assert len(await partitions(dsn)) == 3  # idempotent: the two months plus the default
+    finally:
+        await store.close()
+
+
+async def test_audit_rows_land_in_their_month_partition(dsn: str) -> None:
+    store = PostgresStore(dsn)
+    await store.open()
+    try:
+        now = datetime.now(UTC)
+        await store.maintain(timedelta(days=30), now=now)
+        await sync(store, [make_op("op1", "T1", {"n": 1})])
+        conn = await asyncpg.connect(dsn)
+        try:
+            where = await conn.fetchval("SELECT tableoid::regclass::text FROM audit_logs_master")
+        finally:
+            await conn.close()
+        assert where == f"audit_logs_{now:%Y_%m}"
+    finally:
+        await store.close()
+
+
+async def test_workers_starting_together_migrate_once(dsn: str) -> None:
+    stores = [PostgresStore(dsn) for _ in range(6)]
+    await asyncio.gather(*(s.open() for s in stores))
+    try:
+        conn = await asyncpg.connect(dsn)
+        try:
+            versions = [r[0] for r in await conn.fetch("SELECT version FROM schema_migrations")]
+        finally:
+            await conn.close()
+        assert versions == [1]
+    finally:
+        await asyncio.gather(*(s.close() for s in stores))
+
+
+async def test_a_connection_cut_mid_transaction_writes_nothing_and_the_pool_recovers(
+    dsn: str,
+) -> None:
+    store = PostgresStore(dsn, max_size=1)
+    await store.open()
+    try:
+        await sync(store, [make_op("op1", "T1", {"n": 1})])
+
+        async def cut(conn: asyncpg.Connection) -> None:
+            await conn.execute("SELECT pg_terminate_backend(pg_backend_pid())")
+
+        with pytest.raises(StorageUnavailable):
+            await store._with(lambda c: _in_transaction(c, cut))
+        # The only pooled connection died; the next call gets a fresh one.
+        outcomes = await sync(store, [make_op("op2", "T1", {"n": 2}, version=2)])
+        assert outcomes[0].record is not None and outcomes[0].record.seq == 2
+    finally:
+        await store.close()
+
+
+async def _in_transaction(conn: asyncpg.Connection, then: object) -> None:
+    async with conn.transaction():
+        await conn.execute("INSERT INTO store_seqs VALUES ('ghost', 99)")
+        await then(conn)  # type: ignore[operator]
+
+
+async def test_a_large_batch_goes_through_copy(dsn: str) -> None:
+    store = PostgresStore(dsn)
+    await store.open()
+    try:
+        ops: list[Operation] = [
+            make_op(f"op{n}", f"T{n}", {"n": n, "name": "Açaí 🍧"}, store_id=f"s{n % 7}")
+            for n in range(2000)
+        ]
+        outcomes = await sync(store, ops)
+        assert all(o.status == "applied" for o in outcomes)
+        for s in range(7):
+            bounds = await store.log_bounds(f"s{s}")
+            assert bounds.oldest_seq == 1
+            assert bounds.last_seq == len([n for n in range(2000) if n % 7 == s])
+        conn = await asyncpg.connect(dsn)
+        try:
+            assert await conn.fetchval("SELECT count(*) FROM audit_logs_master") == 2000
+            assert (
+                await conn.fetchval("SELECT count(*) FROM store_seqs WHERE store_id = 'ghost'") == 0
+            )
+        finally:
+            await conn.close()
+    finally:
+        await store.close()
