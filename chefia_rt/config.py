@@ -82,6 +82,12 @@ class Settings(BaseSettings):
             raise ValueError("sqlite:/// needs a file path")
         return value
 
+    @field_validator("ws_log_level", mode="before")
+    @classmethod
+    def _level_any_case(cls, value: object) -> object:
+        # Operators write `debug` as often as `DEBUG` (logging itself accepts only upper case).
+        return value.strip().upper() if isinstance(value, str) else value
+
     @field_validator("redis_url", "jwt_secret_key", "metrics_port", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
@@ -100,8 +106,9 @@ class Settings(BaseSettings):
             self.ws_workers = _default_workers() if self.redis_url else 1
         if self.ws_workers > 1 and not self.redis_url:
             raise ValueError(
-                f"WS_WORKERS={self.ws_workers} needs REDIS_URL: without Redis the workers "
-                "could not reach each other's terminals; set REDIS_URL or WS_WORKERS=1"
+                f"WS_WORKERS (or WS_WORKER_THREADS)={self.ws_workers} needs REDIS_URL: without "
+                "Redis the workers could not reach each other's terminals; set REDIS_URL or "
+                "WS_WORKERS=1"
             )
         return self
 
@@ -133,6 +140,16 @@ class Settings(BaseSettings):
         return None if not origins or "*" in origins else origins
 
 
+def _env_name(field: str) -> str:
+    """The environment name(s) of a field, aliases included, as the operator may have set it."""
+    info = Settings.model_fields.get(field)
+    alias = info.validation_alias if info is not None else None
+    if isinstance(alias, AliasChoices):
+        names = [str(choice).upper() for choice in alias.choices]
+        return f"{names[0]} (or {', '.join(names[1:])})" if len(names) > 1 else names[0]
+    return field.upper()
+
+
 def load_settings(**overrides: object) -> Settings:
     """Read and validate the environment (and .env); a bad value is a one-line ConfigError."""
     try:
@@ -140,7 +157,7 @@ def load_settings(**overrides: object) -> Settings:
     except ValidationError as exc:
         problems = []
         for err in exc.errors():
-            name = "_".join(str(p) for p in err["loc"]).upper()
+            name = _env_name("_".join(str(p) for p in err["loc"]))
             value = err.get("input")
             shown = "" if isinstance(value, dict) else f" (got {value!r})"
             message = err["msg"].removeprefix("Value error, ")

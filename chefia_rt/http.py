@@ -7,6 +7,7 @@ websockets hands every request to `process_request` before the upgrade; a reques
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
@@ -15,8 +16,12 @@ from urllib.parse import urlsplit
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
+from chefia_rt import __version__
+
 if TYPE_CHECKING:
     from chefia_rt.node import Node
+
+log = logging.getLogger("chefia_rt.http")
 
 
 def json_response(status: int, body: Any, extra: dict[str, str] | None = None) -> Response:
@@ -33,7 +38,13 @@ def json_response(status: int, body: Any, extra: dict[str, str] | None = None) -
 
 
 async def _health(node: Node) -> Response:
-    ok, body = await node.health()
+    try:
+        ok, body = await node.health()
+    except Exception as exc:
+        # A health check that cannot even ask storage is a "down", not a 500: load balancers
+        # and deploy.sh act on 503.
+        log.warning("health check failed: %s", exc)
+        return json_response(503, {"status": "down", "version": __version__, "error": str(exc)})
     return json_response(200 if ok else 503, body)
 
 
@@ -61,4 +72,8 @@ async def handle_http(node: Node, request: Request) -> Response:
     route = ROUTES.get(path)
     if route is None:
         return json_response(404, {"error": "not found", "path": path})
-    return await route(node)
+    try:
+        return await route(node)
+    except Exception:
+        log.exception("HTTP %s failed", path)
+        return json_response(500, {"error": "internal error", "path": path})

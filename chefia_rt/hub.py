@@ -185,9 +185,15 @@ class Session:
             frames.append(self._urgent.popleft())
         while self._pushes and len(frames) < limit:
             frames.append(self._pushes.popleft())
-        if len(self._pushes) < self.limits.queue_size // 2:
+        if len(self._pushes) <= self.limits.queue_size - self._catch_up_page():
             self._room.set()
         return frames
+
+    def _catch_up_page(self) -> int:
+        """Stored ops read per catch-up step: at most half the push lane, so a page always fits
+        once the lane has drained to the point where `_take` signals room. (A fixed page larger
+        than the lane made the catch-up wait for room that could never come.)"""
+        return max(1, min(CATCH_UP_PAGE, self.limits.queue_size // 2))
 
     async def _write_loop(self) -> None:
         window = self.limits.batch_window
@@ -232,6 +238,17 @@ class Session:
         if not from_self:
             self.queue_push(frame)
 
+    def pause(self) -> None:
+        """Stop the stream until the next `resume_from`: no live pushes, and no catch-up either.
+
+        A catch-up left running while a snapshot or resume position is read would go on
+        pushing (and go live) past the position the stream restarts from: ops sent twice.
+        """
+        self.live = False
+        if self._catch_up is not None:
+            self._catch_up.cancel()
+            self._catch_up = None
+
     def resume_from(self, seq: int, read_ops: ReadOps, head: Callable[[], int]) -> None:
         """Deliver every stored op after `seq`, then go live: no gap, no duplicate."""
         if self._catch_up is not None:
@@ -244,13 +261,13 @@ class Session:
 
     async def _catch_up_loop(self, read_ops: ReadOps, head: Callable[[], int]) -> None:
         try:
+            page = self._catch_up_page()
             while not self.closed:
-                while len(self._pushes) > self.limits.queue_size - CATCH_UP_PAGE:
+                while len(self._pushes) > self.limits.queue_size - page:
                     self._room.clear()
                     await self._room.wait()  # the terminal reads; no timeout needed
                     if self.closed:
                         return
-                page = min(CATCH_UP_PAGE, self.limits.queue_size)
                 records = await read_ops(self.store_id, self.next_seq - 1, page)
                 for record in records:
                     if record.seq == self.next_seq:

@@ -26,7 +26,7 @@ from chefia_rt.bus.base import Bus, Push
 from chefia_rt.bus.memory import MemoryBus
 from chefia_rt.config import Settings
 from chefia_rt.domain import BatchState, BatchWrite, EntityKey, Operation, Resolution
-from chefia_rt.errors import ChefiaError, ConfigError, Overloaded, StorageUnavailable
+from chefia_rt.errors import ChefiaError, ConfigError, Locked, Overloaded, StorageUnavailable
 from chefia_rt.hub import Hub, OutFrame, Session
 from chefia_rt.protocol.messages import format_timestamp, sync_error_msg, utc_now_iso
 from chefia_rt.store.base import BatchRequest, LogBounds, SessionRecord, Store
@@ -207,7 +207,14 @@ class Node:
         """Run a side task (session log, lock release) owned by the node."""
         task = asyncio.create_task(coro)
         self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        task.add_done_callback(self._side_task_done)
+
+    def _side_task_done(self, task: asyncio.Task[Any]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            # Side work (the session log, releasing locks) may fail while storage or the bus
+            # is down; the connection's own work is not affected, so this is only logged.
+            log.warning("side task %s failed: %s", task.get_coro(), exc)
 
     # ---- sessions ---------------------------------------------------------------------------
 
@@ -259,7 +266,7 @@ class Node:
         self.hub.resume(session, since)
 
     async def resume(self, session: Session, since: int) -> None:
-        session.live = False  # pushes wait for the catch-up from here
+        session.pause()  # pushes wait for the catch-up from `since`
         self.position(session, since, await self.store.log_bounds(session.store_id))
 
     async def close_session(self, session: Session) -> None:
@@ -287,7 +294,7 @@ class Node:
 
     async def snapshot(self, session: Session, entity_types: Sequence[str] | None) -> None:
         """Send the store's state at a watermark, then live operations after it."""
-        session.live = False
+        session.pause()  # the stream restarts after the snapshot's watermark
         seq, entities = await self.store.snapshot(session.store_id, entity_types)
         session.queue_push(
             OutFrame(
@@ -369,8 +376,19 @@ class Node:
             op.requires_lock or self.engine.policies[op.entity_type].requires_lock
         )
         now = time.time()
-        for key in op.touched_keys():
-            check_write(key, await self.bus.get_lease(key), session.terminal_id, needs_lock, now)
+        try:
+            for key in op.touched_keys():
+                check_write(
+                    key, await self.bus.get_lease(key), session.terminal_id, needs_lock, now
+                )
+        except Locked:
+            # A terminal retries when it lost the confirmation, typically with the connection,
+            # and that also released its locks. An operation already in the log must still be
+            # answered `duplicate` (SPEC §3 idempotency), never 4009: the batch will say so.
+            known = await self.store.get_operation(op.id)
+            if known is not None and known.store_id == op.store_id:
+                return
+            raise
 
     def submit(self, item: Operation | Resolution, session: Session, received: float) -> None:
         """Queue an item for the next batch; Overloaded (1013) when the queue is full."""

@@ -37,6 +37,7 @@ log = logging.getLogger("chefia_rt.server")
 
 SUBPROTOCOLS = {"chefia.v1.json": "json", "chefia.v1.msgpack": "msgpack"}
 STORE_ID_MAX = 64
+CLOSE_TIMEOUT = 5.0  # seconds a closing handshake may take before the TCP connection is cut
 
 
 class HandshakeRejected(Exception):
@@ -46,6 +47,28 @@ class HandshakeRejected(Exception):
         super().__init__(reason)
         self.code = code
         self.reason = reason
+
+
+class WsTransport:
+    """A session's WebSocket, with a close that cannot hang on a peer that stopped reading.
+
+    websockets' `close()` first waits for the socket to drain and only then starts its
+    close_timeout, so for a terminal that no longer reads (the slow reader closed with 1013, the
+    stuck one closed by the heartbeat) it never returns, and the session is never let go.
+    """
+
+    __slots__ = ("_ws", "send")
+
+    def __init__(self, ws: ServerConnection) -> None:
+        self._ws = ws
+        self.send = ws.send  # the hot path: no extra frame per message
+
+    async def close(self, code: int, reason: str) -> None:
+        try:
+            async with asyncio.timeout(self._ws.close_timeout):
+                await self._ws.close(code, reason)
+        except TimeoutError:
+            self._ws.transport.abort()
 
 
 def _query(params: dict[str, list[str]], name: str) -> str | None:
@@ -60,6 +83,7 @@ class Server:
         self.settings = settings
         self.node = node
         self.ws_server: WsServer | None = None
+        self._connections: set[ServerConnection] = set()
         self._prefix = settings.ws_path + "/"
         self._outbound = Outbound(
             queue_size=settings.ws_message_queue_size,
@@ -125,7 +149,7 @@ class Server:
             session_id=uuid.uuid4().hex,
             encoding=encoding,
             user_id=user_id[:128] if user_id else None,
-            transport=ws,
+            transport=WsTransport(ws),
             limits=self._outbound,
             connected_at=m.utc_now_iso(),
         )
@@ -134,6 +158,13 @@ class Server:
     # ---- the connection ---------------------------------------------------------------------
 
     async def handler(self, ws: ServerConnection) -> None:
+        self._connections.add(ws)
+        try:
+            await self._serve(ws)
+        finally:
+            self._connections.discard(ws)
+
+    async def _serve(self, ws: ServerConnection) -> None:
         try:
             session, since = self._session_for(ws)
         except HandshakeRejected as exc:
@@ -141,8 +172,16 @@ class Server:
             return
         try:
             await self.node.open_session(session, since)
-        except ChefiaError as exc:
-            await ws.close(Code.TRY_AGAIN_LATER, exc.reason)
+        except Exception as exc:
+            # open_session registers the session before it reads storage: forget it again, or
+            # a refused connection would count against MAX_WS_CONNECTIONS and in /ws/stats.
+            if isinstance(exc, ChefiaError):
+                reason = exc.reason
+            else:
+                log.exception("opening a session of %s failed", session.terminal_id)
+                reason = "server error; retry"
+            await self.node.close_session(session)
+            await ws.close(Code.TRY_AGAIN_LATER, reason)
             return
         heartbeat = asyncio.create_task(self._heartbeat(ws, session))
         try:
@@ -161,8 +200,10 @@ class Server:
         while not session.closed:
             await asyncio.sleep(interval)
             try:
-                pong = await ws.ping()
+                # Sending the ping is inside the timeout too: it waits for the socket to drain,
+                # forever when the peer has stopped reading, and then the check below never ran.
                 async with asyncio.timeout(interval):
+                    pong = await ws.ping()
                     await pong
                 session.last_seen = time.monotonic()
             except TimeoutError:
@@ -170,6 +211,9 @@ class Server:
             except ConnectionClosed:
                 return
             if time.monotonic() - session.last_seen > self.settings.ws_connection_timeout:
+                # A peer silent this long will not answer a closing handshake either: do not
+                # hold its slot for the full close_timeout waiting for one.
+                ws.close_timeout = min(ws.close_timeout or interval, interval)
                 session.close(Code.GOING_AWAY, "connection timeout: no frame or pong received")
                 return
 
@@ -329,7 +373,7 @@ class Server:
             ping_interval=None,  # our own heartbeat also measures silence
             max_size=self.settings.max_ws_message_size,
             max_queue=64,
-            close_timeout=5,
+            close_timeout=CLOSE_TIMEOUT,
             **address,
         )
         return self.ws_server
@@ -343,9 +387,17 @@ class Server:
         await self.node.drain(timeout)
         if self.ws_server is not None:
             self.ws_server.close(close_connections=True)
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(timeout):
+            try:
+                async with asyncio.timeout(CLOSE_TIMEOUT + 0.5):
                     await self.ws_server.wait_closed()
+            except TimeoutError:
+                # websockets starts a connection's close_timeout only once its socket has
+                # drained, which a terminal that stopped reading never lets happen: cut those.
+                for ws in list(self._connections):
+                    ws.transport.abort()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(timeout):
+                        await self.ws_server.wait_closed()
         await self.node.stop()
 
 

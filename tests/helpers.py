@@ -145,7 +145,12 @@ class RunningServer:
         **query: str,
     ) -> AsyncIterator[Terminal]:
         terminal = await self.connect(
-            terminal_id, store=store, type=type, encoding=encoding, since=since, greet=greet,
+            terminal_id,
+            store=store,
+            type=type,
+            encoding=encoding,
+            since=since,
+            greet=greet,
             **query,
         )
         try:

@@ -330,7 +330,8 @@ class PushedOperation(_Strict):
     entity_id: str
     operation: OpKind
     data: dict[str, Any]
-    version: int
+    # None for BULK_UPDATE: each item of data.updates carries its own version.
+    version: int | None
     deleted: bool
     timestamp: str
     terminal_id: str
@@ -367,6 +368,7 @@ class LockReleased(_Strict):
     lock_id: str | None
     entity_type: str
     entity_id: str
+    released: bool  # false when this terminal held no lock on the entity
 
 
 class SnapshotEntity(_Strict):

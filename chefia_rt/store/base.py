@@ -89,6 +89,9 @@ class Store(Protocol):
         """Applied operations of a store with seq > after_seq, in seq order, at most `limit`.
         Records without a seq (nothing changed, a pending conflict) are never returned."""
 
+    async def get_operation(self, operation_id: str) -> OpRecord | None:
+        """The operation log's record of an operation id (applied or not), if it holds one."""
+
     async def log_bounds(self, store_id: str) -> LogBounds:
         """The range of seqs the operation log can still replay for a store."""
 

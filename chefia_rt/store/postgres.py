@@ -402,6 +402,14 @@ class PostgresStore:
         )
         return [op_record_from_row(r) for r in rows]
 
+    async def get_operation(self, operation_id: str) -> OpRecord | None:
+        row = await self._with(
+            lambda c: c.fetchrow(
+                f"SELECT {OP_COLUMNS} FROM sync_operations WHERE id = $1", operation_id
+            )
+        )
+        return op_record_from_row(row) if row is not None else None
+
     async def log_bounds(self, store_id: str) -> LogBounds:
         async def read(conn: asyncpg.Connection) -> LogBounds:
             last = await conn.fetchval(

@@ -361,6 +361,15 @@ class SQLiteStore:
 
         return await self._run(read)
 
+    async def get_operation(self, operation_id: str) -> OpRecord | None:
+        def read(db: sqlite3.Connection) -> OpRecord | None:
+            row = db.execute(
+                f"SELECT {OP_COLUMNS} FROM sync_operations WHERE id = ?", (operation_id,)
+            ).fetchone()
+            return op_record_from_row(row) if row else None
+
+        return await self._run(read)
+
     async def log_bounds(self, store_id: str) -> LogBounds:
         def read(db: sqlite3.Connection) -> LogBounds:
             row = db.execute(

@@ -1009,3 +1009,12 @@ async def test_maintain_keeps_a_newer_seq_logged_earlier_than_an_older_one(store
     )
     await store.maintain(timedelta(days=30), now=STARTED)
     assert [r.seq for r in await store.read_operations("s1", 0, 10)] == [1, 2]
+
+
+async def test_get_operation_finds_applied_and_unapplied_records(store: Store) -> None:
+    await sync(store, [make_op("w1", "T1", {"n": 1}, timestamp=STAMPS[2])])
+    await sync(store, [make_op("l1", "T1", {"n": 0}, version=1, timestamp=STAMPS[0])])
+    applied, lost = await store.get_operation("w1"), await store.get_operation("l1")
+    assert applied is not None and applied.seq == 1 and applied.status == "applied"
+    assert lost is not None and lost.seq is None and lost.status == "resolved"
+    assert await store.get_operation("nope") is None

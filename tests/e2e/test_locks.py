@@ -1,0 +1,276 @@
+"""End to end: entity locks (SPEC §3 "Locks") and what a takeover does to them (§1)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import datetime
+from typing import Any
+
+import pytest
+
+from chefia_rt.errors import Code, StorageUnavailable
+from tests.e2e.test_sync_flow import (  # noqa: F401  (wire_checks: autouse fixture)
+    ENCODINGS,
+    confirmed,
+    other,
+    quiet,
+    sync,
+    wire_checks,
+)
+from tests.helpers import RunningServer, Terminal, op
+
+
+def acquire(entity_id: str, entity_type: str = "orders", **extra: Any) -> dict[str, Any]:
+    return {"type": "acquire_lock", "entity_type": entity_type, "entity_id": entity_id, **extra}
+
+
+def release(entity_id: str, entity_type: str = "orders", **extra: Any) -> dict[str, Any]:
+    return {"type": "release_lock", "entity_type": entity_type, "entity_id": entity_id, **extra}
+
+
+def epoch(timestamp: str) -> float:
+    return datetime.fromisoformat(timestamp).timestamp()
+
+
+async def wait_for_lock(terminal: Terminal, entity_id: str, timeout: float = 3.0) -> dict[str, Any]:
+    """Ask for a lock until it is granted (it is freed by something the server does on its
+    own time: an expiry, a disconnect)."""
+    async with asyncio.timeout(timeout):
+        while True:
+            await terminal.send(acquire(entity_id))
+            answer = await terminal.recv()
+            if answer["type"] == "lock_acquired":
+                return answer
+            assert answer["type"] == "lock_failed", answer
+            await asyncio.sleep(0.02)
+
+
+async def locked_error(terminal: Terminal, message: dict[str, Any]) -> dict[str, Any]:
+    await terminal.send(message)
+    error = await terminal.expect("sync_error")
+    assert error["code"] == Code.LOCKED, error
+    assert error["operation_id"] == message["operation"]["id"]
+    assert error["entity_type"] == message["operation"]["entity_type"]
+    assert error["entity_id"] == message["operation"]["entity_id"]
+    return error
+
+
+@pytest.mark.parametrize("encoding", ENCODINGS)
+async def test_acquire_fail_write_release(server: RunningServer, encoding: str) -> None:
+    async with (
+        server.terminal("pos-a", encoding=encoding) as a,
+        server.terminal("pos-b", encoding=other(encoding)) as b,
+    ):
+        await sync(
+            a, [b], op("c1", "o1", {"status": "open"}, entity_type="orders", operation="CREATE")
+        )
+        before = time.time()
+        await a.send(acquire("o1", timeout=60_000, lock_id="my-lock"))
+        lock = await a.expect("lock_acquired")
+        assert lock["lock_id"] == "my-lock"
+        assert (lock["entity_type"], lock["entity_id"]) == ("orders", "o1")
+        assert before + 59 < epoch(lock["expires_at"]) < time.time() + 61
+        # Without a lock_id the server names the lock.
+        await a.send(acquire("o2"))
+        lock2 = await a.expect("lock_acquired")
+        assert lock2["lock_id"]
+        assert time.time() + 25 < epoch(lock2["expires_at"]) < time.time() + 31  # 30 s default
+
+        await b.send(acquire("o1"))
+        failed = await b.expect("lock_failed")
+        assert failed["locked_by"] == "pos-a"
+        assert failed["reason"]
+        assert failed["locked_until"] == lock["expires_at"]
+        assert (failed["entity_type"], failed["entity_id"]) == ("orders", "o1")
+
+        # The holder writes; the other terminal is refused with 4009 and nothing is pushed.
+        await sync(a, [b], op("a1", "o1", {"status": "preparing"}, entity_type="orders", version=2))
+        await locked_error(b, op("b1", "o1", {"status": "void"}, entity_type="orders", version=3))
+        await locked_error(b, op("b2", "o1", entity_type="orders", operation="DELETE", version=3))
+        await quiet(a, b)
+
+        # Released: the other terminal takes it and writes.
+        await a.send(release("o1", lock_id="my-lock"))
+        released = await a.expect("lock_released")
+        assert (released["entity_type"], released["entity_id"]) == ("orders", "o1")
+        assert released["lock_id"] == "my-lock"
+        await b.send(acquire("o1"))
+        await b.expect("lock_acquired")
+        await sync(b, [a], op("b3", "o1", {"status": "served"}, entity_type="orders", version=3))
+        await locked_error(a, op("a2", "o1", {"status": "x"}, entity_type="orders", version=4))
+        await quiet(a, b)
+
+
+async def test_a_lock_blocks_writes_to_any_entity_type(server: RunningServer) -> None:
+    """Tables need no lock, but one held by another terminal still refuses its writes."""
+    async with server.terminal("pos-a") as a, server.terminal("waiter-b", type="waiter") as b:
+        await sync(a, [b], op("c1", "t1", {"status": "free"}, operation="CREATE"))
+        await a.send(acquire("t1", entity_type="tables"))
+        await a.expect("lock_acquired")
+        await locked_error(b, op("b1", "t1", {"status": "busy"}, version=2))
+        await locked_error(b, op("b2", "t1", {"status": "busy"}, operation="CREATE"))
+        bulk = {"updates": [{"entity_id": "t1", "data": {"status": "busy"}, "version": 2}]}
+        await locked_error(b, op("b3", "tX", bulk, operation="BULK_UPDATE"))
+        await sync(a, [b], op("a1", "t1", {"status": "busy"}, version=2))
+        await quiet(a, b)
+
+
+async def test_writes_that_need_a_lock(server: RunningServer) -> None:
+    """orders and cashier_operations need the lock for UPDATE/DELETE (not CREATE); so does any
+    op flagged requires_lock."""
+    async with server.terminal("pos-a") as a, server.terminal("pos-b") as b:
+        await sync(a, [b], op("c1", "o1", {"n": 1}, entity_type="orders", operation="CREATE"))
+        await locked_error(a, op("u1", "o1", {"n": 2}, entity_type="orders", version=2))
+        await locked_error(a, op("d1", "o1", entity_type="orders", operation="DELETE", version=2))
+        await sync(a, [b], op("c2", "t1", {"n": 1}, operation="CREATE"))
+        await locked_error(a, op("u2", "t1", {"n": 2}, version=2, requires_lock=True))
+        # An upsert of an unknown order is an UPDATE: it needs the lock too.
+        await locked_error(a, op("u3", "o-new", {"n": 1}, entity_type="orders"))
+        await quiet(a, b)
+        # With the locks, all of it goes through.
+        for entity_id, entity_type in (("o1", "orders"), ("t1", "tables"), ("o-new", "orders")):
+            await a.send(acquire(entity_id, entity_type=entity_type))
+            await a.expect("lock_acquired")
+        await sync(a, [b], op("u1", "o1", {"n": 2}, entity_type="orders", version=2))
+        await sync(a, [b], op("u2", "t1", {"n": 2}, version=2, requires_lock=True))
+        await sync(a, [b], op("u3", "o-new", {"n": 1}, entity_type="orders"))
+        await sync(a, [b], op("d1", "o1", entity_type="orders", operation="DELETE", version=3))
+        await quiet(a, b)
+
+
+async def test_reacquire_renews_and_release_of_a_foreign_lock(server: RunningServer) -> None:
+    async with server.terminal("pos-a") as a, server.terminal("pos-b") as b:
+        await a.send(acquire("o1", timeout=1_000))
+        first = await a.expect("lock_acquired")
+        await a.send(acquire("o1", timeout=120_000))
+        renewed = await a.expect("lock_acquired")
+        assert epoch(renewed["expires_at"]) > epoch(first["expires_at"]) + 100
+        # Releasing a lock one does not hold does not free it.
+        await b.send(release("o1"))
+        answer = await b.expect("lock_released")
+        assert answer.get("released") is False
+        await b.send(acquire("o1"))
+        assert (await b.expect("lock_failed"))["locked_by"] == "pos-a"
+        await quiet(a, b)
+
+
+async def test_lock_expires_on_its_own(server: RunningServer) -> None:
+    async with server.terminal("pos-a") as a, server.terminal("pos-b") as b:
+        await sync(a, [b], op("c1", "o1", {"n": 1}, entity_type="orders", operation="CREATE"))
+        await a.send(acquire("o1", timeout=200))
+        lock = await a.expect("lock_acquired")
+        await b.send(acquire("o1"))
+        await b.expect("lock_failed")
+        # Past its expiry the lease is gone: the holder may no longer write, another may lock.
+        await asyncio.sleep(max(0.0, epoch(lock["expires_at"]) - time.time()) + 0.05)
+        await locked_error(a, op("a1", "o1", {"n": 2}, entity_type="orders", version=2))
+        await b.send(acquire("o1"))
+        await b.expect("lock_acquired")
+        await sync(b, [a], op("b1", "o1", {"n": 3}, entity_type="orders", version=2))
+        await quiet(a, b)
+
+
+async def test_disconnect_releases_the_locks(server: RunningServer) -> None:
+    async with server.terminal("pos-b") as b:
+        async with server.terminal("pos-a") as a:
+            for entity_id in ("o1", "o2"):
+                await a.send(acquire(entity_id))
+                await a.expect("lock_acquired")
+            await b.send(acquire("o1"))
+            await b.expect("lock_failed")
+        await wait_for_lock(b, "o1")
+        await wait_for_lock(b, "o2")
+
+
+@pytest.mark.parametrize("encoding", ENCODINGS)
+async def test_locks_survive_a_takeover(server: RunningServer, encoding: str) -> None:
+    """A second connection of the same terminal replaces the first (4004) and keeps its locks;
+    they go when the terminal disconnects for good."""
+    async with server.terminal("pos-b") as b:
+        first = await server.connect("pos-a", encoding=encoding)
+        try:
+            await sync(
+                first, [b], op("c1", "o1", {"n": 1}, entity_type="orders", operation="CREATE")
+            )
+            await first.send(acquire("o1"))
+            await first.expect("lock_acquired")
+            async with server.terminal("pos-a", encoding=encoding) as second:
+                await first.ws.wait_closed()
+                assert first.ws.close_code == Code.REPLACED
+                # The old socket is gone on the server too by now; the lock is still there.
+                await second.send({"type": "ping"})
+                await second.expect("pong")
+                await b.send(acquire("o1"))
+                assert (await b.expect("lock_failed"))["locked_by"] == "pos-a"
+                await locked_error(b, op("b1", "o1", {"n": 9}, entity_type="orders", version=2))
+                conf, _ = await sync(
+                    second, [b], op("a1", "o1", {"n": 2}, entity_type="orders", version=2)
+                )
+                assert conf["version"] == 2
+                await second.send(release("o1"))
+                await second.expect("lock_released")
+                await second.send(acquire("o1"))
+                await second.expect("lock_acquired")
+            await wait_for_lock(b, "o1")
+            await sync(b, [], op("b2", "o1", {"n": 3}, entity_type="orders", version=3))
+        finally:
+            await first.close()
+
+
+async def test_takeovers_in_a_row_keep_one_terminal(server: RunningServer) -> None:
+    """Several quick reconnects: every older socket is closed with 4004, the newest works and
+    still holds the lock; the others' endings do not release it."""
+    async with server.terminal("pos-b") as b:
+        older: list[Terminal] = []
+        try:
+            newest = await server.connect("pos-a")
+            await newest.send(acquire("o1"))
+            await newest.expect("lock_acquired")
+            for _ in range(4):
+                older.append(newest)
+                newest = await server.connect("pos-a")
+            for t in older:
+                await t.ws.wait_closed()
+                assert t.ws.close_code == Code.REPLACED
+            await newest.send({"type": "ping"})
+            await newest.expect("pong")
+            await b.send(acquire("o1"))
+            await b.expect("lock_failed")
+            await sync(newest, [b], op("a1", "o1", {"n": 1}, entity_type="orders"))
+            await newest.close()
+            await wait_for_lock(b, "o1")
+        finally:
+            for t in older:
+                await t.close()
+
+
+async def test_a_takeover_that_fails_to_open_releases_the_locks(
+    server: RunningServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Storage fails while a reconnecting terminal is being set up: the new socket is closed
+    with 1013, the old one was replaced (4004), so the terminal is gone: its locks must go and
+    it must not linger as connected."""
+    async with server.terminal("pos-b") as b:
+        first = await server.connect("pos-a")
+        try:
+            await first.send(acquire("o1"))
+            await first.expect("lock_acquired")
+            original = server.node.store.log_bounds
+            failures = [StorageUnavailable("storage error: disk I/O error")]
+
+            async def failing_log_bounds(*args: Any) -> Any:
+                if failures:
+                    raise failures.pop()
+                return await original(*args)
+
+            monkeypatch.setattr(server.node.store, "log_bounds", failing_log_bounds)
+            second = await server.connect("pos-a", greet=False)
+            await second.ws.wait_closed()
+            assert second.ws.close_code == Code.TRY_AGAIN_LATER
+            await first.ws.wait_closed()
+            assert first.ws.close_code == Code.REPLACED
+            await wait_for_lock(b, "o1")
+            assert [s.terminal_id for s in server.node.hub.sessions()] == ["pos-b"]
+        finally:
+            await first.close()
