@@ -88,6 +88,9 @@ class Outbound:
     """Per-connection sending limits, from Settings."""
 
     queue_size: int
+    # Answers to the terminal's own requests; a terminal that sends without ever reading fills
+    # it. At least one full batch of answers must fit whatever WS_MESSAGE_QUEUE_SIZE is.
+    urgent_size: int
     batch_max: int
     batch_window: float
     compression_threshold: int | None
@@ -136,7 +139,7 @@ class Session:
         """Queue an answer to this terminal's own request (the urgent lane)."""
         if self.closed:
             return
-        if len(self._urgent) >= self.limits.queue_size:
+        if len(self._urgent) >= self.limits.urgent_size:
             self.close(Code.TRY_AGAIN_LATER, "outbound queue full")
             return
         self._urgent.append(OutFrame(message))

@@ -516,8 +516,10 @@ class Node:
     async def health(self) -> tuple[bool, dict[str, Any]]:
         storage_ok = await self.store.ping()
         bus_ok = await self.bus.ping()
+        # Draining answers 503 so that a load balancer stops sending terminals here.
+        status = "draining" if self.draining else "ok" if storage_ok and bus_ok else "degraded"
         body = {
-            "status": "ok" if storage_ok and bus_ok else "degraded",
+            "status": status,
             "version": __version__,
             "uptime_seconds": round(time.monotonic() - self.stats.started, 1),
             "storage": {"kind": self.store.kind, "ok": storage_ok},
@@ -529,7 +531,7 @@ class Node:
         }
         if not self.settings.auth_enabled:
             body["warning"] = "open mode: JWT_SECRET_KEY is not set, any terminal may connect"
-        return storage_ok, body
+        return storage_ok and not self.draining, body
 
     def websocket_stats(self) -> dict[str, Any]:
         by_type: dict[str, int] = {}

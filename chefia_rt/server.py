@@ -87,6 +87,7 @@ class Server:
         self._prefix = settings.ws_path + "/"
         self._outbound = Outbound(
             queue_size=settings.ws_message_queue_size,
+            urgent_size=max(settings.ws_message_queue_size, 2 * settings.sync_batch_max_ops),
             batch_max=settings.ws_batch_max_messages,
             batch_window=settings.ws_batch_window_ms / 1000,
             compression_threshold=(
@@ -103,13 +104,23 @@ class Server:
             return await handle_http(self.node, request)
         if not urlsplit(request.path).path.startswith(self._prefix):
             return json_response(404, {"error": "no WebSocket endpoint here"})
-        if len(self.node.hub) >= self.settings.max_ws_connections:
+        if len(self.node.hub) >= self.settings.max_ws_connections and not self._is_takeover(
+            request
+        ):
             return json_response(
                 503, {"error": "too many connections on this worker"}, {"Retry-After": "5"}
             )
         if self.node.draining:
             return json_response(503, {"error": "shutting down"}, {"Retry-After": "5"})
         return None
+
+    def _is_takeover(self, request: Request) -> bool:
+        """A terminal replacing its own connection takes no new slot: never refuse it, or a
+        reconnect at capacity would be locked out until the old socket timed out."""
+        url = urlsplit(request.path)
+        terminal_id = unquote(url.path[len(self._prefix) :])
+        store_id = _query(parse_qs(url.query), "store_id") or "default"
+        return self.node.hub.get(store_id, terminal_id) is not None
 
     @staticmethod
     def select_subprotocol(connection: ServerConnection, offered: Any) -> Subprotocol | None:
@@ -252,6 +263,13 @@ class Server:
                     ):
                         session.close(Code.INVALID_MESSAGE, "too many invalid messages")
                         return
+                except Exception:
+                    # A bug must cost one answer, not the terminal's connection.
+                    log.exception(
+                        "handling %r from %s failed", raw.get("type"), session.terminal_id
+                    )
+                    internal = ChefiaError("internal server error; retry", Code.INTERNAL_ERROR)
+                    session.send(self._error_frame(raw, internal))
 
     @staticmethod
     def _abusive(invalid: deque[float], now: float, limit: int, window: float) -> bool:

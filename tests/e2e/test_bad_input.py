@@ -662,3 +662,30 @@ async def test_stuck_reader_with_a_full_socket_is_closed_after_the_timeout(
                 assert session.close_code == 1001
         finally:
             client.close()
+
+
+async def test_a_terminal_replacing_its_own_connection_is_let_in_at_capacity(
+    tmp_path: Path,
+) -> None:
+    async with running_server(tmp_path, max_ws_connections=1) as server:
+        first = await server.connect("pos-1")
+        second = await server.connect("pos-1")  # the takeover takes no new slot
+        await asyncio.wait_for(first.ws.wait_closed(), 5)
+        assert first.ws.close_code == 4004
+        assert second.established["terminal_id"] == "pos-1"
+        await second.close()
+
+
+async def test_an_unexpected_error_costs_one_answer_not_the_connection(
+    server: RunningServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def broken(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(server.node, "snapshot", broken)
+    async with server.terminal("pos-1") as terminal:
+        await terminal.send({"type": "snapshot_request"})
+        error = await terminal.expect("error")
+        assert error["code"] == 1011
+        await terminal.send({"type": "ping"})
+        await terminal.expect("pong")

@@ -377,3 +377,13 @@ async def test_failed_session_log_write_is_handled(tmp_path: Path) -> None:
     finally:
         loop.set_exception_handler(None)
     assert not [m for m in leaked if "never retrieved" in m], leaked
+
+
+async def test_health_is_503_while_draining_so_balancers_stop_sending(
+    server: RunningServer,
+) -> None:
+    server.node.draining = True
+    status, body = await get(server, "/health")
+    assert status == 503
+    assert body["status"] == "draining"
+    server.node.draining = False
