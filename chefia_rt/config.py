@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from chefia_rt.errors import ConfigError
+from chefia_rt.sync.permissions import Permissions
+from chefia_rt.sync.policies import PolicyTable
 
 DEFAULT_DATABASE_URL = "sqlite:///chefia-rt.db"
 
@@ -56,6 +58,16 @@ class Settings(BaseSettings):
     sync_batch_max_ops: int = Field(500, ge=1)
     sync_queue_size: int = Field(10_000, ge=1)
     sync_commit_timeout: float = Field(10.0, gt=0)
+    # The operation log answers resumes and duplicates this long (idempotency needs >= 7 days).
+    sync_log_retention_days: int = Field(30, ge=7)
+    # Storage upkeep (log pruning, audit partitions) and the check for pushes a worker missed.
+    sync_maintenance_interval: float = Field(86_400.0, gt=0)
+    sync_reconcile_interval: float = Field(5.0, gt=0)
+    # Conflict policy table overrides, JSON: {"tables": {"policy": "merge_changes"}}.
+    sync_policies: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    # Permission table overrides, JSON: {"waiter": [{"entity_type": "orders"}, ...]}.
+    terminal_permissions: dict[str, list[dict[str, Any]]] = Field(default_factory=dict)
+    database_pool_size: int = Field(8, ge=2, le=200)
     metrics_port: int | None = Field(None, ge=0, le=65535)
 
     database_url: str = DEFAULT_DATABASE_URL
@@ -98,6 +110,25 @@ class Settings(BaseSettings):
     def _redis_scheme(cls, value: str | None) -> str | None:
         if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("must be redis://host:port/db")
+        return value
+
+    @field_validator("sync_policies")
+    @classmethod
+    def _policies(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        PolicyTable(value)  # raises ValueError naming what is wrong
+        return value
+
+    @field_validator("terminal_permissions")
+    @classmethod
+    def _permissions(
+        cls, value: dict[str, list[dict[str, Any]]]
+    ) -> dict[str, list[dict[str, Any]]]:
+        try:
+            Permissions(value)
+        except (KeyError, TypeError) as exc:
+            raise ValueError(
+                f"each rule needs an entity_type (and optional fields): {exc}"
+            ) from None
         return value
 
     @model_validator(mode="after")

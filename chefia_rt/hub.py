@@ -303,6 +303,9 @@ class Hub:
     def sessions(self) -> list[Session]:
         return [s for store in self._stores.values() for s in store.values()]
 
+    def store_ids(self) -> list[str]:
+        return list(self._stores)
+
     def store_sessions(self, store_id: str) -> list[Session]:
         return list(self._stores.get(store_id, {}).values())
 

@@ -16,9 +16,9 @@ import logging
 import time
 import uuid
 from collections import deque
-from collections.abc import Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from chefia_rt import __version__
@@ -98,7 +98,13 @@ def make_store(settings: Settings) -> Store:
         from chefia_rt.store.sqlite import SQLiteStore
 
         return SQLiteStore(settings.sqlite_path)
-    raise ConfigError("PostgreSQL storage is not available in this build; use sqlite:///path")
+    from chefia_rt.store.postgres import PostgresStore
+
+    return PostgresStore(
+        settings.database_url,
+        max_size=settings.database_pool_size,
+        command_timeout=settings.sync_commit_timeout,
+    )
 
 
 def make_bus(settings: Settings) -> Bus:
@@ -163,6 +169,8 @@ class Node:
         self.draining = False
         self._queue: asyncio.Queue[Pending] = asyncio.Queue(settings.sync_queue_size)
         self._writer: asyncio.Task[None] | None = None
+        self._chores: list[asyncio.Task[None]] = []
+        self._log_heads: dict[str, int] = {}
         self._background: set[asyncio.Task[Any]] = set()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -173,16 +181,55 @@ class Node:
             settings,
             make_store(settings),
             make_bus(settings),
-            Engine(PolicyTable()),
-            Permissions(),
+            Engine(PolicyTable(settings.sync_policies)),
+            Permissions(settings.terminal_permissions),
         )
 
     # ---- life cycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
         await self.store.open()
+        await self.store.maintain(self.retention)
         await self.bus.start(self.hub.deliver)
         self._writer = asyncio.create_task(self._write_loop(), name="writer")
+        self._chores = [
+            asyncio.create_task(
+                self._every(self.settings.sync_maintenance_interval, self._maintain)
+            ),
+            asyncio.create_task(self._every(self.settings.sync_reconcile_interval, self.reconcile)),
+        ]
+
+    @property
+    def retention(self) -> timedelta:
+        return timedelta(days=self.settings.sync_log_retention_days)
+
+    @staticmethod
+    async def _every(interval: float, chore: Callable[[], Awaitable[None]]) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await chore()
+            except Exception as exc:  # storage down: try again next time
+                log.warning("%s failed: %s", getattr(chore, "__name__", chore), exc)
+
+    async def _maintain(self) -> None:
+        await self.store.maintain(self.retention)
+
+    async def reconcile(self) -> None:
+        """Catch up live sessions that stayed behind their store's log since the last check.
+
+        The bus is fast but not complete (a publish lost while Redis restarts, a commit that
+        landed after its timeout): a session still behind what storage had one check ago missed
+        something, and fills the gap from storage like any other gap.
+        """
+        seen, self._log_heads = self._log_heads, {}
+        for store_id in self.hub.store_ids():
+            last = (await self.store.log_bounds(store_id)).last_seq
+            self._log_heads[store_id] = last
+            behind = seen.get(store_id, 0)
+            for session in self.hub.store_sessions(store_id):
+                if session.live and not session.closed and session.next_seq <= behind:
+                    self.hub.resume(session, session.next_seq - 1)
 
     async def drain(self, timeout: float) -> None:
         """Stop taking operations and commit what is queued (SIGTERM)."""
@@ -192,6 +239,10 @@ class Node:
                 await self._idle.wait()
 
     async def stop(self) -> None:
+        for chore in self._chores:
+            chore.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await chore
         if self._writer is not None:
             self._writer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -501,7 +552,9 @@ class Node:
         pushes: dict[str, list[Push]] = {}
         for pending, outcome in zip(batch, outcomes, strict=True):
             record = outcome.record
-            if record is None or record.seq is None or outcome.status == "duplicate":
+            # A duplicate with a seq is published again: its first commit may have landed without
+            # being published (a connection lost mid-commit). Sessions that have it drop it.
+            if record is None or record.seq is None:
                 continue
             pushes.setdefault(record.store_id, []).append(Push(record, pending.session.terminal_id))
         for store_id, store_pushes in pushes.items():

@@ -3,27 +3,26 @@ without them, and fail instead when CHEFIA_REQUIRE_SERVICES=1 (as in CI)."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from tests.helpers import RunningServer, running_server
-
-REQUIRE_SERVICES = os.environ.get("CHEFIA_REQUIRE_SERVICES") == "1"
-
-
-def service_missing(name: str, reason: str) -> None:
-    """Skip (or fail in CI) a test whose service is not reachable."""
-    message = f"{name} not reachable: {reason}"
-    if REQUIRE_SERVICES:
-        pytest.fail(message + " (CHEFIA_REQUIRE_SERVICES=1)")
-    pytest.skip(message)
+from tests.services import drop_pg_schema, new_pg_schema
 
 
-@pytest.fixture
-async def server(tmp_path: Path) -> AsyncIterator[RunningServer]:
-    """A running server on the embedded default (SQLite file, in-process bus)."""
-    async with running_server(tmp_path) as running:
-        yield running
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def server(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[RunningServer]:
+    """A running server on each storage backend: the embedded default (SQLite file) and
+    PostgreSQL (a fresh schema), both with the in-process bus."""
+    if request.param == "sqlite":
+        async with running_server(tmp_path) as running:
+            yield running
+        return
+    dsn = await new_pg_schema()
+    try:
+        async with running_server(tmp_path, database_url=dsn) as running:
+            yield running
+    finally:
+        await drop_pg_schema(dsn)

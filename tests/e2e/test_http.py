@@ -106,7 +106,7 @@ async def test_health_ok(server: RunningServer, path: str) -> None:
     assert body["status"] == "ok"
     assert body["version"] == __version__
     assert isinstance(body["uptime_seconds"], int | float) and body["uptime_seconds"] >= 0
-    assert body["storage"] == {"kind": "sqlite", "ok": True}
+    assert body["storage"] == {"kind": server.node.store.kind, "ok": True}
     assert body["bus"] == {"kind": "memory", "ok": True}
     assert body["workers"] == 1
     # Open mode is shown, loudly.
@@ -129,7 +129,12 @@ async def test_health_503_when_storage_ping_fails(tmp_path: Path) -> None:
         assert status == 200
 
 
-async def test_health_503_when_storage_connection_is_gone(server: RunningServer) -> None:
+async def test_health_503_when_storage_connection_is_gone(tmp_path: Path) -> None:
+    async with running_server(tmp_path) as server:
+        await _health_503_while_broken(server)
+
+
+async def _health_503_while_broken(server: RunningServer) -> None:
     db = break_storage(server)
     try:
         status, body = await get(server, "/api/v1/health")

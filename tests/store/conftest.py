@@ -7,7 +7,7 @@ log rows without a seq) they read through `peek`, a small read-only window on th
 tables that returns plain Python values, so the assertions stay backend-neutral.
 
 Adding PostgreSQL: append "postgresql" to BACKENDS and give it a branch in `open_store` (a fresh,
-empty database or schema per test; unreachable server → `tests.conftest.service_missing`), in
+empty database or schema per test; unreachable server → `tests.services.service_missing`), in
 `reopen_store` and in `peek_for` (asyncpg queries, timestamps
 back to the ISO strings the records carry). Nothing else changes.
 """
@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import sqlite3
-import uuid
 from collections.abc import AsyncIterator
 from datetime import datetime
 from pathlib import Path
@@ -31,10 +29,9 @@ from chefia_rt.protocol.messages import format_timestamp
 from chefia_rt.store.base import Store
 from chefia_rt.store.postgres import PostgresStore
 from chefia_rt.store.sqlite import SQLiteStore
-from tests.conftest import service_missing
+from tests.services import drop_pg_schema, new_pg_schema
 
 BACKENDS = ["sqlite", "postgresql"]
-PG_DSN = os.environ.get("CHEFIA_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 
 # Columns holding JSON, per logical table; `peek` hands them back decoded.
 JSON_COLUMNS = {
@@ -111,29 +108,6 @@ class PostgresPeek:
                 if isinstance(value, datetime):
                     row[column] = format_timestamp(value)
         return found
-
-
-async def new_pg_schema() -> str:
-    """A DSN whose search_path is a fresh, empty schema: each test gets its own database."""
-    schema = f"t_{uuid.uuid4().hex[:12]}"
-    try:
-        conn = await asyncpg.connect(PG_DSN, timeout=5)
-    except (OSError, asyncpg.PostgresError) as exc:
-        service_missing("PostgreSQL", f"{PG_DSN}: {exc}")
-    try:
-        await conn.execute(f'CREATE SCHEMA "{schema}"')
-    finally:
-        await conn.close()
-    return f"{PG_DSN}?search_path={schema}"
-
-
-async def drop_pg_schema(dsn: str) -> None:
-    schema = dsn.rsplit("search_path=", 1)[1]
-    conn = await asyncpg.connect(PG_DSN)
-    try:
-        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-    finally:
-        await conn.close()
 
 
 async def open_store(backend: str, tmp_path: Path) -> Store:

@@ -13,7 +13,7 @@ import pytest
 from chefia_rt.domain import Operation
 from chefia_rt.errors import StorageUnavailable
 from chefia_rt.store.postgres import PostgresStore
-from tests.store.conftest import drop_pg_schema, new_pg_schema
+from tests.services import drop_pg_schema, new_pg_schema
 from tests.store.test_contract import make_op, sync
 
 
