@@ -47,11 +47,15 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     from chefia_rt.server import run
 
     _setup_logging(settings)
-    if not settings.auth_enabled:
+    if not settings.auth_enabled and args.worker is None:
         log.warning(
             "OPEN MODE: JWT_SECRET_KEY is not set; any client can connect as any terminal "
             "of any store. Set JWT_SECRET_KEY before exposing this server."
         )
+    if settings.workers > 1 and args.worker is None:
+        from chefia_rt.supervisor import run_supervisor
+
+        return run_supervisor(settings)
     try:
         import uvloop
 
@@ -93,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_text, func in commands:
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(func=func)
+        if name == "serve":
+            # Set by the supervisor for the worker processes it starts.
+            p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
     return parser
 
 

@@ -8,11 +8,14 @@ from typing import Any, Literal
 from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from chefia_rt.auth import parse_keys
 from chefia_rt.errors import ConfigError
 from chefia_rt.sync.permissions import Permissions
 from chefia_rt.sync.policies import PolicyTable
 
 DEFAULT_DATABASE_URL = "sqlite:///chefia-rt.db"
+# Never repeated in an error message.
+SECRET_SETTINGS = frozenset({"JWT_SECRET_KEY"})
 
 
 def _default_workers() -> int:
@@ -54,6 +57,11 @@ class Settings(BaseSettings):
     # Abuse: this many invalid frames within the window closes the connection with 4006.
     ws_invalid_frame_limit: int = Field(20, ge=1)
     ws_invalid_frame_window: float = Field(10.0, gt=0)
+    # Per-terminal operation rate (token bucket); this many refusals within the window: close.
+    ws_rate_limit: float = Field(1000.0, gt=0)
+    ws_rate_burst: float = Field(2000.0, ge=1)
+    ws_rate_limit_strikes: int = Field(100, ge=1)
+    ws_rate_limit_window: float = Field(10.0, gt=0)
     # Group commit: at most this many operations per transaction; at most this many waiting.
     sync_batch_max_ops: int = Field(500, ge=1)
     sync_queue_size: int = Field(10_000, ge=1)
@@ -72,6 +80,8 @@ class Settings(BaseSettings):
 
     database_url: str = DEFAULT_DATABASE_URL
     redis_url: str | None = None
+    # Namespace of every Redis key and channel: deployments (or tests) sharing one Redis.
+    redis_prefix: str = Field("chefia", pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
     jwt_secret_key: str | None = None
 
     backup_dir: str = "./backups"
@@ -110,6 +120,13 @@ class Settings(BaseSettings):
     def _redis_scheme(cls, value: str | None) -> str | None:
         if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("must be redis://host:port/db")
+        return value
+
+    @field_validator("jwt_secret_key")
+    @classmethod
+    def _jwt_keys(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_keys(value)  # ValueError naming which key is short, never the key itself
         return value
 
     @field_validator("sync_policies")
@@ -165,6 +182,11 @@ class Settings(BaseSettings):
         return self.jwt_secret_key is not None
 
     @property
+    def jwt_keys(self) -> tuple[str, ...]:
+        """The keys of JWT_SECRET_KEY, the signing one first (empty in open mode)."""
+        return () if self.jwt_secret_key is None else parse_keys(self.jwt_secret_key)
+
+    @property
     def allowed_origins(self) -> list[str] | None:
         """None when every origin is allowed."""
         origins = [o.strip() for o in self.ws_allowed_origins.split(",") if o.strip()]
@@ -190,7 +212,8 @@ def load_settings(**overrides: object) -> Settings:
         for err in exc.errors():
             name = _env_name("_".join(str(p) for p in err["loc"]))
             value = err.get("input")
-            shown = "" if isinstance(value, dict) else f" (got {value!r})"
+            secret = name in SECRET_SETTINGS
+            shown = "" if isinstance(value, dict) or secret else f" (got {value!r})"
             message = err["msg"].removeprefix("Value error, ")
             problems.append(f"{name}: {message}{shown}" if name else message)
         raise ConfigError("invalid configuration: " + "; ".join(problems)) from None

@@ -112,6 +112,8 @@ class Session:
     transport: Transport
     limits: Outbound
     connected_at: str = ""
+    opened_at: float = field(default_factory=time.time)  # orders takeovers across nodes
+    replaced: bool = False  # closed by a newer session of the terminal (4004)
     last_seen: float = field(default_factory=time.monotonic)
     acked_seq: int = 0
     metrics: dict[str, Any] | None = None

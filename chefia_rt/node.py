@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import socket
 import time
 import uuid
 from collections import deque
@@ -26,7 +28,7 @@ from chefia_rt.bus.base import Bus, Push
 from chefia_rt.bus.memory import MemoryBus
 from chefia_rt.config import Settings
 from chefia_rt.domain import BatchState, BatchWrite, EntityKey, Operation, Resolution
-from chefia_rt.errors import ChefiaError, ConfigError, Locked, Overloaded, StorageUnavailable
+from chefia_rt.errors import ChefiaError, Locked, Overloaded, StorageUnavailable
 from chefia_rt.hub import Hub, OutFrame, Session
 from chefia_rt.protocol.messages import format_timestamp, sync_error_msg, utc_now_iso
 from chefia_rt.store.base import BatchRequest, LogBounds, SessionRecord, Store
@@ -111,7 +113,9 @@ def make_bus(settings: Settings) -> Bus:
     """The bus REDIS_URL names (in process without it)."""
     if settings.redis_url is None:
         return MemoryBus()
-    raise ConfigError("the Redis bus is not available in this build; unset REDIS_URL")
+    from chefia_rt.bus.redis import RedisBus
+
+    return RedisBus(settings.redis_url, prefix=settings.redis_prefix)
 
 
 def confirmation_msg(outcome: Outcome) -> dict[str, Any]:
@@ -171,6 +175,7 @@ class Node:
         self._writer: asyncio.Task[None] | None = None
         self._chores: list[asyncio.Task[None]] = []
         self._log_heads: dict[str, int] = {}
+        self.worker_name = f"{socket.gethostname()}/{os.getpid()}"
         self._background: set[asyncio.Task[Any]] = set()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -190,7 +195,7 @@ class Node:
     async def start(self) -> None:
         await self.store.open()
         await self.store.maintain(self.retention)
-        await self.bus.start(self.hub.deliver)
+        await self.bus.start(self.hub.deliver, self._remote_takeover, self.resync_all)
         self._writer = asyncio.create_task(self._write_loop(), name="writer")
         self._chores = [
             asyncio.create_task(
@@ -214,6 +219,22 @@ class Node:
 
     async def _maintain(self) -> None:
         await self.store.maintain(self.retention)
+
+    def _remote_takeover(
+        self, store_id: str, terminal_id: str, session_id: str, opened_at: float
+    ) -> None:
+        """A session of a terminal opened on another worker: an older one here gives way."""
+        local = self.hub.get(store_id, terminal_id)
+        if local is None or local.session_id == session_id or local.opened_at > opened_at:
+            return
+        local.replaced = True
+        local.close(4004, "replaced by a newer connection of the same terminal")
+
+    def resync_all(self) -> None:
+        """Pushes may have been missed (the bus reconnected): catch every live session up."""
+        for session in self.hub.sessions():
+            if session.live and not session.closed:
+                self.hub.resume(session, session.next_seq - 1)
 
     async def reconcile(self) -> None:
         """Catch up live sessions that stayed behind their store's log since the last check.
@@ -273,7 +294,11 @@ class Node:
         """Register a connection, greet it, and start its stream at `since` (or now)."""
         old = self.hub.attach(session)
         if old is not None:
+            old.replaced = True
             old.close(4004, "replaced by a newer connection of the same terminal")
+        await self.bus.register(
+            session.store_id, session.terminal_id, session.session_id, session.opened_at
+        )
         bounds = await self.store.log_bounds(session.store_id)
         session.send(
             {
@@ -286,6 +311,7 @@ class Node:
                 "last_seq": bounds.last_seq,
                 "heartbeat_interval": self.settings.ws_heartbeat_interval,
                 "encoding": session.encoding,
+                "worker": self.worker_name,
             }
         )
         session.start()
@@ -323,8 +349,10 @@ class Node:
     async def close_session(self, session: Session) -> None:
         """The connection ended: forget it and, unless a newer one replaced it, its locks."""
         await session.stop()
-        if self.hub.detach(session):
-            self.spawn(self.bus.release_owner(session.store_id, session.terminal_id))
+        if self.hub.detach(session) and not session.replaced:
+            self.spawn(
+                self.bus.unregister(session.store_id, session.terminal_id, session.session_id)
+            )
         self.spawn(self.store.record_session(self._session_record(session, connected=False)))
 
     def _session_record(self, session: Session, connected: bool) -> SessionRecord:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import socket
 import time
@@ -32,6 +33,7 @@ from chefia_rt.hub import Outbound, Session
 from chefia_rt.node import Node
 from chefia_rt.protocol import messages as m
 from chefia_rt.protocol.codec import decode_frame
+from chefia_rt.supervisor import SUPERVISOR_FD_ENV, sd_notify
 
 log = logging.getLogger("chefia_rt.server")
 
@@ -438,8 +440,41 @@ async def run(settings: Settings, sock: socket.socket | None = None) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    channel = _supervisor_channel()
+    if channel is None:
+        sd_notify(f"READY=1\nSTATUS=serving on port {server.port()}")
+    else:
+        # Ctrl-C reaches the whole process group: the supervisor decides, and sends SIGTERM.
+        loop.add_signal_handler(signal.SIGINT, lambda: None)
+        loop.add_signal_handler(signal.SIGHUP, lambda: None)
+        channel.sendall(b"ready\n")
+        loop.add_reader(channel.fileno(), _watch_supervisor, channel, stop)
     try:
         await stop.wait()
     finally:
         log.info("shutting down: draining writes, closing connections with 1001")
         await server.shutdown()
+
+
+def _supervisor_channel() -> socket.socket | None:
+    """This worker's end of the supervisor's socket pair, when a supervisor started it."""
+    fd = os.environ.pop(SUPERVISOR_FD_ENV, None)
+    if fd is None:
+        return None
+    channel = socket.socket(fileno=int(fd))
+    channel.setblocking(False)
+    return channel
+
+
+def _watch_supervisor(channel: socket.socket, stop: asyncio.Event) -> None:
+    """The supervisor's end closed: it died (even by SIGKILL), so this worker drains and exits."""
+    try:
+        if channel.recv(64):
+            return
+    except BlockingIOError:
+        return
+    except OSError:
+        pass
+    asyncio.get_running_loop().remove_reader(channel.fileno())
+    log.warning("supervisor gone; draining and exiting")
+    stop.set()

@@ -25,6 +25,8 @@ class Push:
 
 
 Deliver = Callable[[str, Sequence[Push]], None]
+# (store_id, terminal_id, session_id, connected_at): a session of a terminal opened somewhere.
+Takeover = Callable[[str, str, str, float], None]
 
 
 class Bus(Protocol):
@@ -32,8 +34,10 @@ class Bus(Protocol):
 
     kind: str
 
-    async def start(self, deliver: Deliver) -> None:
-        """Begin delivering every store's pushes (from any worker) to `deliver`."""
+    async def start(self, deliver: Deliver, takeover: Takeover, resync: Callable[[], None]) -> None:
+        """Begin delivering every store's pushes (from any worker) to `deliver`, sessions
+        opened on other workers to `takeover`, and call `resync` when pushes may have been
+        missed (the bus reconnected)."""
 
     async def close(self) -> None:
         """Stop delivering and release connections."""
@@ -52,8 +56,13 @@ class Bus(Protocol):
     async def release_lease(self, key: EntityKey, owner: str) -> bool:
         """Release a lease the owner holds; False when it held none."""
 
-    async def release_owner(self, store_id: str, owner: str) -> list[EntityKey]:
-        """Release every lease a terminal holds (it went away)."""
+    async def register(
+        self, store_id: str, terminal_id: str, session_id: str, connected_at: float
+    ) -> None:
+        """Make a session its terminal's current one, and tell every worker (takeover, 4004)."""
+
+    async def unregister(self, store_id: str, terminal_id: str, session_id: str) -> None:
+        """A session ended: if it was still its terminal's current one, release its locks."""
 
     async def ping(self) -> bool:
         """True when the bus answers."""

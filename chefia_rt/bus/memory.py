@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
-from chefia_rt.bus.base import Deliver, Push
+from chefia_rt.bus.base import Deliver, Push, Takeover
 from chefia_rt.domain import EntityKey
 from chefia_rt.sync.locks import Lease, LockTable
 
@@ -19,7 +19,8 @@ class MemoryBus:
         self._deliver: Deliver | None = None
         self._locks = LockTable()
 
-    async def start(self, deliver: Deliver) -> None:
+    async def start(self, deliver: Deliver, takeover: Takeover, resync: Callable[[], None]) -> None:
+        # One worker: the hub itself sees every takeover, and nothing can be missed.
         self._deliver = deliver
 
     async def close(self) -> None:
@@ -40,8 +41,14 @@ class MemoryBus:
     async def release_lease(self, key: EntityKey, owner: str) -> bool:
         return self._locks.release(key, owner, time.time())
 
-    async def release_owner(self, store_id: str, owner: str) -> list[EntityKey]:
-        return self._locks.release_owner(store_id, owner)
+    async def register(
+        self, store_id: str, terminal_id: str, session_id: str, connected_at: float
+    ) -> None:
+        return None
+
+    async def unregister(self, store_id: str, terminal_id: str, session_id: str) -> None:
+        # The hub calls this only for a terminal's current session.
+        self._locks.release_owner(store_id, terminal_id, time.time())
 
     async def ping(self) -> bool:
         return True

@@ -1,0 +1,275 @@
+"""The Redis bus: every worker and node of a deployment joined through one Redis.
+
+- Committed operations are delivered to this worker's hub directly and published for the others
+  (`<prefix>:ops`). Pub/sub is fast but not complete: a subscriber that reconnects asks the node
+  to catch every session up from storage, and the hub fills any seq gap from storage too, so
+  nothing is lost or reordered when Redis restarts, is flushed, or drops a slow subscriber.
+- Presence: which session of a terminal is current, so that a newer connection on any node
+  replaces the older one (4004), and a disconnect releases locks only when it was current.
+- Locks: leases in Redis hashes with a Redis expiry, taken and released by Lua scripts so that
+  check-and-set is atomic across nodes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from typing import Any
+
+import msgpack
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from chefia_rt.bus.base import Deliver, Push, Takeover
+from chefia_rt.domain import EntityKey, OpRecord
+from chefia_rt.errors import StorageUnavailable
+from chefia_rt.sync.locks import Lease
+
+log = logging.getLogger("chefia_rt.bus.redis")
+
+_ACQUIRE = """
+local holder = redis.call('HGET', KEYS[1], 'owner')
+if holder and holder ~= ARGV[1] then
+  return {0, holder, redis.call('HGET', KEYS[1], 'lock_id'), redis.call('HGET', KEYS[1], 'expires')}
+end
+redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'lock_id', ARGV[2], 'expires', ARGV[4])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+redis.call('SADD', KEYS[2], KEYS[1])
+redis.call('PEXPIRE', KEYS[2], 600000)
+return {1, ARGV[1], ARGV[2], ARGV[4]}
+"""
+_RELEASE = """
+if redis.call('HGET', KEYS[1], 'owner') == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  redis.call('SREM', KEYS[2], KEYS[1])
+  return 1
+end
+return 0
+"""
+# Forget a terminal's presence and release its locks, but only if `session` is still current:
+# a terminal that already reconnected elsewhere keeps its locks.
+_UNREGISTER = """
+if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return -1 end
+redis.call('HDEL', KEYS[1], ARGV[1])
+local released = 0
+for _, key in ipairs(redis.call('SMEMBERS', KEYS[2])) do
+  if redis.call('HGET', key, 'owner') == ARGV[1] then
+    redis.call('DEL', key)
+    released = released + 1
+  end
+end
+redis.call('DEL', KEYS[2])
+return released
+"""
+
+RECONNECT_DELAY = (0.1, 2.0)  # first and longest wait between subscriber reconnects
+
+
+def _record_to_wire(record: OpRecord) -> dict[str, Any]:
+    return asdict(record)
+
+
+class RedisBus:
+    """The bus port on Redis (pub/sub for pushes and control, hashes for presence and locks)."""
+
+    kind = "redis"
+
+    def __init__(self, url: str, prefix: str = "chefia", worker_id: str | None = None) -> None:
+        self.url = url
+        self.prefix = prefix
+        self.worker_id = worker_id or uuid.uuid4().hex
+        self._redis: aioredis.Redis | None = None
+        self._deliver: Deliver | None = None
+        self._takeover: Takeover | None = None
+        self._resync: Callable[[], None] | None = None
+        self._listener: asyncio.Task[None] | None = None
+        self._ops_channel = f"{prefix}:ops"
+        self._control_channel = f"{prefix}:control"
+
+    # ---- keys -------------------------------------------------------------------------------
+
+    def _lock_key(self, key: EntityKey) -> str:
+        # JSON of the parts: ids may contain ':' and must not collide.
+        return f"{self.prefix}:lock:" + json.dumps([key.store_id, key.entity_type, key.entity_id])
+
+    def _owner_key(self, store_id: str, owner: str) -> str:
+        return f"{self.prefix}:locks-of:" + json.dumps([store_id, owner])
+
+    def _presence_key(self, store_id: str) -> str:
+        return f"{self.prefix}:presence:{store_id}"
+
+    @property
+    def redis(self) -> aioredis.Redis:
+        if self._redis is None:
+            raise StorageUnavailable("the bus is closed")
+        return self._redis
+
+    # ---- life cycle -------------------------------------------------------------------------
+
+    async def start(self, deliver: Deliver, takeover: Takeover, resync: Callable[[], None]) -> None:
+        self._deliver, self._takeover, self._resync = deliver, takeover, resync
+        self._redis = aioredis.from_url(
+            self.url, socket_timeout=5, socket_connect_timeout=5, health_check_interval=10
+        )
+        self._acquire = self._redis.register_script(_ACQUIRE)
+        self._release = self._redis.register_script(_RELEASE)
+        self._unregister = self._redis.register_script(_UNREGISTER)
+        subscribed = asyncio.Event()
+        self._listener = asyncio.create_task(self._listen(subscribed), name="redis-listener")
+        with contextlib.suppress(TimeoutError):
+            # Start serving even when Redis is down: pushes reach this worker's own terminals,
+            # and the others catch up from storage once it is back.
+            async with asyncio.timeout(5):
+                await subscribed.wait()
+
+    async def close(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._listener
+        if self._redis is not None:
+            await self._redis.aclose()
+            self._redis = None
+
+    async def _listen(self, subscribed: asyncio.Event) -> None:
+        delay = RECONNECT_DELAY[0]
+        first = True
+        while True:
+            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(self._ops_channel, self._control_channel)
+                subscribed.set()
+                if not first and self._resync is not None:
+                    # Whatever was published while we were away is in storage: catch up.
+                    self._resync()
+                first, delay = False, RECONNECT_DELAY[0]
+                async for message in pubsub.listen():
+                    if message.get("type") == "message":
+                        self._on_message(message["channel"], message["data"])
+            except asyncio.CancelledError:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                raise
+            except (RedisError, OSError) as exc:
+                log.warning("redis subscriber lost (%s); reconnecting in %.1fs", exc, delay)
+            with contextlib.suppress(Exception):
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RECONNECT_DELAY[1])
+
+    def _on_message(self, channel: bytes, data: bytes) -> None:
+        try:
+            message = msgpack.unpackb(data, raw=False)
+            if message.get("w") == self.worker_id:
+                return  # our own: already delivered locally
+            if channel.decode() == self._ops_channel and self._deliver is not None:
+                pushes = [Push(OpRecord(**r), o) for r, o in message["p"]]
+                self._deliver(message["s"], pushes)
+            elif self._takeover is not None:
+                self._takeover(message["s"], message["t"], message["sid"], message["at"])
+        except Exception:
+            log.exception("dropping an undecodable bus message")
+
+    # ---- pushes -----------------------------------------------------------------------------
+
+    async def publish(self, store_id: str, pushes: Sequence[Push]) -> None:
+        if self._deliver is not None:
+            self._deliver(store_id, pushes)
+        payload = msgpack.packb(
+            {
+                "w": self.worker_id,
+                "s": store_id,
+                "p": [(_record_to_wire(p.record), p.origin) for p in pushes],
+            }
+        )
+        try:
+            await self.redis.publish(self._ops_channel, payload)
+        except (RedisError, OSError) as exc:
+            # Committed already; the other workers find the ops in storage (gap or reconcile).
+            log.warning("publishing to redis failed: %s", exc)
+
+    # ---- presence ---------------------------------------------------------------------------
+
+    async def register(
+        self, store_id: str, terminal_id: str, session_id: str, connected_at: float
+    ) -> None:
+        """Make this session the terminal's current one and tell every node (takeover)."""
+        try:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.hset(self._presence_key(store_id), terminal_id, session_id)
+                pipe.publish(
+                    self._control_channel,
+                    msgpack.packb(
+                        {
+                            "w": self.worker_id,
+                            "s": store_id,
+                            "t": terminal_id,
+                            "sid": session_id,
+                            "at": connected_at,
+                        }
+                    ),
+                )
+                await pipe.execute()
+        except (RedisError, OSError) as exc:
+            log.warning("presence of %s/%s not registered: %s", store_id, terminal_id, exc)
+
+    async def unregister(self, store_id: str, terminal_id: str, session_id: str) -> None:
+        """The session ended: if still current, forget it and release the terminal's locks."""
+        await self._unregister(
+            keys=[self._presence_key(store_id), self._owner_key(store_id, terminal_id)],
+            args=[terminal_id, session_id],
+        )
+
+    # ---- locks ------------------------------------------------------------------------------
+
+    async def get_lease(self, key: EntityKey) -> Lease | None:
+        try:
+            owner, lock_id, expires = await self.redis.hmget(
+                self._lock_key(key), "owner", "lock_id", "expires"
+            )
+        except (RedisError, OSError) as exc:
+            raise StorageUnavailable(f"lock service unavailable: {exc}") from exc
+        if owner is None or lock_id is None or expires is None:
+            return None
+        lease = Lease(key, _text(owner), _text(lock_id), int(expires) / 1000)
+        return lease if lease.expires_at > time.time() else None
+
+    async def acquire_lease(
+        self, key: EntityKey, owner: str, lock_id: str, ttl: float
+    ) -> tuple[bool, Lease | None]:
+        ttl_ms = max(1, int(ttl * 1000))
+        expires_ms = int(time.time() * 1000) + ttl_ms
+        try:
+            taken, holder, held_id, expires = await self._acquire(
+                keys=[self._lock_key(key), self._owner_key(key.store_id, owner)],
+                args=[owner, lock_id, ttl_ms, expires_ms],
+            )
+        except (RedisError, OSError) as exc:
+            raise StorageUnavailable(f"lock service unavailable: {exc}") from exc
+        lease = Lease(key, _text(holder), _text(held_id), int(expires) / 1000)
+        return bool(taken), lease
+
+    async def release_lease(self, key: EntityKey, owner: str) -> bool:
+        try:
+            released = await self._release(
+                keys=[self._lock_key(key), self._owner_key(key.store_id, owner)], args=[owner]
+            )
+        except (RedisError, OSError) as exc:
+            raise StorageUnavailable(f"lock service unavailable: {exc}") from exc
+        return bool(released)
+
+    async def ping(self) -> bool:
+        try:
+            return bool(await self.redis.ping())
+        except (RedisError, OSError, StorageUnavailable):
+            return False
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
