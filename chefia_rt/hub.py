@@ -31,6 +31,8 @@ from chefia_rt.protocol.codec import encode_json, encode_msgpack, msgpack_frame
 log = logging.getLogger("chefia_rt.hub")
 
 CATCH_UP_PAGE = 500
+CATCH_UP_RETRY = (0.2, 5.0)  # first and longest wait after a failed storage read
+CATCH_UP_PATIENCE = 30.0  # seconds of failing reads before the terminal is told to reconnect
 
 
 class Transport(Protocol):
@@ -265,28 +267,44 @@ class Session:
         )
 
     async def _catch_up_loop(self, read_ops: ReadOps, head: Callable[[], int]) -> None:
-        try:
-            page = self._catch_up_page()
-            while not self.closed:
-                while len(self._pushes) > self.limits.queue_size - page:
-                    self._room.clear()
-                    await self._room.wait()  # the terminal reads; no timeout needed
-                    if self.closed:
-                        return
-                records = await read_ops(self.store_id, self.next_seq - 1, page)
-                for record in records:
-                    if record.seq == self.next_seq:
-                        self.queue_push(OutFrame(push_message(record)))
-                        self.next_seq += 1
-                # Going live happens in the same tick as the check, so no push slips between.
-                if len(records) < page and self.next_seq - 1 >= head():
-                    self.live = True
+        delay, gave_up_at = CATCH_UP_RETRY[0], time.monotonic() + CATCH_UP_PATIENCE
+        while not self.closed:
+            try:
+                await self._catch_up_pages(read_ops, head)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                # Storage hiccups (a restart, a cut connection) must not drop the terminal:
+                # retry from where it stands, and give up only when storage stays away.
+                if time.monotonic() + delay > gave_up_at:
+                    log.warning("catch-up of %s failed for good: %s", self.terminal_id, exc)
+                    self.close(Code.TRY_AGAIN_LATER, "catch-up failed; reconnect with since")
                     return
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            log.warning("catch-up of %s failed: %s", self.terminal_id, exc)
-            self.close(Code.TRY_AGAIN_LATER, "catch-up failed; reconnect with since")
+                log.info(
+                    "catch-up of %s failed (%s); retrying in %.1fs", self.terminal_id, exc, delay
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, CATCH_UP_RETRY[1])
+
+    async def _catch_up_pages(self, read_ops: ReadOps, head: Callable[[], int]) -> None:
+        """Queue stored ops from next_seq on, then go live."""
+        page = self._catch_up_page()
+        while not self.closed:
+            while len(self._pushes) > self.limits.queue_size - page:
+                self._room.clear()
+                await self._room.wait()  # the terminal reads; no timeout needed
+                if self.closed:
+                    return
+            records = await read_ops(self.store_id, self.next_seq - 1, page)
+            for record in records:
+                if record.seq == self.next_seq:
+                    self.queue_push(OutFrame(push_message(record)))
+                    self.next_seq += 1
+            # Going live happens in the same tick as the check, so no push slips between.
+            if len(records) < page and self.next_seq - 1 >= head():
+                self.live = True
+                return
 
 
 class Hub:

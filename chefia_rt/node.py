@@ -344,7 +344,12 @@ class Node:
 
     async def resume(self, session: Session, since: int) -> None:
         session.pause()  # pushes wait for the catch-up from `since`
-        self.position(session, since, await self.store.log_bounds(session.store_id))
+        try:
+            bounds = await self.store.log_bounds(session.store_id)
+        except ChefiaError:
+            self.hub.resume(session, session.next_seq - 1)  # refused: the stream goes on as it was
+            raise
+        self.position(session, since, bounds)
 
     async def close_session(self, session: Session) -> None:
         """The connection ended: forget it and, unless a newer one replaced it, its locks."""
@@ -374,7 +379,11 @@ class Node:
     async def snapshot(self, session: Session, entity_types: Sequence[str] | None) -> None:
         """Send the store's state at a watermark, then live operations after it."""
         session.pause()  # the stream restarts after the snapshot's watermark
-        seq, entities = await self.store.snapshot(session.store_id, entity_types)
+        try:
+            seq, entities = await self.store.snapshot(session.store_id, entity_types)
+        except ChefiaError:
+            self.hub.resume(session, session.next_seq - 1)  # refused: the stream goes on as it was
+            raise
         session.queue_push(
             OutFrame(
                 {

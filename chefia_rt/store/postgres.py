@@ -47,6 +47,19 @@ _UNAVAILABLE = (
     asyncpg.QueryCanceledError,
     # Any error the server reports means the transaction rolled back: nothing was written.
     asyncpg.PostgresError,
+    # A connection cut mid-query can leave asyncpg's protocol in a state it reports with this
+    # (not an InterfaceError): "cannot switch to state 15; another operation (2) is in progress".
+    asyncpg.InternalClientError,
+)
+# The connection died under the call (a PostgreSQL restart, pg_terminate_backend, a pooler or
+# firewall dropping idle connections), which says nothing about the database itself.
+_LOST = (
+    ConnectionError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
 )
 _OP_FIELDS = [c.strip() for c in OP_COLUMNS.split(",")]
 
@@ -76,6 +89,25 @@ def _parse_time(value: str) -> datetime:
     return datetime.fromisoformat(value)
 
 
+def _unavailable(exc: BaseException) -> StorageUnavailable:
+    return StorageUnavailable(f"PostgreSQL unavailable: {type(exc).__name__}")
+
+
+async def _release(pool: asyncpg.Pool, conn: asyncpg.Connection) -> None:
+    """Give a connection back; a connection that cannot be reset is dropped, never reported.
+
+    With `async with pool.acquire()`, an error of the release (asyncpg resets the connection
+    there) replaced the call's outcome: a batch already committed was answered 1013 "nothing
+    written" and not pushed, and a lost connection surfaced as asyncpg's InternalClientError
+    instead of StorageUnavailable. asyncpg terminates such a connection itself, and the next
+    acquire opens a new one, so the outcome of the work stands.
+    """
+    try:
+        await pool.release(conn)
+    except Exception as exc:
+        log.info("dropped a PostgreSQL connection that could not be reset: %r", exc)
+
+
 class PostgresStore:
     """The Store port on PostgreSQL."""
 
@@ -94,15 +126,39 @@ class PostgresStore:
 
     # ---- plumbing ---------------------------------------------------------------------------
 
-    async def _with(self, fn: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
-        if self._pool is None:
+    async def _with(
+        self, fn: Callable[[asyncpg.Connection], Awaitable[T]], *, read_only: bool = False
+    ) -> T:
+        """Run `fn` on a pooled connection; storage failures become StorageUnavailable.
+
+        `read_only` calls are repeated once on a fresh connection when the first one turns out
+        to be dead: after a PostgreSQL restart or a pg_terminate_backend the pool still holds
+        connections that fail on first use although the database answers again, and a failed
+        read costs a terminal its connection (a hub catch-up that fails closes with 1013).
+        Writes are never repeated here: the node answers 1013 and the terminal retries the
+        same ids, which the operation log makes safe.
+        """
+        pool = self._pool
+        if pool is None:
             raise StorageUnavailable("storage is closed")
         self._in_flight += 1
         try:
-            async with self._pool.acquire(timeout=self._command_timeout) as conn:
-                return await fn(conn)
-        except _UNAVAILABLE as exc:
-            raise StorageUnavailable(f"PostgreSQL unavailable: {type(exc).__name__}") from exc
+            for attempt in (1, 2):
+                try:
+                    conn = await pool.acquire(timeout=self._command_timeout)
+                except _UNAVAILABLE as exc:
+                    raise _unavailable(exc) from exc
+                try:
+                    return await fn(conn)
+                except _LOST as exc:
+                    if not (read_only and attempt == 1):
+                        raise _unavailable(exc) from exc
+                    log.info("PostgreSQL connection lost (%s); reading again", type(exc).__name__)
+                except _UNAVAILABLE as exc:
+                    raise _unavailable(exc) from exc
+                finally:
+                    await _release(pool, conn)
+            raise AssertionError("unreachable: the second attempt returns or raises")
         finally:
             self._in_flight -= 1
             if self._in_flight == 0:
@@ -190,7 +246,9 @@ class PostgresStore:
 
     async def ping(self) -> bool:
         try:
-            return bool(await self._with(lambda c: c.fetchval("SELECT 1", timeout=2)))
+            return bool(
+                await self._with(lambda c: c.fetchval("SELECT 1", timeout=2), read_only=True)
+            )
         except StorageUnavailable:
             return False
 
@@ -398,7 +456,8 @@ class PostgresStore:
                 store_id,
                 after_seq,
                 limit,
-            )
+            ),
+            read_only=True,
         )
         return [op_record_from_row(r) for r in rows]
 
@@ -406,7 +465,8 @@ class PostgresStore:
         row = await self._with(
             lambda c: c.fetchrow(
                 f"SELECT {OP_COLUMNS} FROM sync_operations WHERE id = $1", operation_id
-            )
+            ),
+            read_only=True,
         )
         return op_record_from_row(row) if row is not None else None
 
@@ -422,7 +482,7 @@ class PostgresStore:
             last = last or 0
             return LogBounds(oldest if oldest is not None else last + 1, last)
 
-        return await self._with(read)
+        return await self._with(read, read_only=True)
 
     async def snapshot(
         self, store_id: str, entity_types: Sequence[str] | None
@@ -441,7 +501,7 @@ class PostgresStore:
                 )
             return seq or 0, [entity_from_row(r) for r in rows]
 
-        return await self._with(read)
+        return await self._with(read, read_only=True)
 
     async def get_entity(self, key: EntityKey) -> Entity | None:
         row = await self._with(
@@ -451,7 +511,8 @@ class PostgresStore:
                 key.store_id,
                 key.entity_type,
                 key.entity_id,
-            )
+            ),
+            read_only=True,
         )
         return entity_from_row(row) if row is not None else None
 
