@@ -198,16 +198,23 @@ class PostgresStore:
         now = now or datetime.now(UTC)
 
         async def partitions(conn: asyncpg.Connection) -> None:
+            async with conn.transaction():
+                # Workers starting together would race to create the same partition.
+                await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
+                await create_partitions(conn)
+
+        async def create_partitions(conn: asyncpg.Connection) -> None:
             for ahead in (0, 1):
                 start, end = _month_start(now, ahead), _month_start(now, ahead + 1)
                 name = f"audit_logs_{start:%Y_%m}"
                 if await conn.fetchval("SELECT to_regclass($1)", name) is not None:
                     continue
                 try:
-                    await conn.execute(
-                        f'CREATE TABLE IF NOT EXISTS "{name}" PARTITION OF audit_logs_master '
-                        f"FOR VALUES FROM ('{start.isoformat()}') TO ('{end.isoformat()}')"
-                    )
+                    async with conn.transaction():  # a savepoint: a refusal keeps the lock
+                        await conn.execute(
+                            f'CREATE TABLE IF NOT EXISTS "{name}" PARTITION OF audit_logs_master '
+                            f"FOR VALUES FROM ('{start.isoformat()}') TO ('{end.isoformat()}')"
+                        )
                 except asyncpg.CheckViolationError:
                     # Rows of that month already sit in the default partition (the server was
                     # down for a month): they stay there, still queryable through the master.

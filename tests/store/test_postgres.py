@@ -132,3 +132,14 @@ async def test_a_large_batch_goes_through_copy(dsn: str) -> None:
             await conn.close()
     finally:
         await store.close()
+
+
+async def test_workers_keeping_partitions_together_do_not_collide(dsn: str) -> None:
+    stores = [PostgresStore(dsn) for _ in range(6)]
+    await asyncio.gather(*(s.open() for s in stores))
+    try:
+        when = datetime(2027, 3, 3, tzinfo=UTC)
+        await asyncio.gather(*(s.maintain(timedelta(days=30), now=when) for s in stores))
+        assert {"audit_logs_2027_03", "audit_logs_2027_04"} <= await partitions(dsn)
+    finally:
+        await asyncio.gather(*(s.close() for s in stores))
