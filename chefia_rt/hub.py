@@ -116,6 +116,9 @@ class Session:
     connected_at: str = ""
     opened_at: float = field(default_factory=time.time)  # orders takeovers across nodes
     replaced: bool = False  # closed by a newer session of the terminal (4004)
+    # Seqs at or past next_seq whose confirmation this session was sent (kept tiny: each leaves
+    # when the stream passes it).
+    confirmed_seqs: set[int] = field(default_factory=set)
     last_seen: float = field(default_factory=time.monotonic)
     acked_seq: int = 0
     metrics: dict[str, Any] | None = None
@@ -242,8 +245,14 @@ class Session:
             restart()
             return
         self.next_seq = seq + 1
+        self.confirmed_seqs.discard(seq)
         if not from_self:
             self.queue_push(frame)
+
+    def confirmed(self, seq: int) -> None:
+        """This session was sent the confirmation of `seq`: a gap-fill must not echo it back."""
+        if seq >= self.next_seq:
+            self.confirmed_seqs.add(seq)
 
     def pause(self) -> None:
         """Stop the stream until the next `resume_from`: no live pushes, and no catch-up either.
@@ -299,7 +308,12 @@ class Session:
             records = await read_ops(self.store_id, self.next_seq - 1, page)
             for record in records:
                 if record.seq == self.next_seq:
-                    self.queue_push(OutFrame(push_message(record)))
+                    # Ops this session was confirmed are never echoed, even when a gap (their
+                    # publish overtook another worker's) sends the stream through storage.
+                    if record.seq in self.confirmed_seqs:
+                        self.confirmed_seqs.discard(record.seq)
+                    else:
+                        self.queue_push(OutFrame(push_message(record)))
                     self.next_seq += 1
             # Going live happens in the same tick as the check, so no push slips between.
             if len(records) < page and self.next_seq - 1 >= head():

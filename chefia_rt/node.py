@@ -320,6 +320,7 @@ class Node:
 
     def position(self, session: Session, since: int | None, bounds: LogBounds) -> None:
         """Stream from `since` when the log still reaches it; else say resync_required."""
+        session.confirmed_seqs.clear()  # a resume replays the terminal's own ops too (SPEC §4)
         if since is None:
             self.hub.resume(session, bounds.last_seq)
             return
@@ -581,6 +582,8 @@ class Node:
                 self.stats.operation(done - pending.received, conflict=True)
                 continue
             session.send(confirmation_msg(outcome))
+            if outcome.record is not None and outcome.record.seq is not None:
+                session.confirmed(outcome.record.seq)
             if outcome.status != "duplicate":
                 conflict = outcome.record is not None and outcome.record.conflict_resolved
                 self.stats.operation(done - pending.received, conflict=conflict)

@@ -1,0 +1,109 @@
+"""The hub's ordered delivery with a fake transport: gaps, own ops, catch-up hand-off."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from chefia_rt.bus.base import Push
+from chefia_rt.domain import OpRecord
+from chefia_rt.hub import Hub, Outbound, Session
+from tests.helpers import decode_server_frame
+
+
+class FakeTransport:
+    def __init__(self) -> None:
+        self.frames: list[str | bytes] = []
+
+    async def send(self, frame: str | bytes) -> None:
+        self.frames.append(frame)
+
+    async def close(self, code: int, reason: str) -> None:
+        return None
+
+    def messages(self) -> list[dict[str, Any]]:
+        return [m for f in self.frames for m in decode_server_frame(f)]
+
+
+def record(seq: int, terminal: str) -> OpRecord:
+    return OpRecord(
+        id=f"op{seq}",
+        store_id="s1",
+        entity_type="tables",
+        entity_id=f"t{seq}",
+        operation="UPDATE",
+        data={"n": seq},
+        version=1,
+        seq=seq,
+        status="applied",
+        conflict_resolved=False,
+        terminal_id=terminal,
+        user_id=None,
+        priority="medium",
+        timestamp="2024-01-15T10:30:00.000000Z",
+        server_time="2024-01-15T10:30:00.000000Z",
+    )
+
+
+LOG = [record(1, "other"), record(2, "other"), record(3, "me"), record(4, "other")]
+COMMITTED: list[OpRecord] = []  # what storage holds so far
+
+
+async def read_ops(store_id: str, after: int, limit: int) -> list[OpRecord]:
+    return [r for r in COMMITTED if r.seq is not None and r.seq > after][:limit]
+
+
+def session(transport: FakeTransport) -> Session:
+    limits = Outbound(
+        queue_size=100, urgent_size=100, batch_max=10, batch_window=0, compression_threshold=None
+    )
+    return Session("me", "pos", "s1", "sid", "json", None, transport, limits)
+
+
+async def settle(s: Session) -> None:
+    for _ in range(50):
+        await asyncio.sleep(0.005)
+        if s.live and not s._pushes:
+            return
+
+
+async def test_a_gap_fill_never_echoes_an_op_the_session_was_confirmed() -> None:
+    # Live at seq 2; our own op 3 is confirmed, and its local publish overtakes another
+    # worker's op 2: the gap is filled from storage, which holds 2, 3 and 4.
+    transport = FakeTransport()
+    hub = Hub(read_ops)
+    s = session(transport)
+    hub.attach(s)
+    s.start()
+    COMMITTED[:] = LOG[:1]
+    hub.deliver("s1", [Push(LOG[0], "other")])  # head 1
+    hub.resume(s, 1)
+    await settle(s)
+    COMMITTED[:] = LOG[:3]
+    s.confirmed(3)
+    hub.deliver("s1", [Push(LOG[2], "me")])  # seq 3 before 2: a gap
+    await settle(s)
+    COMMITTED[:] = LOG
+    hub.deliver("s1", [Push(LOG[1], "other"), Push(LOG[3], "other")])
+    await settle(s)
+    seqs = [m["operation"]["seq"] for m in transport.messages() if m["type"] == "data_sync"]
+    assert seqs == [2, 4]
+    assert s.next_seq == 5
+    assert not s.confirmed_seqs
+    await s.stop()
+
+
+async def test_a_resume_replays_the_terminals_own_ops() -> None:
+    transport = FakeTransport()
+    hub = Hub(read_ops)
+    s = session(transport)
+    hub.attach(s)
+    s.start()
+    COMMITTED[:] = LOG
+    s.confirmed(3)  # confirmed in an earlier life of the stream ...
+    s.confirmed_seqs.clear()  # ... which a resume forgets (node.position)
+    hub.resume(s, 0)
+    await settle(s)
+    seqs = [m["operation"]["seq"] for m in transport.messages() if m["type"] == "data_sync"]
+    assert seqs == [1, 2, 3, 4]
+    await s.stop()
