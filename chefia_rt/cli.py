@@ -10,8 +10,10 @@ import sys
 from collections.abc import Callable, Sequence
 
 from chefia_rt import __version__
+from chefia_rt.auth import TERMINAL_TYPES, install_log_redaction, issue_token, parse_duration
 from chefia_rt.config import Settings, load_settings
 from chefia_rt.errors import ConfigError
+from chefia_rt.protocol.messages import TERMINAL_ID_RE
 
 log = logging.getLogger("chefia_rt")
 
@@ -22,6 +24,7 @@ def _setup_logging(settings: Settings) -> None:
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
         stream=sys.stderr,
     )
+    install_log_redaction(logging.getLogger().handlers)  # no token ever reaches a log line
     # websockets logs every connection at INFO; at dinner-rush volume that is noise.
     logging.getLogger("websockets").setLevel(max(logging.WARNING, logging.getLogger().level))
 
@@ -78,6 +81,117 @@ def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_token(args: argparse.Namespace, settings: Settings) -> int:
+    if not settings.auth_enabled:
+        print(
+            "chefia-rt: JWT_SECRET_KEY is not set: tokens are signed with it (and the server only "
+            "checks them when it is set)",
+            file=sys.stderr,
+        )
+        return 1
+    print(issue_token(settings.jwt_keys, args.terminal, args.store, args.type, args.ttl, args.user))
+    return 0
+
+
+def _token_arguments(parser: argparse.ArgumentParser) -> None:
+    def name(kind: str) -> Callable[[str], str]:
+        def check(value: str) -> str:
+            if not TERMINAL_ID_RE.match(value):
+                raise argparse.ArgumentTypeError(
+                    f"{kind} must be 1-64 characters of [A-Za-z0-9._:-]"
+                )
+            return value
+
+        return check
+
+    def duration(value: str) -> int:
+        try:
+            return parse_duration(value)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    def user(value: str) -> str:
+        if not 1 <= len(value) <= 128:
+            raise argparse.ArgumentTypeError("user id must be 1-128 characters")
+        return value
+
+    parser.add_argument(
+        "--terminal", required=True, type=name("terminal id"), help="terminal_id (the token's sub)"
+    )
+    parser.add_argument(
+        "--store", required=True, type=name("store id"), help="store_id the terminal belongs to"
+    )
+    parser.add_argument("--type", required=True, choices=sorted(TERMINAL_TYPES))
+    parser.add_argument(
+        "--ttl", default=12 * 3600, type=duration, help="lifetime: 90s, 15m, 12h, 7d (default 12h)"
+    )
+    parser.add_argument("--user", type=user, default=None, help="user_id recorded in the audit log")
+
+
+def cmd_backup(args: argparse.Namespace, settings: Settings) -> int:
+    from pathlib import Path
+
+    from chefia_rt.backup import BackupError, Progress, create_backup, verify_archive
+    from chefia_rt.schedule import cron_to_oncalendar
+
+    try:
+        if args.print_oncalendar:
+            print("\n".join(cron_to_oncalendar(settings.backup_schedule)))
+            return 0
+        if args.verify is not None:
+            print(verify_archive(Path(args.verify), Progress()).describe())
+            return 0
+        output = Path(args.output) if args.output is not None else None
+        result = asyncio.run(create_backup(settings, output_dir=output, progress=Progress()))
+    except (BackupError, ValueError) as exc:
+        print(f"chefia-rt: {exc}", file=sys.stderr)
+        return 1
+    print(result.path)
+    return 0
+
+
+def cmd_restore(args: argparse.Namespace, settings: Settings) -> int:
+    from pathlib import Path
+
+    from chefia_rt.backup import BackupError, Progress, restore_archive
+
+    try:
+        result = asyncio.run(
+            restore_archive(settings, Path(args.archive), force=args.force, progress=Progress())
+        )
+    except BackupError as exc:
+        print(f"chefia-rt: {exc}", file=sys.stderr)
+        return 1
+    print(result.describe())
+    return 0
+
+
+def _backup_arguments(parser: argparse.ArgumentParser) -> None:
+    what = parser.add_mutually_exclusive_group()
+    what.add_argument(
+        "--verify",
+        metavar="ARCHIVE",
+        help="check an archive (checksums, row counts, format) without restoring it",
+    )
+    what.add_argument(
+        "--output", metavar="DIR", help="write the archive here instead of BACKUP_DIR"
+    )
+    what.add_argument(
+        "--print-oncalendar",
+        action="store_true",
+        help="print the systemd OnCalendar= line(s) equivalent to BACKUP_SCHEDULE",
+    )
+
+
+def _restore_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("archive", metavar="ARCHIVE", help="a chefia-rt backup archive (.tar)")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="replace the data of a database that is not empty (cleared in the same transaction)",
+    )
+
+
 Command = Callable[[argparse.Namespace, Settings], int]
 
 
@@ -93,6 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
         ("serve", "run the server (supervisor and workers)", cmd_serve),
         ("migrate", "apply pending storage migrations", cmd_migrate),
         ("check-config", "validate the environment and say what would run", cmd_check_config),
+        ("token", "print a JWT for one terminal (needs JWT_SECRET_KEY)", cmd_token),
+        ("backup", "write one consistent archive of the store data (or --verify one)", cmd_backup),
+        ("restore", "restore an archive into DATABASE_URL (empty, or --force)", cmd_restore),
     ]
     for name, help_text, func in commands:
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -100,6 +217,12 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "serve":
             # Set by the supervisor for the worker processes it starts.
             p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
+        if name == "token":
+            _token_arguments(p)
+        if name == "backup":
+            _backup_arguments(p)
+        if name == "restore":
+            _restore_arguments(p)
     return parser
 
 

@@ -10,6 +10,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from chefia_rt.auth import parse_keys
 from chefia_rt.errors import ConfigError
+from chefia_rt.schedule import cron_to_oncalendar
 from chefia_rt.sync.permissions import Permissions
 from chefia_rt.sync.policies import PolicyTable
 
@@ -102,6 +103,12 @@ class Settings(BaseSettings):
             raise ValueError("must be sqlite:///path or postgresql://user@host/db")
         if value.startswith("sqlite:///") and value == "sqlite:///":
             raise ValueError("sqlite:/// needs a file path")
+        return value
+
+    @field_validator("backup_schedule")
+    @classmethod
+    def _cron(cls, value: str) -> str:
+        cron_to_oncalendar(value)  # ValueError naming the bad field
         return value
 
     @field_validator("ws_log_level", mode="before")

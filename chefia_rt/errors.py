@@ -80,5 +80,17 @@ class Overloaded(ChefiaError):
     code = Code.TRY_AGAIN_LATER
 
 
+class AuthFailed(ChefiaError):
+    """A missing, invalid or expired token, or one for another terminal (close 4003)."""
+
+    code = Code.AUTH_FAILED
+
+
+class RateLimited(ChefiaError):
+    """Over the terminal's operation rate (4005; sustained abuse closes with it)."""
+
+    code = Code.RATE_LIMITED
+
+
 class ConfigError(Exception):
     """A bad setting; startup stops with this one-line message."""

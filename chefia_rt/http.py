@@ -17,6 +17,8 @@ from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
 from chefia_rt import __version__
+from chefia_rt.auth import authenticate
+from chefia_rt.errors import AuthFailed
 
 if TYPE_CHECKING:
     from chefia_rt.node import Node
@@ -62,8 +64,30 @@ ROUTES: dict[str, Route] = {
 }
 
 
+# Routes that need a token when authentication is on, and the terminal types that may read them.
+# /health stays public: load balancers and deploy scripts poll it without credentials.
+PROTECTED: dict[str, frozenset[str]] = {
+    "/ws/stats": frozenset({"monitor", "pos"}),
+    "/api/v1/websocket/stats": frozenset({"monitor", "pos"}),
+}
+
+
+def _denied(node: Node, request: Request, allowed: frozenset[str]) -> Response | None:
+    """401 without a valid token, 403 for a terminal type that may not read this; else None."""
+    try:
+        claims = authenticate(node.settings.jwt_keys, urlsplit(request.path).query, request.headers)
+    except AuthFailed as exc:
+        return json_response(401, {"error": exc.reason}, {"WWW-Authenticate": "Bearer"})
+    if claims.terminal_type not in allowed:
+        kinds = " or ".join(sorted(allowed))
+        return json_response(403, {"error": f"needs a {kinds} token"})
+    return None
+
+
 def is_upgrade(request: Request) -> bool:
-    return "websocket" in request.headers.get("Upgrade", "").lower()
+    # get_all: a request repeating a header makes websockets' Headers.get raise (a 500 and an
+    # error in the log for one odd request); websockets' own handshake then refuses it cleanly.
+    return any("websocket" in value.lower() for value in request.headers.get_all("Upgrade"))
 
 
 async def handle_http(node: Node, request: Request) -> Response:
@@ -72,6 +96,11 @@ async def handle_http(node: Node, request: Request) -> Response:
     route = ROUTES.get(path)
     if route is None:
         return json_response(404, {"error": "not found", "path": path})
+    allowed = PROTECTED.get(path)
+    if allowed is not None and node.settings.auth_enabled:
+        denied = _denied(node, request, allowed)
+        if denied is not None:
+            return denied
     try:
         return await route(node)
     except Exception:

@@ -25,15 +25,24 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 from websockets.typing import Origin, Subprotocol
 
+from chefia_rt.auth import Claims, authenticate, authorize_terminal, install_log_redaction
 from chefia_rt.config import Settings
 from chefia_rt.domain import Operation, Resolution
-from chefia_rt.errors import ChefiaError, Code, InvalidMessage, MessageTooBig
+from chefia_rt.errors import (
+    AuthFailed,
+    ChefiaError,
+    Code,
+    InvalidMessage,
+    MessageTooBig,
+    RateLimited,
+)
 from chefia_rt.http import handle_http, is_upgrade, json_response
 from chefia_rt.hub import Outbound, Session
 from chefia_rt.node import Node
 from chefia_rt.protocol import messages as m
 from chefia_rt.protocol.codec import decode_frame
 from chefia_rt.supervisor import SUPERVISOR_FD_ENV, sd_notify
+from chefia_rt.sync.ratelimit import RateLimiter, Verdict
 
 log = logging.getLogger("chefia_rt.server")
 
@@ -96,6 +105,14 @@ class Server:
                 settings.compression_threshold if settings.ws_enable_compression else None
             ),
         )
+        # Buckets outlive connections, so a reconnect does not refill them (sync/ratelimit.py).
+        self._rate = RateLimiter(
+            settings.ws_rate_limit,
+            settings.ws_rate_burst,
+            settings.ws_rate_limit_strikes,
+            settings.ws_rate_limit_window,
+            max_terminals=max(1024, 4 * settings.max_ws_connections),
+        )
 
     # ---- handshake --------------------------------------------------------------------------
 
@@ -121,6 +138,16 @@ class Server:
         reconnect at capacity would be locked out until the old socket timed out."""
         url = urlsplit(request.path)
         terminal_id = unquote(url.path[len(self._prefix) :])
+        if self.settings.auth_enabled:
+            # The store is the token's (a query store_id means nothing then); a bad token is no
+            # takeover, and is refused like any other connection over the limit.
+            try:
+                claims = authenticate(self.settings.jwt_keys, url.query, request.headers)
+            except AuthFailed:
+                return False
+            if claims.terminal_id != terminal_id:
+                return False
+            return self.node.hub.get(claims.store_id, terminal_id) is not None
         store_id = _query(parse_qs(url.query), "store_id") or "default"
         return self.node.hub.get(store_id, terminal_id) is not None
 
@@ -137,11 +164,13 @@ class Server:
         params = parse_qs(url.query)
         if not m.TERMINAL_ID_RE.match(terminal_id):
             raise HandshakeRejected(Code.INVALID_TERMINAL_ID, "invalid terminal id")
-        terminal_type = _query(params, "type") or "pos"
-        if terminal_type not in m.TerminalType.__members__.values():
+        requested_type = _query(params, "type")
+        if requested_type is not None and requested_type not in m.TerminalType.__members__.values():
             raise HandshakeRejected(
-                Code.INVALID_TERMINAL_TYPE, f"invalid terminal type {terminal_type!r}"
+                Code.INVALID_TERMINAL_TYPE, f"invalid terminal type {requested_type!r}"
             )
+        claims = self._claims(ws, url.query, terminal_id, requested_type)
+        terminal_type = claims.terminal_type if claims else requested_type or "pos"
         encoding = _query(params, "encoding") or SUBPROTOCOLS.get(ws.subprotocol or "", "json")
         if encoding not in ("json", "msgpack"):
             raise HandshakeRejected(Code.INVALID_MESSAGE, "encoding must be json or msgpack")
@@ -151,10 +180,13 @@ class Server:
             if not since_raw.isdigit():
                 raise HandshakeRejected(Code.INVALID_MESSAGE, "since must be a seq (integer >= 0)")
             since = int(since_raw)
-        store_id = _query(params, "store_id") or "default"
-        if not m.TERMINAL_ID_RE.match(store_id):
-            raise HandshakeRejected(Code.INVALID_MESSAGE, "invalid store_id")
-        user_id = _query(params, "user_id")
+        if claims is not None:
+            store_id = claims.store_id  # never the query's: the token is what names the store
+        else:
+            store_id = _query(params, "store_id") or "default"
+            if not m.TERMINAL_ID_RE.match(store_id):
+                raise HandshakeRejected(Code.INVALID_MESSAGE, "invalid store_id")
+        user_id = claims.user_id if claims and claims.user_id else _query(params, "user_id")
         session = Session(
             terminal_id=terminal_id,
             terminal_type=terminal_type,
@@ -167,6 +199,20 @@ class Server:
             connected_at=m.utc_now_iso(),
         )
         return session, since
+
+    def _claims(
+        self, ws: ServerConnection, query: str, terminal_id: str, requested_type: str | None
+    ) -> Claims | None:
+        """The verified token of a connection (None in open mode); 4003 when it does not fit."""
+        if not self.settings.auth_enabled:
+            return None
+        headers = ws.request.headers if ws.request else {}
+        try:
+            claims = authenticate(self.settings.jwt_keys, query, headers)
+            authorize_terminal(claims, terminal_id, requested_type)
+        except AuthFailed as exc:
+            raise HandshakeRejected(exc.code, exc.reason) from None
+        return claims
 
     # ---- the connection ---------------------------------------------------------------------
 
@@ -206,6 +252,21 @@ class Server:
             if session.close_code is None and ws.close_code is not None:
                 session.close_code = ws.close_code
             await self.node.close_session(session)
+        await self._discard_until_closed(ws)
+
+    @staticmethod
+    async def _discard_until_closed(ws: ServerConnection) -> None:
+        """After we closed (abuse, rate limit, takeover), drop what the peer still sends.
+
+        websockets stops reading the socket while its queue of unread frames is full, and the
+        peer's answering close frame waits behind them: without this a client that pipelined a
+        burst (exactly what gets closed for abuse) would hold the closing handshake, and learn
+        of the close, only after the close timeout.
+        """
+        with contextlib.suppress(ConnectionClosed, TimeoutError):
+            async with asyncio.timeout(CLOSE_TIMEOUT):
+                while True:
+                    await ws.recv()
 
     async def _heartbeat(self, ws: ServerConnection, session: Session) -> None:
         """Protocol pings; a peer silent (no frame, no pong) past the timeout is closed."""
@@ -265,6 +326,8 @@ class Server:
                     ):
                         session.close(Code.INVALID_MESSAGE, "too many invalid messages")
                         return
+                    if session.closed:  # sustained rate-limit abuse
+                        return
                 except Exception:
                     # A bug must cost one answer, not the terminal's connection.
                     log.exception(
@@ -304,6 +367,8 @@ class Server:
         node = self.node
         if isinstance(msg, m.DataSyncIn):
             op = self._operation(session, msg.operation)
+            bulk = op.operation == m.OpKind.BULK_UPDATE
+            self._charge(session, len(op.data["updates"]) if bulk else 1, received)
             await node.check_operation(session, op)
             node.submit(op, session, received)
         elif isinstance(msg, m.PingIn):
@@ -311,6 +376,7 @@ class Server:
         elif isinstance(msg, m.SyncConfirmationIn):
             session.acked_seq = max(session.acked_seq, msg.seq or 0)
         elif isinstance(msg, m.ConflictResolutionIn):
+            self._charge(session, 1, received)
             node.permissions.check_resolve(session.terminal_type)
             resolution = Resolution(
                 conflict_id=msg.conflict_id,
@@ -350,6 +416,18 @@ class Server:
                 {"monitor"},
             )
 
+    def _charge(self, session: Session, cost: int, now: float) -> None:
+        """Count writes against the terminal's rate: 4005 over it, close 4005 when sustained."""
+        verdict = self._rate.check((session.store_id, session.terminal_id), cost, now)
+        if verdict is Verdict.ALLOW:
+            return
+        if verdict is Verdict.ABUSIVE:
+            session.close(Code.RATE_LIMITED, "rate limit exceeded repeatedly")
+        raise RateLimited(
+            f"rate limit: at most {self.settings.ws_rate_limit:g} operations/s "
+            f"(burst {self.settings.ws_rate_burst:g}); retry later"
+        )
+
     @staticmethod
     def _operation(session: Session, model: m.OperationModel) -> Operation:
         data = model.data
@@ -374,6 +452,7 @@ class Server:
 
     async def start(self, sock: socket.socket | None = None) -> WsServer:
         """Listen (on `sock` when given, else WS_HOST:WS_PORT with SO_REUSEPORT)."""
+        install_log_redaction()  # websockets logs request lines (and their ?token=) at DEBUG
         origins: list[Origin | None] | None = None
         if self.settings.allowed_origins is not None:
             origins = [Origin(o) for o in self.settings.allowed_origins] + [None]
@@ -404,6 +483,10 @@ class Server:
 
     async def shutdown(self, timeout: float = 10.0) -> None:
         """Graceful stop: refuse new work, commit what is queued, close clients with 1001."""
+        if self.ws_server is not None:
+            # Stop listening first: with SO_REUSEPORT the kernel then sends new connections to
+            # the other workers instead of to this one while it drains (no 503 during a reload).
+            self.ws_server.server.close()
         await self.node.drain(timeout)
         if self.ws_server is not None:
             self.ws_server.close(close_connections=True)

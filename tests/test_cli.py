@@ -124,7 +124,7 @@ def test_check_config_production_shape(tmp_path: Path) -> None:
         DATABASE_URL="postgresql://chefia@db/chefia",
         REDIS_URL="redis://cache:6379/0",
         WS_WORKER_THREADS="3",
-        JWT_SECRET_KEY="s3cret",
+        JWT_SECRET_KEY="s3cret-s3cret-s3cret-s3cret-s3cret",
         WS_PORT="9001",
     )
     result = run("check-config", cwd=tmp_path, env=env, entry="script")
@@ -135,8 +135,8 @@ def test_check_config_production_shape(tmp_path: Path) -> None:
     assert described["workers"] == 3  # WS_WORKER_THREADS is an alias of WS_WORKERS
     assert described["auth"] == "jwt"
     assert described["listen"].endswith(":9001/ws/{terminal_id}")
-    assert "s3cret" not in result.stdout
-    assert "s3cret" not in result.stderr
+    assert "s3cret-s3cret-s3cret-s3cret-s3cret" not in result.stdout
+    assert "s3cret-s3cret-s3cret-s3cret-s3cret" not in result.stderr
 
 
 def test_workers_default_with_redis(tmp_path: Path) -> None:
