@@ -116,9 +116,10 @@ class Session:
     connected_at: str = ""
     opened_at: float = field(default_factory=time.time)  # orders takeovers across nodes
     replaced: bool = False  # closed by a newer session of the terminal (4004)
-    # Seqs at or past next_seq whose confirmation this session was sent (kept tiny: each leaves
-    # when the stream passes it).
-    confirmed_seqs: set[int] = field(default_factory=set)
+    # Ids of operations this session sent whose place in the stream is still ahead: the stream
+    # skips them (no echo) even when it goes through storage. Each leaves as the stream passes
+    # it or when it got no seq, so the set stays as small as the writes in flight.
+    own_ops: set[str] = field(default_factory=set)
     last_seen: float = field(default_factory=time.monotonic)
     acked_seq: int = 0
     metrics: dict[str, Any] | None = None
@@ -236,7 +237,7 @@ class Session:
     # ---- ordered delivery -----------------------------------------------------------------
 
     def offer(
-        self, seq: int, frame: OutFrame, from_self: bool, restart: Callable[[], None]
+        self, seq: int, op_id: str, frame: OutFrame, from_self: bool, restart: Callable[[], None]
     ) -> None:
         """A live push of the store: take it if it is the next one, fill a gap otherwise."""
         if not self.live or self.closed or seq < self.next_seq:
@@ -245,14 +246,10 @@ class Session:
             restart()
             return
         self.next_seq = seq + 1
-        self.confirmed_seqs.discard(seq)
-        if not from_self:
+        if from_self:
+            self.own_ops.discard(op_id)
+        else:
             self.queue_push(frame)
-
-    def confirmed(self, seq: int) -> None:
-        """This session was sent the confirmation of `seq`: a gap-fill must not echo it back."""
-        if seq >= self.next_seq:
-            self.confirmed_seqs.add(seq)
 
     def pause(self) -> None:
         """Stop the stream until the next `resume_from`: no live pushes, and no catch-up either.
@@ -308,10 +305,10 @@ class Session:
             records = await read_ops(self.store_id, self.next_seq - 1, page)
             for record in records:
                 if record.seq == self.next_seq:
-                    # Ops this session was confirmed are never echoed, even when a gap (their
-                    # publish overtook another worker's) sends the stream through storage.
-                    if record.seq in self.confirmed_seqs:
-                        self.confirmed_seqs.discard(record.seq)
+                    # This session's own ops are never echoed, even when a gap (their publish
+                    # overtook another worker's) sends the stream through storage.
+                    if record.id in self.own_ops:
+                        self.own_ops.discard(record.id)
                     else:
                         self.queue_push(OutFrame(push_message(record)))
                     self.next_seq += 1
@@ -385,6 +382,7 @@ class Hub:
             for session in list(sessions.values()):
                 session.offer(
                     seq,
+                    push.record.id,
                     frame,
                     session.terminal_id == push.origin,
                     lambda s=session: self.resume(s, s.next_seq - 1),  # type: ignore[misc]

@@ -320,7 +320,7 @@ class Node:
 
     def position(self, session: Session, since: int | None, bounds: LogBounds) -> None:
         """Stream from `since` when the log still reaches it; else say resync_required."""
-        session.confirmed_seqs.clear()  # a resume replays the terminal's own ops too (SPEC §4)
+        session.own_ops.clear()  # a resume replays the terminal's own ops too (SPEC §4)
         if since is None:
             self.hub.resume(session, bounds.last_seq)
             return
@@ -488,6 +488,8 @@ class Node:
         except asyncio.QueueFull:
             raise Overloaded("server busy: write queue full, retry") from None
         self._idle.clear()  # set again by the writer once the queue is empty
+        # Known as this session's own from now on, so no path of the stream echoes it back.
+        session.own_ops.add(_own_op_id(item))
 
     async def _write_loop(self) -> None:
         limit = self.settings.sync_batch_max_ops
@@ -538,6 +540,7 @@ class Node:
                 log.exception("commit failed")
                 reason = "storage error; retry"
             for pending in batch:
+                pending.session.own_ops.discard(_own_op_id(pending.item))
                 pending.session.send(
                     sync_error_msg(
                         _item_id(pending.item), 1013, reason, *_item_entity(pending.item)
@@ -564,6 +567,9 @@ class Node:
         done = time.monotonic()
         for pending, outcome in zip(batch, outcomes, strict=True):
             session = pending.session
+            record = outcome.record
+            if record is None or record.seq is None or record.seq < session.next_seq:
+                session.own_ops.discard(_own_op_id(pending.item))  # no place ahead in the stream
             if outcome.status == "error":
                 assert outcome.error is not None
                 session.send(
@@ -582,8 +588,6 @@ class Node:
                 self.stats.operation(done - pending.received, conflict=True)
                 continue
             session.send(confirmation_msg(outcome))
-            if outcome.record is not None and outcome.record.seq is not None:
-                session.confirmed(outcome.record.seq)
             if outcome.status != "duplicate":
                 conflict = outcome.record is not None and outcome.record.conflict_resolved
                 self.stats.operation(done - pending.received, conflict=conflict)
@@ -639,6 +643,13 @@ class Node:
 
 def _iso(epoch: float) -> str:
     return format_timestamp(datetime.fromtimestamp(epoch, UTC))
+
+
+def _own_op_id(item: Operation | Resolution) -> str:
+    """The operation an item writes: a resolution writes its conflict's operation."""
+    if isinstance(item, Operation):
+        return item.id
+    return item.conflict_id.removeprefix(conflict_id_for(""))
 
 
 def _item_id(item: Operation | Resolution) -> str:

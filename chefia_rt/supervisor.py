@@ -68,10 +68,7 @@ class Supervisor:
         loop.add_signal_handler(signal.SIGTERM, self._event, "stop", None)
         loop.add_signal_handler(signal.SIGINT, self._event, "stop", None)
         loop.add_signal_handler(signal.SIGHUP, self._event, "reload", None)
-        for index in range(self.settings.workers):
-            self.workers[index] = await self._spawn(index)
-        if not await self._all_ready(list(self.workers.values())):
-            log.error("workers did not become ready within %.0fs; stopping", READY_TIMEOUT)
+        if not await self._start_all():
             await self._stop_all()
             return 1
         sd_notify(
@@ -132,14 +129,60 @@ class Supervisor:
         worker.channel.close()
         self._event("exited", worker)
 
-    async def _all_ready(self, workers: list[Worker]) -> bool:
+    async def _start_all(self) -> bool:
+        """Start every worker and wait until all listen; False (logged) when they cannot.
+
+        A worker that exits before it is ready is started again, a few times: workers starting
+        together race for shared start-up work (migrations, partitions) and one may lose. Only
+        waiting for `ready` left the supervisor idle for READY_TIMEOUT with a worker missing,
+        and then it stopped the whole node.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + READY_TIMEOUT
+        for index in range(self.settings.workers):
+            self.workers[index] = await self._spawn(index)
+        failures = 0
+        for index in range(self.settings.workers):
+            while not await self._ready(self.workers[index], deadline - loop.time()):
+                worker = self.workers[index]
+                if worker.process.returncode is None:
+                    log.error("workers did not become ready within %.0fs; stopping", READY_TIMEOUT)
+                    return False
+                if failures >= len(RESTART_DELAYS):
+                    log.error(
+                        "worker %d keeps exiting before it is ready (%d starts, last exit %s); "
+                        "stopping",
+                        index,
+                        failures + 1,
+                        worker.process.returncode,
+                    )
+                    return False
+                delay = RESTART_DELAYS[failures]
+                failures += 1
+                log.error(
+                    "worker %d (pid %d) exited with %s before it was ready; restarting in %.1fs",
+                    index,
+                    worker.process.pid,
+                    worker.process.returncode,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+                self.workers[index] = await self._spawn(index)
+        return True
+
+    @staticmethod
+    async def _ready(worker: Worker, timeout: float) -> bool:
+        """True once the worker listens; False when it exits first or `timeout` passes."""
+        ready = asyncio.ensure_future(worker.ready.wait())
+        exited = asyncio.ensure_future(worker.process.wait())
         try:
-            async with asyncio.timeout(READY_TIMEOUT):
-                for worker in workers:
-                    await worker.ready.wait()
-            return True
-        except TimeoutError:
-            return False
+            await asyncio.wait(
+                (ready, exited), timeout=max(0.0, timeout), return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            ready.cancel()
+            exited.cancel()
+        return worker.ready.is_set() and worker.process.returncode is None
 
     async def _exited(self, worker: Worker) -> None:
         if worker.retiring or self.workers.get(worker.index) is not worker:
@@ -162,7 +205,8 @@ class Supervisor:
         sd_notify("RELOADING=1")
         for index, old in list(self.workers.items()):
             new = await self._spawn(index)
-            if not await self._all_ready([new]):
+            # Not only a timeout: a new worker that exits at once is given up on at once.
+            if not await self._ready(new, READY_TIMEOUT):
                 log.error("reload: the new worker %d did not become ready; keeping the old", index)
                 await self._terminate([new])
                 continue

@@ -67,8 +67,8 @@ async def settle(s: Session) -> None:
             return
 
 
-async def test_a_gap_fill_never_echoes_an_op_the_session_was_confirmed() -> None:
-    # Live at seq 2; our own op 3 is confirmed, and its local publish overtakes another
+async def test_a_gap_fill_never_echoes_the_sessions_own_op() -> None:
+    # Live at seq 1; our own op 3 is committed, and its local publish overtakes another
     # worker's op 2: the gap is filled from storage, which holds 2, 3 and 4.
     transport = FakeTransport()
     hub = Hub(read_ops)
@@ -80,7 +80,7 @@ async def test_a_gap_fill_never_echoes_an_op_the_session_was_confirmed() -> None
     hub.resume(s, 1)
     await settle(s)
     COMMITTED[:] = LOG[:3]
-    s.confirmed(3)
+    s.own_ops.add("op3")  # submitted by this session (node.submit)
     hub.deliver("s1", [Push(LOG[2], "me")])  # seq 3 before 2: a gap
     await settle(s)
     COMMITTED[:] = LOG
@@ -89,7 +89,7 @@ async def test_a_gap_fill_never_echoes_an_op_the_session_was_confirmed() -> None
     seqs = [m["operation"]["seq"] for m in transport.messages() if m["type"] == "data_sync"]
     assert seqs == [2, 4]
     assert s.next_seq == 5
-    assert not s.confirmed_seqs
+    assert not s.own_ops
     await s.stop()
 
 
@@ -100,8 +100,8 @@ async def test_a_resume_replays_the_terminals_own_ops() -> None:
     hub.attach(s)
     s.start()
     COMMITTED[:] = LOG
-    s.confirmed(3)  # confirmed in an earlier life of the stream ...
-    s.confirmed_seqs.clear()  # ... which a resume forgets (node.position)
+    s.own_ops.add("op3")  # sent in an earlier life of the stream ...
+    s.own_ops.clear()  # ... which a resume forgets (node.position)
     hub.resume(s, 0)
     await settle(s)
     seqs = [m["operation"]["seq"] for m in transport.messages() if m["type"] == "data_sync"]
