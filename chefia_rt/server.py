@@ -536,6 +536,8 @@ async def run(settings: Settings, sock: socket.socket | None = None) -> None:
         await stop.wait()
     finally:
         log.info("shutting down: draining writes, closing connections with 1001")
+        if channel is None:
+            sd_notify("STOPPING=1")
         await server.shutdown()
 
 
