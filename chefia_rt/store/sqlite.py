@@ -443,7 +443,7 @@ class SQLiteStore:
         def prune(db: sqlite3.Connection) -> int:
             db.execute("BEGIN IMMEDIATE")
             try:
-                deleted = db.execute(
+                db.execute(
                     "WITH keep AS (SELECT store_id, min(seq) AS first_kept FROM sync_operations "
                     "  WHERE server_time >= ? AND seq IS NOT NULL GROUP BY store_id) "
                     "DELETE FROM sync_operations WHERE server_time < ? "
@@ -451,7 +451,9 @@ class SQLiteStore:
                     "  WHERE keep.store_id = sync_operations.store_id "
                     "  AND sync_operations.seq > keep.first_kept))",
                     (cutoff, cutoff),
-                ).rowcount
+                )
+                # cursor.rowcount is -1 for a DELETE behind a WITH clause; changes() is exact.
+                deleted = int(db.execute("SELECT changes()").fetchone()[0])
                 db.execute("COMMIT")
             except BaseException:
                 _rollback(db)

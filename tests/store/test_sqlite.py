@@ -246,3 +246,18 @@ async def test_hot_queries_use_indexes(opened: SQLiteStore) -> None:
         )
     )
     assert "sync_operations_store_seq" in oldest
+
+
+async def test_maintain_logs_how_many_rows_it_pruned(
+    db_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    store = SQLiteStore(str(db_path))
+    await store.open()
+    try:
+        with caplog.at_level("INFO", logger="chefia_rt.store.sqlite"):
+            await store.maintain(timedelta(days=30), now=datetime.now(UTC))
+        assert "pruned 0 operation-log rows" in caplog.text
+    finally:
+        await store.close()
