@@ -243,14 +243,17 @@ class Node:
         landed after its timeout): a session still behind what storage had one check ago missed
         something, and fills the gap from storage like any other gap.
         """
-        seen, self._log_heads = self._log_heads, {}
+        seen = self._log_heads
+        heads = {}
         for store_id in self.hub.store_ids():
-            last = (await self.store.log_bounds(store_id)).last_seq
-            self._log_heads[store_id] = last
+            heads[store_id] = (await self.store.log_bounds(store_id)).last_seq
             behind = seen.get(store_id, 0)
             for session in self.hub.store_sessions(store_id):
                 if session.live and not session.closed and session.next_seq <= behind:
                     self.hub.resume(session, session.next_seq - 1)
+        # Only a complete round replaces the last one: a failed read must not forget what an
+        # earlier round saw (that would delay the catch-up by a round).
+        self._log_heads = heads
 
     async def drain(self, timeout: float) -> None:
         """Stop taking operations and commit what is queued (SIGTERM)."""

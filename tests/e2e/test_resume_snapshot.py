@@ -426,3 +426,25 @@ async def test_resume_answer_delayed_while_a_catch_up_runs(
             for seq in range(stored + 1, stored + extra + 1):
                 assert got.count(seq) == 1, f"seq {seq} arrived {got.count(seq)} times"
             await quiet(late, wait=0.1)
+
+
+async def test_reconcile_delivers_an_op_whose_publish_was_lost(
+    server: RunningServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with server.terminal("pos-a") as a, server.terminal("pos-b") as b:
+        real_publish = server.node.bus.publish
+
+        async def lost(store_id: str, pushes: Any) -> None:
+            return None  # committed, confirmed, but never published (a Redis hiccup)
+
+        monkeypatch.setattr(server.node.bus, "publish", lost)
+        await a.send(op("lost-1", "t1", {"n": 1}))
+        confirmation = await a.expect("sync_confirmation")
+        await b.nothing(0.3)
+        monkeypatch.setattr(server.node.bus, "publish", real_publish)
+        await server.node.reconcile()  # sees the log's head
+        await server.node.reconcile()  # b is still behind it: caught up from storage
+        pushed = await b.expect("data_sync")
+        assert pushed["operation"]["id"] == "lost-1"
+        assert pushed["operation"]["seq"] == confirmation["seq"]
+        await a.nothing(0.2)  # never echoed to its sender
