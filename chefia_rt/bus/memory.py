@@ -18,6 +18,10 @@ class MemoryBus:
     def __init__(self) -> None:
         self._deliver: Deliver | None = None
         self._locks = LockTable()
+        # (store, terminal) -> its current session, so that the end of a stale session releases
+        # nothing, as the Bus protocol says; relying on the hub to never ask was not enough for
+        # a caller that unregisters a session after its terminal reconnected.
+        self._current: dict[tuple[str, str], str] = {}
 
     async def start(self, deliver: Deliver, takeover: Takeover, resync: Callable[[], None]) -> None:
         # One worker: the hub itself sees every takeover, and nothing can be missed.
@@ -44,10 +48,14 @@ class MemoryBus:
     async def register(
         self, store_id: str, terminal_id: str, session_id: str, connected_at: float
     ) -> None:
-        return None
+        self._current[(store_id, terminal_id)] = session_id
 
     async def unregister(self, store_id: str, terminal_id: str, session_id: str) -> None:
-        # The hub calls this only for a terminal's current session.
+        current = self._current.get((store_id, terminal_id))
+        if current is not None and current != session_id:
+            return  # the terminal is connected again: its locks stay
+        # An unknown session counts as current (as on Redis, whose presence a restart forgets).
+        self._current.pop((store_id, terminal_id), None)
         self._locks.release_owner(store_id, terminal_id, time.time())
 
     async def ping(self) -> bool:

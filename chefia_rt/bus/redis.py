@@ -8,6 +8,10 @@
   replaces the older one (4004), and a disconnect releases locks only when it was current.
 - Locks: leases in Redis hashes with a Redis expiry, taken and released by Lua scripts so that
   check-and-set is atomic across nodes.
+- Leases and presence live only in Redis (it runs without persistence): a Redis that restarts
+  empty forgets them, so a lock is lost early (never held late) and the terminal locks again.
+  While Redis is unreachable, lock calls raise StorageUnavailable (1013, retry): a write is never
+  let past a lock that cannot be checked.
 """
 
 from __future__ import annotations
@@ -24,6 +28,10 @@ from typing import Any
 
 import msgpack
 import redis.asyncio as aioredis
+from redis.asyncio.client import PubSub
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from chefia_rt.bus.base import Deliver, Push, Takeover
@@ -53,9 +61,12 @@ end
 return 0
 """
 # Forget a terminal's presence and release its locks, but only if `session` is still current:
-# a terminal that already reconnected elsewhere keeps its locks.
+# a terminal that already reconnected elsewhere keeps its locks. No presence at all counts as
+# current: a Redis restart forgets every session's presence, and the terminals connected then
+# would otherwise never release the locks they take afterwards (only their expiry would).
 _UNREGISTER = """
-if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return -1 end
+local current = redis.call('HGET', KEYS[1], ARGV[1])
+if current and current ~= ARGV[2] then return -1 end
 redis.call('HDEL', KEYS[1], ARGV[1])
 local released = 0
 for _, key in ipairs(redis.call('SMEMBERS', KEYS[2])) do
@@ -69,6 +80,11 @@ return released
 """
 
 RECONNECT_DELAY = (0.1, 2.0)  # first and longest wait between subscriber reconnects
+# A subscriber that has heard nothing for this long pings; with no answer as long again, it
+# counts as lost and resubscribes (and has its node catch up). A blocking read alone would wait
+# forever on a connection whose peer vanished without closing it (a frozen Redis, a dead host,
+# a cut network).
+LIVENESS = 5.0
 
 
 def _record_to_wire(record: OpRecord) -> dict[str, Any]:
@@ -85,6 +101,7 @@ class RedisBus:
         self.prefix = prefix
         self.worker_id = worker_id or uuid.uuid4().hex
         self._redis: aioredis.Redis | None = None
+        self._subscriber: aioredis.Redis | None = None
         self._deliver: Deliver | None = None
         self._takeover: Takeover | None = None
         self._resync: Callable[[], None] | None = None
@@ -115,8 +132,21 @@ class RedisBus:
     async def start(self, deliver: Deliver, takeover: Takeover, resync: Callable[[], None]) -> None:
         self._deliver, self._takeover, self._resync = deliver, takeover, resync
         self._redis = aioredis.from_url(
-            self.url, socket_timeout=5, socket_connect_timeout=5, health_check_interval=10
+            self.url,
+            socket_timeout=5,
+            socket_connect_timeout=5,
+            health_check_interval=10,
+            # After Redis restarts, every pooled connection fails its next command: retry that
+            # once on a new connection, or the first unregister (locks never released), register
+            # (no takeover) or lock after a restart fails for nothing. A command Redis ran before
+            # the connection broke is harmless to run again: a lease taken, released or freed
+            # twice ends the same, and hubs drop a push or takeover they have seen.
+            # Never on a timeout: a frozen Redis must not double the wait.
+            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
         )
+        # The subscriber's own connection, without that retry: redis-py would resubscribe behind
+        # our back after a reconnect, and the node would never be told to catch up.
+        self._subscriber = aioredis.from_url(self.url, socket_timeout=5, socket_connect_timeout=5)
         self._acquire = self._redis.register_script(_ACQUIRE)
         self._release = self._redis.register_script(_RELEASE)
         self._unregister = self._redis.register_script(_UNREGISTER)
@@ -131,37 +161,82 @@ class RedisBus:
     async def close(self) -> None:
         if self._listener is not None:
             self._listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._listener
+            # Bounded, like every wait: a listener stuck in a client call must not hold up the
+            # worker's shutdown (the connections are closed below either way).
+            _, stuck = await asyncio.wait({self._listener}, timeout=5)
+            if stuck:
+                log.warning("the redis listener did not stop within 5s")
+            self._listener = None
         if self._redis is not None:
             await self._redis.aclose()
             self._redis = None
+        if self._subscriber is not None:
+            await self._subscriber.aclose()
+            self._subscriber = None
 
     async def _listen(self, subscribed: asyncio.Event) -> None:
+        assert self._subscriber is not None
         delay = RECONNECT_DELAY[0]
         first = True
         while True:
-            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+            pubsub = self._subscriber.pubsub()
             try:
                 await pubsub.subscribe(self._ops_channel, self._control_channel)
+                await self._confirmed(pubsub)
                 subscribed.set()
                 if not first and self._resync is not None:
                     # Whatever was published while we were away is in storage: catch up.
                     self._resync()
-                first, delay = False, RECONNECT_DELAY[0]
-                async for message in pubsub.listen():
-                    if message.get("type") == "message":
-                        self._on_message(message["channel"], message["data"])
+                delay = RECONNECT_DELAY[0]
+                await self._receive(pubsub)
             except asyncio.CancelledError:
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
                 raise
             except (RedisError, OSError) as exc:
                 log.warning("redis subscriber lost (%s); reconnecting in %.1fs", exc, delay)
+            # Any later subscription follows a gap, including the first one to succeed after
+            # start() gave up waiting for Redis: pushes may have been missed in between.
+            first = False
             with contextlib.suppress(Exception):
                 await pubsub.aclose()  # type: ignore[no-untyped-call]
             await asyncio.sleep(delay)
             delay = min(delay * 2, RECONNECT_DELAY[1])
+
+    async def _confirmed(self, pubsub: PubSub) -> None:
+        """Wait until Redis confirms both subscriptions.
+
+        SUBSCRIBE only sends the command: a catch-up started before the subscriptions are in
+        force could miss an operation committed after its read and published before them.
+        """
+        waiting = {self._ops_channel.encode(), self._control_channel.encode()}
+        async with asyncio.timeout(2 * LIVENESS):
+            while waiting:
+                message = await pubsub.get_message(timeout=1.0)
+                if message is None:
+                    continue
+                if message["type"] == "subscribe":
+                    waiting.discard(message["channel"])
+                elif message["type"] == "message":
+                    self._on_message(message["channel"], message["data"])
+
+    async def _receive(self, pubsub: PubSub) -> None:
+        """Hand messages on until the connection fails or stays silent past LIVENESS."""
+        heard = time.monotonic()
+        pinged: float | None = None
+        while True:
+            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=LIVENESS / 2)
+            now = time.monotonic()
+            if message is not None:
+                heard, pinged = now, None
+                if message["type"] == "message":
+                    self._on_message(message["channel"], message["data"])
+            elif pinged is not None:
+                if now - pinged > LIVENESS:
+                    raise RedisConnectionError(f"no answer from redis for {now - heard:.1f}s")
+            elif now - heard > LIVENESS:
+                await pubsub.ping()  # its answer (a "pong" message) is heard like any other
+                pinged = now
 
     def _on_message(self, channel: bytes, data: bytes) -> None:
         try:
