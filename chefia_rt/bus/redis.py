@@ -80,6 +80,9 @@ return released
 """
 
 RECONNECT_DELAY = (0.1, 2.0)  # first and longest wait between subscriber reconnects
+OUTBOX_SIZE = 10_000  # publish payloads waiting for Redis
+PUBLISH_BATCH = 256  # payloads per pipelined round trip
+LEASE_READ_TIMEOUT = 1.0
 # A subscriber that has heard nothing for this long pings; with no answer as long again, it
 # counts as lost and resubscribes (and has its node catch up). A blocking read alone would wait
 # forever on a connection whose peer vanished without closing it (a frozen Redis, a dead host,
@@ -106,6 +109,8 @@ class RedisBus:
         self._takeover: Takeover | None = None
         self._resync: Callable[[], None] | None = None
         self._listener: asyncio.Task[None] | None = None
+        self._publisher: asyncio.Task[None] | None = None
+        self._outbox: asyncio.Queue[bytes] = asyncio.Queue(maxsize=OUTBOX_SIZE)
         self._ops_channel = f"{prefix}:ops"
         self._control_channel = f"{prefix}:control"
 
@@ -152,6 +157,7 @@ class RedisBus:
         self._unregister = self._redis.register_script(_UNREGISTER)
         subscribed = asyncio.Event()
         self._listener = asyncio.create_task(self._listen(subscribed), name="redis-listener")
+        self._publisher = asyncio.create_task(self._publish_loop(), name="redis-publisher")
         with contextlib.suppress(TimeoutError):
             # Start serving even when Redis is down: pushes reach this worker's own terminals,
             # and the others catch up from storage once it is back.
@@ -159,6 +165,15 @@ class RedisBus:
                 await subscribed.wait()
 
     async def close(self) -> None:
+        if self._publisher is not None:
+            # What is queued goes out first (bounded): other workers get this worker's last ops
+            # at once rather than from their next reconcile.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(2):
+                    await self._outbox.join()
+            self._publisher.cancel()
+            await asyncio.wait({self._publisher}, timeout=5)
+            self._publisher = None
         if self._listener is not None:
             self._listener.cancel()
             # Bounded, like every wait: a listener stuck in a client call must not hold up the
@@ -263,11 +278,29 @@ class RedisBus:
                 "p": [(_record_to_wire(p.record), p.origin) for p in pushes],
             }
         )
+        # The writer does not wait for Redis: one publisher task sends the payloads in order,
+        # many per round trip. A full outbox (Redis frozen) drops: the ops are committed, and
+        # the other workers find them in storage (gap or reconcile).
         try:
-            await self.redis.publish(self._ops_channel, payload)
-        except (RedisError, OSError) as exc:
-            # Committed already; the other workers find the ops in storage (gap or reconcile).
-            log.warning("publishing to redis failed: %s", exc)
+            self._outbox.put_nowait(payload)
+        except asyncio.QueueFull:
+            log.warning("redis outbox full; other workers will catch up from storage")
+
+    async def _publish_loop(self) -> None:
+        while True:
+            payloads = [await self._outbox.get()]
+            while not self._outbox.empty() and len(payloads) < PUBLISH_BATCH:
+                payloads.append(self._outbox.get_nowait())
+            try:
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for payload in payloads:
+                        pipe.publish(self._ops_channel, payload)
+                    await pipe.execute()
+            except (RedisError, OSError, StorageUnavailable) as exc:
+                log.warning("publishing %d payloads to redis failed: %s", len(payloads), exc)
+            finally:
+                for _ in payloads:
+                    self._outbox.task_done()
 
     # ---- presence ---------------------------------------------------------------------------
 
@@ -305,10 +338,13 @@ class RedisBus:
 
     async def get_lease(self, key: EntityKey) -> Lease | None:
         try:
-            owner, lock_id, expires = await self.redis.hmget(
-                self._lock_key(key), "owner", "lock_id", "expires"
-            )
-        except (RedisError, OSError) as exc:
+            # Every write asks this: a frozen Redis must cost a quick 1013, not the writer's
+            # patience for the full socket timeout.
+            async with asyncio.timeout(LEASE_READ_TIMEOUT):
+                owner, lock_id, expires = await self.redis.hmget(
+                    self._lock_key(key), "owner", "lock_id", "expires"
+                )
+        except (RedisError, OSError, TimeoutError) as exc:
             raise StorageUnavailable(f"lock service unavailable: {exc}") from exc
         if owner is None or lock_id is None or expires is None:
             return None
