@@ -43,7 +43,7 @@ from chefia_rt.store.base import SessionRecord, Store
 from chefia_rt.store.postgres import PostgresStore
 from chefia_rt.store.sqlite import SQLiteStore
 from tests.helpers import RunningServer, Terminal, op, running_server
-from tests.services import PG_DSN, drop_pg_schema, new_pg_schema
+from tests.services import PG_DSN, drop_pg_schema, new_pg_schema, service_missing
 from tests.store.test_contract import STAMPS, UNICODE, make_op, sync
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -1117,7 +1117,7 @@ def test_systemd_units(tmp_path: Path) -> None:
 
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
-        pytest.skip("systemd-analyze is not installed (apt-get install systemd)")
+        service_missing("systemd-analyze", "not installed (apt-get install systemd)")
     # `verify` wants ExecStart's binary to exist: point it at this checkout's entry point.
     script = Path(sys.executable).parent / "chefia-rt"
     (tmp_path / service.name).write_text(
