@@ -585,7 +585,7 @@ async def test_silent_connection_is_closed_after_the_timeout(tmp_path: Path) -> 
             elapsed = loop.time() - started
             assert pings >= 2
             assert code == 1001
-            assert 1.0 <= elapsed < 3.0, elapsed
+            assert 1.0 <= elapsed < 10.0, elapsed  # timeout 1 s; generous for a loaded machine
             client.close()  # a peer that is really gone; the server then forgets it at once
             await eventually(lambda: len(server.node.hub) == 0, timeout=2)
         finally:

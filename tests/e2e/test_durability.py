@@ -267,7 +267,7 @@ async def test_sigterm_drains_closes_1001_and_exits_0(proc: ServerProcess) -> No
         rest = await drain(sender, timeout=10)
         pushed = await drain(listener, timeout=10)
         assert proc.proc.wait(10) == 0, proc.log()
-        assert time.monotonic() - started < 5
+        assert time.monotonic() - started < 15
         assert sender.ws.protocol.close_rcvd is not None
         assert sender.ws.protocol.close_rcvd.code == 1001
         assert listener.ws.protocol.close_rcvd is not None
@@ -347,4 +347,5 @@ async def test_sigterm_with_a_terminal_that_stopped_reading(proc: ServerProcess)
             await sender.close()
     finally:
         stuck.close()
-    assert elapsed < 7, f"graceful stop took {elapsed:.1f}s"
+    # About 6 s: the bounded close of the stuck terminal, then the drain. Bounded, not timed.
+    assert elapsed < 20, f"graceful stop took {elapsed:.1f}s"

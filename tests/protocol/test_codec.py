@@ -264,7 +264,7 @@ def test_compression_bomb_is_refused_without_inflating_it() -> None:
         tracemalloc.stop()
     assert info.value.code == Code.MESSAGE_TOO_BIG
     assert int(info.value.code) == 1009
-    assert elapsed < 1.0
+    assert elapsed < 5.0  # inflating 50 MiB would take far longer on a loaded machine too
     assert peak < 4 * MAX  # at most max_size + 1 inflated, never 50 MiB
 
 
