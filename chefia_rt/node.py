@@ -118,6 +118,23 @@ def make_bus(settings: Settings) -> Bus:
     return RedisBus(settings.redis_url, prefix=settings.redis_prefix)
 
 
+def batch_request(items: Sequence[Operation | Resolution]) -> BatchRequest:
+    """What the store must read under lock before the engine can decide these items."""
+    request = BatchRequest()
+    stores: set[str] = set()
+    for item in items:
+        stores.add(item.store_id)
+        if isinstance(item, Resolution):
+            request.conflict_ids.append(item.conflict_id)
+        else:
+            request.operation_ids.append(item.id)
+            # A retry of an op that raised a manual conflict repeats that conflict.
+            request.conflict_ids.append(conflict_id_for(item.id))
+            request.entity_keys.extend(item.touched_keys())
+    request.store_ids = sorted(stores)
+    return request
+
+
 def confirmation_msg(outcome: Outcome) -> dict[str, Any]:
     record = outcome.record
     assert record is not None
@@ -511,17 +528,7 @@ class Node:
 
     async def _commit(self, batch: list[Pending]) -> None:
         items = [p.item for p in batch]
-        request = BatchRequest()
-        stores: set[str] = set()
-        for item in items:
-            stores.add(item.store_id)
-            if isinstance(item, Resolution):
-                request.conflict_ids.append(item.conflict_id)
-            else:
-                request.operation_ids.append(item.id)
-                request.conflict_ids.append(conflict_id_for(item.id))
-                request.entity_keys.extend(item.touched_keys())
-        request.store_ids = sorted(stores)
+        request = batch_request(items)
         now = utc_now_iso()
 
         def decide(state: BatchState) -> tuple[list[Outcome], BatchWrite]:

@@ -30,6 +30,7 @@ from chefia_rt.domain import (
     Resolution,
 )
 from chefia_rt.errors import ChefiaError, StorageUnavailable
+from chefia_rt.node import batch_request
 from chefia_rt.protocol.messages import format_timestamp
 from chefia_rt.store.base import BatchRequest, LogBounds, SessionRecord, Store
 from chefia_rt.sync.engine import Engine, Outcome, conflict_id_for
@@ -85,18 +86,7 @@ def make_op(
 
 def request_for(items: Sequence[Item]) -> BatchRequest:
     """The BatchRequest node.py builds for a batch."""
-    request = BatchRequest()
-    stores = set()
-    for item in items:
-        stores.add(item.store_id)
-        if isinstance(item, Resolution):
-            request.conflict_ids.append(item.conflict_id)
-        else:
-            request.operation_ids.append(item.id)
-            request.conflict_ids.append(conflict_id_for(item.id))
-            request.entity_keys.extend(item.touched_keys())
-    request.store_ids = sorted(stores)
-    return request
+    return batch_request(items)
 
 
 async def sync(store: Store, items: Sequence[Item], now: str = NOW) -> list[Outcome]:
