@@ -129,8 +129,9 @@ class Server:
             return json_response(
                 503, {"error": "too many connections on this worker"}, {"Retry-After": "5"}
             )
-        if self.node.draining:
-            return json_response(503, {"error": "shutting down"}, {"Retry-After": "5"})
+        # No refusal while draining: the listener is closed first, so only a handshake that was
+        # already under way gets here; it is served until the drain ends and then closed with
+        # 1001 like every other connection (a 503 here refused terminals during a reload).
         return None
 
     def _is_takeover(self, request: Request) -> bool:
