@@ -185,7 +185,12 @@ def _from_sqlite(table: Table, row: tuple[Any, ...]) -> dict[str, Any]:
     return out
 
 
-def _to_sqlite(table: Table, columns: list[str], row: dict[str, Any]) -> tuple[Any, ...]:
+def _to_target(
+    table: Table, columns: list[str], row: dict[str, Any], postgres: bool
+) -> tuple[Any, ...]:
+    """An archive row as the target database takes it. JSON travels as text to both (asyncpg's
+    own codecs on a plain connection); SQLite keeps flags as 0/1 and times as canonical text,
+    PostgreSQL takes bool and timestamptz."""
     values = []
     for column in columns:
         value = row[column]
@@ -194,23 +199,8 @@ def _to_sqlite(table: Table, columns: list[str], row: dict[str, Any]) -> tuple[A
         elif column in table.json_columns:
             value = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
         elif column in table.bool_columns:
-            value = int(bool(value))
-        values.append(value)
-    return tuple(values)
-
-
-def _to_postgres(table: Table, columns: list[str], row: dict[str, Any]) -> tuple[Any, ...]:
-    # asyncpg's own codecs on a plain connection: json/jsonb travel as text.
-    values = []
-    for column in columns:
-        value = row[column]
-        if value is None:
-            pass
-        elif column in table.json_columns:
-            value = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
-        elif column in table.bool_columns:
-            value = bool(value)
-        elif column in table.time_columns:
+            value = bool(value) if postgres else int(bool(value))
+        elif postgres and column in table.time_columns:
             value = _parse_time(value)
         values.append(value)
     return tuple(values)
@@ -1142,7 +1132,7 @@ def _restore_sqlite(
                     counts[table.name] = 0
                     with rows.loading():
                         for row in rows:
-                            batch.append(_to_sqlite(table, columns, row))
+                            batch.append(_to_target(table, columns, row, postgres=False))
                             if len(batch) >= 1000:
                                 db.executemany(sql, batch)
                                 progress.advance(len(batch))
@@ -1217,7 +1207,7 @@ async def _restore_postgres(
                         for row in rows:
                             counts[table.name] += 1
                             progress.advance()
-                            yield _to_postgres(table, columns, row)
+                            yield _to_target(table, columns, row, postgres=True)
 
                     # COPY into the identity column too: audit ids stay what they were.
                     with rows.loading():
