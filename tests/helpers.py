@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 from collections import deque
@@ -15,6 +16,7 @@ import lz4.frame
 import msgpack
 import websockets
 from websockets.asyncio.client import ClientConnection
+from websockets.exceptions import ConnectionClosed
 
 from chefia_rt.config import Settings, load_settings
 from chefia_rt.node import Node
@@ -43,6 +45,23 @@ def decode_server_frame(frame: str | bytes) -> list[dict[str, Any]]:
         assert message["count"] == len(message["messages"])
         return list(message["messages"])
     return [message]
+
+
+async def closed_with(terminal: Terminal, timeout: float = 5.0) -> int | None:
+    """Read until the server closes the connection; return the close code it sent."""
+    with contextlib.suppress(ConnectionClosed):
+        async with asyncio.timeout(timeout):
+            while True:
+                await terminal.ws.recv()
+    rcvd = terminal.ws.protocol.close_rcvd
+    return rcvd.code if rcvd is not None else None
+
+
+async def still_usable(terminal: Terminal) -> None:
+    """The connection answers an application ping."""
+    await terminal.send({"type": "ping", "timestamp": 42})
+    pong = await terminal.until("pong")
+    assert pong["timestamp"] == 42
 
 
 class Terminal:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import json
 import os
 import socket
@@ -20,10 +19,10 @@ import lz4.frame
 import msgpack
 import pytest
 import websockets
-from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.exceptions import InvalidStatus
 
 from chefia_rt.domain import EntityKey
-from tests.helpers import RunningServer, Terminal, op, running_server
+from tests.helpers import RunningServer, Terminal, closed_with, op, running_server, still_usable
 
 pytestmark = pytest.mark.asyncio
 
@@ -36,23 +35,6 @@ async def eventually(condition: Callable[[], bool], timeout: float = 5.0) -> Non
         if loop.time() > deadline:
             raise AssertionError("condition not reached in time")
         await asyncio.sleep(0.01)
-
-
-async def closed_with(terminal: Terminal, timeout: float = 5.0) -> int | None:
-    """Read until the server closes the connection; return the close code it sent."""
-    with contextlib.suppress(ConnectionClosed):
-        async with asyncio.timeout(timeout):
-            while True:
-                await terminal.ws.recv()
-    rcvd = terminal.ws.protocol.close_rcvd
-    return rcvd.code if rcvd is not None else None
-
-
-async def still_usable(terminal: Terminal) -> None:
-    """The connection answers an application ping."""
-    await terminal.send({"type": "ping", "timestamp": 42})
-    pong = await terminal.until("pong")
-    assert pong["timestamp"] == 42
 
 
 async def handshake_close(server: RunningServer, path_and_query: str) -> int | None:

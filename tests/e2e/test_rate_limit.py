@@ -12,7 +12,7 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 
 from chefia_rt.auth import issue_token
-from tests.helpers import Terminal, op, running_server
+from tests.helpers import Terminal, closed_with, op, running_server, still_usable
 
 KEY = "rate-limit-test-key-0123456789abcdef0123"
 
@@ -25,20 +25,6 @@ async def answers(terminal: Terminal, count: int) -> list[dict[str, Any]]:
         if message["type"] in ("sync_confirmation", "sync_error"):
             got.append(message)
     return got
-
-
-async def closed_with(terminal: Terminal, timeout: float = 5.0) -> int | None:
-    with contextlib.suppress(ConnectionClosed):
-        async with asyncio.timeout(timeout):
-            while True:
-                await terminal.ws.recv()
-    rcvd = terminal.ws.protocol.close_rcvd
-    return rcvd.code if rcvd is not None else None
-
-
-async def still_usable(terminal: Terminal) -> None:
-    await terminal.send({"type": "ping", "timestamp": 9})
-    assert (await terminal.until("pong"))["timestamp"] == 9
 
 
 async def test_burst_passes_then_4005(tmp_path: Path) -> None:
