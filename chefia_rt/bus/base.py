@@ -2,6 +2,8 @@
 
 It carries committed operations to every hub (in store seq order per publisher; a receiver that
 sees a gap fills it from storage) and holds the state that must be shared: entity lock leases.
+It also carries signals: small messages on a named topic to every worker, for what other parts
+share across workers (stats, the monitor's feed, cache invalidations).
 The in-process bus (`memory.py`) serves the embedded single worker; Redis serves many.
 """
 
@@ -9,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from chefia_rt.domain import EntityKey, OpRecord
 from chefia_rt.sync.locks import Lease
@@ -27,6 +29,8 @@ class Push:
 Deliver = Callable[[str, Sequence[Push]], None]
 # (store_id, terminal_id, session_id, connected_at): a session of a terminal opened somewhere.
 Takeover = Callable[[str, str, str, float], None]
+# A signal's payload (a msgpack-able dict) handed to a topic's subscriber.
+SignalHandler = Callable[[dict[str, Any]], None]
 
 
 class Bus(Protocol):
@@ -63,6 +67,15 @@ class Bus(Protocol):
 
     async def unregister(self, store_id: str, terminal_id: str, session_id: str) -> None:
         """A session ended: if it was still its terminal's current one, release its locks."""
+
+    def on_signal(self, topic: str, handler: SignalHandler) -> None:
+        """Hand every signal on `topic`, from any worker of the deployment (this one included),
+        to `handler`. Call before `start`; one handler per topic."""
+
+    async def signal(self, topic: str, payload: dict[str, Any]) -> None:
+        """Send `payload` (msgpack-able) on `topic` to every worker; this worker's handler runs
+        before this returns. Best effort elsewhere: a signal sent while the bus is unreachable is
+        lost, so signals carry what is refreshed anyway or can be read again from storage."""
 
     async def ping(self) -> bool:
         """True when the bus answers."""

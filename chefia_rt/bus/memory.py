@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
-from chefia_rt.bus.base import Deliver, Push, Takeover
+import msgpack
+
+from chefia_rt.bus.base import Deliver, Push, SignalHandler, Takeover
 from chefia_rt.domain import EntityKey
 from chefia_rt.sync.locks import Lease, LockTable
+
+log = logging.getLogger("chefia_rt.bus.memory")
 
 
 class MemoryBus:
@@ -22,6 +28,7 @@ class MemoryBus:
         # nothing, as the Bus protocol says; relying on the hub to never ask was not enough for
         # a caller that unregisters a session after its terminal reconnected.
         self._current: dict[tuple[str, str], str] = {}
+        self._signal_handlers: dict[str, SignalHandler] = {}
 
     async def start(self, deliver: Deliver, takeover: Takeover, resync: Callable[[], None]) -> None:
         # One worker: the hub itself sees every takeover, and nothing can be missed.
@@ -57,6 +64,21 @@ class MemoryBus:
         # An unknown session counts as current (as on Redis, whose presence a restart forgets).
         self._current.pop((store_id, terminal_id), None)
         self._locks.release_owner(store_id, terminal_id, time.time())
+
+    def on_signal(self, topic: str, handler: SignalHandler) -> None:
+        self._signal_handlers[topic] = handler
+
+    async def signal(self, topic: str, payload: dict[str, Any]) -> None:
+        handler = self._signal_handlers.get(topic)
+        if handler is None:
+            return
+        # Through msgpack, as on Redis: a payload that could not cross workers fails here too,
+        # and the handler never shares a mutable dict with the sender.
+        copy = msgpack.unpackb(msgpack.packb(payload), raw=False)
+        try:
+            handler(copy)
+        except Exception:
+            log.exception("signal handler of %r failed", topic)
 
     async def ping(self) -> bool:
         return True

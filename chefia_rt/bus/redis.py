@@ -4,6 +4,8 @@
   (`<prefix>:ops`). Pub/sub is fast but not complete: a subscriber that reconnects asks the node
   to catch every session up from storage, and the hub fills any seq gap from storage too, so
   nothing is lost or reordered when Redis restarts, is flushed, or drops a slow subscriber.
+- Signals (`<prefix>:signal`): small messages on a topic for every worker (stats, the monitor's
+  feed, cache invalidations), sent in order with the pushes by the same publisher.
 - Presence: which session of a terminal is current, so that a newer connection on any node
   replaces the older one (4004), and a disconnect releases locks only when it was current.
 - Locks: leases in Redis hashes with a Redis expiry, taken and released by Lua scripts so that
@@ -34,7 +36,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
-from chefia_rt.bus.base import Deliver, Push, Takeover
+from chefia_rt.bus.base import Deliver, Push, SignalHandler, Takeover
 from chefia_rt.domain import EntityKey, OpRecord
 from chefia_rt.errors import StorageUnavailable
 from chefia_rt.sync.locks import Lease
@@ -110,9 +112,12 @@ class RedisBus:
         self._resync: Callable[[], None] | None = None
         self._listener: asyncio.Task[None] | None = None
         self._publisher: asyncio.Task[None] | None = None
-        self._outbox: asyncio.Queue[bytes] = asyncio.Queue(maxsize=OUTBOX_SIZE)
+        # (channel, payload) in publishing order.
+        self._outbox: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue(maxsize=OUTBOX_SIZE)
         self._ops_channel = f"{prefix}:ops"
         self._control_channel = f"{prefix}:control"
+        self._signal_channel = f"{prefix}:signal"
+        self._signal_handlers: dict[str, SignalHandler] = {}
 
     # ---- keys -------------------------------------------------------------------------------
 
@@ -196,7 +201,7 @@ class RedisBus:
         while True:
             pubsub = self._subscriber.pubsub()
             try:
-                await pubsub.subscribe(self._ops_channel, self._control_channel)
+                await pubsub.subscribe(*self._channels)
                 await self._confirmed(pubsub)
                 subscribed.set()
                 if not first and self._resync is not None:
@@ -224,7 +229,7 @@ class RedisBus:
         SUBSCRIBE only sends the command: a catch-up started before the subscriptions are in
         force could miss an operation committed after its read and published before them.
         """
-        waiting = {self._ops_channel.encode(), self._control_channel.encode()}
+        waiting = {channel.encode() for channel in self._channels}
         async with asyncio.timeout(2 * LIVENESS):
             while waiting:
                 message = await pubsub.get_message(timeout=1.0)
@@ -234,6 +239,10 @@ class RedisBus:
                     waiting.discard(message["channel"])
                 elif message["type"] == "message":
                     self._on_message(message["channel"], message["data"])
+
+    @property
+    def _channels(self) -> tuple[str, str, str]:
+        return self._ops_channel, self._control_channel, self._signal_channel
 
     async def _receive(self, pubsub: PubSub) -> None:
         """Hand messages on until the connection fails or stays silent past LIVENESS."""
@@ -258,9 +267,12 @@ class RedisBus:
             message = msgpack.unpackb(data, raw=False)
             if message.get("w") == self.worker_id:
                 return  # our own: already delivered locally
-            if channel.decode() == self._ops_channel and self._deliver is not None:
+            name = channel.decode()
+            if name == self._ops_channel and self._deliver is not None:
                 pushes = [Push(OpRecord(**r), o) for r, o in message["p"]]
                 self._deliver(message["s"], pushes)
+            elif name == self._signal_channel:
+                self._handle_signal(message["k"], message["d"])
             elif self._takeover is not None:
                 self._takeover(message["s"], message["t"], message["sid"], message["at"])
         except Exception:
@@ -282,7 +294,7 @@ class RedisBus:
         # many per round trip. A full outbox (Redis frozen) drops: the ops are committed, and
         # the other workers find them in storage (gap or reconcile).
         try:
-            self._outbox.put_nowait(payload)
+            self._outbox.put_nowait((self._ops_channel, payload))
         except asyncio.QueueFull:
             log.warning("redis outbox full; other workers will catch up from storage")
 
@@ -293,14 +305,37 @@ class RedisBus:
                 payloads.append(self._outbox.get_nowait())
             try:
                 async with self.redis.pipeline(transaction=False) as pipe:
-                    for payload in payloads:
-                        pipe.publish(self._ops_channel, payload)
+                    for channel, payload in payloads:
+                        pipe.publish(channel, payload)
                     await pipe.execute()
             except (RedisError, OSError, StorageUnavailable) as exc:
                 log.warning("publishing %d payloads to redis failed: %s", len(payloads), exc)
             finally:
                 for _ in payloads:
                     self._outbox.task_done()
+
+    # ---- signals ----------------------------------------------------------------------------
+
+    def on_signal(self, topic: str, handler: SignalHandler) -> None:
+        self._signal_handlers[topic] = handler
+
+    async def signal(self, topic: str, payload: dict[str, Any]) -> None:
+        wire = msgpack.packb({"w": self.worker_id, "k": topic, "d": payload})
+        # Decoded from the wire form here too: the local handler sees what the others see.
+        self._handle_signal(topic, msgpack.unpackb(wire, raw=False)["d"])
+        try:
+            self._outbox.put_nowait((self._signal_channel, wire))
+        except asyncio.QueueFull:
+            log.warning("redis outbox full; signal %r not sent to other workers", topic)
+
+    def _handle_signal(self, topic: str, payload: dict[str, Any]) -> None:
+        handler = self._signal_handlers.get(topic)
+        if handler is None:
+            return
+        try:
+            handler(payload)
+        except Exception:
+            log.exception("signal handler of %r failed", topic)
 
     # ---- presence ---------------------------------------------------------------------------
 

@@ -355,3 +355,59 @@ async def test_ping(worker: Worker) -> None:
 
 async def test_kind(worker: Worker) -> None:
     assert worker.bus.kind in ("memory", "redis")
+
+
+# ---- signals --------------------------------------------------------------------------------
+
+
+async def test_signal_reaches_this_worker_before_returning(worker: Worker) -> None:
+    got: list[dict[str, Any]] = []
+    worker.bus.on_signal("stats", got.append)
+    sent = {"worker": "w1", "n": 3, "nested": {"x": [1, 2]}, "text": UNICODE_DATA["nome"]}
+    await worker.bus.signal("stats", sent)
+    assert got == [sent]
+    assert got[0] is not sent  # a copy, as another worker would get
+    await worker.bus.signal("nobody-listens", {"a": 1})  # no handler: ignored
+    await asyncio.sleep(0.2)  # an echo through Redis would arrive by now
+    assert got == [sent]
+
+
+async def test_a_failing_signal_handler_harms_nothing(worker: Worker) -> None:
+    got: list[dict[str, Any]] = []
+
+    def broken(payload: dict[str, Any]) -> None:
+        raise RuntimeError("handler bug")
+
+    worker.bus.on_signal("broken", broken)
+    worker.bus.on_signal("fine", got.append)
+    await worker.bus.signal("broken", {"a": 1})
+    await worker.bus.signal("fine", {"b": 2})
+    await worker.bus.publish("s1", pushes(1, 1))
+    assert got == [{"b": 2}]
+    assert worker.seqs() == [1]
+
+
+async def test_signals_reach_the_other_worker_once_in_order(
+    workers: tuple[Worker, Worker],
+) -> None:
+    a, b = workers
+    at_a: list[dict[str, Any]] = []
+    at_b: list[dict[str, Any]] = []
+    a.bus.on_signal("feed", at_a.append)
+    b.bus.on_signal("feed", at_b.append)
+    for i in range(50):
+        await a.bus.signal("feed", {"from": "a", "i": i})
+    await b.bus.signal("feed", {"from": "b", "i": 0})
+    await eventually(lambda: len(at_b) == 51 and len(at_a) == 51, what="signals at both")
+    await asyncio.sleep(0.2)
+    for got in (at_a, at_b):
+        assert [s["i"] for s in got if s["from"] == "a"] == list(range(50))
+        assert [s for s in got if s["from"] == "b"] == [{"from": "b", "i": 0}]
+    # Ordered with the pushes of the same worker: a signal sent after a publish arrives after it.
+    order: list[str] = []
+    b.bus.on_signal("after", lambda _: order.append("signal"))
+    seen = len(b.delivered)
+    await a.bus.publish("s9", pushes(1, 1, "s9"))
+    await a.bus.signal("after", {})
+    await eventually(lambda: bool(order))
+    assert len(b.delivered) == seen + 1
