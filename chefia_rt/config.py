@@ -76,6 +76,11 @@ class Settings(BaseSettings):
     sync_policies: dict[str, dict[str, Any]] = Field(default_factory=dict)
     # Permission table overrides, JSON: {"waiter": [{"entity_type": "orders"}, ...]}.
     terminal_permissions: dict[str, list[dict[str, Any]]] = Field(default_factory=dict)
+    # The terminal directory (monitor, terminal_status metric): each worker reports its sessions'
+    # figures this often; a worker silent for 3 reports (+2 s) has its terminals marked offline.
+    terminal_report_interval: float = Field(2.0, gt=0, le=60)
+    # A terminal offline this long (seconds) is forgotten: gone from the monitor and the metric.
+    terminal_retention: float = Field(900.0, gt=0)
     database_pool_size: int = Field(8, ge=2, le=200)
     metrics_port: int | None = Field(None, ge=0, le=65535)
 

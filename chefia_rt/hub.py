@@ -123,6 +123,8 @@ class Session:
     last_seen: float = field(default_factory=time.monotonic)
     acked_seq: int = 0
     metrics: dict[str, Any] | None = None
+    ops: int = 0  # operations of this session that changed data (the monitor's figures)
+    conflicts: int = 0
     next_seq: int = 1
     live: bool = False
     closed: bool = False

@@ -36,6 +36,13 @@ from chefia_rt.sync.engine import Engine, Outcome, conflict_id_for, wire_data
 from chefia_rt.sync.locks import check_write
 from chefia_rt.sync.permissions import Permissions
 from chefia_rt.sync.policies import PolicyTable
+from chefia_rt.terminals import TOPIC as TERMINAL_TOPIC
+from chefia_rt.terminals import (
+    TerminalDirectory,
+    connect_signal,
+    disconnect_signal,
+    figures_signal,
+)
 
 log = logging.getLogger("chefia_rt.node")
 
@@ -193,6 +200,11 @@ class Node:
         self._chores: list[asyncio.Task[None]] = []
         self._log_heads: dict[str, int] = {}
         self.worker_name = f"{socket.gethostname()}/{os.getpid()}"
+        # Every terminal of the deployment, from every worker's "terminal" signals.
+        self.terminals = TerminalDirectory(
+            stale_after=3 * settings.terminal_report_interval + 2,
+            retention=settings.terminal_retention,
+        )
         self._background: set[asyncio.Task[Any]] = set()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -212,6 +224,7 @@ class Node:
     async def start(self) -> None:
         await self.store.open()
         await self.store.maintain(self.retention)
+        self.bus.on_signal(TERMINAL_TOPIC, self.terminals.handle)
         await self.bus.start(self.hub.deliver, self._remote_takeover, self.resync_all)
         self._writer = asyncio.create_task(self._write_loop(), name="writer")
         self._chores = [
@@ -219,6 +232,9 @@ class Node:
                 self._every(self.settings.sync_maintenance_interval, self._maintain)
             ),
             asyncio.create_task(self._every(self.settings.sync_reconcile_interval, self.reconcile)),
+            asyncio.create_task(
+                self._every(self.settings.terminal_report_interval, self.report_terminals)
+            ),
         ]
 
     @property
@@ -236,6 +252,11 @@ class Node:
 
     async def _maintain(self) -> None:
         await self.store.maintain(self.retention)
+
+    async def report_terminals(self) -> None:
+        """Tell every worker the figures of this worker's sessions; age the directory."""
+        await self.bus.signal(TERMINAL_TOPIC, figures_signal(self.hub.sessions(), self.worker_name))
+        self.terminals.sweep()
 
     def _remote_takeover(
         self, store_id: str, terminal_id: str, session_id: str, opened_at: float
@@ -316,6 +337,7 @@ class Node:
         if old is not None:
             old.replaced = True
             old.close(4004, "replaced by a newer connection of the same terminal")
+        await self.bus.signal(TERMINAL_TOPIC, connect_signal(session, self.worker_name))
         await self.bus.register(
             session.store_id, session.terminal_id, session.session_id, session.opened_at
         )
@@ -376,6 +398,10 @@ class Node:
         """The connection ended: forget it and, unless a newer one replaced it, its locks."""
         await session.stop()
         if self.hub.detach(session) and not session.replaced:
+            # A replaced session says nothing: the monitor must not see a false "offline".
+            await self.bus.signal(
+                TERMINAL_TOPIC, disconnect_signal(session, self.worker_name, session.close_code)
+            )
             self.spawn(
                 self.bus.unregister(session.store_id, session.terminal_id, session.session_id)
             )
@@ -596,11 +622,14 @@ class Node:
                 policy = self.engine.policies[outcome.conflict.operation.entity_type].policy
                 session.send(conflict_msg(outcome, policy))
                 self.stats.operation(done - pending.received, conflict=True)
+                session.conflicts += 1
                 continue
             session.send(confirmation_msg(outcome))
             if outcome.status != "duplicate":
                 conflict = outcome.record is not None and outcome.record.conflict_resolved
                 self.stats.operation(done - pending.received, conflict=conflict)
+                session.ops += 1
+                session.conflicts += conflict
 
     async def _publish(self, batch: list[Pending], outcomes: list[Outcome]) -> None:
         pushes: dict[str, list[Push]] = {}
