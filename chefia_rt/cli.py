@@ -10,23 +10,12 @@ import sys
 from collections.abc import Callable, Sequence
 
 from chefia_rt import __version__
-from chefia_rt.auth import TERMINAL_TYPES, install_log_redaction, issue_token, parse_duration
+from chefia_rt.auth import TERMINAL_TYPES, issue_token, parse_duration
 from chefia_rt.config import Settings, load_settings
 from chefia_rt.errors import ConfigError
 from chefia_rt.protocol.messages import TERMINAL_ID_RE
 
 log = logging.getLogger("chefia_rt")
-
-
-def _setup_logging(settings: Settings) -> None:
-    logging.basicConfig(
-        level=settings.ws_log_level,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-        stream=sys.stderr,
-    )
-    install_log_redaction(logging.getLogger().handlers)  # no token ever reaches a log line
-    # websockets logs every connection at INFO; at dinner-rush volume that is noise.
-    logging.getLogger("websockets").setLevel(max(logging.WARNING, logging.getLogger().level))
 
 
 def _describe(settings: Settings) -> dict[str, object]:
@@ -47,9 +36,10 @@ def cmd_check_config(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    from chefia_rt.logs import setup_logging
     from chefia_rt.server import run
 
-    _setup_logging(settings)
+    setup_logging(settings.ws_log_level)
     if not settings.auth_enabled and args.worker is None:
         log.warning(
             "OPEN MODE: JWT_SECRET_KEY is not set; any client can connect as any terminal "
@@ -59,12 +49,19 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         from chefia_rt.supervisor import run_supervisor
 
         return run_supervisor(settings)
+    if args.worker is None:
+        from chefia_rt.metrics import multiproc_dir_from_env, prepare_dir
+
+        # One worker run directly, in multiprocess mode only if the operator exported the
+        # variable (prometheus_client reads the environment, not .env): no earlier run's counts.
+        if (directory := multiproc_dir_from_env()) is not None:
+            prepare_dir(directory)
     try:
         import uvloop
 
-        uvloop.run(run(settings))
+        uvloop.run(run(settings, worker=args.worker))
     except ImportError:
-        asyncio.run(run(settings))
+        asyncio.run(run(settings, worker=args.worker))
     return 0
 
 

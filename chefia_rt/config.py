@@ -83,6 +83,11 @@ class Settings(BaseSettings):
     terminal_retention: float = Field(900.0, gt=0)
     database_pool_size: int = Field(8, ge=2, le=200)
     metrics_port: int | None = Field(None, ge=0, le=65535)
+    # Where the workers of a node write their metric values (prometheus_client multiprocess
+    # mode); unset: the supervisor makes a private temporary one. Emptied at every start.
+    prometheus_multiproc_dir: str | None = None
+    # Seconds between the stats signals every worker sends (/ws/stats across workers and nodes).
+    ws_stats_interval: float = Field(2.0, gt=0, le=60)
 
     database_url: str = DEFAULT_DATABASE_URL
     redis_url: str | None = None
@@ -122,7 +127,9 @@ class Settings(BaseSettings):
         # Operators write `debug` as often as `DEBUG` (logging itself accepts only upper case).
         return value.strip().upper() if isinstance(value, str) else value
 
-    @field_validator("redis_url", "jwt_secret_key", "metrics_port", mode="before")
+    @field_validator(
+        "redis_url", "jwt_secret_key", "metrics_port", "prometheus_multiproc_dir", mode="before"
+    )
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         return None if value == "" else value

@@ -19,6 +19,7 @@ from websockets.http11 import Request, Response
 from chefia_rt import __version__
 from chefia_rt.auth import authenticate
 from chefia_rt.errors import AuthFailed
+from chefia_rt.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 
 if TYPE_CHECKING:
     from chefia_rt.node import Node
@@ -51,7 +52,19 @@ async def _health(node: Node) -> Response:
 
 
 async def _stats(node: Node) -> Response:
-    return json_response(200, node.websocket_stats())
+    return json_response(200, node.cluster_websocket_stats())
+
+
+async def _metrics(node: Node) -> Response:
+    payload = node.metrics.exposition()
+    headers = Headers(
+        {
+            "Content-Type": METRICS_CONTENT_TYPE,
+            "Content-Length": str(len(payload)),
+            "Cache-Control": "no-store",
+        }
+    )
+    return Response(200, "OK", headers, payload)
 
 
 Route = Callable[["Node"], Awaitable[Response]]
@@ -61,7 +74,11 @@ ROUTES: dict[str, Route] = {
     "/api/v1/health": _health,
     "/ws/stats": _stats,
     "/api/v1/websocket/stats": _stats,
+    "/metrics": _metrics,
+    "/ws/metrics": _metrics,
 }
+# Gone (404) with WS_ENABLE_METRICS=false.
+METRICS_PATHS = frozenset({"/metrics", "/ws/metrics"})
 
 
 # Routes that need a token when authentication is on, and the terminal types that may read them.
@@ -77,8 +94,10 @@ def _denied(node: Node, request: Request, allowed: frozenset[str]) -> Response |
     try:
         claims = authenticate(node.settings.jwt_keys, urlsplit(request.path).query, request.headers)
     except AuthFailed as exc:
+        node.metrics.refused_auth("http")
         return json_response(401, {"error": exc.reason}, {"WWW-Authenticate": "Bearer"})
     if claims.terminal_type not in allowed:
+        node.metrics.refused_auth("http")
         kinds = " or ".join(sorted(allowed))
         return json_response(403, {"error": f"needs a {kinds} token"})
     return None
@@ -94,7 +113,7 @@ async def handle_http(node: Node, request: Request) -> Response:
     """Answer a plain HTTP request."""
     path = urlsplit(request.path).path
     route = ROUTES.get(path)
-    if route is None:
+    if route is None or (path in METRICS_PATHS and not node.settings.ws_enable_metrics):
         return json_response(404, {"error": "not found", "path": path})
     allowed = PROTECTED.get(path)
     if allowed is not None and node.settings.auth_enabled:
@@ -106,3 +125,11 @@ async def handle_http(node: Node, request: Request) -> Response:
     except Exception:
         log.exception("HTTP %s failed", path)
         return json_response(500, {"error": "internal error", "path": path})
+
+
+async def handle_metrics_port(node: Node, request: Request) -> Response:
+    """METRICS_PORT: only the metrics (and health, for the scraper's own checks)."""
+    path = urlsplit(request.path).path
+    if path in METRICS_PATHS or path in ("/health", "/api/v1/health"):
+        return await handle_http(node, request)
+    return json_response(404, {"error": "not found", "path": path})

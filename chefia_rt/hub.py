@@ -133,6 +133,8 @@ class Session:
     bytes_out: int = 0
     messages_in: int = 0
     messages_out: int = 0
+    # Called with what was just sent (WS_LOG_MESSAGES); None costs nothing on the hot path.
+    on_sent: Callable[[list[OutFrame]], None] | None = None
     _urgent: deque[OutFrame] = field(default_factory=deque)
     _pushes: deque[OutFrame] = field(default_factory=deque)
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
@@ -163,6 +165,11 @@ class Session:
             return
         self._pushes.append(frame)
         self._wake.set()
+
+    @property
+    def queued(self) -> int:
+        """Messages waiting to be sent (both lanes)."""
+        return len(self._urgent) + len(self._pushes)
 
     def close(self, code: int, reason: str) -> None:
         """Close the connection once; queued frames are dropped."""
@@ -235,6 +242,8 @@ class Session:
                     return
                 self.bytes_out += len(payload)
                 self.messages_out += len(frames)
+                if self.on_sent is not None:
+                    self.on_sent(frames)
 
     # ---- ordered delivery -----------------------------------------------------------------
 

@@ -30,12 +30,16 @@ from chefia_rt.config import Settings
 from chefia_rt.domain import BatchState, BatchWrite, EntityKey, Operation, Resolution
 from chefia_rt.errors import ChefiaError, Locked, Overloaded, StorageUnavailable
 from chefia_rt.hub import Hub, OutFrame, Session
+from chefia_rt.metrics import Metrics, multiproc_dir_from_env
 from chefia_rt.protocol.messages import format_timestamp, sync_error_msg, utc_now_iso
+from chefia_rt.stats import TOPIC as STATS_TOPIC
+from chefia_rt.stats import ClusterStats
 from chefia_rt.store.base import BatchRequest, LogBounds, SessionRecord, Store
+from chefia_rt.supervisor import NODE_ID_ENV
 from chefia_rt.sync.engine import Engine, Outcome, conflict_id_for, wire_data
 from chefia_rt.sync.locks import check_write
 from chefia_rt.sync.permissions import Permissions
-from chefia_rt.sync.policies import PolicyTable
+from chefia_rt.sync.policies import DEFAULT_POLICY_TABLE, PolicyTable
 from chefia_rt.terminals import TOPIC as TERMINAL_TOPIC
 from chefia_rt.terminals import (
     TerminalDirectory,
@@ -45,6 +49,8 @@ from chefia_rt.terminals import (
 )
 
 log = logging.getLogger("chefia_rt.node")
+
+HEALTH_PING_TIMEOUT = 2.0
 
 
 @dataclass(slots=True)
@@ -88,6 +94,7 @@ class Stats:
         self.latency_count += 1
 
     def snapshot(self) -> dict[str, float]:
+        """The SPEC §6 figures of this worker, plus the counts that weight them in a sum."""
         self._bucket()
         span = max(1, min(self.WINDOW, len(self._buckets)))
         return {
@@ -98,6 +105,9 @@ class Stats:
             ),
             "conflict_rate": round(self.conflicts / self.operations if self.operations else 0, 4),
             "uptime_seconds": round(time.monotonic() - self.started, 1),
+            "operations": self.operations,
+            "conflicts": self.conflicts,
+            "latency_count": self.latency_count,
         }
 
 
@@ -186,6 +196,8 @@ class Node:
         bus: Bus,
         engine: Engine,
         permissions: Permissions,
+        metrics: Metrics | None = None,
+        node_name: str | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -205,6 +217,12 @@ class Node:
             stale_after=3 * settings.terminal_report_interval + 2,
             retention=settings.terminal_retention,
         )
+        self.node_name = node_name or self.worker_name
+        self.metrics = metrics or Metrics(known_entity_types(settings))
+        self.metrics.terminal_source = self._terminal_states
+        self.cluster_stats = ClusterStats(
+            self.worker_name, self.node_name, settings.ws_stats_interval
+        )
         self._background: set[asyncio.Task[Any]] = set()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -217,6 +235,8 @@ class Node:
             make_bus(settings),
             Engine(PolicyTable(settings.sync_policies)),
             Permissions(settings.terminal_permissions),
+            Metrics(known_entity_types(settings), multiproc_dir_from_env()),
+            os.environ.get(NODE_ID_ENV),
         )
 
     # ---- life cycle -------------------------------------------------------------------------
@@ -225,7 +245,8 @@ class Node:
         await self.store.open()
         await self.store.maintain(self.retention)
         self.bus.on_signal(TERMINAL_TOPIC, self.terminals.handle)
-        await self.bus.start(self.hub.deliver, self._remote_takeover, self.resync_all)
+        self.bus.on_signal(STATS_TOPIC, self.cluster_stats.receive)
+        await self.bus.start(self._deliver, self._remote_takeover, self.resync_all)
         self._writer = asyncio.create_task(self._write_loop(), name="writer")
         self._chores = [
             asyncio.create_task(
@@ -235,7 +256,9 @@ class Node:
             asyncio.create_task(
                 self._every(self.settings.terminal_report_interval, self.report_terminals)
             ),
+            asyncio.create_task(self._every(self.settings.ws_stats_interval, self.report)),
         ]
+        await self.report()  # the other workers count this one from its start
 
     @property
     def retention(self) -> timedelta:
@@ -249,6 +272,32 @@ class Node:
                 await chore()
             except Exception as exc:  # storage down: try again next time
                 log.warning("%s failed: %s", getattr(chore, "__name__", chore), exc)
+
+    def _terminal_states(self) -> list[tuple[str, str, bool]]:
+        """terminal_status at scrape time: (terminal_id, type, online) of the deployment."""
+        return [
+            (v.terminal_id, v.terminal_type, v.status == "online") for v in self.terminals.views()
+        ]
+
+    def _deliver(self, store_id: str, pushes: Sequence[Push]) -> None:
+        if pushes:
+            self.metrics.delivered(pushes[-1].record.server_time)
+        self.hub.deliver(store_id, pushes)
+
+    async def report(self) -> None:
+        """Every few seconds: sample queue depths and health into the metrics, and tell every
+        worker this one's stats (/ws/stats across workers and nodes)."""
+        self.metrics.queues(self._queue.qsize(), [s.queued for s in self.hub.sessions()])
+        cache = getattr(self, "cache", None)
+        if cache is not None:
+            self.metrics.cache(cache.stats())
+        ok = [False, False]
+        for index, ping in enumerate((self.store.ping, self.bus.ping)):
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(HEALTH_PING_TIMEOUT):
+                    ok[index] = await ping()
+        self.metrics.health(*ok)
+        await self.bus.signal(STATS_TOPIC, self.cluster_stats.payload(self.websocket_stats()))
 
     async def _maintain(self) -> None:
         await self.store.maintain(self.retention)
@@ -334,6 +383,7 @@ class Node:
     async def open_session(self, session: Session, since: int | None) -> None:
         """Register a connection, greet it, and start its stream at `since` (or now)."""
         old = self.hub.attach(session)
+        self.metrics.connected(session.terminal_type)  # close_session counts it out
         if old is not None:
             old.replaced = True
             old.close(4004, "replaced by a newer connection of the same terminal")
@@ -367,6 +417,7 @@ class Node:
             self.hub.resume(session, bounds.last_seq)
             return
         if since > bounds.last_seq or since + 1 < bounds.oldest_seq:
+            self.metrics.resumed("resync_required")
             reason = (
                 "since is ahead of the server's log"
                 if since > bounds.last_seq
@@ -383,6 +434,7 @@ class Node:
             )
             self.hub.resume(session, bounds.last_seq)
             return
+        self.metrics.resumed("resume")
         self.hub.resume(session, since)
 
     async def resume(self, session: Session, since: int) -> None:
@@ -397,6 +449,7 @@ class Node:
     async def close_session(self, session: Session) -> None:
         """The connection ended: forget it and, unless a newer one replaced it, its locks."""
         await session.stop()
+        self.metrics.disconnected(session.terminal_type)
         if self.hub.detach(session) and not session.replaced:
             # A replaced session says nothing: the monitor must not see a false "offline".
             await self.bus.signal(
@@ -426,6 +479,7 @@ class Node:
     async def snapshot(self, session: Session, entity_types: Sequence[str] | None) -> None:
         """Send the store's state at a watermark, then live operations after it."""
         session.pause()  # the stream restarts after the snapshot's watermark
+        self.metrics.resumed("snapshot")
         try:
             seq, entities = await self.store.snapshot(session.store_id, entity_types)
         except ChefiaError:
@@ -560,10 +614,12 @@ class Node:
         def decide(state: BatchState) -> tuple[list[Outcome], BatchWrite]:
             return self.engine.decide(items, state, now)
 
+        started = time.monotonic()
         commit = asyncio.ensure_future(self.store.commit(request, decide))
         try:
             async with asyncio.timeout(self.settings.sync_commit_timeout):
                 outcomes = await asyncio.shield(commit)
+            self.metrics.committed(len(batch), time.monotonic() - started)
         except Exception as exc:
             if isinstance(exc, TimeoutError):
                 # The transaction may still land: its pushes go out then, and a retry of any
@@ -576,6 +632,7 @@ class Node:
                 log.exception("commit failed")
                 reason = "storage error; retry"
             for pending in batch:
+                self.metrics.answered(*_item_labels(pending.item), "retry", None)
                 pending.session.own_ops.discard(_own_op_id(pending.item))
                 pending.session.send(
                     sync_error_msg(
@@ -606,6 +663,7 @@ class Node:
             record = outcome.record
             if record is None or record.seq is None or record.seq < session.next_seq:
                 session.own_ops.discard(_own_op_id(pending.item))  # no place ahead in the stream
+            self._count(pending, outcome, done)
             if outcome.status == "error":
                 assert outcome.error is not None
                 session.send(
@@ -630,6 +688,24 @@ class Node:
                 self.stats.operation(done - pending.received, conflict=conflict)
                 session.ops += 1
                 session.conflicts += conflict
+
+    def _count(self, pending: Pending, outcome: Outcome, done: float) -> None:
+        """The metrics of one answer: status, latency of new work, and the conflict policy."""
+        record = outcome.record
+        labels: tuple[str | None, str]
+        if record is not None:
+            labels = (record.entity_type, record.operation)
+        elif outcome.conflict is not None:
+            labels = (outcome.conflict.operation.entity_type, outcome.conflict.operation.operation)
+        else:
+            labels = _item_labels(pending.item)
+        fresh = outcome.status not in ("duplicate", "error")
+        policy = None
+        settled = fresh and record is not None and record.conflict_resolved
+        if outcome.status == "conflict" or settled:
+            policy = self.engine.policies[labels[0] or ""].policy
+        latency = done - pending.received if fresh else None
+        self.metrics.answered(labels[0], labels[1], outcome.status, latency, policy)
 
     async def _publish(self, batch: list[Pending], outcomes: list[Outcome]) -> None:
         pushes: dict[str, list[Push]] = {}
@@ -669,7 +745,12 @@ class Node:
             body["warning"] = "open mode: JWT_SECRET_KEY is not set, any terminal may connect"
         return storage_ok and not self.draining, body
 
+    def cluster_websocket_stats(self) -> dict[str, Any]:
+        """/ws/stats: every worker of every node heard from recently, this one fresh."""
+        return self.cluster_stats.aggregate(self.websocket_stats())
+
     def websocket_stats(self) -> dict[str, Any]:
+        """This worker's own figures."""
         by_type: dict[str, int] = {}
         for session in self.hub.sessions():
             by_type[session.terminal_type] = by_type.get(session.terminal_type, 0) + 1
@@ -689,6 +770,18 @@ def _own_op_id(item: Operation | Resolution) -> str:
     if isinstance(item, Operation):
         return item.id
     return item.conflict_id.removeprefix(conflict_id_for(""))
+
+
+def known_entity_types(settings: Settings) -> set[str]:
+    """The entity types metrics name (any other counts as "other", so labels stay bounded)."""
+    return set(DEFAULT_POLICY_TABLE) | set(settings.sync_policies)
+
+
+def _item_labels(item: Operation | Resolution) -> tuple[str | None, str]:
+    """(entity_type, operation) of an item with no outcome record to name them."""
+    if isinstance(item, Operation):
+        return item.entity_type, item.operation
+    return None, "RESOLUTION"
 
 
 def _item_id(item: Operation | Resolution) -> str:

@@ -36,8 +36,9 @@ from chefia_rt.errors import (
     MessageTooBig,
     RateLimited,
 )
-from chefia_rt.http import handle_http, is_upgrade, json_response
-from chefia_rt.hub import Outbound, Session
+from chefia_rt.http import handle_http, handle_metrics_port, is_upgrade, json_response
+from chefia_rt.hub import Outbound, OutFrame, Session
+from chefia_rt.logs import MessageLog, bind, bound
 from chefia_rt.node import Node
 from chefia_rt.protocol import messages as m
 from chefia_rt.protocol.codec import decode_frame
@@ -94,6 +95,8 @@ class Server:
         self.settings = settings
         self.node = node
         self.ws_server: WsServer | None = None
+        self.metrics_server: WsServer | None = None
+        self._messages = MessageLog() if settings.ws_log_messages else None
         self._connections: set[ServerConnection] = set()
         self._prefix = settings.ws_path + "/"
         self._outbound = Outbound(
@@ -212,6 +215,7 @@ class Server:
             claims = authenticate(self.settings.jwt_keys, query, headers)
             authorize_terminal(claims, terminal_id, requested_type)
         except AuthFailed as exc:
+            self.node.metrics.refused_auth("websocket")
             raise HandshakeRejected(exc.code, exc.reason) from None
         return claims
 
@@ -228,8 +232,17 @@ class Server:
         try:
             session, since = self._session_for(ws)
         except HandshakeRejected as exc:
+            log.info("handshake refused with %d: %s", exc.code, exc.reason)
             await ws.close(exc.code, exc.reason)
             return
+        # Every line logged for this connection from here on (its tasks too) names it.
+        bind(
+            terminal_id=session.terminal_id,
+            store_id=session.store_id,
+            session_id=session.session_id,
+        )
+        if self._messages is not None:
+            session.on_sent = self._log_sent
         try:
             await self.node.open_session(session, since)
         except Exception as exc:
@@ -243,6 +256,7 @@ class Server:
             await self.node.close_session(session)
             await ws.close(Code.TRY_AGAIN_LATER, reason)
             return
+        log.info("%s terminal connected (%s)", session.terminal_type, session.encoding)
         heartbeat = asyncio.create_task(self._heartbeat(ws, session))
         try:
             await self._read_loop(ws, session)
@@ -253,7 +267,12 @@ class Server:
             if session.close_code is None and ws.close_code is not None:
                 session.close_code = ws.close_code
             await self.node.close_session(session)
+            log.info("terminal disconnected (close code %s)", session.close_code)
         await self._discard_until_closed(ws)
+
+    def _log_sent(self, frames: list[OutFrame]) -> None:
+        if self._messages is not None:
+            self._messages.outgoing(frame.message for frame in frames)
 
     @staticmethod
     async def _discard_until_closed(ws: ServerConnection) -> None:
@@ -319,7 +338,10 @@ class Server:
             for raw in raws:
                 session.messages_in += 1
                 try:
-                    await self._dispatch(session, raw, received)
+                    with bound(operation_id=_operation_id(raw)):
+                        if self._messages is not None:
+                            self._messages.incoming(raw)
+                        await self._dispatch(session, raw, received)
                 except ChefiaError as exc:
                     session.send(self._error_frame(raw, exc))
                     if exc.code == Code.INVALID_MESSAGE and self._abusive(
@@ -422,6 +444,7 @@ class Server:
         verdict = self._rate.check((session.store_id, session.terminal_id), cost, now)
         if verdict is Verdict.ALLOW:
             return
+        self.node.metrics.rate_limited.inc()
         if verdict is Verdict.ABUSIVE:
             session.close(Code.RATE_LIMITED, "rate limit exceeded repeatedly")
         raise RateLimited(
@@ -478,12 +501,27 @@ class Server:
         )
         return self.ws_server
 
+    async def start_metrics(self, port: int) -> WsServer:
+        """Serve /metrics on METRICS_PORT too (SO_REUSEPORT: a reloading worker's replacement
+        binds it before the old one lets go)."""
+        self.metrics_server = await websockets.serve(
+            self.handler,  # never reached: every request is answered before an upgrade
+            host=self.settings.ws_host,
+            port=port,
+            reuse_port=True,
+            process_request=lambda _, request: handle_metrics_port(self.node, request),
+            server_header=None,
+        )
+        return self.metrics_server
+
     def port(self) -> int:
         assert self.ws_server is not None
         return int(self.ws_server.sockets[0].getsockname()[1])
 
     async def shutdown(self, timeout: float = 10.0) -> None:
         """Graceful stop: refuse new work, commit what is queued, close clients with 1001."""
+        if self.metrics_server is not None:
+            self.metrics_server.close()
         if self.ws_server is not None:
             # Stop listening first: with SO_REUSEPORT the kernel then sends new connections to
             # the other workers instead of to this one while it drains (no 503 during a reload).
@@ -505,12 +543,21 @@ class Server:
         await self.node.stop()
 
 
-async def run(settings: Settings, sock: socket.socket | None = None) -> None:
-    """Run one worker until SIGTERM/SIGINT, then drain and stop."""
+async def run(
+    settings: Settings, sock: socket.socket | None = None, worker: int | None = None
+) -> None:
+    """Run one worker until SIGTERM/SIGINT, then drain and stop.
+
+    `worker` is the supervisor's index of this worker (None: the only one). METRICS_PORT is
+    served by one process of the node, worker 0: every worker's answer is the whole node's, and
+    only a worker has the terminal directory that terminal_status comes from.
+    """
     node = Node.create(settings)
     await node.start()
     server = Server(settings, node)
     await server.start(sock)
+    if settings.metrics_port is not None and settings.ws_enable_metrics and not worker:
+        await server.start_metrics(settings.metrics_port)
     log.info(
         "chefia-rt listening on %s:%d%s (storage %s, bus %s, auth %s)",
         settings.ws_host,
@@ -564,3 +611,12 @@ def _watch_supervisor(channel: socket.socket, stop: asyncio.Event) -> None:
     asyncio.get_running_loop().remove_reader(channel.fileno())
     log.warning("supervisor gone; draining and exiting")
     stop.set()
+
+
+def _operation_id(raw: dict[str, Any]) -> str | None:
+    """The operation a message is about, for the log context."""
+    op = raw.get("operation")
+    if isinstance(op, dict) and isinstance(op.get("id"), str):
+        return str(op["id"])[:128]
+    conflict_id = raw.get("conflict_id")
+    return conflict_id[:128] if isinstance(conflict_id, str) else None

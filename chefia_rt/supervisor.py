@@ -5,6 +5,10 @@ It starts the workers, tells systemd when all are ready (sd_notify), restarts a 
 SIGTERM/SIGINT lets every worker drain (stop accepting, commit what is queued, close clients with
 1001) before it exits.
 
+Metrics: the supervisor gives its workers one empty aggregation directory (PROMETHEUS_MULTIPROC_DIR,
+or a private temporary one it deletes at exit) and marks each worker that exits dead there, so a
+scrape of any worker shows the whole node without a gone worker's connections.
+
 Each worker gets one end of a socket pair: it writes ``ready`` when it listens, and it sees the
 pair close when the supervisor dies, even by SIGKILL, so no worker outlives its supervisor.
 """
@@ -18,14 +22,17 @@ import os
 import signal
 import socket
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 
+from chefia_rt import metrics
 from chefia_rt.config import Settings
 
 log = logging.getLogger("chefia_rt.supervisor")
 
 SUPERVISOR_FD_ENV = "CHEFIA_SUPERVISOR_FD"
+NODE_ID_ENV = "CHEFIA_NODE_ID"  # the node a worker belongs to, for /ws/stats
 READY_TIMEOUT = 30.0
 DRAIN_TIMEOUT = 25.0  # under systemd's TimeoutStopSec (30 s in deploy/chefia-rt.service)
 RESTART_DELAYS = (0.1, 0.5, 1.0, 1.5)  # a crash loop slows down, but never past two seconds
@@ -62,8 +69,24 @@ class Supervisor:
         self._events: asyncio.Queue[tuple[str, Worker | None]] = asyncio.Queue(maxsize=1024)
         self._crashes: list[float] = []
         self._tasks: set[asyncio.Task[None]] = set()
+        self.node_id = f"{socket.gethostname()}/{os.getpid()}"
+        self.metrics_dir: str | None = None
+        self._own_metrics_dir = False
 
     async def run(self) -> int:
+        """Prepare the metrics directory, run the workers until stopped, then clean up."""
+        if self.settings.prometheus_multiproc_dir:
+            self.metrics_dir = str(metrics.prepare_dir(self.settings.prometheus_multiproc_dir))
+        else:
+            self.metrics_dir = tempfile.mkdtemp(prefix="chefia-rt-metrics-")
+            self._own_metrics_dir = True
+        try:
+            return await self._run()
+        finally:
+            if self._own_metrics_dir:
+                metrics.remove_dir(self.metrics_dir)
+
+    async def _run(self) -> int:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self._event, "stop", None)
         loop.add_signal_handler(signal.SIGINT, self._event, "stop", None)
@@ -100,7 +123,11 @@ class Supervisor:
     async def _spawn(self, index: int) -> Worker:
         parent, child = socket.socketpair()
         parent.setblocking(False)
-        env = dict(os.environ, **{SUPERVISOR_FD_ENV: str(child.fileno())})
+        env = dict(os.environ)
+        env[SUPERVISOR_FD_ENV] = str(child.fileno())
+        env[NODE_ID_ENV] = self.node_id
+        if self.metrics_dir is not None:
+            env[metrics.MULTIPROC_ENV] = self.metrics_dir
         process = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
@@ -127,6 +154,9 @@ class Supervisor:
                     worker.ready.set()
         await worker.process.wait()
         worker.channel.close()
+        if self.metrics_dir is not None:
+            # Its connections and queues leave the node's sums; what it counted stays.
+            metrics.mark_dead(self.metrics_dir, worker.process.pid)
         self._event("exited", worker)
 
     async def _start_all(self) -> bool:
