@@ -159,8 +159,8 @@ class MessageLog:
         extra: dict[str, Any] = {"direction": direction, "message_type": kind}
         if "operation_id" in summary:
             extra["operation_id"] = str(summary["operation_id"])
-        details = " ".join(f"{k}={v}" for k, v in summary.items())
-        self._log.info("%s %s %s", direction, kind, details, extra=extra)
+        details = "".join(f" {k}={v}" for k, v in summary.items())
+        self._log.info("%s %s%s", direction, kind, details, extra=extra)
 
 
 def summarize(message: Mapping[str, Any]) -> dict[str, Any]:
