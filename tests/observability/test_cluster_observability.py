@@ -112,6 +112,15 @@ async def test_two_nodes_two_workers_metrics_stats_prometheus_and_a_killed_worke
             assert value(text, "sync_operations_total", status="applied") == ops
         promtool_check_metrics(text)
         assert value(await scrape(metrics_url(node1)), "websocket_active_connections") == 1
+        # terminal_status is the deployment's: node 1 knows node 0's terminals too.
+        await eventually(
+            "terminal_status of all three on node 1",
+            lambda: scrape(metrics_url(node1)),
+            lambda text: all(
+                value(text, "terminal_status", terminal_id=t) == 1
+                for t in ("pos-a", "pos-b", "kds-c")
+            ),
+        )
 
         # /ws/stats from either node covers 4 workers on 2 nodes.
         for node in (node0, node1):

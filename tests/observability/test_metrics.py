@@ -53,8 +53,9 @@ async def test_scrape_after_traffic_names_labels_counts_and_promtool(tmp_path: P
 
             text = await scrape(server.http + "/metrics")
             promtool_check_metrics(text)
-            for name in SPEC_NAMES[:-1]:
+            for name in SPEC_NAMES:
                 assert name in text, name
+            assert value(text, "terminal_status", terminal_id="kds-1", type="kds") == 1
             applied = dict(entity_type="tables", operation="UPDATE", status="applied")
             # The waiter's later write won its conflict: applied too.
             assert value(text, "sync_operations_total", **applied) == ops + 1
@@ -120,3 +121,24 @@ async def test_metrics_port_serves_only_metrics(tmp_path: Path) -> None:
             assert value(text, "websocket_active_connections") == 1
         status, _, _ = await asyncio.to_thread(http_get, f"http://127.0.0.1:{port}/ws/stats")
         assert status == 404
+
+
+async def test_terminal_status_goes_offline_then_disappears(tmp_path: Path) -> None:
+    """The series of a terminal forgotten by the directory (retention) leaves the scrape."""
+    async with running_server(
+        tmp_path, terminal_report_interval=0.1, terminal_retention=1.0
+    ) as server:
+        async with server.terminal("pos-9"):
+            text = await scrape(server.http + "/metrics")
+            assert value(text, "terminal_status", terminal_id="pos-9", type="pos") == 1
+        states = []
+        for _ in range(300):  # offline at once, forgotten after the retention (liveness: 15 s)
+            text = await scrape(server.http + "/metrics")
+            series = label_sets(text, "terminal_status")
+            state = value(text, "terminal_status", terminal_id="pos-9") if series else None
+            if not states or states[-1] != state:
+                states.append(state)
+            if state is None:
+                break
+            await asyncio.sleep(0.05)
+        assert states == [0.0, None], states
