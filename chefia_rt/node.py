@@ -258,7 +258,10 @@ class Node:
             ),
             asyncio.create_task(self._every(self.settings.ws_stats_interval, self.report)),
         ]
-        await self.report()  # the other workers count this one from its start
+        try:
+            await self.report()  # the other workers count this one from its start
+        except Exception as exc:  # the periodic report tries again
+            log.warning("first stats report failed: %s", exc)
 
     @property
     def retention(self) -> timedelta:
