@@ -46,7 +46,17 @@ STOP_TIMEOUT = 5.0
 PROBE_STORE = "cluster-probe"  # probes stay out of the stores tests look at
 
 # The server's own settings, from the environment running the tests, must not leak in.
-_SERVER_ENV_PREFIXES = ("WS_", "MAX_WS_", "DATABASE_", "REDIS_", "JWT_", "SYNC_", "METRICS_")
+_SERVER_ENV_PREFIXES = (
+    "WS_",
+    "MAX_WS_",
+    "DATABASE_",
+    "REDIS_",
+    "JWT_",
+    "SYNC_",
+    "METRICS_",
+    "PROMETHEUS_",  # nodes sharing one metrics directory would count each other's workers
+    "TERMINAL_",
+)
 
 
 # ---- processes ----------------------------------------------------------------------------------

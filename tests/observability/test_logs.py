@@ -18,12 +18,11 @@ import pytest
 import websockets
 
 from chefia_rt.auth import issue_token
-from tests.cluster import STOP_TIMEOUT
+from tests.cluster import _SERVER_ENV_PREFIXES, STOP_TIMEOUT
 from tests.helpers import Terminal, free_port, op
 from tests.observability.promtext import http_get
 
 KEY = "log-test-key-of-at-least-32-bytes!"
-_SERVER_ENV_PREFIXES = ("WS_", "MAX_WS_", "DATABASE_", "REDIS_", "JWT_", "SYNC_", "METRICS_")
 
 
 @asynccontextmanager
