@@ -20,7 +20,7 @@ import websockets
 from chefia_rt.auth import issue_token
 from tests.cluster import _SERVER_ENV_PREFIXES, STOP_TIMEOUT
 from tests.helpers import Terminal, free_port, op
-from tests.observability.promtext import http_get
+from tests.observability.promtext import http_get, scrape, value
 
 KEY = "log-test-key-of-at-least-32-bytes!"
 
@@ -119,10 +119,19 @@ async def test_json_lines_with_ids_and_messages_and_never_a_token(tmp_path: Path
 
 
 @pytest.mark.asyncio
-async def test_no_message_lines_without_ws_log_messages(tmp_path: Path) -> None:
+async def test_no_message_lines_without_ws_log_messages_and_one_worker_metrics(
+    tmp_path: Path,
+) -> None:
+    """Also: `serve` with one worker (no supervisor) serves its metrics, on METRICS_PORT too."""
     token = issue_token((KEY,), "pos-1", "s1", "pos", 600)
-    async with serving(tmp_path, WS_LOG_LEVEL="INFO") as (port, log):
+    metrics_port = free_port()
+    env = {"WS_LOG_LEVEL": "INFO", "METRICS_PORT": str(metrics_port)}
+    async with serving(tmp_path, **env) as (port, log):
         await traffic(port, token)
+        for url in (f"http://127.0.0.1:{port}/metrics", f"http://127.0.0.1:{metrics_port}/metrics"):
+            text = await scrape(url)
+            assert value(text, "sync_operations_total", status="applied") == 1
+            assert value(text, "websocket_auth_failures_total", endpoint="websocket") == 1
     records = lines(log)
     assert any("terminal connected" in r["message"] for r in records)
     assert not [r for r in records if r["logger"] == "chefia_rt.messages"]
