@@ -27,7 +27,9 @@ class Entity:
 
     `field_versions` remembers, per field, the version that last changed it and the client
     timestamp of that change; the merge policies need both to tell what changed since a base.
-    `timestamp` is the client timestamp of the operation that last wrote the entity.
+    `timestamp` is the client timestamp of the operation that last wrote the entity;
+    `updated_at` the server time of that write (the batch's, set by the engine). It is
+    bookkeeping, not state: two reads of the same version are equal whatever it says.
     """
 
     key: EntityKey
@@ -37,6 +39,7 @@ class Entity:
     timestamp: str = ""
     updated_by: str = ""
     field_versions: dict[str, list[Any]] = field(default_factory=dict)
+    updated_at: str = field(default="", compare=False)
 
 
 @dataclass(slots=True)

@@ -107,6 +107,12 @@ class Store(Protocol):
     async def get_entity(self, key: EntityKey) -> Entity | None:
         """One entity's current state (tombstones included)."""
 
+    async def list_entities(
+        self, store_id: str, entity_type: str, after_id: str | None, limit: int
+    ) -> list[Entity]:
+        """A page of one type's entities of a store: ids after `after_id` (from the start
+        when None), in code-point order of entity_id, at most `limit`. Tombstones included."""
+
     async def record_session(self, session: SessionRecord) -> None:
         """Insert or update a session log row."""
 

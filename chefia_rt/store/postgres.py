@@ -336,12 +336,16 @@ class PostgresStore:
         if write.entities:
             await conn.execute(
                 f"INSERT INTO entities ({ENTITY_COLUMNS}) "
-                "SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], "
-                "$5::jsonb[], $6::boolean[], $7::text[], $8::text[], $9::jsonb[]) "
+                # The engine's server time of the write (what the cache and the HTTP read
+                # show); an entity written without one (tests, tools) gets the database's.
+                "SELECT s, t, i, v, d, x, ts, ub, fv, coalesce(ua, now()) "
+                "FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], "
+                "$5::jsonb[], $6::boolean[], $7::text[], $8::text[], $9::jsonb[], "
+                "$10::timestamptz[]) AS w(s, t, i, v, d, x, ts, ub, fv, ua) "
                 "ON CONFLICT (store_id, entity_type, entity_id) DO UPDATE SET "
                 "version = excluded.version, data = excluded.data, deleted = excluded.deleted, "
                 "timestamp = excluded.timestamp, updated_by = excluded.updated_by, "
-                "field_versions = excluded.field_versions, updated_at = now()",
+                "field_versions = excluded.field_versions, updated_at = excluded.updated_at",
                 [e.key.store_id for e in write.entities],
                 [e.key.entity_type for e in write.entities],
                 [e.key.entity_id for e in write.entities],
@@ -351,6 +355,7 @@ class PostgresStore:
                 [e.timestamp for e in write.entities],
                 [e.updated_by for e in write.entities],
                 [e.field_versions for e in write.entities],
+                [_parse_time(e.updated_at) if e.updated_at else None for e in write.entities],
             )
         if write.op_records:
             # COPY into a per-transaction staging table, then one upsert: a resolution rewrites
@@ -522,6 +527,23 @@ class PostgresStore:
             read_only=True,
         )
         return entity_from_row(row) if row is not None else None
+
+    async def list_entities(
+        self, store_id: str, entity_type: str, after_id: str | None, limit: int
+    ) -> list[Entity]:
+        rows = await self._with(
+            lambda c: c.fetch(
+                f"SELECT {ENTITY_COLUMNS} FROM entities "
+                'WHERE store_id = $1 AND entity_type = $2 AND entity_id COLLATE "C" > $3 '
+                'ORDER BY entity_id COLLATE "C" LIMIT $4',
+                store_id,
+                entity_type,
+                after_id or "",
+                limit,
+            ),
+            read_only=True,
+        )
+        return [entity_from_row(r) for r in rows]
 
     async def record_session(self, session: SessionRecord) -> None:
         row = asdict(session)

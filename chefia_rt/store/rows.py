@@ -8,6 +8,7 @@ from importlib import resources
 from typing import Any
 
 from chefia_rt.domain import Conflict, Entity, EntityKey, Operation, OpRecord
+from chefia_rt.protocol.messages import format_timestamp
 
 OP_COLUMNS = (
     "id, store_id, entity_type, entity_id, operation, data, version, seq, status, "
@@ -15,13 +16,18 @@ OP_COLUMNS = (
 )
 ENTITY_COLUMNS = (
     "store_id, entity_type, entity_id, version, data, deleted, timestamp, updated_by, "
-    "field_versions"
+    "field_versions, updated_at"
 )
 
 
 def _json(value: Any) -> Any:
     """JSON columns arrive as text from SQLite and decoded from PostgreSQL."""
     return json.loads(value) if isinstance(value, str) else value
+
+
+def _time_text(value: Any) -> str:
+    """A time column as the canonical text (PostgreSQL hands a datetime, SQLite the text)."""
+    return value if isinstance(value, str) else format_timestamp(value)
 
 
 def migrations(prefix: str) -> list[tuple[int, str]]:
@@ -66,6 +72,7 @@ def entity_from_row(row: Sequence[Any]) -> Entity:
         timestamp=row[6],
         updated_by=row[7],
         field_versions=_json(row[8]),
+        updated_at=_time_text(row[9]),
     )
 
 

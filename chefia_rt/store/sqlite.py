@@ -254,8 +254,11 @@ class SQLiteStore:
     @staticmethod
     def _write_batch(db: sqlite3.Connection, write: BatchWrite) -> None:
         db.executemany(
-            f"INSERT INTO entities ({ENTITY_COLUMNS}, updated_at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, strftime('%Y-%m-%dT%H:%M:%fZ', 'now')) "
+            f"INSERT INTO entities ({ENTITY_COLUMNS}) "
+            # The engine's server time of the write (what the cache and the HTTP read show);
+            # an entity written without one (tests, tools) gets the database's clock.
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, "
+            "coalesce(nullif(?, ''), strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))) "
             "ON CONFLICT (store_id, entity_type, entity_id) DO UPDATE SET "
             "version = excluded.version, data = excluded.data, deleted = excluded.deleted, "
             "timestamp = excluded.timestamp, updated_by = excluded.updated_by, "
@@ -271,6 +274,7 @@ class SQLiteStore:
                     e.timestamp,
                     e.updated_by,
                     _dumps(e.field_versions),
+                    e.updated_at,
                 )
                 for e in write.entities
             ],
@@ -417,6 +421,20 @@ class SQLiteStore:
                 (key.store_id, key.entity_type, key.entity_id),
             ).fetchone()
             return entity_from_row(row) if row else None
+
+        return await self._run(read)
+
+    async def list_entities(
+        self, store_id: str, entity_type: str, after_id: str | None, limit: int
+    ) -> list[Entity]:
+        def read(db: sqlite3.Connection) -> list[Entity]:
+            rows = db.execute(
+                f"SELECT {ENTITY_COLUMNS} FROM entities "
+                "WHERE store_id = ? AND entity_type = ? AND entity_id > ? "
+                "ORDER BY entity_id LIMIT ?",  # BINARY collation: code-point order
+                (store_id, entity_type, after_id or "", limit),
+            )
+            return [entity_from_row(r) for r in rows]
 
         return await self._run(read)
 

@@ -215,6 +215,7 @@ class _Batch:
             timestamp=timestamp,
             updated_by=terminal_id,
             field_versions=field_versions,
+            updated_at=self.now,
         )
         self.entities[key] = entity
         self._changed[key] = entity

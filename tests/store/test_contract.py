@@ -669,6 +669,49 @@ async def test_get_entity(store: Store) -> None:
     assert await store.get_entity(live.key) == newer
 
 
+async def test_updated_at_is_the_writers_server_time(store: Store) -> None:
+    """The engine's time of a write reads back exactly (the HTTP read and the cache show it, and
+    both must agree for one version); an entity written without one gets the database's."""
+    stamped = Entity(EntityKey("s1", "tables", "T1"), 1, {"a": 1}, updated_by="pos-1")
+    stamped.updated_at = "2024-01-15T10:30:00.123456Z"
+    bare = Entity(EntityKey("s1", "tables", "T2"), 1, {"a": 2}, updated_by="pos-1")
+    await store.commit(BatchRequest(), writes(BatchWrite(entities=[stamped, bare])))
+    got = await store.get_entity(stamped.key)
+    assert got is not None and got.updated_at == stamped.updated_at
+    got = await store.get_entity(bare.key)
+    assert got is not None and got.updated_at.startswith(NOW[:4]), got.updated_at
+    (listed,) = await store.list_entities("s1", "tables", None, 1)
+    assert listed.updated_at == stamped.updated_at
+
+
+async def test_list_entities_pages_in_code_point_order(store: Store) -> None:
+    ids = ["b", "B", "a", "_x", "Z", "é", "10", "9", "a:b", "a b"]
+    await sync(
+        store,
+        [
+            *(make_op(f"op-t-{i}", i, {"i": i}, operation="CREATE") for i in ids),
+            make_op("op-p", "a", {"p": 1}, entity_type="products", operation="CREATE"),
+            make_op("op-s2", "a", {"s": 2}, store_id="s2", operation="CREATE"),
+        ],
+    )
+    await sync(store, [make_op("op-del", "b", operation="DELETE", version=2)])
+    seen: list[Entity] = []
+    after: str | None = None
+    while page := await store.list_entities("s1", "tables", after, 3):
+        assert len(page) <= 3
+        seen.extend(page)
+        after = page[-1].key.entity_id
+    assert [e.key.entity_id for e in seen] == sorted(ids)
+    for found in seen:
+        assert found == await store.get_entity(found.key)
+    assert [e.key.entity_id for e in seen if e.deleted] == ["b"]  # tombstones included
+    assert await store.list_entities("s1", "tables", "é", 10) == []
+    assert [e.key for e in await store.list_entities("s2", "tables", None, 10)] == [
+        EntityKey("s2", "tables", "a")
+    ]
+    assert await store.list_entities("s1", "nothing", None, 10) == []
+
+
 # ---- sessions, health, close ----------------------------------------------------------------
 
 
