@@ -26,6 +26,35 @@ class Push:
     origin: str
 
 
+@dataclass(frozen=True, slots=True)
+class CacheEntry:
+    """An entity's state for the RequestCache: its version and its encoded body (the HTTP
+    read's answer). It answers reads for `fresh_for` seconds and is kept `keep_for` seconds
+    (longer) as a version floor that no older put may go below."""
+
+    key: EntityKey
+    version: int
+    body: bytes
+    fresh_for: float
+    keep_for: float
+
+
+@dataclass(frozen=True, slots=True)
+class CacheSlot:
+    """What the cache holds for a key when read.
+
+    `version` is the version held (0: none), fresh or not: nothing older may be answered after
+    this read. `body` is set only while the entry is fresh. `epoch` names the cache's generation
+    (a new one after a flush or restart of the shared state) and `put_until` the deadline, in
+    the backend's clock, of a put made from a storage read that follows this read.
+    """
+
+    epoch: str
+    version: int
+    body: bytes | None
+    put_until: int
+
+
 Deliver = Callable[[str, Sequence[Push]], None]
 # (store_id, terminal_id, session_id, connected_at): a session of a terminal opened somewhere.
 Takeover = Callable[[str, str, str, float], None]
@@ -34,7 +63,7 @@ SignalHandler = Callable[[dict[str, Any]], None]
 
 
 class Bus(Protocol):
-    """Fan-out of committed operations, and shared lock leases."""
+    """Fan-out of committed operations, shared lock leases, and the RequestCache's state."""
 
     kind: str
 
@@ -76,6 +105,25 @@ class Bus(Protocol):
         """Send `payload` (msgpack-able) on `topic` to every worker; this worker's handler runs
         before this returns. Best effort elsewhere: a signal sent while the bus is unreachable is
         lost, so signals carry what is refreshed anyway or can be read again from storage."""
+
+    # ---- the RequestCache's shared state (see cache.py for why it is shaped so) ----------
+
+    async def cache_get(self, key: EntityKey, put_window: float) -> CacheSlot:
+        """Read a key's slot; a put made from it is accepted for `put_window` seconds.
+        Raises StorageUnavailable when the cache cannot be read."""
+
+    async def cache_put(self, entries: Sequence[CacheEntry], slot: CacheSlot | None) -> int:
+        """Store entries, each only if no newer version of its key is held (never lower a
+        version), atomically for the batch. `slot` None: the writer's committed state, always
+        stored. With a slot (a reader's storage read): nothing is stored unless the cache is
+        still in the slot's epoch and its put window has not passed. Returns how many were
+        stored; raises StorageUnavailable when the cache could not be reached."""
+
+    async def cache_clear(self) -> None:
+        """Drop every entry at once (a new epoch): puts based on older reads are refused."""
+
+    async def cache_sizes(self) -> dict[str, int]:
+        """Entries held (fresh or kept as floors) per entity type."""
 
     async def ping(self) -> bool:
         """True when the bus answers."""

@@ -36,7 +36,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
-from chefia_rt.bus.base import Deliver, Push, SignalHandler, Takeover
+from chefia_rt.bus.base import CacheEntry, CacheSlot, Deliver, Push, SignalHandler, Takeover
 from chefia_rt.domain import EntityKey, OpRecord
 from chefia_rt.errors import StorageUnavailable
 from chefia_rt.sync.locks import Lease
@@ -80,6 +80,66 @@ end
 redis.call('DEL', KEYS[2])
 return released
 """
+
+# The RequestCache (cache.py says why): an entry is a hash {e: epoch, v: version, f: fresh until
+# (ms, Redis clock), d: body} that expires `keep` ms after its put. The epoch key names the
+# cache's generation; a Redis that restarted empty or was flushed has none, so the first caller
+# makes a new one, and puts based on reads of the old generation are refused.
+_REDIS_NOW = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+"""
+_CACHE_GET = (
+    """
+local epoch = redis.call('GET', KEYS[2])
+if not epoch then
+  epoch = ARGV[1]
+  redis.call('SET', KEYS[2], epoch)
+end
+"""
+    + _REDIS_NOW
+    + """
+local put_until = string.format('%.0f', now + tonumber(ARGV[2]))
+local held = redis.call('HMGET', KEYS[1], 'e', 'v', 'f', 'd')
+if held[1] ~= epoch then return {epoch, '0', put_until} end
+if tonumber(held[3]) > now then return {epoch, held[2], put_until, held[4]} end
+return {epoch, held[2], put_until}
+"""
+)
+# Versions compare as decimal text (shorter is smaller): Lua numbers are doubles, exact only up
+# to 2^53, and a version may go beyond that.
+_CACHE_PUT = (
+    """
+local function older(a, b)
+  if #a ~= #b then return #a < #b end
+  return a < b
+end
+local epoch = redis.call('GET', KEYS[1])
+"""
+    + _REDIS_NOW
+    + """
+if ARGV[1] ~= '' then
+  if epoch ~= ARGV[1] or now > tonumber(ARGV[2]) then return 0 end
+elseif not epoch then
+  epoch = ARGV[3]
+  redis.call('SET', KEYS[1], epoch)
+end
+local stored = 0
+for i = 2, #KEYS do
+  local a = 4 * (i - 2) + 4
+  local held = redis.call('HMGET', KEYS[i], 'e', 'v')
+  if held[1] ~= epoch or not older(ARGV[a], held[2]) then
+    local fresh = string.format('%.0f', now + tonumber(ARGV[a + 1]))
+    redis.call('HSET', KEYS[i], 'e', epoch, 'v', ARGV[a], 'f', fresh, 'd', ARGV[a + 3])
+    redis.call('PEXPIRE', KEYS[i], ARGV[a + 2])
+    stored = stored + 1
+  end
+end
+return stored
+"""
+)
+CACHE_TIMEOUT = 1.0  # a cache call waits no longer: a read then goes to storage
+SIZES_SCAN_LIMIT = 200_000  # keys a size count looks at, at most
 
 RECONNECT_DELAY = (0.1, 2.0)  # first and longest wait between subscriber reconnects
 OUTBOX_SIZE = 10_000  # publish payloads waiting for Redis
@@ -131,6 +191,13 @@ class RedisBus:
     def _presence_key(self, store_id: str) -> str:
         return f"{self.prefix}:presence:{store_id}"
 
+    def _cache_key(self, key: EntityKey) -> str:
+        return f"{self.prefix}:cache:" + json.dumps([key.store_id, key.entity_type, key.entity_id])
+
+    @property
+    def _cache_epoch_key(self) -> str:
+        return f"{self.prefix}:cache-epoch"
+
     @property
     def redis(self) -> aioredis.Redis:
         if self._redis is None:
@@ -160,6 +227,8 @@ class RedisBus:
         self._acquire = self._redis.register_script(_ACQUIRE)
         self._release = self._redis.register_script(_RELEASE)
         self._unregister = self._redis.register_script(_UNREGISTER)
+        self._cache_get = self._redis.register_script(_CACHE_GET)
+        self._cache_put = self._redis.register_script(_CACHE_PUT)
         subscribed = asyncio.Event()
         self._listener = asyncio.create_task(self._listen(subscribed), name="redis-listener")
         self._publisher = asyncio.create_task(self._publish_loop(), name="redis-publisher")
@@ -409,6 +478,65 @@ class RedisBus:
         except (RedisError, OSError) as exc:
             raise StorageUnavailable(f"lock service unavailable: {exc}") from exc
         return bool(released)
+
+    # ---- cache ------------------------------------------------------------------------------
+
+    async def cache_get(self, key: EntityKey, put_window: float) -> CacheSlot:
+        try:
+            async with asyncio.timeout(CACHE_TIMEOUT):
+                found = await self._cache_get(
+                    keys=[self._cache_key(key), self._cache_epoch_key],
+                    args=[uuid.uuid4().hex, int(put_window * 1000)],
+                )
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise StorageUnavailable(f"cache unavailable: {exc}") from exc
+        body = found[3] if len(found) > 3 else None
+        return CacheSlot(_text(found[0]), int(found[1]), body, int(found[2]))
+
+    async def cache_put(self, entries: Sequence[CacheEntry], slot: CacheSlot | None) -> int:
+        if not entries:
+            return 0
+        args: list[str | int | bytes] = [
+            "" if slot is None else slot.epoch,
+            "" if slot is None else slot.put_until,
+            uuid.uuid4().hex,
+        ]
+        for entry in entries:
+            args += [
+                entry.version,
+                int(entry.fresh_for * 1000),
+                max(1, int(entry.keep_for * 1000)),
+                entry.body,
+            ]
+        keys = [self._cache_epoch_key, *(self._cache_key(e.key) for e in entries)]
+        try:
+            async with asyncio.timeout(CACHE_TIMEOUT):
+                return int(await self._cache_put(keys=keys, args=args))
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise StorageUnavailable(f"cache unavailable: {exc}") from exc
+
+    async def cache_clear(self) -> None:
+        try:
+            async with asyncio.timeout(CACHE_TIMEOUT):
+                await self.redis.set(self._cache_epoch_key, uuid.uuid4().hex)
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise StorageUnavailable(f"cache unavailable: {exc}") from exc
+
+    async def cache_sizes(self) -> dict[str, int]:
+        sizes: dict[str, int] = {}
+        start = len(self.prefix) + len(":cache:")
+        seen = 0
+        try:
+            async for raw in self.redis.scan_iter(match=f"{self.prefix}:cache:*", count=1000):
+                seen += 1
+                if seen > SIZES_SCAN_LIMIT:
+                    break
+                with contextlib.suppress(ValueError, IndexError, TypeError):
+                    entity_type = json.loads(_text(raw)[start:])[1]
+                    sizes[entity_type] = sizes.get(entity_type, 0) + 1
+        except (RedisError, OSError) as exc:
+            raise StorageUnavailable(f"cache unavailable: {exc}") from exc
+        return sizes
 
     async def ping(self) -> bool:
         try:
