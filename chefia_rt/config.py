@@ -15,6 +15,7 @@ from chefia_rt.sync.permissions import Permissions
 from chefia_rt.sync.policies import PolicyTable
 
 DEFAULT_DATABASE_URL = "sqlite:///chefia-rt.db"
+MAX_CACHE_TTL = 3600.0
 # Never repeated in an error message.
 SECRET_SETTINGS = frozenset({"JWT_SECRET_KEY"})
 
@@ -81,6 +82,10 @@ class Settings(BaseSettings):
     terminal_report_interval: float = Field(2.0, gt=0, le=60)
     # A terminal offline this long (seconds) is forgotten: gone from the monitor and the metric.
     terminal_retention: float = Field(900.0, gt=0)
+    # RequestCache (SPEC §9): seconds a cached entity answers reads, per entity type, JSON
+    # overrides of the defaults, "*" for every other type: {"orders": 0.25, "*": 2}.
+    cache_enabled: bool = True
+    cache_ttls: dict[str, float] = Field(default_factory=dict)
     database_pool_size: int = Field(8, ge=2, le=200)
     metrics_port: int | None = Field(None, ge=0, le=65535)
     # Where the workers of a node write their metric values (prometheus_client multiprocess
@@ -146,6 +151,16 @@ class Settings(BaseSettings):
     def _jwt_keys(cls, value: str | None) -> str | None:
         if value is not None:
             parse_keys(value)  # ValueError naming which key is short, never the key itself
+        return value
+
+    @field_validator("cache_ttls")
+    @classmethod
+    def _cache_ttls(cls, value: dict[str, float]) -> dict[str, float]:
+        for entity_type, ttl in value.items():
+            if not (0 <= ttl <= MAX_CACHE_TTL):
+                raise ValueError(
+                    f"{entity_type}: a TTL is 0 to {MAX_CACHE_TTL:g} seconds, got {ttl:g}"
+                )
         return value
 
     @field_validator("sync_policies")

@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
-from chefia_rt import __version__
+from chefia_rt import __version__, entity_api
 from chefia_rt.auth import authenticate
 from chefia_rt.errors import AuthFailed
 from chefia_rt.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -112,6 +112,8 @@ def is_upgrade(request: Request) -> bool:
 async def handle_http(node: Node, request: Request) -> Response:
     """Answer a plain HTTP request."""
     path = urlsplit(request.path).path
+    if entity_api.is_entity_path(path):
+        return await entity_api.handle(node, request)
     route = ROUTES.get(path)
     if route is None or (path in METRICS_PATHS and not node.settings.ws_enable_metrics):
         return json_response(404, {"error": "not found", "path": path})

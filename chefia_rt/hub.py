@@ -44,12 +44,17 @@ class Transport(Protocol):
 
 
 class OutFrame:
-    """One outgoing message, encoded at most once per encoding however many receive it."""
+    """One outgoing message, encoded at most once per encoding however many receive it.
 
-    __slots__ = ("_json", "_msgpack", "message")
+    `follow` is a message sent right after it, in the same batch when there is one, taking no
+    place of its own in a lane (a push's `cache_invalidate`).
+    """
 
-    def __init__(self, message: dict[str, Any]) -> None:
+    __slots__ = ("_json", "_msgpack", "follow", "message")
+
+    def __init__(self, message: dict[str, Any], follow: OutFrame | None = None) -> None:
         self.message = message
+        self.follow = follow
         self._json: str | None = None
         self._msgpack: bytes | None = None
 
@@ -82,6 +87,16 @@ def push_message(record: OpRecord) -> dict[str, Any]:
             "priority": record.priority,
             "server_time": record.server_time,
         },
+    }
+
+
+def cache_invalidate_message(record: OpRecord) -> dict[str, Any]:
+    """What terminals' own caches need to drop an entity's stale state (SPEC §9)."""
+    return {
+        "type": "cache_invalidate",
+        "entity_type": record.entity_type,
+        "entity_id": record.entity_id,
+        "version": record.version,
     }
 
 
@@ -204,7 +219,10 @@ class Session:
         while self._urgent and len(frames) < limit:
             frames.append(self._urgent.popleft())
         while self._pushes and len(frames) < limit:
-            frames.append(self._pushes.popleft())
+            frame = self._pushes.popleft()
+            frames.append(frame)
+            if frame.follow is not None:
+                frames.append(frame.follow)  # a batch may hold one message over the limit
         if len(self._pushes) <= self.limits.queue_size - self._catch_up_page():
             self._room.set()
         return frames
@@ -230,17 +248,19 @@ class Session:
                 await asyncio.sleep(window)
             while not self.closed and (self._urgent or self._pushes):
                 frames = self._take()
+                payloads: list[str | bytes]
                 if self.encoding == "json":
-                    payload: str | bytes = frames[0].encoded("json")
+                    payloads = [f.encoded("json") for f in frames]  # never batched
                 else:
                     bodies = [f.encoded("msgpack") for f in frames]
-                    payload = msgpack_frame(bodies, self.limits.compression_threshold)  # type: ignore[arg-type]
-                try:
-                    await self.transport.send(payload)
-                except Exception:
-                    self.closed = True
-                    return
-                self.bytes_out += len(payload)
+                    payloads = [msgpack_frame(bodies, self.limits.compression_threshold)]  # type: ignore[arg-type]
+                for payload in payloads:
+                    try:
+                        await self.transport.send(payload)
+                    except Exception:
+                        self.closed = True
+                        return
+                    self.bytes_out += len(payload)
                 self.messages_out += len(frames)
                 if self.on_sent is not None:
                     self.on_sent(frames)
@@ -389,7 +409,11 @@ class Hub:
             seq = push.record.seq
             if seq is None:
                 continue
-            frame = OutFrame(push_message(push.record))
+            # Each receiver's own cache drops the old state with it: derived here, from the
+            # push every worker receives anyway, so it costs no bus traffic (SPEC §9).
+            frame = OutFrame(
+                push_message(push.record), OutFrame(cache_invalidate_message(push.record))
+            )
             for session in list(sessions.values()):
                 session.offer(
                     seq,

@@ -26,8 +26,9 @@ from typing import Any
 from chefia_rt import __version__
 from chefia_rt.bus.base import Bus, Push
 from chefia_rt.bus.memory import MemoryBus
+from chefia_rt.cache import RequestCache
 from chefia_rt.config import Settings
-from chefia_rt.domain import BatchState, BatchWrite, EntityKey, Operation, Resolution
+from chefia_rt.domain import BatchState, BatchWrite, Entity, EntityKey, Operation, Resolution
 from chefia_rt.errors import ChefiaError, Locked, Overloaded, StorageUnavailable
 from chefia_rt.hub import Hub, OutFrame, Session
 from chefia_rt.metrics import Metrics, multiproc_dir_from_env
@@ -205,6 +206,7 @@ class Node:
         self.engine = engine
         self.permissions = permissions
         self.hub = Hub(store.read_operations)
+        self.cache = RequestCache(store, bus, settings.cache_ttls, settings.cache_enabled)
         self.stats = Stats()
         self.draining = False
         self._queue: asyncio.Queue[Pending] = asyncio.Queue(settings.sync_queue_size)
@@ -247,6 +249,7 @@ class Node:
         self.bus.on_signal(TERMINAL_TOPIC, self.terminals.handle)
         self.bus.on_signal(STATS_TOPIC, self.cluster_stats.receive)
         await self.bus.start(self._deliver, self._remote_takeover, self.resync_all)
+        await self.cache.start()
         self._writer = asyncio.create_task(self._write_loop(), name="writer")
         self._chores = [
             asyncio.create_task(
@@ -365,6 +368,7 @@ class Node:
             await session.stop()
         if self._background:
             await asyncio.wait(self._background, timeout=5)
+        await self.cache.close()
         await self.bus.close()
         await self.store.close()
 
@@ -614,8 +618,12 @@ class Node:
         request = batch_request(items)
         now = utc_now_iso()
 
+        written: list[Entity] = []
+
         def decide(state: BatchState) -> tuple[list[Outcome], BatchWrite]:
-            return self.engine.decide(items, state, now)
+            outcomes, write = self.engine.decide(items, state, now)
+            written[:] = write.entities  # the last decision is the one committed
+            return outcomes, write
 
         started = time.monotonic()
         commit = asyncio.ensure_future(self.store.commit(request, decide))
@@ -627,7 +635,7 @@ class Node:
             if isinstance(exc, TimeoutError):
                 # The transaction may still land: its pushes go out then, and a retry of any
                 # of its operations is answered `duplicate`, so "retry" is always safe.
-                commit.add_done_callback(self._late_commit)
+                commit.add_done_callback(lambda done: self._late_commit(done, written))
                 reason = "storage did not answer in time; retry"
             elif isinstance(exc, ChefiaError):
                 reason = exc.reason
@@ -643,21 +651,27 @@ class Node:
                     )
                 )
             return
+        # Before anyone is answered: a read after a confirmation must find this version.
+        await self.cache.written(written)
         self._answer(batch, outcomes)
         await self._publish(batch, outcomes)
 
-    def _late_commit(self, commit: asyncio.Future[list[Outcome]]) -> None:
+    def _late_commit(self, commit: asyncio.Future[list[Outcome]], written: list[Entity]) -> None:
         if commit.cancelled() or commit.exception() is not None:
             return
         log.warning("a timed-out commit landed late; publishing its operations")
-        outcomes = commit.result()
+        self.spawn(self._publish_late(commit.result(), written))
+
+    async def _publish_late(self, outcomes: list[Outcome], written: list[Entity]) -> None:
+        # Its senders were answered 1013 and may read: the cache first, as for any commit.
+        await self.cache.written(written)
         pushes: dict[str, list[Push]] = {}
         for outcome in outcomes:
             if outcome.record is not None and outcome.record.seq is not None:
                 origin = outcome.record.terminal_id
                 pushes.setdefault(outcome.record.store_id, []).append(Push(outcome.record, origin))
         for store_id, store_pushes in pushes.items():
-            self.spawn(self.bus.publish(store_id, store_pushes))
+            await self.bus.publish(store_id, store_pushes)
 
     def _answer(self, batch: list[Pending], outcomes: list[Outcome]) -> None:
         done = time.monotonic()
