@@ -123,10 +123,14 @@ class RequestCache:
         bus: Bus,
         ttls: Mapping[str, float] | None = None,
         enabled: bool = True,
+        guard: float = READ_GUARD,
     ) -> None:
+        if not 0 < guard < FLOOR_KEEP:
+            raise ValueError("the read guard must be shorter than the floors are kept")
         self.store = store
         self.bus = bus
         self.enabled = enabled
+        self.guard = guard
         self._ttls = {**DEFAULT_TTLS, **(ttls or {})}
         self._counters: dict[str, _Counters] = {}
         self._sizes: dict[str, int] = {}
@@ -170,7 +174,7 @@ class RequestCache:
             return await self._read_storage(key)
         arrived = time.monotonic()
         try:
-            slot: CacheSlot | None = await self.bus.cache_get(key, READ_GUARD)
+            slot: CacheSlot | None = await self.bus.cache_get(key, self.guard)
         except StorageUnavailable as exc:
             log.debug("cache unreachable, reading %s from storage: %s", key, exc)
             slot = None
@@ -212,7 +216,7 @@ class RequestCache:
         found = await self._read_storage(key)
         if found is None or slot is None:
             return found
-        if time.monotonic() - started > READ_GUARD:
+        if time.monotonic() - started > self.guard:
             # Past the guard a put would be refused anyway; what was read is still no older
             # than any confirmation before the read started, so it may be answered.
             return found
@@ -224,7 +228,7 @@ class RequestCache:
 
     async def _read_storage(self, key: EntityKey) -> CachedEntity | None:
         try:
-            async with asyncio.timeout(READ_GUARD):
+            async with asyncio.timeout(self.guard):
                 entity = await self.store.get_entity(key)
         except TimeoutError:
             raise StorageUnavailable("storage did not answer in time; retry") from None
@@ -248,7 +252,7 @@ class RequestCache:
             entries.append(
                 CacheEntry(entity.key, entity.version, entity_body(entity), ttl, ttl + FLOOR_KEEP)
             )
-        deadline = time.monotonic() + READ_GUARD + max(e.fresh_for for e in entries) + 0.5
+        deadline = time.monotonic() + self.guard + max(e.fresh_for for e in entries) + 0.5
         delay = WRITE_RETRY[0]
         while True:
             try:
