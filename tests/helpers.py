@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import json
 import socket
+import urllib.error
+import urllib.request
 from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -30,6 +32,22 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def _http_get(url: str, headers: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
+    request = urllib.request.Request(url, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=DEFAULT_TIMEOUT) as response:
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, dict(exc.headers), exc.read()
+
+
+async def http_get(
+    url: str, headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, str], bytes]:
+    """GET with a plain HTTP client on a new connection: (status, headers, body)."""
+    return await asyncio.to_thread(_http_get, url, headers or {})
 
 
 def decode_server_frame(frame: str | bytes) -> list[dict[str, Any]]:
