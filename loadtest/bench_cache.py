@@ -46,7 +46,7 @@ from chefia_rt.errors import StorageUnavailable
 from chefia_rt.protocol.messages import utc_now_iso
 from chefia_rt.store.base import BatchRequest
 from chefia_rt.store.postgres import PostgresStore
-from loadtest.bench_store import DEFAULT_DSN, Meter, with_search_path
+from loadtest.bench_store import DEFAULT_DSN, Meter, _positive, with_search_path
 
 DEFAULT_REDIS = os.environ.get("CHEFIA_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 STORE = "bench"
@@ -208,13 +208,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--write-interval", type=float, default=0.02, help="seconds per write")
     parser.add_argument("--pool", type=_positive, default=8, help="PostgreSQL connections")
     return parser.parse_args(argv)
-
-
-def _positive(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError("must be >= 1")
-    return number
 
 
 def main(argv: Sequence[str] | None = None) -> int:

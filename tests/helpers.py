@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import socket
+import sys
 import urllib.error
 import urllib.request
 from collections import deque
@@ -26,6 +27,7 @@ from chefia_rt.protocol.codec import COMPRESSED_PREFIX
 from chefia_rt.server import Server
 
 DEFAULT_TIMEOUT = 5.0
+REPOSITORY = Path(__file__).resolve().parent.parent
 
 
 def free_port() -> int:
@@ -48,6 +50,25 @@ async def http_get(
 ) -> tuple[int, dict[str, str], bytes]:
     """GET with a plain HTTP client on a new connection: (status, headers, body)."""
     return await asyncio.to_thread(_http_get, url, headers or {})
+
+
+async def run_bench(module: str, *args: str, timeout: float = 60) -> dict[str, Any]:
+    """Run `python -m <module> <args>` from the repository root; the one JSON line it prints."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        module,
+        *args,
+        cwd=REPOSITORY,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    assert proc.returncode == 0, err.decode()
+    lines = out.decode().splitlines()
+    assert len(lines) == 1, lines
+    result: dict[str, Any] = json.loads(lines[0])
+    return result
 
 
 def decode_server_frame(frame: str | bytes) -> list[dict[str, Any]]:

@@ -24,6 +24,15 @@ def service_missing(name: str, reason: str) -> None:
     pytest.skip(message)
 
 
+async def require_postgres() -> None:
+    """Skip (or fail in CI) a test when PostgreSQL does not answer."""
+    try:
+        conn = await asyncpg.connect(PG_DSN, timeout=5)
+    except (OSError, asyncpg.PostgresError) as exc:
+        service_missing("PostgreSQL", f"{PG_DSN}: {exc}")
+    await conn.close()
+
+
 async def new_pg_schema() -> str:
     """A DSN whose search_path is a fresh, empty schema: each test gets its own database."""
     schema = f"t_{uuid.uuid4().hex[:12]}"

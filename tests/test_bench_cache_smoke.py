@@ -3,17 +3,10 @@ and no read of either phase went back behind a confirmation."""
 
 from __future__ import annotations
 
-import asyncio
-import json
-import sys
-from pathlib import Path
-
-import asyncpg
-
 from tests.bus.conftest import redis_reachable
-from tests.services import PG_DSN, REDIS_URL, service_missing
+from tests.helpers import run_bench
+from tests.services import PG_DSN, REDIS_URL, require_postgres
 
-ROOT = Path(__file__).resolve().parent.parent
 FIGURES = {
     "reads",
     "seconds",
@@ -31,15 +24,9 @@ FIGURES = {
 
 
 async def test_bench_cache_prints_one_json_line_comparing_with_and_without() -> None:
-    try:
-        conn = await asyncpg.connect(PG_DSN, timeout=5)
-    except (OSError, asyncpg.PostgresError) as exc:
-        service_missing("PostgreSQL", f"{PG_DSN}: {exc}")
-    await conn.close()
+    await require_postgres()
     await redis_reachable(REDIS_URL)
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
+    result = await run_bench(
         "loadtest.bench_cache",
         "--dsn",
         PG_DSN,
@@ -53,15 +40,7 @@ async def test_bench_cache_prints_one_json_line_comparing_with_and_without() -> 
         "20",
         "--write-interval",
         "0.01",
-        cwd=ROOT,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
     )
-    out, err = await asyncio.wait_for(proc.communicate(), 60)
-    assert proc.returncode == 0, err.decode()
-    lines = out.decode().splitlines()
-    assert len(lines) == 1, lines
-    result = json.loads(lines[0])
     assert result["bench"] == "request_cache" and result["shared_state"] == "redis"
     cache, direct = result["cache"], result["no_cache"]
     assert set(cache) == FIGURES and set(direct) == FIGURES

@@ -2,16 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
-import json
-import sys
-from pathlib import Path
+from tests.helpers import run_bench
+from tests.services import PG_DSN, require_postgres
 
-import asyncpg
-
-from tests.services import PG_DSN, service_missing
-
-ROOT = Path(__file__).resolve().parent.parent
 FIGURES = {
     "ops",
     "transactions",
@@ -24,14 +17,8 @@ FIGURES = {
 
 
 async def test_bench_store_prints_one_json_line_comparing_both_designs() -> None:
-    try:
-        conn = await asyncpg.connect(PG_DSN, timeout=5)
-    except (OSError, asyncpg.PostgresError) as exc:
-        service_missing("PostgreSQL", f"{PG_DSN}: {exc}")
-    await conn.close()
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
+    await require_postgres()
+    result = await run_bench(
         "loadtest.bench_store",
         "--dsn",
         PG_DSN,
@@ -45,15 +32,7 @@ async def test_bench_store_prints_one_json_line_comparing_both_designs() -> None
         "3",
         "--entities",
         "4",
-        cwd=ROOT,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
     )
-    out, err = await asyncio.wait_for(proc.communicate(), 60)
-    assert proc.returncode == 0, err.decode()
-    lines = out.decode().splitlines()
-    assert len(lines) == 1, lines
-    result = json.loads(lines[0])
     assert {"bench", "postgres", "batch", "ours", "baseline", "ratio"} <= result.keys()
     assert set(result["ours"]) == FIGURES and set(result["baseline"]) == FIGURES
     assert result["ours"]["ops"] == 30 and result["ours"]["transactions"] == 3
