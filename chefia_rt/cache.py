@@ -275,19 +275,22 @@ class RequestCache:
     # ---- stats ------------------------------------------------------------------------------
 
     def stats(self) -> dict[str, dict[str, float | int]]:
-        """Per entity type: hits, misses, storage_reads, hit_rate (0..1) of this worker, and
-        the entries the shared cache held at the last count (every SIZES_INTERVAL seconds)."""
-        out: dict[str, dict[str, float | int]] = {}
-        for entity_type in sorted(set(self._counters) | set(self._sizes)):
-            counters = self._counters.get(entity_type, _Counters())
+        """Figure → {entity type: value}: hits, misses and storage_reads of this worker
+        (cumulative), hit_rate (0..1), and the entries the shared cache held at the last count
+        (every SIZES_INTERVAL seconds; the same on every worker when it is Redis)."""
+        out: dict[str, dict[str, float | int]] = {
+            "hits": {},
+            "misses": {},
+            "storage_reads": {},
+            "hit_rate": {},
+            "entries": dict(self._sizes),
+        }
+        for entity_type, counters in self._counters.items():
             reads = counters.hits + counters.misses
-            out[entity_type] = {
-                "hits": counters.hits,
-                "misses": counters.misses,
-                "storage_reads": counters.storage_reads,
-                "hit_rate": round(counters.hits / reads, 4) if reads else 0.0,
-                "entries": self._sizes.get(entity_type, 0),
-            }
+            out["hits"][entity_type] = counters.hits
+            out["misses"][entity_type] = counters.misses
+            out["storage_reads"][entity_type] = counters.storage_reads
+            out["hit_rate"][entity_type] = round(counters.hits / reads, 4) if reads else 0.0
         return out
 
     async def refresh_sizes(self) -> None:

@@ -234,7 +234,8 @@ class Metrics:
             "RequestCache entries held, by entity type",
             ["entity_type"],
             registry=own,
-            multiprocess_mode="livesum",
+            # Every worker counts the same shared cache (Redis): a sum would count it W times.
+            multiprocess_mode="livemax",
         )
         self._children: dict[tuple[str, ...], Any] = {}
         self._cache_seen: dict[tuple[str, str], float] = {}

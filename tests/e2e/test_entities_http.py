@@ -77,9 +77,16 @@ async def test_read_one_entity_with_etag_and_304(tmp_path: Path) -> None:
         await write(server, op("o3", entity_id, operation="DELETE", version=3))
         status, _, body = await get(server, path)
         assert (status, body["version"], body["deleted"], body["data"]) == (200, 3, True, {})
-        stats = server.node.cache.stats()["tables"]
+        stats = server.node.cache.stats()
         # Written through before each confirmation: reads rarely need storage at all.
-        assert stats["hits"] + stats["misses"] == 7 and stats["hits"] >= 1
+        hits, misses = stats["hits"]["tables"], stats["misses"]["tables"]
+        assert hits + misses == 7 and hits >= 1
+        # The metrics work reads the same figures (cache_requests_total{entity_type, result}).
+        await server.node.report()
+        _, _, text = await http_get(server.http + "/metrics")
+        assert f'cache_requests_total{{entity_type="tables",result="hit"}} {float(hits)}' in (
+            text.decode()
+        ), text.decode()
 
 
 async def test_bad_requests_get_clear_errors(tmp_path: Path) -> None:
