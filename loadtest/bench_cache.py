@@ -111,8 +111,8 @@ class Phase:
             await asyncio.gather(writer, return_exceptions=True)
         seconds = meter.seconds
         stats = self.cache.stats()
-        storage_reads = sum(int(s["storage_reads"]) for s in stats.values())
-        hits = sum(int(s["hits"]) for s in stats.values())
+        storage_reads = int(sum(stats["storage_reads"].values()))
+        hits = int(sum(stats["hits"].values()))
         ordered = sorted(self.latencies)
         return {
             "reads": reads,
