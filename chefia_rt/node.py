@@ -226,6 +226,8 @@ class Node:
             self.worker_name, self.node_name, settings.ws_stats_interval
         )
         self._background: set[asyncio.Task[Any]] = set()
+        # States of timed-out commits that landed, until their own write-through is done.
+        self._late_written: list[Entity] = []
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -651,8 +653,10 @@ class Node:
                     )
                 )
             return
-        # Before anyone is answered: a read after a confirmation must find this version.
-        await self.cache.written(written)
+        # Before anyone is answered: a read after a confirmation must find this version. A
+        # timed-out commit that landed since goes too: a retry of its ops is answered
+        # `duplicate` in this batch, perhaps before its own write-through has run.
+        await self.cache.written([*self._late_written, *written])
         self._answer(batch, outcomes)
         await self._publish(batch, outcomes)
 
@@ -660,11 +664,16 @@ class Node:
         if commit.cancelled() or commit.exception() is not None:
             return
         log.warning("a timed-out commit landed late; publishing its operations")
+        self._late_written.extend(written)
         self.spawn(self._publish_late(commit.result(), written))
 
     async def _publish_late(self, outcomes: list[Outcome], written: list[Entity]) -> None:
         # Its senders were answered 1013 and may read: the cache first, as for any commit.
-        await self.cache.written(written)
+        try:
+            await self.cache.written(written)
+        finally:
+            late = {id(e) for e in written}
+            self._late_written = [e for e in self._late_written if id(e) not in late]
         pushes: dict[str, list[Push]] = {}
         for outcome in outcomes:
             if outcome.record is not None and outcome.record.seq is not None:

@@ -348,6 +348,9 @@ async def test_a_locked_database_times_out_and_the_retry_is_safe(tmp_path: Path)
         assert confirmation["status"] == "duplicate"
         assert confirmation["seq"] == 1
         assert _rows(tmp_path / "chefia.db", "SELECT count(*) FROM sync_operations") == [(1,)]
+        # The late commit's state went into the RequestCache too: no read finds it missing.
+        status, body = await get(server, "/api/v1/entities/tables/t1?store_id=s1")
+        assert (status, body["version"], body["data"]) == (200, 1, {"seats": 1})
 
 
 async def test_allowed_origins_refuse_other_browsers(tmp_path: Path) -> None:
