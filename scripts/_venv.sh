@@ -25,7 +25,7 @@ fi
 
 extras="${1:-}"
 spec="$ROOT"
-[ -n "$extras" ] && spec="$ROOT[$extras]"
+[ -n "$extras" ] && spec="${ROOT}[$extras]"
 # Editable install: cheap when nothing changed, and picks up new dependencies when something did.
 "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e "$spec"
 export PATH="$VENV/bin:$PATH"

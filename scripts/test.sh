@@ -2,8 +2,9 @@
 # Set up .venv with the test extras and run everything: lint, types, the whole test suite.
 # Tests that need PostgreSQL/Redis skip with a reason when those are not reachable, unless
 # CHEFIA_REQUIRE_SERVICES=1 (CI), where they fail instead. Extra arguments go to pytest.
+# shellcheck source=scripts/_venv.sh
 . "$(dirname "$0")/_venv.sh" test
-echo "== ruff" && ruff check chefia_rt tests && ruff format --check chefia_rt tests
+echo "== ruff" && ruff check chefia_rt tests loadtest && ruff format --check chefia_rt tests loadtest
 echo "== mypy" && mypy
 echo "== pytest"
 exec python -m pytest "$@"

@@ -1109,7 +1109,7 @@ def test_systemd_units(tmp_path: Path) -> None:
         ROOT / "deploy/chefia-rt-backup.timer",
     )
     unit = dict(unit_settings(service))
-    assert unit["Type"] == "oneshot" and unit["User"] == "chefia-rt"
+    assert unit["Type"] == "oneshot" and unit["User"] == "chefia"
     assert unit["ExecStart"].endswith("chefia-rt backup")
     assert unit["EnvironmentFile"] == "/etc/chefia-rt/env"
     assert unit["NoNewPrivileges"] == "yes" and unit["ProtectSystem"] == "strict"
@@ -1125,7 +1125,7 @@ def test_systemd_units(tmp_path: Path) -> None:
     # `verify` wants ExecStart's binary to exist: point it at this checkout's entry point.
     script = Path(sys.executable).parent / "chefia-rt"
     (tmp_path / service.name).write_text(
-        service.read_text().replace("/opt/chefia-rt/venv/bin/chefia-rt", str(script))
+        service.read_text().replace("/opt/chefia-rt/current/venv/bin/chefia-rt", str(script))
     )
     shutil.copy(timer, tmp_path / timer.name)
     checked = subprocess.run(

@@ -1,0 +1,344 @@
+#!/usr/bin/env bash
+# Install and run chefia-rt on a bare-metal Ubuntu/Debian host.
+#
+#   deploy.sh deploy   [--source DIR | --wheel FILE] [--wheelhouse DIR] [--label TEXT]
+#                      [--system-site-packages]
+#   deploy.sh rollback
+#   deploy.sh verify   [--url http://127.0.0.1:8001]
+#   deploy.sh tune     [--no-apply]
+#   common options:    [--prefix DIR] [--env-file FILE] [--no-systemctl] [--keep N]
+#
+# Layout: every release is a directory of its own with its own virtualenv, side by side:
+#   PREFIX/releases/<UTC time>-<version>[-label]/venv/bin/chefia-rt
+#   PREFIX/releases/<...>/deploy/            this script, health-check.sh and the unit files
+#   PREFIX/current -> releases/<...>         what systemd runs, switched atomically
+# `deploy` builds the new release beside the running one, runs `chefia-rt check-config` and
+# `chefia-rt migrate` from it, and only then switches `current` and restarts the service. A
+# release that fails any step is never switched to: the old one keeps serving. --wheelhouse DIR
+# installs offline from wheels built elsewhere (`pip wheel -w DIR .` on a machine with access).
+# `rollback` switches `current` back to the release deployed before it and restarts.
+#
+# Environment (the options win): CHEFIA_PREFIX (/opt/chefia-rt), CHEFIA_ENV_FILE
+# (/etc/chefia-rt/env), CHEFIA_DATA_DIR (/var/lib/chefia-rt: the service's working directory,
+# where check-config and migrate run too), CHEFIA_USER (chefia), CHEFIA_DEPLOY_NO_SYSTEMCTL=1,
+# CHEFIA_SERVICE (chefia-rt.service), CHEFIA_KEEP_RELEASES (5), CHEFIA_PYTHON (python3),
+# CHEFIA_DEPLOY_ROOT (prefix of the /etc paths written by `tune` and the unit installation).
+# Run as root, `deploy` also creates the service user and its directories when missing.
+#
+# Exit codes: 0 done, 1 a step failed (the message says which), 2 usage.
+set -euo pipefail
+
+SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+PREFIX="${CHEFIA_PREFIX:-/opt/chefia-rt}"
+ENV_FILE="${CHEFIA_ENV_FILE:-/etc/chefia-rt/env}"
+DATA_DIR="${CHEFIA_DATA_DIR:-/var/lib/chefia-rt}"
+RUN_USER="${CHEFIA_USER:-chefia}"
+SERVICE="${CHEFIA_SERVICE:-chefia-rt.service}"
+KEEP="${CHEFIA_KEEP_RELEASES:-5}"
+PYTHON="${CHEFIA_PYTHON:-python3}"
+ROOT_DIR="${CHEFIA_DEPLOY_ROOT:-}"
+NO_SYSTEMCTL="${CHEFIA_DEPLOY_NO_SYSTEMCTL:-0}"
+SOURCE=""
+WHEEL=""
+WHEELHOUSE=""
+LABEL=""
+BUILDING=""
+SYSTEM_SITE=0
+APPLY=1
+URL=""
+
+say() { printf 'deploy.sh: %s\n' "$*" >&2; }
+die() { say "error: $*"; exit 1; }
+usage() {
+  sed -n '2,9p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
+  exit 2
+}
+
+# Run a command from a release as the service would: its user, directory and environment, so
+# that a SQLite file created by `migrate` belongs to the service and lies where it looks.
+as_service() {
+  local -a prefix=()
+  if [ "$(id -u)" = 0 ] && [ "$RUN_USER" != root ] && id -u "$RUN_USER" >/dev/null 2>&1; then
+    prefix=(runuser -u "$RUN_USER" --)
+  fi
+  [ -d "$DATA_DIR" ] || die "data directory $DATA_DIR does not exist (set CHEFIA_DATA_DIR)"
+  (cd "$DATA_DIR" && with_env "${prefix[@]}" "$@")
+}
+
+# Run a command with the variables of ENV_FILE added to the environment.
+with_env() {
+  if [ -r "$ENV_FILE" ]; then
+    # systemd's EnvironmentFile= syntax is KEY=VALUE per line; read it without a shell so that
+    # JSON values (SYNC_POLICIES) and secrets are passed through untouched.
+    local -a vars=()
+    local line key value
+    while IFS= read -r line || [ -n "$line" ]; do
+      line="${line#"${line%%[![:space:]]*}"}"
+      case "$line" in '' | '#'* | ';'*) continue ;; esac
+      key="${line%%=*}"
+      [ "$key" = "$line" ] && continue
+      value="${line#*=}"
+      # Like systemd: one pair of surrounding quotes is not part of the value.
+      case "$value" in \"*\" | \'*\') [ "${#value}" -ge 2 ] && value="${value:1:${#value}-2}" ;; esac
+      vars+=("$key=$value")
+    done <"$ENV_FILE"
+    env "${vars[@]}" "$@"
+  else
+    say "no readable $ENV_FILE: running with the defaults (SQLite, open mode)"
+    "$@"
+  fi
+}
+
+# A build that did not finish leaves nothing behind that `rollback` could pick.
+on_exit() {
+  if [ -n "$BUILDING" ]; then
+    rm -rf "$BUILDING"
+    say "deploy failed: removed the unfinished $BUILDING; $(current_release || true) is still current"
+  fi
+}
+trap on_exit EXIT
+
+# First deploy on a fresh host (as root, with systemd): the service user and its directories.
+prepare_host() {
+  [ "$(id -u)" = 0 ] || return 0
+  if ! id -u "$RUN_USER" >/dev/null 2>&1; then
+    useradd --system --home-dir "$DATA_DIR" --no-create-home --shell /usr/sbin/nologin "$RUN_USER"
+    say "created system user $RUN_USER"
+  fi
+  install -d -m 0750 -o "$RUN_USER" -g "$RUN_USER" "$DATA_DIR"
+  install -d -m 0750 -o root -g "$RUN_USER" "$(dirname "$ENV_FILE")"
+  if [ ! -e "$ENV_FILE" ]; then
+    install -m 0640 -o root -g "$RUN_USER" "$SCRIPT_DIR/../config/.env.example" "$ENV_FILE" 2>/dev/null ||
+      install -m 0640 -o root -g "$RUN_USER" /dev/null "$ENV_FILE"
+    say "created $ENV_FILE from config/.env.example: set DATABASE_URL, REDIS_URL, JWT_SECRET_KEY"
+  fi
+}
+
+systemctl_enabled() { [ "$NO_SYSTEMCTL" != "1" ]; }
+
+release_dirs() {  # every release, oldest first (names start with a sortable UTC time)
+  [ -d "$PREFIX/releases" ] || return 0
+  find "$PREFIX/releases" -mindepth 1 -maxdepth 1 -type d -printf '%f\n' | sort
+}
+
+current_release() {
+  [ -L "$PREFIX/current" ] || return 0
+  basename "$(readlink "$PREFIX/current")"
+}
+
+# Point PREFIX/current at releases/NAME atomically: a new symlink beside it, renamed over it
+# (rename(2) replaces in one step; `ln -sfn` alone unlinks first and leaves a moment without one).
+switch_to() {
+  local name="$1"
+  ln -sfn "releases/$name" "$PREFIX/.current.new"
+  mv -T "$PREFIX/.current.new" "$PREFIX/current"
+  printf '%s\n' "$name" >>"$PREFIX/releases.log"
+  say "current -> releases/$name"
+}
+
+restart_service() {
+  if ! systemctl_enabled; then
+    say "systemctl skipped (--no-systemctl): restart $SERVICE yourself"
+    return 0
+  fi
+  command -v systemctl >/dev/null || die "systemctl not found (use --no-systemctl to skip it)"
+  install_units
+  say "restarting $SERVICE"
+  systemctl restart "$SERVICE" || die "systemctl restart $SERVICE failed: journalctl -u $SERVICE"
+  systemctl is-active --quiet "$SERVICE" || die "$SERVICE is not active after the restart"
+}
+
+# The unit files of the current release into /etc/systemd/system (only when they changed).
+install_units() {
+  local unit changed=0 target="$ROOT_DIR/etc/systemd/system"
+  for unit in chefia-rt.service chefia-rt-backup.service chefia-rt-backup.timer; do
+    if ! cmp -s "$PREFIX/current/deploy/$unit" "$target/$unit"; then
+      install -m 0644 "$PREFIX/current/deploy/$unit" "$target/$unit"
+      changed=1
+    fi
+  done
+  if [ "$changed" = 1 ]; then
+    systemctl daemon-reload
+    systemctl enable --quiet chefia-rt.service chefia-rt-backup.timer
+  fi
+}
+
+cmd_deploy() {
+  local stamp version dir
+  [ -n "$SOURCE" ] && [ -n "$WHEEL" ] && die "give --source or --wheel, not both"
+  if [ -n "$WHEELHOUSE" ]; then
+    [ -d "$WHEELHOUSE" ] || die "wheelhouse not found: $WHEELHOUSE"
+    [ -n "$SOURCE" ] && die "--source builds from the network; with --wheelhouse give --wheel"
+    if [ -z "$WHEEL" ]; then
+      WHEEL="$(find "$WHEELHOUSE" -maxdepth 1 -name 'chefia_rt-*.whl' | sort -V | tail -n 1)"
+      [ -n "$WHEEL" ] || die "no chefia_rt-*.whl in $WHEELHOUSE"
+    fi
+  fi
+  if [ -n "$WHEEL" ]; then
+    [ -f "$WHEEL" ] || die "wheel not found: $WHEEL"
+    WHEEL="$(cd "$(dirname "$WHEEL")" && pwd)/$(basename "$WHEEL")"
+  else
+    SOURCE="${SOURCE:-$(dirname "$SCRIPT_DIR")}"
+    [ -f "$SOURCE/pyproject.toml" ] || die "no pyproject.toml in $SOURCE (give --source DIR)"
+    SOURCE="$(cd "$SOURCE" && pwd)"
+  fi
+  "$PYTHON" -c 'import sys; raise SystemExit(sys.version_info < (3, 11))' 2>/dev/null ||
+    die "$PYTHON is not Python 3.11 or newer (set CHEFIA_PYTHON)"
+
+  case "$LABEL" in *[!A-Za-z0-9._-]*) die "--label may hold only [A-Za-z0-9._-] (got $LABEL)" ;; esac
+  if [ -n "$WHEEL" ]; then
+    version="$(basename "$WHEEL" | cut -d- -f2)"
+  else
+    version="$(sed -n 's/^version *= *"\(.*\)"/\1/p' "$SOURCE/pyproject.toml" | head -n 1)"
+  fi
+  # Names sort in deploy order (the UTC time first): rollback and pruning rely on it.
+  stamp="$(date -u +%Y%m%dT%H%M%SZ)"
+  local name="$stamp-${version:-unknown}${LABEL:+-$LABEL}" n=1
+  RELEASE="$name"
+  while [ -e "$PREFIX/releases/$RELEASE" ]; do  # two deploys within one second
+    RELEASE="$name.$n"
+    n=$((n + 1))
+  done
+  dir="$PREFIX/releases/$RELEASE"
+  if systemctl_enabled; then prepare_host; fi
+  mkdir -p "$PREFIX/releases"
+
+  say "building release $RELEASE in $dir"
+  BUILDING="$dir"
+  mkdir -p "$dir"
+  local -a venv_args=() pip=("$dir/venv/bin/python" -m pip) from=("${WHEEL:-$SOURCE}")
+  [ "$SYSTEM_SITE" = 1 ] && venv_args+=(--system-site-packages)
+  [ -n "$WHEELHOUSE" ] && from=(--no-index --find-links "$WHEELHOUSE" "$WHEEL")
+  if "$PYTHON" -m pip --help 2>/dev/null | grep -q -- '--python <python>'; then
+    # The deploying Python's pip installs into the new venv: a venv without a pip of its own
+    # takes a second to make instead of several (releases are never changed by hand anyway).
+    "$PYTHON" -m venv --without-pip "${venv_args[@]}" "$dir/venv"
+    pip=("$PYTHON" -m pip --python "$dir/venv/bin/python")
+  else
+    "$PYTHON" -m venv "${venv_args[@]}" "$dir/venv"
+  fi
+  "${pip[@]}" install --quiet --disable-pip-version-check "${from[@]}"
+  # The scripts and units travel with the release: rollback and verify use the matching ones.
+  mkdir -p "$dir/deploy"
+  cp -R "$SCRIPT_DIR/." "$dir/deploy/"
+  "$dir/venv/bin/chefia-rt" --version >"$dir/VERSION"
+
+  say "checking the configuration with the new release"
+  as_service "$dir/venv/bin/chefia-rt" check-config >/dev/null ||
+    die "the new release refuses the configuration in $ENV_FILE (the line above says why)"
+  say "applying migrations"
+  as_service "$dir/venv/bin/chefia-rt" migrate || die "migrations failed (the lines above say why)"
+  BUILDING=""
+
+  switch_to "$RELEASE"
+  restart_service
+  prune
+  say "deployed $RELEASE ($(cat "$dir/VERSION"))"
+}
+
+# Keep the newest KEEP releases and always the current one.
+prune() {
+  local current name
+  local -a all=()
+  current="$(current_release)"
+  mapfile -t all < <(release_dirs)
+  local excess=$((${#all[@]} - KEEP))
+  for name in "${all[@]}"; do
+    [ "$excess" -le 0 ] && break
+    if [ "$name" != "$current" ]; then
+      rm -rf "${PREFIX:?}/releases/$name"
+      say "pruned old release $name"
+    fi
+    excess=$((excess - 1))
+  done
+}
+
+cmd_rollback() {
+  local current previous="" name
+  current="$(current_release)"
+  [ -n "$current" ] || die "nothing deployed in $PREFIX (no current symlink)"
+  # The release before the current one, in deploy order (names sort by time).
+  while IFS= read -r name; do
+    [ "$name" = "$current" ] && break
+    previous="$name"
+  done < <(release_dirs)
+  [ -n "$previous" ] || die "no release older than $current to roll back to"
+  [ -x "$PREFIX/releases/$previous/venv/bin/chefia-rt" ] ||
+    die "release $previous is incomplete (no venv/bin/chefia-rt)"
+  say "rolling back from $current to $previous"
+  # Migrations only add: the older release runs on the newer schema, so no migration here.
+  as_service "$PREFIX/releases/$previous/venv/bin/chefia-rt" check-config >/dev/null ||
+    die "release $previous refuses the configuration in $ENV_FILE (the line above says why)"
+  switch_to "$previous"
+  restart_service
+  say "rolled back to $previous"
+}
+
+cmd_verify() {
+  [ -x "$PREFIX/current/venv/bin/python" ] || die "nothing deployed in $PREFIX"
+  local -a args=(--python "$PREFIX/current/venv/bin/python")
+  [ -n "$URL" ] && args+=(--url "$URL")
+  [ -r "$ENV_FILE" ] && args+=(--env-file "$ENV_FILE")
+  if systemctl_enabled && command -v systemctl >/dev/null; then
+    systemctl is-active --quiet "$SERVICE" || die "$SERVICE is not active"
+  fi
+  "$PREFIX/current/deploy/health-check.sh" "${args[@]}"
+}
+
+cmd_tune() {
+  local sysctl_dir="$ROOT_DIR/etc/sysctl.d" limits_dir="$ROOT_DIR/etc/security/limits.d"
+  if [ -z "$ROOT_DIR" ] && [ "$(id -u)" != 0 ]; then
+    die "tune writes /etc: run it as root (or set CHEFIA_DEPLOY_ROOT to stage the files)"
+  fi
+  mkdir -p "$sysctl_dir" "$limits_dir"
+  install -m 0644 "$SCRIPT_DIR/sysctl.d/60-chefia-rt.conf" "$sysctl_dir/60-chefia-rt.conf"
+  # The unit sets LimitNOFILE for the service; this is for chefia's own shells (chefia-rt
+  # backup or restore run by hand) and for the load generator's user.
+  cat >"$limits_dir/60-chefia-rt.conf" <<'LIMITS'
+# Installed by chefia-rt deploy.sh tune: descriptors for chefia-rt commands run by hand.
+chefia soft nofile 65536
+chefia hard nofile 65536
+LIMITS
+  chmod 0644 "$limits_dir/60-chefia-rt.conf"
+  say "installed $sysctl_dir/60-chefia-rt.conf and $limits_dir/60-chefia-rt.conf"
+  if [ "$APPLY" = 1 ]; then
+    sysctl -q -p "$sysctl_dir/60-chefia-rt.conf" || die "sysctl could not apply the settings"
+    say "kernel settings applied"
+  fi
+}
+
+[ $# -ge 1 ] || usage
+COMMAND="$1"
+shift
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --source) SOURCE="${2:?--source needs a directory}"; shift 2 ;;
+    --wheel) WHEEL="${2:?--wheel needs a file}"; shift 2 ;;
+    --wheelhouse) WHEELHOUSE="${2:?--wheelhouse needs a directory}"; shift 2 ;;
+    --label) LABEL="${2:?--label needs a text}"; shift 2 ;;
+    --prefix) PREFIX="${2:?--prefix needs a directory}"; shift 2 ;;
+    --env-file) ENV_FILE="${2:?--env-file needs a file}"; shift 2 ;;
+    --keep) KEEP="${2:?--keep needs a number}"; shift 2 ;;
+    --url) URL="${2:?--url needs a URL}"; shift 2 ;;
+    --system-site-packages) SYSTEM_SITE=1; shift ;;
+    --no-systemctl) NO_SYSTEMCTL=1; shift ;;
+    --no-apply) APPLY=0; shift ;;
+    -h | --help) usage ;;
+    *) say "unknown option: $1"; usage ;;
+  esac
+done
+case "$KEEP" in '' | *[!0-9]* | 0 | 1) die "--keep must be a number of at least 2 (got $KEEP)" ;; esac
+# Commands run from DATA_DIR: relative paths given here mean relative to where we were started.
+absolute() { case "$1" in /*) printf '%s' "$1" ;; *) printf '%s/%s' "$PWD" "$1" ;; esac; }
+PREFIX="$(absolute "${PREFIX%/}")"
+ENV_FILE="$(absolute "$ENV_FILE")"
+DATA_DIR="$(absolute "$DATA_DIR")"
+
+case "$COMMAND" in
+  deploy) cmd_deploy ;;
+  rollback) cmd_rollback ;;
+  verify) cmd_verify ;;
+  tune) cmd_tune ;;
+  -h | --help | help) usage ;;
+  *) say "unknown command: $COMMAND"; usage ;;
+esac

@@ -1,0 +1,177 @@
+"""deploy/deploy.sh end to end into a temporary prefix, systemctl skipped: two releases side by
+side, a server started from the current one and checked by health-check.sh (health, stats with a
+token, a WebSocket round trip), a rollback, and deploys that fail without touching `current`."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from tests.deploy.serving import server_process
+from tests.helpers import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy/deploy.sh"
+
+
+class Site:
+    """A temporary host: prefix, data directory and env file, and deploy.sh run against them."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.prefix = tmp_path / "opt"
+        self.data = tmp_path / "data"
+        self.data.mkdir()
+        self.port = free_port()
+        self.env_file = tmp_path / "env"
+        self.env_file.write_text(
+            "# as /etc/chefia-rt/env would be\n"
+            "WS_HOST=127.0.0.1\n"
+            f"WS_PORT={self.port}\n"
+            "DATABASE_URL=sqlite:///chefia.db\n"
+            f'JWT_SECRET_KEY="{secrets.token_hex(32)}"\n'
+            'BACKUP_SCHEDULE="0 3 * * *"\n'
+            'SYNC_POLICIES={"tables": {"policy": "last_write_wins"}}\n'
+        )
+        self.env = {
+            "PATH": os.environ["PATH"],
+            "HOME": os.environ.get("HOME", str(tmp_path)),
+            "CHEFIA_PREFIX": str(self.prefix),
+            "CHEFIA_ENV_FILE": str(self.env_file),
+            "CHEFIA_DATA_DIR": str(self.data),
+            "CHEFIA_PYTHON": sys.executable,
+        }
+
+    def run(self, *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+        started = time.monotonic()
+        done = subprocess.run(
+            [str(DEPLOY), *args, "--no-systemctl"],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+        print(f"deploy.sh {' '.join(args)}: exit {done.returncode} in "
+              f"{time.monotonic() - started:.1f}s")  # fmt: skip
+        return done
+
+    def current(self) -> str:
+        return os.readlink(self.prefix / "current")
+
+    def releases(self) -> list[str]:
+        return sorted(p.name for p in (self.prefix / "releases").iterdir())
+
+    @contextmanager
+    def serving(self) -> Iterator[None]:
+        """The current release's server, as systemd would start it (env file, data dir)."""
+        env = dict(self.env)
+        for line in self.env_file.read_text().splitlines():
+            if line and not line.startswith("#"):
+                key, _, value = line.partition("=")
+                env[key] = value.strip('"')
+        command = [str(self.prefix / "current/venv/bin/chefia-rt"), "serve"]
+        with server_process(command, self.data, env, self.port):
+            yield
+
+
+def build_wheel(tmp_path: Path) -> Path:
+    """This checkout as a wheel, once: both releases install it (no source build per release)."""
+    out = tmp_path / "wheels"
+    built = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", str(out), str(ROOT)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert built.returncode == 0, built.stderr
+    (wheel,) = out.glob("chefia_rt-*.whl")
+    return wheel
+
+
+def test_deploy_verify_second_release_and_rollback(tmp_path: Path) -> None:
+    site = Site(tmp_path)
+    wheel = build_wheel(tmp_path)
+
+    first = site.run("deploy", "--wheel", str(wheel))
+    assert first.returncode == 0, first.stderr
+    (release1,) = site.releases()
+    assert site.current() == f"releases/{release1}"
+    assert (site.prefix / "current/VERSION").read_text().startswith("chefia-rt ")
+    # migrate ran from the release in the service's working directory, with the env file.
+    assert (site.data / "chefia.db").exists()
+    assert "applying migrations" in first.stderr
+
+    # Nothing listens yet: verify fails with one clear line.
+    down = site.run("verify")
+    assert down.returncode == 1
+    assert "FAIL health:" in down.stderr and "unreachable" in down.stderr, down.stderr
+
+    with site.serving():
+        verified = site.run("verify")
+        assert verified.returncode == 0, verified.stdout + verified.stderr
+        print(verified.stdout)
+        lines = verified.stdout.splitlines()
+        assert lines[0].startswith("ok health: status=ok") and "auth=jwt" in lines[0]
+        assert lines[1].startswith("ok stats: total_connections=")
+        assert lines[2].startswith("ok websocket: store seq ")
+
+        second = site.run("deploy", "--wheel", str(wheel), "--label", "second")
+        assert second.returncode == 0, second.stderr
+        release2 = site.releases()[-1]
+        assert release2.endswith("-second") and release2 > release1
+        assert site.current() == f"releases/{release2}"
+        # Side by side: each release has its own venv.
+        assert (site.prefix / "releases" / release1 / "venv/bin/chefia-rt").exists()
+
+        # check-config runs before the switch: a configuration the target release refuses
+        # stops the rollback with its reason, and `current` stays.
+        good_env = site.env_file.read_text()
+        site.env_file.write_text(good_env + "WS_PORT=not-a-port\n")
+        refused = site.run("rollback")
+        assert refused.returncode == 1
+        assert "WS_PORT" in refused.stderr and "refuses the configuration" in refused.stderr
+        assert site.current() == f"releases/{release2}"
+        site.env_file.write_text(good_env)
+
+        back = site.run("rollback")
+        assert back.returncode == 0, back.stderr
+        assert site.current() == f"releases/{release1}"
+        assert site.releases() == [release1, release2]
+
+    nothing_older = site.run("rollback")
+    assert nothing_older.returncode == 1
+    assert "no release older than" in nothing_older.stderr
+    assert site.current() == f"releases/{release1}"
+
+    # A broken build is removed and never becomes current.
+    broken = tmp_path / "chefia_rt-9.9.9-py3-none-any.whl"
+    broken.write_bytes(b"not a wheel")
+    failed = site.run("deploy", "--wheel", str(broken))
+    assert failed.returncode == 1
+    assert "deploy failed" in failed.stderr and release1 in failed.stderr, failed.stderr
+    assert site.releases() == [release1, release2]
+    assert site.current() == f"releases/{release1}"
+
+
+def test_tune_stages_sysctl_and_limits(tmp_path: Path) -> None:
+    env = {"PATH": os.environ["PATH"], "CHEFIA_DEPLOY_ROOT": str(tmp_path)}
+    tuned = subprocess.run(
+        [str(DEPLOY), "tune", "--no-apply"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert tuned.returncode == 0, tuned.stderr
+    installed = tmp_path / "etc/sysctl.d/60-chefia-rt.conf"
+    assert installed.read_bytes() == (ROOT / "deploy/sysctl.d/60-chefia-rt.conf").read_bytes()
+    limits = (tmp_path / "etc/security/limits.d/60-chefia-rt.conf").read_text()
+    assert "chefia soft nofile 65536" in limits and "chefia hard nofile 65536" in limits
