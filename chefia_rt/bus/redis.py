@@ -145,6 +145,9 @@ RECONNECT_DELAY = (0.1, 2.0)  # first and longest wait between subscriber reconn
 OUTBOX_SIZE = 10_000  # publish payloads waiting for Redis
 PUBLISH_BATCH = 256  # payloads per pipelined round trip
 LEASE_READ_TIMEOUT = 1.0
+# Connections to Redis per worker, and how long a command waits for one when all are busy.
+POOL_SIZE = 64
+POOL_WAIT = 5.0
 # A subscriber that has heard nothing for this long pings; with no answer as long again, it
 # counts as lost and resubscribes (and has its node catch up). A blocking read alone would wait
 # forever on a connection whose peer vanished without closing it (a frozen Redis, a dead host,
@@ -208,8 +211,13 @@ class RedisBus:
 
     async def start(self, deliver: Deliver, takeover: Takeover, resync: Callable[[], None]) -> None:
         self._deliver, self._takeover, self._resync = deliver, takeover, resync
-        self._redis = aioredis.from_url(
+        # A pool that waits for a free connection: every write asks Redis for its entity's lease,
+        # and redis-py's default pool refuses a command outright once 100 are in flight ("Too
+        # many connections"), so a burst of writes from many terminals was answered 1013.
+        pool = aioredis.BlockingConnectionPool.from_url(
             self.url,
+            max_connections=POOL_SIZE,
+            timeout=POOL_WAIT,
             socket_timeout=5,
             socket_connect_timeout=5,
             health_check_interval=10,
@@ -221,6 +229,7 @@ class RedisBus:
             # Never on a timeout: a frozen Redis must not double the wait.
             retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
         )
+        self._redis = aioredis.Redis.from_pool(pool)
         # The subscriber's own connection, without that retry: redis-py would resubscribe behind
         # our back after a reconnect, and the node would never be told to catch up.
         self._subscriber = aioredis.from_url(self.url, socket_timeout=5, socket_connect_timeout=5)
