@@ -50,6 +50,10 @@ log = logging.getLogger("chefia_rt.server")
 SUBPROTOCOLS = {"chefia.v1.json": "json", "chefia.v1.msgpack": "msgpack"}
 STORE_ID_MAX = 64
 CLOSE_TIMEOUT = 5.0  # seconds a closing handshake may take before the TCP connection is cut
+# Accept queue of the listening socket (the kernel caps it at net.core.somaxconn). asyncio's
+# default of 100 overflowed when a restaurant chain's terminals reconnected together (the
+# Locust run of 1000 terminals): the kernel dropped or reset the rest of the handshakes.
+LISTEN_BACKLOG = 4096
 
 
 class HandshakeRejected(Exception):
@@ -497,6 +501,7 @@ class Server:
             max_size=self.settings.max_ws_message_size,
             max_queue=64,
             close_timeout=CLOSE_TIMEOUT,
+            backlog=LISTEN_BACKLOG,
             **address,
         )
         return self.ws_server

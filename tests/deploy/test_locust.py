@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from chefia_rt.server import LISTEN_BACKLOG
 from tests.deploy.serving import server_process
 from tests.helpers import free_port
+from tests.services import service_missing
 
 ROOT = Path(__file__).resolve().parents[2]
 USERS = 200
@@ -43,6 +46,16 @@ def test_locust_headless_200_users(tmp_path: Path) -> None:
     prefix = tmp_path / "locust"
     serve = [sys.executable, "-m", "chefia_rt", "serve"]
     with server_process(serve, tmp_path, server_env(tmp_path, port), port):
+        # The accept queue is not asyncio's default of 100, which overflowed under a reconnect
+        # storm: LISTEN_BACKLOG, capped by the kernel's somaxconn.
+        if shutil.which("ss") is None:
+            service_missing("ss", "not installed (apt-get install iproute2)")
+        listening = subprocess.run(
+            ["ss", "-Hltn", f"sport = :{port}"], capture_output=True, text=True, timeout=30
+        )
+        somaxconn = int(Path("/proc/sys/net/core/somaxconn").read_text())
+        backlogs = {int(line.split()[2]) for line in listening.stdout.splitlines()}
+        assert backlogs == {min(LISTEN_BACKLOG, somaxconn)}, listening.stdout
         started = time.monotonic()
         command = [
             sys.executable, "-m", "locust", "-f", str(ROOT / "loadtest/locustfile.py"),
