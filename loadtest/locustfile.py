@@ -20,8 +20,9 @@ a connection that could not be opened or was closed by the server.
 
 Options (also as environment variables): --op-rate (CHEFIA_LOAD_OP_RATE), --terminals-per-store
 (CHEFIA_LOAD_TERMINALS_PER_STORE), --store-prefix (CHEFIA_LOAD_STORE_PREFIX), --ack-timeout
-(CHEFIA_LOAD_ACK_TIMEOUT), --jwt-secret (CHEFIA_LOAD_JWT_SECRET: sign a token per terminal when
-the server runs with JWT_SECRET_KEY; the key never goes on a command line that `ps` shows).
+(CHEFIA_LOAD_ACK_TIMEOUT), --connect-timeout (CHEFIA_LOAD_CONNECT_TIMEOUT), --jwt-secret
+(CHEFIA_LOAD_JWT_SECRET: sign a token per terminal when the server runs with JWT_SECRET_KEY;
+the key never goes on a command line that `ps` shows).
 
 Locust runs users as gevent greenlets, so the WebSocket client is websocket-client (blocking
 sockets that gevent's monkey patching makes cooperative), not an asyncio library.
@@ -30,6 +31,7 @@ sockets that gevent's monkey patching makes cooperative), not an asyncio library
 from __future__ import annotations
 
 import itertools
+import os
 import time
 import uuid
 from datetime import UTC, datetime
@@ -49,8 +51,9 @@ from chefia_rt.protocol.messages import format_timestamp
 MAX_FRAME = 16 * 1024 * 1024  # what this client accepts after inflation
 TABLES_PER_TERMINAL = 4
 STATUSES = ("free", "occupied", "ordering", "eating", "paying")
-# Users started in this process; with --processes each process numbers its own, and the
-# process's worker index keeps terminal ids and stores apart across processes.
+# Users started in this process. With --processes, Locust imports this file once and then forks:
+# every process counts from 0 again, so ids also carry the process id (read at user start, after
+# the fork), which keeps terminals and stores of different processes apart.
 _user_numbers = itertools.count()
 
 
@@ -74,7 +77,7 @@ def _options(parser: Any) -> None:
         "--store-prefix",
         default="",
         env_var="CHEFIA_LOAD_STORE_PREFIX",
-        help="store ids are PREFIX-wW-N (default: a fresh one per run)",
+        help="store ids are PREFIX-PID-N (default: a fresh prefix per run)",
     )
     parser.add_argument(
         "--ack-timeout",
@@ -82,6 +85,13 @@ def _options(parser: Any) -> None:
         default=10.0,
         env_var="CHEFIA_LOAD_ACK_TIMEOUT",
         help="seconds before an unconfirmed operation counts as a failure (default 10)",
+    )
+    parser.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=30.0,
+        env_var="CHEFIA_LOAD_CONNECT_TIMEOUT",
+        help="seconds for the handshake up to connection_established (default 30)",
     )
     parser.add_argument(
         "--jwt-secret",
@@ -111,13 +121,14 @@ class PosTerminal(User):
         options = environment.parsed_options
         self.op_rate: float = options.op_rate if options else 1.0
         self.ack_timeout: float = options.ack_timeout if options else 10.0
+        self.connect_timeout: float = options.connect_timeout if options else 30.0
         per_store: int = max(1, options.terminals_per_store if options else 10)
         prefix: str = (options.store_prefix if options else "") or _run_prefix
         secret: str = options.jwt_secret if options else ""
-        worker = getattr(environment.runner, "worker_index", 0)
+        process = os.getpid()
         number = next(_user_numbers)
-        self.terminal_id = f"pos-w{worker}-{number}"
-        self.store_id = f"{prefix}-w{worker}-{number // per_store}"
+        self.terminal_id = f"pos-{process}-{number}"
+        self.store_id = f"{prefix}-{process}-{number // per_store}"
         self.token = (
             issue_token(parse_keys(secret), self.terminal_id, self.store_id, "pos", 3600, None)
             if secret
@@ -147,9 +158,12 @@ class PosTerminal(User):
         headers = [f"Authorization: Bearer {self.token}"] if self.token else []
         started = time.perf_counter()
         try:
-            ws = websocket.create_connection(url, header=headers, timeout=self.ack_timeout)
-            hello = self._messages(ws.recv())
-            if not hello or hello[0].get("type") != "connection_established":
+            ws = websocket.create_connection(url, header=headers, timeout=self.connect_timeout)
+            first = ws.recv()
+            if not first:  # websocket-client's answer to a close frame
+                raise ServerRefused(f"closed before connection_established ({ws.status})")
+            hello = self._messages(first)
+            if hello[0].get("type") != "connection_established":
                 raise ServerRefused(f"expected connection_established, got {hello[:1]}")
         except Exception as exc:
             self._report("connect", started, 0, exc)

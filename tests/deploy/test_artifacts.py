@@ -273,3 +273,92 @@ def test_env_example_lists_every_setting_with_its_default(tmp_path: Path) -> Non
         # (WS_WORKERS above 1 needs REDIS_URL.)
         env.write_text(f"REDIS_URL=redis://127.0.0.1:6379/0\n{line}\n")
         load_settings(_env_file=str(env))
+
+
+def test_nginx_site_proxies_tls_websocket_and_guards_metrics(tmp_path: Path) -> None:
+    """The site, run for real: TLS in front of a server, a WebSocket round trip through /ws/,
+    /health through, /metrics refused to an address outside the allow list (127.0.0.2)."""
+    import asyncio
+    import json
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    import websockets
+
+    from tests.deploy.serving import server_process
+    from tests.helpers import free_port
+
+    nginx = tool("nginx", "nginx")
+    tls = self_signed(tmp_path)
+    upstream, https, http = free_port(), free_port(), free_port()
+    site = site_for_test(tmp_path, tls)
+    site = site.replace("server 127.0.0.1:8001", f"server 127.0.0.1:{upstream}")
+    site = site.replace("listen 443 ssl;", f"listen 127.0.0.1:{https} ssl;")
+    site = site.replace("listen 80;", f"listen 127.0.0.1:{http};")
+    site = re.sub(r"\n\s*listen \[::\]:\d+( ssl)?;", "", site)
+    conf = nginx_wrapper(tmp_path, site)
+    conf.write_text(conf.read_text().replace("events {", "daemon off;\nevents {", 1))
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "WS_HOST": "127.0.0.1",
+        "WS_PORT": str(upstream),
+        "DATABASE_URL": f"sqlite:///{tmp_path / 'site.db'}",
+    }
+    serve = [str(Path(sys.executable).parent / "chefia-rt"), "serve"]
+    context = ssl.create_default_context(cafile=str(tls / "fullchain.pem"))
+    with server_process(serve, tmp_path, env, upstream):
+        proxy = subprocess.Popen([nginx, "-p", str(tmp_path), "-c", str(conf)])
+        try:
+            base = f"https://127.0.0.1:{https}"
+            deadline = 30.0
+            while True:
+                try:
+                    with urllib.request.urlopen(f"{base}/health", context=context, timeout=2) as r:
+                        assert json.loads(r.read())["status"] == "ok"
+                        break
+                except OSError:
+                    assert proxy.poll() is None, (tmp_path / "logs/error.log").read_text()
+                    deadline -= 0.2
+                    assert deadline > 0, "nginx did not proxy /health within 30 s"
+                    subprocess.run(["sleep", "0.2"], check=True)
+
+            # Plain http redirects to https.
+            redirect = subprocess.run(
+                ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code} %{redirect_url}",
+                 f"http://127.0.0.1:{http}/monitor"],
+                capture_output=True, text=True, timeout=30, check=False,
+            )  # fmt: skip
+            assert redirect.stdout.startswith("301 https://"), redirect.stdout
+
+            async def round_trip() -> dict[str, object]:
+                url = f"wss://127.0.0.1:{https}/ws/pos-nginx?store_id=s1"
+                async with websockets.connect(url, ssl=context, open_timeout=10) as ws:
+                    hello = json.loads(await ws.recv())
+                    assert hello["type"] == "connection_established"
+                    await ws.send(json.dumps({"type": "ping", "timestamp": 7}))
+                    while True:
+                        message: dict[str, object] = json.loads(await ws.recv())
+                        if message["type"] == "pong":
+                            return message
+
+            assert asyncio.run(asyncio.wait_for(round_trip(), 30))["timestamp"] == 7
+
+            # /metrics: allowed from 127.0.0.1 (reaches the server), refused from 127.0.0.2.
+            denied = subprocess.run(
+                ["curl", "-sk", "--interface", "127.0.0.2", "-o", "/dev/null", "-w",
+                 "%{http_code}", f"{base}/metrics"],
+                capture_output=True, text=True, timeout=30, check=False,
+            )  # fmt: skip
+            assert denied.stdout == "403", denied.stdout + denied.stderr
+            allowed = subprocess.run(
+                ["curl", "-sk", "-o", "/dev/null", "-w", "%{http_code}", f"{base}/metrics"],
+                capture_output=True, text=True, timeout=30, check=False,
+            )  # fmt: skip
+            assert allowed.stdout != "403", allowed.stdout
+            log = (tmp_path / "logs/chefia-rt.access.log").read_text()
+            assert 'GET /ws/pos-nginx HTTP/1.1" 101' in log, log
+            assert "store_id" not in log  # $uri only: no query string (tokens) in the log
+        finally:
+            proxy.terminate()
+            proxy.wait(timeout=30)
