@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install the system tools some tests drive for real (Debian/Ubuntu, as root or with sudo):
 # systemd-analyze (unit files), chromium (the dashboard), prometheus/promtool (metrics, rules,
-# an end-to-end scrape), nginx (the site file), shellcheck (the scripts). Only what is missing is
+# an end-to-end scrape), nginx (the site file), shellcheck (the scripts), docker-compose (the
+# compose file's schema), openssl, curl and ss (tests/deploy). Only what is missing is
 # installed; nothing is started (the tests run their own instances on free ports).
 set -euo pipefail
 
@@ -11,6 +12,11 @@ declare -A package_of=(
   [promtool]=prometheus
   [nginx]=nginx-light
   [shellcheck]=shellcheck
+  # tests/deploy: compose validation offline, test certificates, health-check.sh, ss.
+  [docker-compose]=docker-compose
+  [openssl]=openssl
+  [curl]=curl
+  [ss]=iproute2
 )
 missing=()
 for tool in "${!package_of[@]}"; do
