@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
+import os
 import socket
 import sys
 import urllib.error
@@ -30,10 +32,35 @@ DEFAULT_TIMEOUT = 5.0
 REPOSITORY = Path(__file__).resolve().parent.parent
 
 
+# Ports handed out by free_port: below the kernel's ephemeral range (32768+), one slice per
+# pytest-xdist worker. Picking a port with bind(0) and closing it is not enough when tests run in
+# parallel processes: two of them could be handed the same port, and with SO_REUSEPORT (which
+# the server sets) both servers would bind it and silently share each other's connections.
+_PORTS = (20000, 32000)
+
+
+def _port_slice() -> range:
+    index = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+    count = max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    size = (_PORTS[1] - _PORTS[0]) // count
+    start = _PORTS[0] + index * size
+    return range(start, start + size)
+
+
+_port_candidates = itertools.cycle(_port_slice())
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port of 127.0.0.1 free now that no other test of this run is given meanwhile."""
+    for _ in range(1000):
+        port = next(_port_candidates)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))  # no SO_REUSEPORT: fails while anyone holds it
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in this test worker's range")
 
 
 def _http_get(url: str, headers: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
