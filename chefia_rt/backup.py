@@ -70,6 +70,10 @@ class BackupError(Exception):
     """Backup, verify or restore failed; the message is one line an operator can act on."""
 
 
+class ArchiveWriteError(BackupError):
+    """The database was fine but the archive could not be written (directory, disk full)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Table:
     """One table of the archive and how its values travel."""
@@ -660,6 +664,26 @@ def _human_bytes(size: int) -> str:
     return f"{size} B"
 
 
+async def record_event(
+    settings: Settings, kind: str, payload: dict[str, Any], progress: Progress
+) -> None:
+    """Tell the running servers' monitors (the `server_events` table every worker polls).
+
+    Never fails the command: the backup or restore itself is what matters."""
+    from chefia_rt.node import make_store
+
+    store = make_store(settings)
+    try:
+        async with asyncio.timeout(15):
+            await store.open()
+            await store.add_server_event(kind, payload, time.time())
+    except Exception as exc:
+        progress.summary(f"chefia-rt: warning: the monitors were not told of this {kind}: {exc}")
+    finally:
+        with contextlib.suppress(Exception):
+            await store.close()
+
+
 async def create_backup(
     settings: Settings,
     *,
@@ -668,15 +692,49 @@ async def create_backup(
     now: Callable[[], datetime] | None = None,
 ) -> BackupResult:
     """Write one consistent archive of the configured database into `output_dir` (BACKUP_DIR
-    by default), then prune that directory's archives older than BACKUP_RETENTION_DAYS."""
+    by default), then prune that directory's archives older than BACKUP_RETENTION_DAYS.
+    Either way, the outcome is recorded as a server event for the monitors' feeds."""
     progress = progress or Progress()
+    started = time.monotonic()
+    try:
+        result = await _create_backup(settings, output_dir, progress, now)
+    except ArchiveWriteError as exc:
+        # Only then: a database that is missing or no chefia-rt database must not be written
+        # to (opening the store would create or migrate it), and one that is down cannot be.
+        seconds = round(time.monotonic() - started, 3)
+        failed = {"status": "failed", "error": str(exc), "seconds": seconds}
+        await record_event(settings, "backup", failed, progress)
+        raise
+    await record_event(
+        settings,
+        "backup",
+        {
+            "status": "ok",
+            "archive": result.path.name,
+            "bytes": result.path.stat().st_size,
+            "rows": result.rows,
+            "seconds": round(result.seconds, 3),
+            "pruned": len(result.pruned),
+            "stores": result.manifest["watermarks"],
+        },
+        progress,
+    )
+    return result
+
+
+async def _create_backup(
+    settings: Settings,
+    output_dir: Path | None,
+    progress: Progress,
+    now: Callable[[], datetime] | None,
+) -> BackupResult:
     clock = now or (lambda: datetime.now(UTC))
     directory = Path(output_dir if output_dir is not None else settings.backup_dir)
     try:
         await asyncio.to_thread(directory.mkdir, parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=_TEMP_PREFIX, suffix=".staging", dir=directory))
     except OSError as exc:
-        raise BackupError(f"cannot write into backup directory {directory}: {exc}") from exc
+        raise ArchiveWriteError(f"cannot write into backup directory {directory}: {exc}") from exc
     started = time.monotonic()
     created = clock().astimezone(UTC)
     try:
@@ -689,7 +747,7 @@ async def create_backup(
         manifest = _manifest(snapshot, created)
         path = await asyncio.to_thread(_write_archive, directory, staging, manifest, created)
     except OSError as exc:
-        raise BackupError(f"cannot write the backup into {directory}: {exc}") from exc
+        raise ArchiveWriteError(f"cannot write the backup into {directory}: {exc}") from exc
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     # Only after a good archive exists: a failing backup never prunes the last good ones.
@@ -1274,4 +1332,18 @@ async def restore_archive(
     finally:
         await store.close()
     result = RestoreResult(verified, target, counts, force)
+    manifest = verified.manifest
+    await record_event(
+        settings,
+        "restore",
+        {
+            "status": "ok",
+            "archive": path.name,
+            "created_at": manifest.created_at,
+            "forced": force,
+            "rows": sum(counts.values()),
+            "stores": manifest.watermarks,
+        },
+        progress,
+    )
     return result

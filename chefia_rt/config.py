@@ -86,6 +86,14 @@ class Settings(BaseSettings):
     # overrides of the defaults, "*" for every other type: {"orders": 0.25, "*": 2}.
     cache_enabled: bool = True
     cache_ttls: dict[str, float] = Field(default_factory=dict)
+    # Terminal Monitor alerts (SPEC §8): average latency over the last minute, a terminal away
+    # this long (seconds), the conflict rate over the last minute, a terminal's reported memory.
+    monitor_alert_latency_ms: float = Field(100.0, gt=0)
+    monitor_alert_offline_after: float = Field(60.0, gt=0)
+    monitor_alert_conflict_rate: float = Field(0.05, gt=0, le=1)
+    monitor_alert_memory_mb: float = Field(80.0, gt=0)
+    # How often each worker looks for server events (backups, restores) to show monitors.
+    monitor_event_poll_interval: float = Field(5.0, gt=0, le=300)
     database_pool_size: int = Field(8, ge=2, le=200)
     metrics_port: int | None = Field(None, ge=0, le=65535)
     # Where the workers of a node write their metric values (prometheus_client multiprocess

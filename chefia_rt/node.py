@@ -32,6 +32,8 @@ from chefia_rt.domain import BatchState, BatchWrite, Entity, EntityKey, Operatio
 from chefia_rt.errors import ChefiaError, Locked, Overloaded, StorageUnavailable
 from chefia_rt.hub import Hub, OutFrame, Session
 from chefia_rt.metrics import Metrics, multiproc_dir_from_env
+from chefia_rt.monitoring import TOPIC as MONITOR_TOPIC
+from chefia_rt.monitoring import MonitorFeed
 from chefia_rt.protocol.messages import format_timestamp, sync_error_msg, utc_now_iso
 from chefia_rt.stats import TOPIC as STATS_TOPIC
 from chefia_rt.stats import ClusterStats
@@ -225,6 +227,7 @@ class Node:
         self.cluster_stats = ClusterStats(
             self.worker_name, self.node_name, settings.ws_stats_interval
         )
+        self.monitor = MonitorFeed(settings, self.terminals, bus, self.worker_name)
         self._background: set[asyncio.Task[Any]] = set()
         # States of timed-out commits that landed, until their own write-through is done.
         self._late_written: list[Entity] = []
@@ -250,8 +253,11 @@ class Node:
         await self.store.maintain(self.retention)
         self.bus.on_signal(TERMINAL_TOPIC, self.terminals.handle)
         self.bus.on_signal(STATS_TOPIC, self.cluster_stats.receive)
+        self.bus.on_signal(MONITOR_TOPIC, self.monitor.handle)
         await self.bus.start(self._deliver, self._remote_takeover, self.resync_all)
         await self.cache.start()
+        # The last backups, so that a monitor sees them even when this worker started after.
+        self.monitor.relay_events(await self.store.server_events(None, 20), live=False)
         self._writer = asyncio.create_task(self._write_loop(), name="writer")
         self._chores = [
             asyncio.create_task(
@@ -262,6 +268,9 @@ class Node:
                 self._every(self.settings.terminal_report_interval, self.report_terminals)
             ),
             asyncio.create_task(self._every(self.settings.ws_stats_interval, self.report)),
+            asyncio.create_task(
+                self._every(self.settings.monitor_event_poll_interval, self.poll_server_events)
+            ),
         ]
         try:
             await self.report()  # the other workers count this one from its start
@@ -291,6 +300,7 @@ class Node:
         if pushes:
             self.metrics.delivered(pushes[-1].record.server_time)
         self.hub.deliver(store_id, pushes)
+        self.monitor.on_pushes(store_id, pushes)
 
     async def report(self) -> None:
         """Every few seconds: sample queue depths and health into the metrics, and tell every
@@ -314,6 +324,11 @@ class Node:
         """Tell every worker the figures of this worker's sessions; age the directory."""
         await self.bus.signal(TERMINAL_TOPIC, figures_signal(self.hub.sessions(), self.worker_name))
         self.terminals.sweep()
+        await self.monitor.tick()
+
+    async def poll_server_events(self) -> None:
+        """Backups and restores (written by the CLI into storage) for the monitors' feeds."""
+        self.monitor.relay_events(await self.store.server_events(self.monitor.last_event, 100))
 
     def _remote_takeover(
         self, store_id: str, terminal_id: str, session_id: str, opened_at: float
@@ -417,6 +432,8 @@ class Node:
         )
         session.start()
         self.position(session, since, bounds)
+        if session.terminal_type == "monitor":
+            self.monitor.attach(session)
         self.spawn(self.store.record_session(self._session_record(session, connected=True)))
 
     def position(self, session: Session, since: int | None, bounds: LogBounds) -> None:
@@ -459,6 +476,7 @@ class Node:
         """The connection ended: forget it and, unless a newer one replaced it, its locks."""
         await session.stop()
         self.metrics.disconnected(session.terminal_type)
+        self.monitor.detach(session)
         if self.hub.detach(session) and not session.replaced:
             # A replaced session says nothing: the monitor must not see a false "offline".
             await self.bus.signal(
@@ -659,6 +677,7 @@ class Node:
         await self.cache.written([*self._late_written, *written])
         self._answer(batch, outcomes)
         await self._publish(batch, outcomes)
+        await self.monitor.flush()  # the batch's conflicts, after its operations
 
     def _late_commit(self, commit: asyncio.Future[list[Outcome]], written: list[Entity]) -> None:
         if commit.cancelled() or commit.exception() is not None:
@@ -707,6 +726,8 @@ class Node:
                 session.send(conflict_msg(outcome, policy))
                 self.stats.operation(done - pending.received, conflict=True)
                 session.conflicts += 1
+                self.monitor.count(session.store_id, done - pending.received, conflict=True)
+                self.monitor.note_conflict(outcome.conflict.operation, "pending", policy)
                 continue
             session.send(confirmation_msg(outcome))
             if outcome.status != "duplicate":
@@ -714,6 +735,10 @@ class Node:
                 self.stats.operation(done - pending.received, conflict=conflict)
                 session.ops += 1
                 session.conflicts += conflict
+                self.monitor.count(session.store_id, done - pending.received, conflict)
+                if conflict and outcome.record is not None:
+                    policy = self.engine.policies[outcome.record.entity_type].policy
+                    self.monitor.note_conflict(outcome.record, outcome.status, policy)
 
     def _count(self, pending: Pending, outcome: Outcome, done: float) -> None:
         """The metrics of one answer: status, latency of new work, and the conflict policy."""

@@ -416,32 +416,22 @@ class Server:
             )
             node.submit(resolution, session, received)
         elif isinstance(msg, m.AcquireLockIn):
-            session.send(
-                await node.acquire_lock(
-                    session, msg.entity_type, msg.entity_id, msg.timeout, msg.lock_id
-                )
+            answer = await node.acquire_lock(
+                session, msg.entity_type, msg.entity_id, msg.timeout, msg.lock_id
             )
+            session.send(answer)
+            await node.monitor.lock(session, answer)
         elif isinstance(msg, m.ReleaseLockIn):
-            session.send(
-                await node.release_lock(session, msg.entity_type, msg.entity_id, msg.lock_id)
-            )
+            answer = await node.release_lock(session, msg.entity_type, msg.entity_id, msg.lock_id)
+            session.send(answer)
+            await node.monitor.lock(session, answer)
         elif isinstance(msg, m.ResumeIn):
             await node.resume(session, msg.since)
         elif isinstance(msg, m.SnapshotRequestIn):
             await node.snapshot(session, msg.entity_types)
         elif isinstance(msg, m.PerformanceMetricsIn):
             session.metrics = msg.model_dump(exclude={"type"})
-            node.hub.broadcast(
-                session.store_id,
-                {
-                    "type": "performance_metrics",
-                    "terminal_id": session.terminal_id,
-                    "terminal_type": session.terminal_type,
-                    "metrics": session.metrics,
-                    "server_time": m.utc_now_iso(),
-                },
-                {"monitor"},
-            )
+            await node.monitor.terminal_metrics(session, session.metrics)
 
     def _charge(self, session: Session, cost: int, now: float) -> None:
         """Count writes against the terminal's rate: 4005 over it, close 4005 when sustained."""

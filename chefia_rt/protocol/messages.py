@@ -405,31 +405,99 @@ class MessageBatch(_Strict):
     count: int
 
 
-class TerminalStatusUpdate(_Strict):
+# ---- to monitors (SPEC §8; README "Terminal Monitor") -----------------------------------------
+
+
+class _ToMonitor(_Strict):
+    # What the server sends monitors is checked field by field: a field the page does not know
+    # about is a drift between the server and this documentation.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TerminalStatusUpdate(_ToMonitor):
+    """One terminal of the monitor's store: sent when it connects, disconnects or is forgotten
+    (`change`), and inside `terminal_list` with its figures."""
+
     type: Literal["terminal_status_update"]
+    store_id: str
     terminal_id: str
     terminal_type: TerminalType
-    store_id: str
     status: Literal["online", "offline", "error"]
+    change: Literal["connected", "disconnected", "figures", "forgotten", "listed"]
+    connected_since: str | None
+    last_seen: str
+    disconnected_at: str | None
+    ops: int
+    conflicts: int
+    bytes_in: int
+    bytes_out: int
+    reconnects: int
+    response_time_ms: float | None
+    memory_mb: float | None
+    cache_hit_rate: float | None
+    worker: str
     server_time: str
 
 
-class SyncActivity(_Strict):
+class TerminalList(_ToMonitor):
+    """The store's terminals: all of them when a monitor connects (`full`), then every few
+    seconds those whose figures changed."""
+
+    type: Literal["terminal_list"]
+    store_id: str
+    full: bool
+    terminals: list[TerminalStatusUpdate]
+    server_time: str
+
+
+class SyncActivity(_ToMonitor):
+    """One line of the activity feed. `kind`: data_sync (an applied operation), conflict, lock,
+    backup, restore. `status`: the operation's (applied, merged, resolved), a conflict's
+    (resolved, pending), a lock's (acquired, released, failed), a backup's (ok, failed)."""
+
     type: Literal["sync_activity"]
-    kind: str
-    terminal_id: str
-    entity_type: str | None = None
-    entity_id: str | None = None
-    operation_id: str | None = None
-    status: str | None = None
+    activity_id: str
+    kind: Literal["data_sync", "conflict", "lock", "backup", "restore"]
+    store_id: str
+    terminal_id: str | None
+    entity_type: str | None
+    entity_id: str | None
+    operation_id: str | None
+    operation: str | None
+    seq: int | None
+    status: str
+    detail: dict[str, Any]
     server_time: str
 
 
-class SystemAlert(_Strict):
+class PerformanceMetrics(_ToMonitor):
+    """A terminal's own report (`scope` terminal, relayed as sent, extra fields included), or
+    the server's figures for the monitor's store every few seconds (`scope` server)."""
+
+    type: Literal["performance_metrics"]
+    scope: Literal["terminal", "server"]
+    store_id: str
+    terminal_id: str | None
+    terminal_type: TerminalType | None
+    metrics: dict[str, Any]
+    server_time: str
+
+
+class SystemAlert(_ToMonitor):
+    """An alert of the monitor's store; the same `alert_id` comes again with `active: false`
+    when its condition is over. Thresholds: README (MONITOR_ALERT_*)."""
+
     type: Literal["system_alert"]
     alert_id: str
+    kind: Literal["latency", "terminal_offline", "conflict_rate", "terminal_memory"]
     severity: Literal["info", "warning", "critical"]
+    store_id: str
+    terminal_id: str | None
     message: str
+    value: float
+    threshold: float
+    active: bool
+    since: str
     server_time: str
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from chefia_rt.domain import BatchState, BatchWrite, Entity, EntityKey, OpRecord
 
@@ -54,6 +54,19 @@ class SessionRecord:
     messages_in: int = 0
     messages_out: int = 0
     close_code: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ServerEvent:
+    """Something the deployment did outside the sync path (a backup, a restore), for monitors.
+
+    `created_at` is epoch seconds; `payload` a JSON object (for a backup: archive, bytes,
+    seconds, status, and `stores`, each store's watermark)."""
+
+    id: int
+    kind: str
+    created_at: float
+    payload: dict[str, Any]
 
 
 class Store(Protocol):
@@ -116,10 +129,18 @@ class Store(Protocol):
     async def record_session(self, session: SessionRecord) -> None:
         """Insert or update a session log row."""
 
+    async def add_server_event(self, kind: str, payload: dict[str, Any], created_at: float) -> int:
+        """Record a server event; its id (ids grow)."""
+
+    async def server_events(self, after_id: int | None, limit: int) -> list[ServerEvent]:
+        """Events with an id above `after_id`, oldest first, at most `limit`; with None, the
+        newest `limit` events (oldest first)."""
+
     async def ping(self) -> bool:
         """True when storage answers."""
 
     async def maintain(self, retention: timedelta, now: datetime | None = None) -> None:
         """Daily upkeep: prune operation-log rows older than `retention` without leaving a hole
-        in any store's seqs (resumes from before the oldest kept seq get resync_required), and
-        keep time partitions ahead where the backend has them."""
+        in any store's seqs (resumes from before the oldest kept seq get resync_required), prune
+        server events older than `retention`, and keep time partitions ahead where the backend
+        has them."""

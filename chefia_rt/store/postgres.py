@@ -22,7 +22,7 @@ import asyncpg
 from chefia_rt.domain import BatchState, BatchWrite, Entity, EntityKey, OpRecord
 from chefia_rt.errors import StorageUnavailable
 from chefia_rt.protocol.messages import format_timestamp
-from chefia_rt.store.base import BatchRequest, Decide, LogBounds, SessionRecord
+from chefia_rt.store.base import BatchRequest, Decide, LogBounds, ServerEvent, SessionRecord
 from chefia_rt.store.rows import (
     ENTITY_COLUMNS,
     OP_COLUMNS,
@@ -237,6 +237,9 @@ class PostgresStore:
             )
         )
         log.info("pruned %s operation-log rows older than %s", result.split()[-1], cutoff)
+        await self._with(
+            lambda c: c.execute("DELETE FROM server_events WHERE created_at < $1", now - retention)
+        )
 
     async def close(self) -> None:
         if self._pool is not None:
@@ -544,6 +547,32 @@ class PostgresStore:
             read_only=True,
         )
         return [entity_from_row(r) for r in rows]
+
+    async def add_server_event(self, kind: str, payload: dict[str, Any], created_at: float) -> int:
+        event_id = await self._with(
+            lambda c: c.fetchval(
+                "INSERT INTO server_events (kind, created_at, payload) "
+                "VALUES ($1, to_timestamp($2), $3) RETURNING id",
+                kind,
+                created_at,
+                payload,
+            )
+        )
+        return int(event_id)
+
+    async def server_events(self, after_id: int | None, limit: int) -> list[ServerEvent]:
+        columns = "id, kind, extract(epoch FROM created_at)::float8 AS at, payload"
+        if after_id is None:
+            sql = (
+                f"SELECT * FROM (SELECT {columns} FROM server_events ORDER BY id DESC LIMIT $1) "
+                "AS newest ORDER BY id"
+            )
+            args: tuple[Any, ...] = (limit,)
+        else:
+            sql = f"SELECT {columns} FROM server_events WHERE id > $1 ORDER BY id LIMIT $2"
+            args = (after_id, limit)
+        rows = await self._with(lambda c: c.fetch(sql, *args), read_only=True)
+        return [ServerEvent(int(r[0]), r[1], float(r[2]), r[3]) for r in rows]
 
     async def record_session(self, session: SessionRecord) -> None:
         row = asdict(session)

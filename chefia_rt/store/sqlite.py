@@ -30,7 +30,7 @@ from chefia_rt.domain import (
 )
 from chefia_rt.errors import StorageUnavailable
 from chefia_rt.protocol.messages import format_timestamp
-from chefia_rt.store.base import BatchRequest, Decide, LogBounds, SessionRecord
+from chefia_rt.store.base import BatchRequest, Decide, LogBounds, ServerEvent, SessionRecord
 from chefia_rt.store.rows import (
     ENTITY_COLUMNS,
     OP_COLUMNS,
@@ -453,10 +453,38 @@ class SQLiteStore:
 
         await self._run(write)
 
+    async def add_server_event(self, kind: str, payload: dict[str, Any], created_at: float) -> int:
+        def write(db: sqlite3.Connection) -> int:
+            cursor = db.execute(
+                "INSERT INTO server_events (kind, created_at, payload) VALUES (?, ?, ?)",
+                (kind, created_at, _dumps(payload)),
+            )
+            assert cursor.lastrowid is not None
+            return cursor.lastrowid
+
+        return await self._run(write)
+
+    async def server_events(self, after_id: int | None, limit: int) -> list[ServerEvent]:
+        def read(db: sqlite3.Connection) -> list[ServerEvent]:
+            if after_id is None:
+                sql = "SELECT * FROM (SELECT id, kind, created_at, payload FROM server_events "
+                sql += "ORDER BY id DESC LIMIT ?) ORDER BY id"
+                rows = db.execute(sql, (limit,)).fetchall()
+            else:
+                rows = db.execute(
+                    "SELECT id, kind, created_at, payload FROM server_events WHERE id > ? "
+                    "ORDER BY id LIMIT ?",
+                    (after_id, limit),
+                ).fetchall()
+            return [ServerEvent(r[0], r[1], r[2], json.loads(r[3])) for r in rows]
+
+        return await self._run(read)
+
     async def maintain(self, retention: timedelta, now: datetime | None = None) -> None:
         """Prune operation-log rows older than the retention (daily). A row stays while an
         older seq of its store stays, so the log never gets a hole."""
         cutoff = format_timestamp((now or datetime.now(UTC)) - retention)
+        oldest = ((now or datetime.now(UTC)) - retention).timestamp()
 
         def prune(db: sqlite3.Connection) -> int:
             db.execute("BEGIN IMMEDIATE")
@@ -472,6 +500,7 @@ class SQLiteStore:
                 )
                 # cursor.rowcount is -1 for a DELETE behind a WITH clause; changes() is exact.
                 deleted = int(db.execute("SELECT changes()").fetchone()[0])
+                db.execute("DELETE FROM server_events WHERE created_at < ?", (oldest,))
                 db.execute("COMMIT")
             except BaseException:
                 _rollback(db)

@@ -1051,3 +1051,31 @@ async def test_get_operation_finds_applied_and_unapplied_records(store: Store) -
     assert applied is not None and applied.seq == 1 and applied.status == "applied"
     assert lost is not None and lost.seq is None and lost.status == "resolved"
     assert await store.get_operation("nope") is None
+
+
+# ---- server events (the monitor's backups and restores) ---------------------------------------
+
+
+async def test_server_events_round_trip_in_id_order(store: Store) -> None:
+    assert await store.server_events(None, 5) == []
+    at = STARTED.timestamp()
+    payloads = [{"status": "ok", "stores": {"s1": n}, "archive": f"a{n}.tar"} for n in range(3)]
+    ids = [await store.add_server_event("backup", p, at + n) for n, p in enumerate(payloads)]
+    assert ids == sorted(set(ids))
+    events = await store.server_events(0, 10)
+    assert [(e.id, e.kind, e.payload) for e in events] == [
+        (i, "backup", p) for i, p in zip(ids, payloads, strict=True)
+    ]
+    assert [round(e.created_at - at, 3) for e in events] == [0, 1, 2]
+    assert [e.id for e in await store.server_events(ids[0], 10)] == ids[1:]
+    assert [e.id for e in await store.server_events(ids[0], 1)] == ids[1:2]
+    assert [e.id for e in await store.server_events(None, 2)] == ids[1:]  # newest, oldest first
+    assert await store.server_events(ids[-1], 10) == []
+
+
+async def test_maintain_prunes_old_server_events(store: Store) -> None:
+    old = (STARTED - timedelta(days=40)).timestamp()
+    await store.add_server_event("backup", {"status": "ok"}, old)
+    kept = await store.add_server_event("restore", {"status": "ok"}, STARTED.timestamp())
+    await store.maintain(timedelta(days=30), now=STARTED)
+    assert [e.id for e in await store.server_events(0, 10)] == [kept]

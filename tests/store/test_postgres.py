@@ -74,10 +74,12 @@ async def test_workers_starting_together_migrate_once(dsn: str) -> None:
     try:
         conn = await asyncpg.connect(dsn)
         try:
-            versions = [r[0] for r in await conn.fetch("SELECT version FROM schema_migrations")]
+            versions = [
+                r[0] for r in await conn.fetch("SELECT version FROM schema_migrations ORDER BY 1")
+            ]
         finally:
             await conn.close()
-        assert versions == [1]
+        assert versions == [1, 2]
     finally:
         await asyncio.gather(*(s.close() for s in stores))
 

@@ -65,7 +65,7 @@ async def test_migrations_are_recorded_and_idempotent(db_path: Path) -> None:
         await store.open()
         await store.close()
     recorded = query(db_path, "SELECT version, applied_at FROM schema_migrations ORDER BY version")
-    assert [version for version, _ in recorded] == packaged_versions() == [1]
+    assert [version for version, _ in recorded] == packaged_versions() == [1, 2]
     assert all(applied_at for _, applied_at in recorded)
     tables = {row[0] for row in query(db_path, "SELECT name FROM sqlite_master WHERE type='table'")}
     assert {
@@ -76,6 +76,7 @@ async def test_migrations_are_recorded_and_idempotent(db_path: Path) -> None:
         "audit_logs_master",
         "conflicts",
         "websocket_connections",
+        "server_events",
     } <= tables
 
 
@@ -86,6 +87,8 @@ async def test_only_pending_migrations_run_and_a_failing_one_changes_nothing(
     await store.open()
     await store.close()
     packaged = sqlite_module.migrations("sqlite")
+    latest = packaged[-1][0]
+    good_v, bad_v = latest + 1, latest + 2
 
     # Statements split on semicolons inside a trigger body must still run as one.
     good = (
@@ -96,21 +99,22 @@ async def test_only_pending_migrations_run_and_a_failing_one_changes_nothing(
         "END;\n"
         "-- trailing comment\n"
     )
-    monkeypatch.setattr(sqlite_module, "migrations", lambda prefix: [*packaged, (2, good)])
+    monkeypatch.setattr(sqlite_module, "migrations", lambda prefix: [*packaged, (good_v, good)])
     store = SQLiteStore(str(db_path))
     await store.open()
     await store.close()
-    assert query(db_path, "SELECT version FROM schema_migrations ORDER BY version") == [(1,), (2,)]
+    recorded = query(db_path, "SELECT version FROM schema_migrations ORDER BY version")
+    assert recorded == [(v,) for v in range(1, good_v + 1)]
 
     bad = "CREATE TABLE half (id INTEGER);\nCREATE TABLE broken (;\n"
     monkeypatch.setattr(
-        sqlite_module, "migrations", lambda prefix: [*packaged, (2, good), (3, bad)]
+        sqlite_module, "migrations", lambda prefix: [*packaged, (good_v, good), (bad_v, bad)]
     )
     store = SQLiteStore(str(db_path))
     with pytest.raises(StorageUnavailable):
         await store.open()
     await store.close()
-    assert query(db_path, "SELECT max(version) FROM schema_migrations") == [(2,)]
+    assert query(db_path, "SELECT max(version) FROM schema_migrations") == [(good_v,)]
     assert query(db_path, "SELECT name FROM sqlite_master WHERE name = 'half'") == []
 
 
@@ -124,7 +128,10 @@ async def test_concurrent_first_opens_migrate_once(tmp_path: Path) -> None:
         finally:
             for s in stores:
                 await s.close()
-        assert query(path, "SELECT version FROM schema_migrations") == [(1,)]
+        assert query(path, "SELECT version FROM schema_migrations ORDER BY version") == [
+            (1,),
+            (2,),
+        ]
 
 
 async def test_reopening_the_file_keeps_data(db_path: Path) -> None:
@@ -150,7 +157,7 @@ async def test_reopening_the_file_keeps_data(db_path: Path) -> None:
         assert more.record is not None and more.record.seq == 3
     finally:
         await store.close()
-    assert query(db_path, "SELECT count(*) FROM schema_migrations") == [(1,)]
+    assert query(db_path, "SELECT count(*) FROM schema_migrations") == [(2,)]
 
 
 async def test_two_stores_on_one_file_never_fork(db_path: Path) -> None:
