@@ -1,4 +1,4 @@
-"""The small HTTP side on the WebSocket port: health and stats (SPEC §6).
+"""The small HTTP side on the WebSocket port: health, stats and the monitor page (SPEC §6).
 
 websockets hands every request to `process_request` before the upgrade; a request without
 `Upgrade: websocket` is answered here and never becomes a connection.
@@ -6,10 +6,13 @@ websockets hands every request to `process_request` before the upgrade; a reques
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Awaitable, Callable
+from functools import cache
 from http import HTTPStatus
+from importlib import resources
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -103,6 +106,53 @@ def _denied(node: Node, request: Request, allowed: frozenset[str]) -> Response |
     return None
 
 
+# The Terminal Monitor's files (chefia_rt/monitor/), by URL path. Only these names are served: a
+# path is looked up here, never joined onto a directory, so no path can reach another file.
+MONITOR_FILES: dict[str, tuple[str, str]] = {
+    "/monitor": ("index.html", "text/html; charset=utf-8"),
+    "/monitor/": ("index.html", "text/html; charset=utf-8"),
+    "/monitor/index.html": ("index.html", "text/html; charset=utf-8"),
+    "/monitor/app.js": ("app.js", "text/javascript; charset=utf-8"),
+    "/monitor/style.css": ("style.css", "text/css; charset=utf-8"),
+}
+# The page loads only its own files and talks only to this server's WebSocket; its URL may hold
+# a token, which no referrer may carry away.
+MONITOR_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+        "connect-src 'self' ws: wss:; base-uri 'none'; form-action 'none'; "
+        "frame-ancestors 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "X-Frame-Options": "DENY",
+}
+
+
+@cache
+def _monitor_file(name: str, ws_path: str) -> tuple[bytes, str]:
+    """A packaged monitor file (the page learns WS_PATH from its markup) and its ETag."""
+    body = resources.files("chefia_rt").joinpath("monitor", name).read_bytes()
+    if name == "index.html":
+        body = body.replace(b'data-ws-path="/ws"', f'data-ws-path="{ws_path}"'.encode())
+    return body, '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
+
+
+def monitor_response(request: Request, path: str, ws_path: str) -> Response | None:
+    """The monitor page and its assets; None for any other path. Revalidated on every load
+    (no-cache + ETag, 304 when unchanged), so an upgraded server never serves a stale page."""
+    found = MONITOR_FILES.get(path)
+    if found is None:
+        return None
+    name, content_type = found
+    body, etag = _monitor_file(name, ws_path)
+    headers = {"ETag": etag, "Cache-Control": "no-cache", **MONITOR_HEADERS}
+    if any(etag in value for value in request.headers.get_all("If-None-Match")):
+        return Response(304, "Not Modified", Headers(headers), b"")
+    headers.update({"Content-Type": content_type, "Content-Length": str(len(body))})
+    return Response(200, "OK", Headers(headers), body)
+
+
 def is_upgrade(request: Request) -> bool:
     # get_all: a request repeating a header makes websockets' Headers.get raise (a 500 and an
     # error in the log for one odd request); websockets' own handshake then refuses it cleanly.
@@ -115,6 +165,10 @@ async def handle_http(node: Node, request: Request) -> Response:
     if entity_api.is_entity_path(path):
         return await entity_api.handle(node, request)
     route = ROUTES.get(path)
+    if route is None and path.startswith("/monitor"):
+        page = monitor_response(request, path, node.settings.ws_path)
+        if page is not None:
+            return page
     if route is None or (path in METRICS_PATHS and not node.settings.ws_enable_metrics):
         return json_response(404, {"error": "not found", "path": path})
     allowed = PROTECTED.get(path)
