@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -40,6 +40,9 @@ log = logging.getLogger("chefia_rt.monitoring")
 
 TOPIC = "monitor"
 RECENT_ACTIVITY = 200  # lines of activity per store a monitor gets when it connects
+# Stores whose recent activity is kept (the most recently active ones): every worker sees every
+# store's operations, and a chain of thousands of stores must not cost each worker gigabytes.
+RECENT_STORES = 256
 WINDOW = 60.0  # seconds behind ops/min, average latency and the conflict rate
 SHORT_WINDOW = 10.0  # seconds behind ops/s and the recent latency (the charts)
 # The conflict rate alert needs this many operations in the window: 1 conflict of 2 ops is noise.
@@ -188,7 +191,7 @@ class MonitorFeed:
         self._clock = clock
         self.started = time.monotonic()
         self._monitors: dict[str, dict[str, Session]] = {}
-        self._recent: dict[str, deque[dict[str, Any]]] = {}
+        self._recent: OrderedDict[str, deque[dict[str, Any]]] = OrderedDict()
         self._last_seq: dict[str, int] = {}
         self._windows: dict[str, _Window] = {}
         self._local: dict[str, list[float]] = {}  # this worker's counts since the last tick
@@ -251,12 +254,19 @@ class MonitorFeed:
     # ---- activity --------------------------------------------------------------------------
 
     def _activity(self, message: dict[str, Any]) -> None:
+        self._remember(message)
+        self._send(message["store_id"], message)
+
+    def _remember(self, message: dict[str, Any]) -> None:
         store_id = message["store_id"]
         recent = self._recent.get(store_id)
         if recent is None:
             recent = self._recent[store_id] = deque(maxlen=RECENT_ACTIVITY)
+            if len(self._recent) > RECENT_STORES:
+                self._recent.popitem(last=False)
+        else:
+            self._recent.move_to_end(store_id)
         recent.append(message)
-        self._send(store_id, message)
 
     def on_pushes(self, store_id: str, pushes: Sequence[Push]) -> None:
         """Committed operations of a store (every worker gets them): one line each."""
@@ -602,8 +612,7 @@ class MonitorFeed:
                 if live:
                     self._activity(message)
                 else:
-                    recent = self._recent.setdefault(store_id, deque(maxlen=RECENT_ACTIVITY))
-                    recent.append(message)
+                    self._remember(message)
 
     @property
     def last_event(self) -> int:
