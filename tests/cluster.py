@@ -56,6 +56,7 @@ _SERVER_ENV_PREFIXES = (
     "METRICS_",
     "PROMETHEUS_",  # nodes sharing one metrics directory would count each other's workers
     "TERMINAL_",
+    "MONITOR_",  # alert thresholds and the event poll a test sets explicitly
 )
 
 
