@@ -31,7 +31,7 @@ import random
 import sys
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -411,15 +411,20 @@ def _positive(value: str) -> int:
     return number
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
+def print_result(prog: str, run: Callable[[], dict[str, Any]]) -> int:
+    """Run a benchmark and print its one JSON line; a failure is one line on stderr, exit 1."""
     try:
-        result = asyncio.run(bench(args))
+        result = run()
     except (OSError, asyncpg.PostgresError, RuntimeError) as exc:
-        print(f"bench_store: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"{prog}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     print(json.dumps(result, separators=(",", ":")))
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    return print_result("bench_store", lambda: asyncio.run(bench(args)))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,813 @@
+"""The rush-hour benchmark of SPEC §13: our server against a bare `websockets` baseline.
+
+    python -m loadtest.bench [--mode embedded|pg] [--stores 100] [--terminals 10] [--rate 2]
+                             [--duration 10] [--scenario rush|sweep|idle|flat] [--server both]
+
+Prints ONE JSON line. S stores x T terminals (msgpack) each send UPDATEs of their own `tables`
+entities (no lock needed) at an open-loop rate R per terminal; every operation is confirmed to
+its sender and pushed to the T-1 other terminals of its store. The load generator is this
+process (uvloop, raw `websockets` clients); the servers are separate processes it starts:
+
+- ours, `--mode embedded`: `python -m chefia_rt serve`, one worker, SQLite, in-process bus;
+- ours, `--mode pg`: the same with PostgreSQL (a fresh schema of the DSN's database) + Redis (a
+  unique REDIS_PREFIX) + `--workers` (2) workers under the supervisor; both cleaned up after;
+- baseline (loadtest/baseline_server.py): bare websockets on uvloop that only acknowledges and
+  forwards (no storage, validation or batching), under the same load, in the same invocation.
+
+Latencies start at the operation's *scheduled* send time (open loop, so a stalled generator or
+server shows up as latency instead of hiding as a lower rate): ack = its confirmation arrived,
+propagation = a push of it arrived at another terminal. Deliveries expected are T-1 per
+operation confirmed with a seq; duplicates are pushes a terminal got twice (or of its own op).
+CPU is utime+stime from /proc/<pid>/stat over the measured window: the server's processes
+(supervisor and workers), PostgreSQL's (every process named postgres*, as loadtest/bench_store.py
+does; other work on the machine's PostgreSQL counts too) and this generator's own. RSS per
+connection is the growth of the server processes' RSS while the terminals connected.
+
+Scenarios:
+- rush (default): one run at --rate, ours and the baseline, with ratios ours / baseline;
+- sweep: --rates per terminal, rising, each for --duration, until p99 ack > 50 ms or something
+  is lost; reports the highest passing total rate and each server's best achieved ops/s;
+- idle: --idle-connections connections that send nothing; RSS per connection (raises the soft
+  RLIMIT_NOFILE to the hard one);
+- flat: CPU per op at --flat-stores (default 20 and 200 stores x T terminals) at the same rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import lz4.frame
+import msgpack
+import redis.asyncio as aioredis
+import websockets
+from websockets.asyncio.client import ClientConnection
+from websockets.exceptions import ConnectionClosed
+
+from loadtest.bench_store import (
+    DEFAULT_DSN,
+    _positive,
+    cpu_used_us,
+    postgres_cpu,
+    print_result,
+    with_search_path,
+)
+
+DEFAULT_REDIS = os.environ.get(
+    "CHEFIA_BENCH_REDIS_URL", os.environ.get("CHEFIA_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+)
+ROOT = Path(__file__).resolve().parent.parent
+CLOCK_TICK_US = 1_000_000 / os.sysconf("SC_CLK_TCK")
+PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
+COMPRESSED = b"compressed:"
+TICK = 0.002  # seconds between the generator's sending rounds
+READY_TIMEOUT = 30.0
+CONNECT_CONCURRENCY = 100
+ACK_TARGET_MS = 50.0  # the sweep's bar: p99 ack at most this
+SERVER_ENV_PREFIXES = ("WS_", "MAX_WS_", "DATABASE_", "REDIS_", "JWT_", "SYNC_", "METRICS_")
+STATUSES = ("free", "occupied", "ordering", "eating", "paying", "cleaning")
+
+
+# ---- /proc ----------------------------------------------------------------------------------
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()  # fields from the state on (stat field 3)
+
+
+def cpu_ticks(pids: Sequence[int]) -> dict[int, int]:
+    """pid -> utime + stime of each process that still exists."""
+    found = {}
+    for pid in pids:
+        if (fields := _stat_fields(pid)) is not None:
+            found[pid] = int(fields[11]) + int(fields[12])
+    return found
+
+
+def rss_kib(pids: Sequence[int]) -> int:
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            total += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE_KIB
+    return total
+
+
+def child_pids(parent: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        fields = _stat_fields(int(entry.name)) if entry.name.isdigit() else None
+        if fields is not None and int(fields[1]) == parent and fields[0] != "Z":
+            found.append(int(entry.name))
+    return found
+
+
+def load_average() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+# ---- servers --------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class ServerProcess:
+    """A server under test, started by this process, and how to reach and measure it."""
+
+    name: str
+    port: int
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    path: str  # the WebSocket path prefix, terminal id follows
+
+    def pids(self) -> list[int]:
+        """The supervisor (or single process) and its workers."""
+        return [self.proc.pid, *child_pids(self.proc.pid)]
+
+    def url(self, store: str, terminal: str) -> str:
+        return (
+            f"ws://127.0.0.1:{self.port}{self.path}/{terminal}"
+            f"?store_id={store}&type=pos&encoding=msgpack"
+        )
+
+    def log_tail(self) -> str:
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return text[-3000:]
+
+    async def stop(self) -> None:
+        pids = self.pids()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            await asyncio.to_thread(self.proc.wait, 20)  # a drain commits what is queued
+        for pid in pids:  # only the processes this server ran, by pid
+            if _stat_fields(pid) is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(5)
+
+
+async def wait_ready(server: ServerProcess) -> None:
+    """Until a probe terminal is greeted (every worker of a supervisor is up by then or soon)."""
+    deadline = time.monotonic() + READY_TIMEOUT
+    while True:
+        if server.proc.poll() is not None:
+            raise RuntimeError(f"{server.name} exited:\n{server.log_tail()}")
+        try:
+            async with asyncio.timeout(2):
+                async with websockets.connect(
+                    server.url("bench-probe", "probe"), compression=None
+                ) as ws:
+                    await ws.recv()
+            return
+        except (OSError, TimeoutError, websockets.InvalidHandshake, ConnectionClosed):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{server.name} never got ready:\n{server.log_tail()}") from None
+            await asyncio.sleep(0.1)
+
+
+def spawn(name: str, argv: list[str], env: dict[str, str], workdir: Path, path: str, port: int):  # type: ignore[no-untyped-def]
+    log_path = workdir / f"{name}.log"
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            argv, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    return ServerProcess(name, port, proc, log_path, path)
+
+
+@contextlib.asynccontextmanager
+async def baseline_server(workdir: Path) -> AsyncIterator[ServerProcess]:
+    port = free_port()
+    argv = [sys.executable, "-m", "loadtest.baseline_server", "--port", str(port)]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    server = spawn("baseline", argv, env, workdir, "/ws", port)
+    try:
+        await wait_ready(server)
+        yield server
+    finally:
+        await server.stop()
+
+
+@contextlib.asynccontextmanager
+async def our_server(args: argparse.Namespace, workdir: Path) -> AsyncIterator[ServerProcess]:
+    """`chefia-rt serve` in the chosen mode, with its own storage, cleaned up afterwards."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(SERVER_ENV_PREFIXES)}
+    env.update(
+        WS_HOST="127.0.0.1",
+        WS_PORT=str(port),
+        WS_LOG_LEVEL="WARNING",
+        MAX_WS_CONNECTIONS=str(max(1000, args.idle_connections + 100, 10 * args.stores * 3)),
+        PYTHONUNBUFFERED="1",
+        **{k: v for k, v in (kv.split("=", 1) for kv in args.server_env)},
+    )
+    schema = prefix = None
+    if args.mode == "pg":
+        schema = f"bench_{uuid.uuid4().hex[:12]}"
+        prefix = f"bench-{uuid.uuid4().hex[:12]}"
+        admin = await asyncpg.connect(with_search_path(args.dsn, "public"), timeout=10)
+        try:
+            await admin.execute(f'CREATE SCHEMA "{schema}"')
+        finally:
+            await admin.close()
+        env.update(
+            DATABASE_URL=with_search_path(args.dsn, schema),
+            REDIS_URL=args.redis_url,
+            REDIS_PREFIX=prefix,
+            WS_WORKERS=str(args.workers),
+            DATABASE_POOL_SIZE="4",
+        )
+    else:
+        env.update(DATABASE_URL=f"sqlite:///{workdir / 'bench.db'}", WS_WORKERS="1")
+    argv = [sys.executable, "-m", "chefia_rt", "serve"]
+    server = spawn(f"ours-{args.mode}", argv, env, workdir, "/ws", port)
+    try:
+        await wait_ready(server)
+        if args.mode == "pg":
+            await _wait_workers(server, args.workers)
+        yield server
+    finally:
+        await server.stop()
+        if schema is not None:
+            admin = await asyncpg.connect(with_search_path(args.dsn, "public"), timeout=10)
+            try:
+                await admin.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+            finally:
+                await admin.close()
+        if prefix is not None:
+            client = aioredis.from_url(args.redis_url, socket_timeout=5)
+            try:
+                keys = [k async for k in client.scan_iter(match=f"{prefix}:*", count=500)]
+                if keys:
+                    await client.delete(*keys)
+            finally:
+                await client.aclose()
+
+
+async def _wait_workers(server: ServerProcess, workers: int) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT
+    while len(server.pids()) < workers + 1:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{server.name}: workers never started:\n{server.log_tail()}")
+        await asyncio.sleep(0.1)
+    await asyncio.sleep(1.0)  # every worker answering (the probe reached only one of them)
+
+
+# ---- terminals ------------------------------------------------------------------------------
+
+
+@dataclass
+class Phase:
+    """What one measured run sent and received."""
+
+    scheduled: dict[str, float] = field(default_factory=dict)  # op id -> scheduled send time
+    acks: list[float] = field(default_factory=list)
+    propagation: list[float] = field(default_factory=list)
+    confirmed_with_seq: int = 0
+    deliveries_expected: int = 0
+    deliveries_received: int = 0
+    duplicates: int = 0
+    errors: int = 0
+    error_samples: list[str] = field(default_factory=list)
+    last_ack: float = 0.0
+
+    def error(self, what: str) -> None:
+        self.errors += 1
+        if len(self.error_samples) < 5:
+            self.error_samples.append(what[:200])
+
+
+class Term:
+    """One benchmark terminal: a raw websockets client reading in its own task."""
+
+    __slots__ = ("closed", "index", "name", "peers", "seen", "store", "task", "versions", "ws")
+
+    def __init__(self, index: int, store: str, name: str, ws: ClientConnection) -> None:
+        self.index = index
+        self.store = store
+        self.name = name
+        self.ws = ws
+        self.peers = 0
+        self.versions: list[int] = [0, 0]  # its two tables
+        self.seen: set[str] = set()
+        self.closed = False
+        self.task: asyncio.Task[None] | None = None
+
+
+class Load:
+    """Connections to one server and the open-loop generator that drives them."""
+
+    def __init__(self, server: ServerProcess, stores: int, terminals: int) -> None:
+        self.server = server
+        self.stores = stores
+        self.terminals = terminals
+        self.terms: list[Term] = []
+        self.phase = Phase()
+        self.phases = 0  # op ids carry the phase: an id seen before is answered `duplicate`
+        self.loop = asyncio.get_running_loop()
+
+    async def connect(self, idle: bool = False) -> None:
+        """Open S x T connections (each greeted) and start reading them."""
+        tag = uuid.uuid4().hex[:6]
+        specs = [
+            (s * self.terminals + t, f"store-{tag}-{s:04d}", f"t{s:04d}-{t:02d}")
+            for s in range(self.stores)
+            for t in range(self.terminals)
+        ]
+        gate = asyncio.Semaphore(CONNECT_CONCURRENCY)
+
+        async def one(index: int, store: str, name: str) -> Term:
+            async with gate:
+                for attempt in range(5):
+                    try:
+                        ws = await websockets.connect(
+                            self.server.url(store, name),
+                            compression=None,
+                            ping_interval=None,
+                            max_queue=None if not idle else 16,
+                            open_timeout=30,
+                        )
+                        break
+                    except (OSError, TimeoutError, websockets.InvalidHandshake):
+                        if attempt == 4:
+                            raise
+                        await asyncio.sleep(0.2 * (attempt + 1))
+                await asyncio.wait_for(ws.recv(), 30)  # connection_established
+                return Term(index, store, name, ws)
+
+        self.terms = list(await asyncio.gather(*(one(*spec) for spec in specs)))
+        for term in self.terms:
+            term.peers = self.terminals - 1
+            if not idle:
+                term.task = asyncio.create_task(self._read(term))
+
+    async def close(self) -> None:
+        for term in self.terms:
+            if term.task is not None:
+                term.task.cancel()
+        for start in range(0, len(self.terms), 500):
+            await asyncio.gather(
+                *(t.ws.close() for t in self.terms[start : start + 500]), return_exceptions=True
+            )
+        self.terms = []
+
+    async def _read(self, term: Term) -> None:
+        try:
+            async for frame in term.ws:
+                now = time.perf_counter()
+                body = frame if isinstance(frame, bytes) else frame.encode()
+                if body.startswith(COMPRESSED):
+                    body = lz4.frame.decompress(body[len(COMPRESSED) :])
+                message = msgpack.unpackb(body)
+                if message.get("type") == "message_batch":
+                    for inner in message["messages"]:
+                        self._handle(term, inner, now)
+                else:
+                    self._handle(term, message, now)
+        except ConnectionClosed as exc:
+            if not term.closed:
+                self.phase.error(f"{term.name} closed by the server: {exc}")
+        finally:
+            term.closed = True
+
+    def _handle(self, term: Term, message: dict[str, Any], now: float) -> None:
+        phase = self.phase
+        kind = message.get("type")
+        if kind == "data_sync":
+            op_id = message["operation"]["id"]
+            start = phase.scheduled.get(op_id)
+            if start is None:
+                return  # an earlier phase's operation arriving late
+            if op_id in term.seen or op_id.startswith(f"{term.index}:"):
+                phase.duplicates += 1
+                return
+            term.seen.add(op_id)
+            phase.deliveries_received += 1
+            phase.propagation.append(now - start)
+        elif kind == "sync_confirmation":
+            op_id = message["operation_id"]
+            start = phase.scheduled.get(op_id)
+            if start is None:
+                return
+            phase.acks.append(now - start)
+            phase.last_ack = now
+            if message.get("seq") is not None:
+                phase.confirmed_with_seq += 1
+                phase.deliveries_expected += term.peers
+        elif kind in ("sync_error", "sync_conflict", "error", "resync_required"):
+            phase.error(f"{term.name}: {message}")
+
+    async def run(self, rate: float, duration: float, drain_timeout: float) -> dict[str, Any]:
+        """Send at `rate` ops/s per terminal for `duration` s, wait for the tail, measure."""
+        self.phase = phase = Phase()
+        self.phases += 1
+        for term in self.terms:
+            term.seen = set()
+        pids = self.server.pids()
+        total_rate = rate * len(self.terms)
+        planned = int(total_rate * duration)
+        cpu_before = cpu_ticks(pids)
+        pg_before = postgres_cpu()
+        client_before = time.process_time()
+        started = time.perf_counter() + 0.05
+        sent = 0
+        terms = self.terms
+        count = len(terms)
+        packb = msgpack.packb
+        stamp = ""
+        stamp_at = 0.0
+        while sent < planned:
+            now = time.perf_counter()
+            due = min(planned, int((now - started) * total_rate) + 1) if now >= started else 0
+            if now - stamp_at > 0.5:
+                stamp = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime())
+                stamp_at = now
+            while sent < due:
+                term = terms[sent % count]
+                n = sent // count
+                table = n % 2
+                term.versions[table] += 1
+                op_id = f"{term.index}:{self.phases}:{n}"
+                phase.scheduled[op_id] = started + sent / total_rate
+                frame = packb(
+                    {
+                        "type": "data_sync",
+                        "operation": {
+                            "id": op_id,
+                            "entity_type": "tables",
+                            "entity_id": f"table-{term.name}-{table}",
+                            "operation": "UPDATE",
+                            "data": {"status": STATUSES[n % len(STATUSES)], "guests": n % 8 + 1},
+                            "version": term.versions[table],
+                            "timestamp": stamp,
+                        },
+                    }
+                )
+                sent += 1
+                if term.closed:
+                    phase.error(f"{term.name}: not sent, connection closed")
+                    continue
+                try:
+                    await term.ws.send(frame)
+                except ConnectionClosed:
+                    phase.error(f"{term.name}: send failed, connection closed")
+            await asyncio.sleep(TICK)
+        send_seconds = time.perf_counter() - started
+        # The tail: every answer and every delivery, or the drain timeout.
+        for _ in range(int(drain_timeout / 0.02)):
+            answered = len(phase.acks) + phase.errors >= sent
+            if answered and phase.deliveries_received >= phase.deliveries_expected:
+                break
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.2)  # late duplicates would show up here
+        client_us = (time.process_time() - client_before) * 1e6
+        server_us = cpu_used_us_pids(cpu_before, cpu_ticks(pids))
+        pg_us = cpu_used_us(pg_before, postgres_cpu())
+        confirmed = len(phase.acks)
+        span = (phase.last_ack - started) if phase.last_ack > started else send_seconds
+        return {
+            "connections": len(self.terms),
+            "rate_per_terminal": rate,
+            "ops_sent": sent,
+            "ops_confirmed": confirmed,
+            "offered_ops_s": round(sent / send_seconds, 1),
+            "achieved_ops_s": round(confirmed / span, 1) if span > 0 else None,
+            "ack_p50_ms": _percentile(phase.acks, 50),
+            "ack_p99_ms": _percentile(phase.acks, 99),
+            "propagation_p50_ms": _percentile(phase.propagation, 50),
+            "propagation_p99_ms": _percentile(phase.propagation, 99),
+            "deliveries_expected": phase.deliveries_expected,
+            "deliveries_received": phase.deliveries_received,
+            "duplicates": phase.duplicates,
+            "errors": phase.errors,
+            "error_samples": phase.error_samples,
+            "server_cpu_us_per_op": round(server_us / confirmed, 1) if confirmed else None,
+            "pg_cpu_us_per_op": round(pg_us / confirmed, 1) if confirmed else None,
+            "client_cpu_us_per_op": round(client_us / sent, 1) if sent else None,
+            "server_processes": len(pids),
+        }
+
+
+def cpu_used_us_pids(before: dict[int, int], after: dict[int, int]) -> float:
+    return CLOCK_TICK_US * sum(t - before.get(pid, 0) for pid, t in after.items())
+
+
+def _percentile(values: list[float], pct: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(pct / 100 * len(ordered) + 0.5) - 1))
+    return round(ordered[index] * 1000, 2)
+
+
+def lost(figures: dict[str, Any]) -> bool:
+    return bool(
+        figures["errors"]
+        or figures["ops_confirmed"] < figures["ops_sent"]
+        or figures["deliveries_received"] < figures["deliveries_expected"]
+        or figures["duplicates"]
+    )
+
+
+# ---- scenarios ------------------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def server_of(kind: str, args: argparse.Namespace, workdir: Path):  # type: ignore[no-untyped-def]
+    if kind == "baseline":
+        async with baseline_server(workdir) as server:
+            yield server
+    else:
+        async with our_server(args, workdir) as server:
+            yield server
+
+
+async def rush(kind: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    async with server_of(kind, args, workdir) as server:
+        await asyncio.sleep(0.5)
+        rss_before = rss_kib(server.pids())
+        load = Load(server, args.stores, args.terminals)
+        await load.connect()
+        await asyncio.sleep(1.0)
+        rss_after = rss_kib(server.pids())
+        try:
+            await load.run(args.rate, min(2.0, args.duration), args.drain_timeout)  # warm-up
+            profiler = start_profiler(args, kind, server)
+            figures = await load.run(args.rate, args.duration, args.drain_timeout)
+            if profiler is not None:
+                await asyncio.to_thread(profiler.wait, 60)
+        finally:
+            await load.close()
+    figures["rss_per_connection_kib"] = round(
+        (rss_after - rss_before) / (args.stores * args.terminals), 2
+    )
+    figures["load_average"] = load_average()
+    if kind == "baseline" or args.mode == "embedded":
+        figures["pg_cpu_us_per_op"] = None  # it uses no PostgreSQL: only others' work would show
+    return figures
+
+
+def start_profiler(
+    args: argparse.Namespace, kind: str, server: ServerProcess
+) -> subprocess.Popen[bytes] | None:
+    """py-spy on the server's processes for the measured run (--profile DIR), a flame graph."""
+    if args.profile is None:
+        return None
+    py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    suffix = "svg" if args.profile_format == "flamegraph" else "txt"
+    out = Path(args.profile) / f"flame-{kind}-{args.mode}.{suffix}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    argv = [py_spy, "record", "--pid", str(server.proc.pid), "--subprocesses", "--nonblocking"]
+    argv += ["--duration", str(int(args.duration)), "--rate", "200", "-o", str(out)]
+    argv += ["--format", args.profile_format]
+    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+async def sweep(kind: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    runs = []
+    async with server_of(kind, args, workdir) as server:
+        load = Load(server, args.stores, args.terminals)
+        await load.connect()
+        try:
+            await load.run(args.rates[0], 2.0, args.drain_timeout)  # warm-up
+            for rate in args.rates:
+                figures = await load.run(rate, args.duration, args.drain_timeout)
+                figures["load_average"] = load_average()
+                runs.append(figures)
+                if lost(figures) or (figures["ack_p99_ms"] or 0) > ACK_TARGET_MS:
+                    break
+                await asyncio.sleep(1.0)
+        finally:
+            await load.close()
+    passing = [r for r in runs if not lost(r) and (r["ack_p99_ms"] or 0) <= ACK_TARGET_MS]
+    return {
+        "highest_ok_offered_ops_s": max((r["offered_ops_s"] for r in passing), default=None),
+        "best_achieved_ops_s": max((r["achieved_ops_s"] or 0 for r in runs), default=None),
+        "runs": [
+            {
+                k: r[k]
+                for k in (
+                    "offered_ops_s",
+                    "achieved_ops_s",
+                    "ack_p50_ms",
+                    "ack_p99_ms",
+                    "propagation_p99_ms",
+                    "deliveries_expected",
+                    "deliveries_received",
+                    "errors",
+                    "server_cpu_us_per_op",
+                    "client_cpu_us_per_op",
+                    "load_average",
+                )
+            }
+            for r in runs
+        ],
+    }
+
+
+async def idle(kind: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    stores = max(1, args.idle_connections // args.terminals)
+    async with server_of(kind, args, workdir) as server:
+        await asyncio.sleep(0.5)
+        before = rss_kib(server.pids())
+        load = Load(server, stores, args.terminals)
+        started = time.monotonic()
+        await load.connect(idle=True)
+        connect_s = time.monotonic() - started
+        await asyncio.sleep(2.0)
+        after = rss_kib(server.pids())
+        held = sum(1 for t in load.terms if t.ws.close_code is None)
+        await load.close()
+    return {
+        "connections": stores * args.terminals,
+        "held": held,
+        "connect_seconds": round(connect_s, 1),
+        "server_rss_before_kib": before,
+        "server_rss_after_kib": after,
+        "rss_per_connection_kib": round((after - before) / (stores * args.terminals), 2),
+    }
+
+
+async def flat(kind: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    async with server_of(kind, args, workdir) as server:
+        for stores in args.flat_stores:
+            load = Load(server, stores, args.terminals)
+            await load.connect()
+            try:
+                await load.run(args.rate, 2.0, args.drain_timeout)
+                figures = await load.run(args.rate, args.duration, args.drain_timeout)
+            finally:
+                await load.close()
+            result[str(stores * args.terminals)] = {
+                k: figures[k]
+                for k in (
+                    "offered_ops_s",
+                    "achieved_ops_s",
+                    "ack_p99_ms",
+                    "server_cpu_us_per_op",
+                    "pg_cpu_us_per_op",
+                    "errors",
+                    "deliveries_expected",
+                    "deliveries_received",
+                )
+            } | {"load_average": load_average()}
+            await asyncio.sleep(1.0)
+    sizes = list(result)
+    first, last = result[sizes[0]], result[sizes[-1]]
+    if first["server_cpu_us_per_op"] and last["server_cpu_us_per_op"]:
+        result["cpu_per_op_change"] = round(
+            last["server_cpu_us_per_op"] / first["server_cpu_us_per_op"] - 1, 3
+        )
+    return result
+
+
+SCENARIOS = {"rush": rush, "sweep": sweep, "idle": idle, "flat": flat}
+RATIO_KEYS = (
+    "achieved_ops_s",
+    "ack_p50_ms",
+    "ack_p99_ms",
+    "propagation_p99_ms",
+    "server_cpu_us_per_op",
+    "rss_per_connection_kib",
+)
+
+
+def _ratio(ours: Any, baseline: Any) -> float | None:
+    if not isinstance(ours, int | float) or not isinstance(baseline, int | float) or not baseline:
+        return None
+    return round(ours / baseline, 3)
+
+
+async def bench(args: argparse.Namespace) -> dict[str, Any]:
+    workdir = Path(tempfile.mkdtemp(prefix="chefia-bench-"))
+    result: dict[str, Any] = {
+        "bench": "rush_hour",
+        "scenario": args.scenario,
+        "mode": args.mode,
+        "workers": args.workers if args.mode == "pg" else 1,
+        "stores": args.stores,
+        "terminals_per_store": args.terminals,
+        "rate_per_terminal": args.rate,
+        "duration_s": args.duration,
+        "cores": os.cpu_count(),
+        "load_average_before": load_average(),
+    }
+    try:
+        kinds = ["ours", "baseline"] if args.server == "both" else [args.server]
+        for kind in kinds:
+            result[kind] = await SCENARIOS[args.scenario](kind, args, workdir)
+            await asyncio.sleep(1.0)
+        if args.scenario in ("rush", "idle") and len(kinds) == 2:
+            result["ratio"] = {
+                key: _ratio(result["ours"].get(key), result["baseline"].get(key))
+                for key in RATIO_KEYS
+                if key in result["ours"]
+            }
+    finally:
+        if args.keep_logs:
+            result["logs"] = str(workdir)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    return result
+
+
+def _positive_float(value: str) -> float:
+    number = float(value)
+    if number <= 0:
+        raise argparse.ArgumentTypeError("must be > 0")
+    return number
+
+
+def _list(kind: type) -> Any:
+    def parse(value: str) -> list[Any]:
+        items = [kind(v) for v in value.split(",") if v]
+        if not items or any(i <= 0 for i in items):
+            raise argparse.ArgumentTypeError("a comma-separated list of positive numbers")
+        return items
+
+    return parse
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m loadtest.bench",
+        description="The rush-hour benchmark (SPEC §13) against a bare websockets baseline; "
+        "prints one JSON line.",
+    )
+    parser.add_argument("--scenario", choices=sorted(SCENARIOS), default="rush")
+    parser.add_argument("--mode", choices=("embedded", "pg"), default="embedded")
+    parser.add_argument("--server", choices=("both", "ours", "baseline"), default="both")
+    parser.add_argument("--stores", type=_positive, default=100)
+    parser.add_argument("--terminals", type=_positive, default=10, help="per store")
+    parser.add_argument("--rate", type=_positive_float, default=2.0, help="ops/s per terminal")
+    parser.add_argument("--duration", type=_positive_float, default=10.0, help="seconds per run")
+    parser.add_argument("--drain-timeout", type=_positive_float, default=15.0)
+    parser.add_argument(
+        "--rates", type=_list(float), default=[2, 3, 4, 5, 6, 8, 10], help="sweep, per terminal"
+    )
+    parser.add_argument("--idle-connections", type=_positive, default=10_000)
+    parser.add_argument("--flat-stores", type=_list(int), default=[20, 200])
+    parser.add_argument("--workers", type=_positive, default=2, help="pg mode")
+    parser.add_argument("--dsn", default=DEFAULT_DSN, help="PostgreSQL DSN (pg mode)")
+    parser.add_argument("--redis-url", default=DEFAULT_REDIS, help="Redis URL (pg mode)")
+    parser.add_argument(
+        "--server-env", action="append", default=[], metavar="NAME=VALUE", help="for our server"
+    )
+    parser.add_argument(
+        "--profile", metavar="DIR", help="py-spy flame graphs of the measured run (rush) into DIR"
+    )
+    parser.add_argument("--profile-format", choices=("flamegraph", "raw"), default="flamegraph")
+    parser.add_argument("--keep-logs", action="store_true", help="keep the servers' logs")
+    args = parser.parse_args(argv)
+    if args.scenario != "idle":
+        args.idle_connections = 0
+    for item in args.server_env:
+        if "=" not in item:
+            parser.error(f"--server-env {item!r}: NAME=VALUE")
+    return args
+
+
+def raise_fd_limit() -> None:
+    """Many connections need many descriptors (here and in the servers, which inherit it)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    raise_fd_limit()
+    import uvloop
+
+    return print_result("bench", lambda: uvloop.run(bench(args)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
