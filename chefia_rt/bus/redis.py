@@ -25,7 +25,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
+from dataclasses import fields
 from typing import Any
 
 import msgpack
@@ -170,8 +170,12 @@ def _json_parts(*parts: str) -> str:
     return json.dumps(list(parts))
 
 
+_RECORD_FIELDS = tuple(f.name for f in fields(OpRecord))
+
+
 def _record_to_wire(record: OpRecord) -> dict[str, Any]:
-    return asdict(record)
+    # Shallow: msgpack packs it at once. asdict deep-copied every operation's data first.
+    return {name: getattr(record, name) for name in _RECORD_FIELDS}
 
 
 class RedisBus:
