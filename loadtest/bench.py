@@ -557,7 +557,7 @@ async def rush(kind: str, args: argparse.Namespace, workdir: Path) -> dict[str, 
         await asyncio.sleep(1.0)
         rss_after = rss_kib(server.pids())
         try:
-            await load.run(args.rate, min(2.0, args.duration), args.drain_timeout)  # warm-up
+            await load.run(args.rate, min(2.0, args.duration / 2), args.drain_timeout)  # warm-up
             profiler = start_profiler(args, kind, server)
             figures = await load.run(args.rate, args.duration, args.drain_timeout)
             if profiler is not None:
