@@ -525,7 +525,8 @@ class RedisBus:
                             pipe.hmget(lock_key, "owner", "lock_id", "expires")
                         results = await pipe.execute()
             except (RedisError, OSError, TimeoutError, StorageUnavailable) as exc:
-                error = StorageUnavailable(f"lock service unavailable: {exc}")
+                # A timeout's text is empty: say what it was.
+                error = StorageUnavailable(f"lock service unavailable: {exc or type(exc).__name__}")
                 for _, _, reply in reads:
                     if not reply.done():
                         reply.set_exception(error)
