@@ -80,6 +80,17 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
     await conn.set_type_codec("json", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
 
 
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Reset a connection given back to the pool: nothing beyond asyncpg's own rollback.
+
+    asyncpg rolls back an open transaction before calling this either way. Its default reset
+    adds a round trip per release (unlock advisory locks, close cursors, UNLISTEN, RESET ALL)
+    for session state this store never leaves behind: its advisory locks are per transaction,
+    it declares no cursors outside one and never LISTENs or SETs. The rush-hour profile put that
+    round trip at 3% of a worker's CPU (and PostgreSQL's share on top).
+    """
+
+
 def _month_start(moment: datetime, months_ahead: int = 0) -> datetime:
     index = moment.year * 12 + moment.month - 1 + months_ahead
     return datetime(index // 12, index % 12 + 1, 1, tzinfo=UTC)
@@ -172,6 +183,7 @@ class PostgresStore:
                 max_size=self._max_size,
                 command_timeout=self._command_timeout,
                 init=_init_connection,
+                reset=_keep_session,
             )
         except _UNAVAILABLE as exc:
             raise StorageUnavailable(f"cannot reach PostgreSQL: {exc}") from exc
