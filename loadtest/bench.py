@@ -193,7 +193,10 @@ async def wait_ready(server: ServerProcess) -> None:
             await asyncio.sleep(0.1)
 
 
-def spawn(name: str, argv: list[str], env: dict[str, str], workdir: Path, path: str, port: int):  # type: ignore[no-untyped-def]
+def spawn(
+    name: str, argv: list[str], env: dict[str, str], workdir: Path, path: str, port: int
+) -> ServerProcess:
+    """Start a server process, its output into NAME.log in the work directory."""
     log_path = workdir / f"{name}.log"
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
@@ -224,7 +227,11 @@ async def our_server(args: argparse.Namespace, workdir: Path) -> AsyncIterator[S
         WS_HOST="127.0.0.1",
         WS_PORT=str(port),
         WS_LOG_LEVEL="WARNING",
-        MAX_WS_CONNECTIONS=str(max(1000, args.idle_connections + 100, 10 * args.stores * 3)),
+        # Room for every scenario's terminals on one worker (SO_REUSEPORT may not spread evenly).
+        MAX_WS_CONNECTIONS=str(
+            100
+            + max(1000, args.idle_connections, args.terminals * max(args.stores, *args.flat_stores))
+        ),
         PYTHONUNBUFFERED="1",
         **{k: v for k, v in (kv.split("=", 1) for kv in args.server_env)},
     )
@@ -538,7 +545,9 @@ def lost(figures: dict[str, Any]) -> bool:
 
 
 @contextlib.asynccontextmanager
-async def server_of(kind: str, args: argparse.Namespace, workdir: Path):  # type: ignore[no-untyped-def]
+async def server_of(
+    kind: str, args: argparse.Namespace, workdir: Path
+) -> AsyncIterator[ServerProcess]:
     if kind == "baseline":
         async with baseline_server(workdir) as server:
             yield server
