@@ -520,9 +520,14 @@ class Server:
         if self.ws_server is not None:
             # Stop listening first: with SO_REUSEPORT the kernel then sends new connections to
             # the other workers instead of to this one while it drains (no 503 during a reload).
+            # websockets answers 503 to a handshake that completes once the listener is closed;
+            # one already under way is served instead until the drain ends (then closed 1001
+            # with the others), so it still counts as serving meanwhile.
+            self.ws_server.is_serving = lambda: True  # type: ignore[method-assign]
             self.ws_server.server.close()
         await self.node.drain(timeout)
         if self.ws_server is not None:
+            del self.ws_server.is_serving  # websockets' own again: refuse what comes now
             self.ws_server.close(close_connections=True)
             try:
                 async with asyncio.timeout(CLOSE_TIMEOUT + 0.5):
