@@ -1,0 +1,236 @@
+"""chefia_rt.client against a real server (in-process, SQLite): sending, ordered delivery once,
+reconnect and resend, duplicates, takeover, resync, backoff; and its seq bookkeeping fed by hand.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from chefia_rt.client import Backoff, Client, ClientStopped, Event, Snapshot, StoreOp
+from tests.helpers import RunningServer, free_port, op, running_server
+
+BOUND = 15.0  # liveness bound for anything to arrive
+
+
+class Seen:
+    """Every event a client handed over, in order."""
+
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+        self._more = asyncio.Event()
+
+    def __call__(self, event: Event) -> None:
+        self.events.append(event)
+        self._more.set()
+
+    @property
+    def seqs(self) -> list[int]:
+        return [e.seq for e in self.events]
+
+    async def until(self, count: int) -> None:
+        async with asyncio.timeout(BOUND):
+            while len(self.events) < count:
+                self._more.clear()
+                await self._more.wait()
+
+
+def client(running: RunningServer, terminal_id: str, **kwargs: Any) -> Client:
+    kwargs.setdefault("store_id", "s1")
+    kwargs.setdefault("backoff", Backoff(initial=0.05, maximum=0.5))
+    return Client(running.url, terminal_id, **kwargs)
+
+
+def session_of(running: RunningServer, terminal_id: str) -> Any:
+    session = running.node.hub.get("s1", terminal_id)
+    assert session is not None
+    return session
+
+
+@pytest.mark.parametrize("encoding", ["json", "msgpack"])
+async def test_ops_reach_every_terminal_once_in_seq_order(tmp_path: Path, encoding: Any) -> None:
+    seen_a, seen_b = Seen(), Seen()
+    async with (
+        running_server(tmp_path) as running,
+        client(running, "pos-a", encoding=encoding, since=0, on_event=seen_a) as a,
+        client(running, "pos-b", encoding=encoding, since=0, on_event=seen_b) as b,
+    ):
+        await a.wait_connected(BOUND)
+        await b.wait_connected(BOUND)
+        # A large op: msgpack pushes of it travel lz4-compressed, and together they batch.
+        big = {"note": os.urandom(1500).hex()}
+        answers = [
+            await sender.send("tables", f"t{i}", {"n": i, **(big if i == 3 else {})})
+            for i in range(20)
+            for sender in (a, b)
+        ]
+        async with asyncio.timeout(BOUND):
+            results = await asyncio.gather(*answers)
+        assert {r.kind for r in results} == {"confirmed"}
+        assert sorted(r.seq for r in results if r.seq is not None) == list(range(1, 41))
+        await seen_a.until(40)
+        await seen_b.until(40)
+        for seen, me in ((seen_a, "pos-a"), (seen_b, "pos-b")):
+            assert seen.seqs == list(range(1, 41))
+            for event in seen.events:
+                assert isinstance(event, StoreOp)
+                assert event.own == (event.operation["terminal_id"] == me)
+        assert a.watermark == b.watermark == 40
+        assert a.stats.connects == 1 and a.stats.confirmed == 20 and not a.unanswered()
+
+
+async def test_events_iterator_hands_over_in_order(tmp_path: Path) -> None:
+    async with (
+        running_server(tmp_path) as running,
+        client(running, "kds-1", terminal_type="kds", since=0) as reader,
+        client(running, "pos-a") as writer,
+    ):
+        await reader.wait_connected(BOUND)
+        for i in range(5):
+            await writer.send("tables", f"t{i}", {"n": i})
+        got: list[int] = []
+        async with asyncio.timeout(BOUND):
+            async for event in reader.events():
+                got.append(event.seq)
+                if len(got) == 5:
+                    break
+        assert got == [1, 2, 3, 4, 5]
+
+
+async def test_a_cut_connection_resumes_and_resends_with_the_same_ids(tmp_path: Path) -> None:
+    seen_a, seen_b = Seen(), Seen()
+    async with (
+        running_server(tmp_path) as running,
+        client(running, "pos-a", since=0, on_event=seen_a) as a,
+        client(running, "pos-b", since=0, on_event=seen_b) as b,
+    ):
+        await a.wait_connected(BOUND)
+        await b.wait_connected(BOUND)
+        await (await a.send("tables", "t0", {"n": 0}))
+        await seen_b.until(1)
+        # Cut b's TCP connection from the server's side, and keep writing meanwhile: both
+        # terminals' writes while b is away, b's waiting in its outbox.
+        session_of(running, "pos-b").transport._ws.transport.abort()
+        pending = [await a.send("tables", f"ta{i}", {"n": i}) for i in range(10)]
+        pending += [await b.send("tables", f"tb{i}", {"n": i}) for i in range(10)]
+        async with asyncio.timeout(BOUND):
+            answers = await asyncio.gather(*pending)
+        assert {x.kind for x in answers} == {"confirmed"}
+        await seen_a.until(21)
+        await seen_b.until(21)
+        assert seen_a.seqs == seen_b.seqs == list(range(1, 22))
+        assert b.stats.connects == 2 and b.stats.reconnects == 1
+        log = await running.node.store.read_operations("s1", 0, 100)
+        assert len(log) == 21 and len({r.id for r in log}) == 21
+
+
+async def test_a_duplicate_answer_confirms_and_is_handed_over_once(tmp_path: Path) -> None:
+    seen = Seen()
+    async with (
+        running_server(tmp_path) as running,
+        running.terminal("pos-raw") as raw,
+        client(running, "pos-a", since=0, on_event=seen) as a,
+    ):
+        await a.wait_connected(BOUND)
+        # The op was committed already (its first answer lost with a connection).
+        await raw.send(op("op-1", "t1", {"n": 1}))
+        await raw.expect("sync_confirmation")
+        await seen.until(1)
+        answer = await (await a.send("tables", "t1", {"n": 1}, op_id="op-1"))
+        assert answer.kind == "confirmed" and answer.message["status"] == "duplicate"
+        assert answer.seq == 1
+        await (await a.send("tables", "t2", {"n": 2}))
+        await seen.until(2)
+        assert seen.seqs == [1, 2]
+        assert a.stats.duplicates == 1
+
+
+async def test_a_takeover_stops_the_client_without_fighting(tmp_path: Path) -> None:
+    async with running_server(tmp_path) as running, client(running, "pos-a") as a:
+        await a.wait_connected(BOUND)
+        async with running.terminal("pos-a"):
+            await a.wait_stopped(BOUND)
+            assert a.stopped is not None and a.stopped.code == 4004
+            await asyncio.sleep(0.5)
+            assert a.stats.connects == 1  # no reconnect that would take the terminal back
+            with pytest.raises(ClientStopped):
+                await a.send("tables", "t1", {})
+
+
+async def test_resync_required_brings_a_snapshot_then_the_stream(tmp_path: Path) -> None:
+    seen = Seen()
+    async with running_server(tmp_path) as running, running.terminal("pos-raw") as raw:
+        for i in range(3):
+            await raw.send(op(f"op-{i}", f"t{i}", {"n": i}))
+            await raw.expect("sync_confirmation")
+        # A since the server's log never reached (a restored database, say).
+        async with client(running, "pos-a", since=50, on_event=seen) as a:
+            await seen.until(1)
+            first = seen.events[0]
+            assert isinstance(first, Snapshot) and first.seq == 3
+            assert {e["entity_id"] for e in first.entities} == {"t0", "t1", "t2"}
+            await raw.send(op("op-9", "t9", {"n": 9}))
+            await seen.until(2)
+            assert seen.seqs == [3, 4] and a.watermark == 4 and a.stats.resyncs == 1
+
+
+async def test_backoff_gives_up_after_its_attempts() -> None:
+    port = free_port()  # nothing listens there
+    c = Client(
+        f"ws://127.0.0.1:{port}/ws",
+        "pos-a",
+        backoff=Backoff(initial=0.01, maximum=0.05, max_attempts=4),
+    )
+    async with c:
+        pending = await c.send("tables", "t1", {})
+        with pytest.raises(ClientStopped, match="4 failed attempts"):
+            async with asyncio.timeout(BOUND):
+                await pending
+    assert c.unanswered()[0]["entity_id"] == "t1"  # still there for the application to keep
+
+
+def test_backoff_grows_to_its_maximum_with_jitter_below_it() -> None:
+    backoff = Backoff(initial=0.1, maximum=2.0, factor=2.0, jitter=0.5)
+    assert [backoff.delay(n, lambda: 0.0) for n in range(7)] == [
+        0.1, 0.2, 0.4, 0.8, 1.6, 2.0, 2.0
+    ]  # fmt: skip
+    assert backoff.delay(3, lambda: 1.0) == pytest.approx(0.4)
+
+
+# ---- the seq bookkeeping, fed by hand (no connection) ----------------------------------------
+
+
+def push(seq: int, terminal: str = "pos-b") -> dict[str, Any]:
+    operation = {"id": f"p{seq}", "seq": seq, "terminal_id": terminal}
+    return {"type": "data_sync", "operation": operation}
+
+
+async def test_a_confirmation_ahead_of_pushes_waits_for_the_gap() -> None:
+    seen = Seen()
+    c = Client("ws://127.0.0.1:1/ws", "pos-a", since=0, on_event=seen)
+    answer = await c.send("tables", "t1", {"n": 1}, op_id="mine")
+    c._handle(push(1))
+    c._handle({"type": "sync_confirmation", "operation_id": "mine", "seq": 3, "status": "applied"})
+    assert seen.seqs == [1] and c.watermark == 1  # 3 is held until 2 arrives
+    c._handle(push(3))  # the same seq again (a replay): dropped
+    c._handle(push(2))
+    assert seen.seqs == [1, 2, 3] and c.watermark == 3
+    assert answer.done() and answer.result().seq == 3
+    c._handle(push(2))
+    assert seen.seqs == [1, 2, 3]
+
+
+async def test_retryable_errors_keep_the_op_and_final_ones_answer_it() -> None:
+    c = Client("ws://127.0.0.1:1/ws", "pos-a", since=0)
+    retried = await c.send("tables", "t1", {}, op_id="a")
+    refused = await c.send("tables", "t2", {}, op_id="b")
+    c._handle({"type": "sync_error", "operation_id": "a", "code": 1013, "error": "retry"})
+    c._handle({"type": "sync_error", "operation_id": "a", "code": 4005, "error": "rate"})
+    c._handle({"type": "sync_error", "operation_id": "b", "code": 4008, "error": "no"})
+    assert not retried.done() and [o["id"] for o in c.unanswered()] == ["a"]
+    assert refused.result().kind == "rejected"
+    assert c.stats.retries == 2 and c.stats.rejected == 1
