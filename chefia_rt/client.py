@@ -37,6 +37,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import socket
 import time
 import uuid
 from collections import Counter, deque
@@ -207,6 +208,7 @@ class Client:
         connect_timeout: float = 10.0,
         keepalive: float = 20.0,
         max_message_size: int = 1 << 20,
+        receive_buffer: int | None = None,
         rand: Callable[[], float] = random.random,
     ) -> None:
         self.urls = [urls] if isinstance(urls, str) else list(urls)
@@ -228,6 +230,10 @@ class Client:
         self.connect_timeout = connect_timeout
         self.keepalive = keepalive
         self.max_message_size = max_message_size
+        # Caps the socket's kernel receive buffer (SO_RCVBUF). Linux grows it up to tens of MB
+        # for a fast stream; then an application that stops taking events reaches the server
+        # (closed 1013, resumed) only after all that is filled.
+        self.receive_buffer = receive_buffer
         self._rand = rand
         self.stats = ClientStats()
         # The highest seq up to which the application has every operation (None: not yet
@@ -245,6 +251,7 @@ class Client:
         self._control: deque[dict[str, Any]] = deque(maxlen=16)
         self._wake_sender = asyncio.Event()
         self._connected = asyncio.Event()
+        self._state_changed = asyncio.Event()  # connected or stopped
         self._awaiting_snapshot = False
         self._restart: str | None = None  # why the current connection should be started over
         self._runner: asyncio.Task[None] | None = None
@@ -281,15 +288,21 @@ class Client:
                 outgoing.answer.exception()  # retrieved: an app that dropped it gets no warning
         self._events_changed.set()
         self._outbox_room.set()
+        self._state_changed.set()
 
     @property
     def connected(self) -> bool:
         return self._connected.is_set()
 
     async def wait_connected(self, timeout: float) -> None:
-        """Until a connection is established (TimeoutError after `timeout`)."""
+        """Until a connection is established: TimeoutError after `timeout`, ClientStopped if
+        the client stopped (a close that retrying cannot fix, or it gave up)."""
         async with asyncio.timeout(timeout):
-            await self._connected.wait()
+            while not self._connected.is_set():
+                if self.stopped is not None:
+                    raise self.stopped
+                self._state_changed.clear()
+                await self._state_changed.wait()
 
     async def wait_stopped(self, timeout: float) -> ClientStopped | None:
         """Until the client stopped by itself (a takeover, giving up); why, or TimeoutError."""
@@ -409,6 +422,9 @@ class Client:
                     compression=None,
                 ) as ws:
                     opened = ws
+                    if self.receive_buffer is not None:
+                        sock = ws.transport.get_extra_info("socket")
+                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.receive_buffer)
                     started = await self._serve(ws)
             except (OSError, InvalidHandshake, TimeoutError, ConnectionClosed) as exc:
                 log.info("%s: connection to %s failed: %s", self.terminal_id, url, exc)
@@ -458,6 +474,7 @@ class Client:
             outgoing.sent_at = outgoing.retry_at = None
         self._control.clear()
         self._connected.set()
+        self._state_changed.set()
         self._wake_sender.set()
         helpers = [
             asyncio.create_task(self._send_loop(ws), name=f"client-send:{self.terminal_id}"),

@@ -234,3 +234,12 @@ async def test_retryable_errors_keep_the_op_and_final_ones_answer_it() -> None:
     assert not retried.done() and [o["id"] for o in c.unanswered()] == ["a"]
     assert refused.result().kind == "rejected"
     assert c.stats.retries == 2 and c.stats.rejected == 1
+
+
+async def test_a_close_retrying_cannot_fix_stops_the_client(tmp_path: Path) -> None:
+    async with running_server(tmp_path) as running:
+        c = client(running, "pos-a", store_id="no spaces allowed")
+        async with c:
+            with pytest.raises(ClientStopped) as stopped:
+                await c.wait_connected(BOUND)
+        assert stopped.value.code == 4006 and c.stats.connects == 0
