@@ -15,6 +15,10 @@ unregisters it), so pin a terminal when it connects, before it holds locks.
 Each node's output goes to `node-<i>.log` under tmp_path. Cleanup SIGTERMs, then SIGKILLs, every
 process the cluster started or saw serving (workers included, even orphaned ones), drops the
 schema and deletes the prefix's Redis keys (never anything else in the shared Redis).
+
+Fault tests that break PostgreSQL or Redis pass `dsn` / `redis_url` of their own throwaway
+instances (tests/faults/pg.py, tests/faults/redis.py); the cluster then leaves the database to
+its owner instead of dropping a schema.
 """
 
 from __future__ import annotations
@@ -173,6 +177,15 @@ class ClusterNode:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
+    def kill(self) -> None:
+        """SIGKILL the supervisor and its workers at once: the machine's power cut."""
+        pids = [p for p in self.worker_pids() if is_chefia(p)]
+        signal_pid(self.pid, signal.SIGKILL)
+        for pid in pids:
+            signal_pid(pid, signal.SIGKILL)
+        assert self.proc is not None
+        self.proc.wait(STOP_TIMEOUT)
+
 
 class Cluster:
     """N nodes x W workers sharing a PostgreSQL schema and a Redis prefix."""
@@ -185,9 +198,13 @@ class Cluster:
         nodes: int,
         workers: int,
         env: dict[str, str] | None = None,
+        redis_url: str = REDIS_URL,
+        own_schema: bool = True,
     ) -> None:
         self.tmp_path = tmp_path
         self.dsn = dsn
+        self.redis_url = redis_url
+        self.own_schema = own_schema  # a schema of the shared PostgreSQL, dropped at close
         self.workers_per_node = workers
         self.prefix = f"t-{uuid.uuid4().hex[:12]}"
         self.extra_env = env or {}
@@ -202,7 +219,7 @@ class Cluster:
         env = {k: v for k, v in os.environ.items() if not k.startswith(_SERVER_ENV_PREFIXES)}
         env.update(
             DATABASE_URL=self.dsn,
-            REDIS_URL=REDIS_URL,
+            REDIS_URL=self.redis_url,
             REDIS_PREFIX=self.prefix,
             WS_WORKERS=str(self.workers_per_node),
             WS_HOST="127.0.0.1",
@@ -317,12 +334,13 @@ class Cluster:
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     node.proc.wait(STOP_TIMEOUT)
         await wait_gone(pids, STOP_TIMEOUT)
-        await drop_pg_schema(self.dsn)
+        if self.own_schema:
+            await drop_pg_schema(self.dsn)
         await self._forget_redis_keys()
 
     async def _forget_redis_keys(self) -> None:
         """Delete this cluster's keys (presence hashes do not expire); only its own prefix."""
-        client = aioredis.from_url(REDIS_URL, socket_timeout=5)
+        client = aioredis.from_url(self.redis_url, socket_timeout=5)
         try:
             keys = [k async for k in client.scan_iter(match=f"{self.prefix}:*", count=500)]
             if keys:
@@ -399,12 +417,27 @@ class Cluster:
 
 @contextlib.asynccontextmanager
 async def running_cluster(
-    tmp_path: Path, *, nodes: int = 2, workers: int = 2, env: dict[str, str] | None = None
+    tmp_path: Path,
+    *,
+    nodes: int = 2,
+    workers: int = 2,
+    env: dict[str, str] | None = None,
+    dsn: str | None = None,
+    redis_url: str | None = None,
 ) -> AsyncIterator[Cluster]:
-    """Start `nodes` x `workers` and wait until every worker serves; stop everything after."""
-    await _require_redis()
-    dsn = await new_pg_schema()
-    cluster = Cluster(tmp_path, dsn, nodes=nodes, workers=workers, env=env)
+    """Start `nodes` x `workers` and wait until every worker serves; stop everything after.
+    Without `dsn` / `redis_url`: a fresh schema of the shared PostgreSQL, the shared Redis."""
+    if redis_url is None:
+        await _require_redis()
+    cluster = Cluster(
+        tmp_path,
+        dsn or await new_pg_schema(),
+        nodes=nodes,
+        workers=workers,
+        env=env,
+        redis_url=redis_url or REDIS_URL,
+        own_schema=dsn is None,
+    )
     try:
         await cluster.start()
         yield cluster
