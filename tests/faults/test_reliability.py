@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import itertools
 import json
 import os
 import re
@@ -99,6 +100,7 @@ async def run(
     fleet.add_stores(re.sub(r"[^A-Za-z0-9]+", "-", name), stores, WRITERS)
     if setup is not None:
         setup(fleet)
+    log_start = [len(node.log()) for node in cluster.nodes]
     try:
         await fleet.start()
         await asyncio.sleep(WARM_UP)
@@ -114,6 +116,12 @@ async def run(
     row = report(name, fleet, verdict, recovery, note)
     REPORTS.append(row)
     print(row.row())
+    crashes = [
+        record
+        for node, start in zip(cluster.nodes, log_start, strict=True)
+        for record in crash_records(node.log()[start:])
+    ]
+    assert not crashes, "\n".join(crashes)[-6000:]
     assert verdict.lost == 0 and not verdict.problems, "\n".join(verdict.problems)
     assert len(recovery) == len(fleet.terminals), "a terminal never caught up"
     assert health, "a node did not answer /health 200 by itself:\n" + logs(cluster)
@@ -127,6 +135,19 @@ async def all_healthy(cluster: Cluster, timeout: float = 30.0) -> bool:
             return True
         await asyncio.sleep(0.1)
     return False
+
+
+# A log record starts with its time; asyncpg logs its pool's failed reconnects with a traceback.
+RECORD_START = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", re.MULTILINE)
+EXPECTED_TRACEBACKS = ("asyncpg.pool Failed to restore the pool connection floor",)
+
+
+def crash_records(log: str) -> list[str]:
+    """Log records with a traceback: a fault may be logged, but an unexpected exception in a
+    handler or task is a bug."""
+    starts = [m.start() for m in RECORD_START.finditer(log)] + [len(log)]
+    records = [log[a:b] for a, b in itertools.pairwise(starts)]
+    return [r for r in records if "Traceback" in r and not any(e in r for e in EXPECTED_TRACEBACKS)]
 
 
 def logs(cluster: Cluster) -> str:
