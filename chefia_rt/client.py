@@ -476,18 +476,30 @@ class Client:
         self._connected.set()
         self._state_changed.set()
         self._wake_sender.set()
-        helpers = [
+        for message in first[1:]:
+            self._handle(message)
+        # Reading, sending and the timers end together: when one of them stops (the connection
+        # closed, a send timed out, a gap did not fill, or a bug), the connection starts over.
+        tasks = [
+            asyncio.create_task(self._read_loop(ws), name=f"client-read:{self.terminal_id}"),
             asyncio.create_task(self._send_loop(ws), name=f"client-send:{self.terminal_id}"),
             asyncio.create_task(self._tick_loop(ws), name=f"client-tick:{self.terminal_id}"),
         ]
         try:
-            for message in first[1:]:
-                self._handle(message)
-            await self._read_loop(ws)
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                if not task.cancelled() and (exc := task.exception()) is not None:
+                    log.error("%s: %s failed: %r", self.terminal_id, task.get_name(), exc)
+            if not tasks[0].done():
+                # Answers already received are still read, until the closing handshake ends.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.connect_timeout):
+                        await ws.close()
+                        await asyncio.wait(tasks[:1])
         finally:
-            for task in helpers:
+            for task in tasks:
                 task.cancel()
-            await asyncio.gather(*helpers, return_exceptions=True)
+            await asyncio.gather(*tasks, return_exceptions=True)
         return established
 
     async def _recv_messages(self, ws: ClientConnection) -> list[dict[str, Any]]:
