@@ -251,6 +251,7 @@ class Client:
         self._control: deque[dict[str, Any]] = deque(maxlen=16)
         self._wake_sender = asyncio.Event()
         self._connected = asyncio.Event()
+        self._ws: ClientConnection | None = None  # the current connection, for close()
         self._state_changed = asyncio.Event()  # connected or stopped
         self._awaiting_snapshot = False
         self._restart: str | None = None  # why the current connection should be started over
@@ -273,11 +274,16 @@ class Client:
     async def close(self) -> None:
         """Stop: close the connection and fail the answers still awaited with ClientStopped.
         Unanswered operations stay readable with `unanswered()` (to keep them for later)."""
+        self._stop(ClientStopped("closed by the application"))
+        if self._ws is not None:
+            # A normal close (1000): cancelling alone would close the socket with 1011.
+            with contextlib.suppress(TimeoutError, ConnectionClosed, OSError):
+                async with asyncio.timeout(2.0):
+                    await self._ws.close(1000, "closed by the application")
         if self._runner is not None:
             self._runner.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._runner
-        self._stop(ClientStopped("closed by the application"))
 
     def _stop(self, reason: ClientStopped) -> None:
         if self.stopped is None:
@@ -405,7 +411,7 @@ class Client:
     async def _run(self) -> None:
         attempt = 0  # failed attempts in a row: picks the URL and grows the delay
         down_since = time.monotonic()
-        while True:
+        while self.stopped is None:
             url = self._url(self.urls[attempt % len(self.urls)])
             headers = {"Authorization": f"Bearer {self.token}"} if self.token else None
             started: float | None = None
@@ -421,7 +427,7 @@ class Client:
                     max_size=self.max_message_size,
                     compression=None,
                 ) as ws:
-                    opened = ws
+                    opened = self._ws = ws
                     if self.receive_buffer is not None:
                         sock = ws.transport.get_extra_info("socket")
                         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.receive_buffer)
@@ -430,6 +436,7 @@ class Client:
                 log.info("%s: connection to %s failed: %s", self.terminal_id, url, exc)
             finally:
                 self._connected.clear()
+                self._ws = None
             closed = opened.protocol.close_rcvd if opened is not None else None
             code = closed.code if closed is not None else None
             if code is not None:
