@@ -64,7 +64,9 @@ async def test_ops_reach_every_terminal_once_in_seq_order(tmp_path: Path, encodi
         # A large op: msgpack pushes of it travel lz4-compressed, and together they batch.
         big = {"note": os.urandom(1500).hex()}
         answers = [
-            await sender.send("tables", f"t{i}", {"n": i, **(big if i == 3 else {})})
+            await sender.send(
+                "tables", f"{sender.terminal_id}-t{i}", {"n": i, **(big if i == 3 else {})}
+            )
             for i in range(20)
             for sender in (a, b)
         ]
