@@ -40,7 +40,12 @@ from tests.faults.load import Fleet, LoadTerminal, Report, check, fetch, report,
 from tests.faults.pg import ThrowawayPostgres, throwaway_postgres
 from tests.faults.redis import ThrowawayRedis, throwaway_redis
 
-pytestmark = [pytest.mark.faults, pytest.mark.asyncio(loop_scope="module")]
+# One cluster for the whole module: its tests run in one pytest-xdist process, one by one.
+pytestmark = [
+    pytest.mark.faults,
+    pytest.mark.asyncio(loop_scope="module"),
+    pytest.mark.xdist_group("reliability"),
+]
 
 STORES = 4
 WRITERS = 5  # per store, plus one kitchen display: 24 terminals
