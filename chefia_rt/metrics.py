@@ -11,9 +11,9 @@ Without the directory (one worker run directly, the in-process test server) the 
 objects live in a private registry of this Node: nothing is module-global, so two Nodes in one
 process never mix their figures.
 
-`terminal_status{terminal_id, type}` is not a stored metric: multiprocess gauges cannot drop a
-label across processes, so it is built at scrape time from the cluster-wide terminal directory
-(`node.terminals`, when present), and a terminal forgotten there disappears from the scrape.
+`terminal_status{terminal_id, type, store_id}` is not a stored metric: multiprocess gauges cannot
+drop a label across processes, so it is built at scrape time from the cluster-wide terminal
+directory (`node.terminals`, when present), and a terminal forgotten there leaves the scrape.
 
 Label values are bounded: entity types outside the configured policy table count as "other",
 terminal types are the four of SPEC §2, statuses and reasons are fixed sets.
@@ -56,7 +56,7 @@ LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0
 
 # Read at scrape time: the cluster-wide terminals (store_id, terminal_id, type, online) and the
 # worker's RequestCache figures, each None when that part is not there.
-TerminalSource = Callable[[], Iterable[tuple[str, str, bool]]]
+TerminalSource = Callable[[], Iterable[tuple[str, str, str, bool]]]
 
 
 def prepare_dir(path: str | Path) -> Path:
@@ -83,7 +83,10 @@ def mark_dead(path: str | Path, pid: int) -> None:
 
 
 class _TerminalCollector(Collector):
-    """terminal_status{terminal_id, type}, from the terminal directory at scrape time."""
+    """terminal_status{terminal_id, type, store_id}, from the terminal directory at scrape time.
+
+    store_id is a label because every restaurant of a chain has its own "pos-1": without it, one
+    store's offline pos-1 would hide behind another's online one."""
 
     def __init__(self, source: Callable[[], TerminalSource | None]) -> None:
         self._source = source
@@ -93,17 +96,12 @@ class _TerminalCollector(Collector):
             "terminal_status",
             "1 while a terminal is connected (anywhere in the deployment), 0 while it is "
             "offline but remembered",
-            labels=["terminal_id", "type"],
+            labels=["terminal_id", "type", "store_id"],
         )
         source = self._source()
         if source is not None:
-            seen: set[tuple[str, str]] = set()
-            for terminal_id, terminal_type, online in source():
-                key = (terminal_id, terminal_type)
-                if key in seen:  # the same id in two stores: one series, online if either is
-                    continue
-                seen.add(key)
-                family.add_metric([terminal_id, terminal_type], 1.0 if online else 0.0)
+            for store_id, terminal_id, terminal_type, online in source():
+                family.add_metric([terminal_id, terminal_type, store_id], 1.0 if online else 0.0)
         yield family
 
 

@@ -290,10 +290,12 @@ class Node:
             except Exception as exc:  # storage down: try again next time
                 log.warning("%s failed: %s", getattr(chore, "__name__", chore), exc)
 
-    def _terminal_states(self) -> list[tuple[str, str, bool]]:
-        """terminal_status at scrape time: (terminal_id, type, online) of the deployment."""
+    def _terminal_states(self) -> list[tuple[str, str, str, bool]]:
+        """terminal_status at scrape time: (store_id, terminal_id, type, online) of the
+        deployment."""
         return [
-            (v.terminal_id, v.terminal_type, v.status == "online") for v in self.terminals.views()
+            (v.store_id, v.terminal_id, v.terminal_type, v.status == "online")
+            for v in self.terminals.views()
         ]
 
     def _deliver(self, store_id: str, pushes: Sequence[Push]) -> None:

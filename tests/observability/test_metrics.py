@@ -142,3 +142,27 @@ async def test_terminal_status_goes_offline_then_disappears(tmp_path: Path) -> N
                 break
             await asyncio.sleep(0.05)
         assert states == [0.0, None], states
+
+
+async def test_terminal_status_keeps_stores_apart(tmp_path: Path) -> None:
+    """Every restaurant has its own pos-1: one store's offline pos-1 must not hide behind
+    another store's online one (the offline alert would never fire)."""
+    async with (
+        running_server(tmp_path, terminal_report_interval=0.1) as server,
+        server.terminal("pos-1", store="s1"),
+    ):
+        async with server.terminal("pos-1", store="s2"):
+            text = await scrape(server.http + "/metrics")
+            assert value(text, "terminal_status", terminal_id="pos-1", store_id="s1") == 1
+            assert value(text, "terminal_status", terminal_id="pos-1", store_id="s2") == 1
+        states: list[float | None] = []
+        for _ in range(300):  # liveness: 15 s
+            text = await scrape(server.http + "/metrics")
+            states = [
+                value(text, "terminal_status", terminal_id="pos-1", store_id=store)
+                for store in ("s1", "s2")
+            ]
+            if states == [1.0, 0.0]:
+                break
+            await asyncio.sleep(0.05)
+        assert states == [1.0, 0.0], states
