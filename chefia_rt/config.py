@@ -43,6 +43,10 @@ class Settings(BaseSettings):
     ws_connection_timeout: float = Field(300.0, gt=0)
     ws_heartbeat_interval: float = Field(30.0, gt=0)
     ws_message_queue_size: int = Field(1000, ge=1)
+    # Kernel send buffer per connection (SO_SNDBUF; 0 keeps the kernel's autotuning, up to 4 MiB
+    # on Linux). Small enough that a terminal that stops reading fills it and its queue soon and
+    # is closed 1013, instead of holding megabytes of kernel memory for many seconds.
+    ws_send_buffer: int = Field(262_144, ge=0)
     ws_workers: int | None = Field(
         None, ge=1, le=256, validation_alias=AliasChoices("ws_workers", "ws_worker_threads")
     )

@@ -247,6 +247,7 @@ class Server:
         )
         if self._messages is not None:
             session.on_sent = self._log_sent
+        self._limit_send_buffer(ws)
         try:
             await self.node.open_session(session, since)
         except Exception as exc:
@@ -277,6 +278,11 @@ class Server:
     def _log_sent(self, frames: list[OutFrame]) -> None:
         if self._messages is not None:
             self._messages.outgoing(frame.message for frame in frames)
+
+    def _limit_send_buffer(self, ws: ServerConnection) -> None:
+        sock = ws.transport.get_extra_info("socket")
+        if sock is not None and self.settings.ws_send_buffer:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.settings.ws_send_buffer)
 
     @staticmethod
     async def _discard_until_closed(ws: ServerConnection) -> None:

@@ -369,6 +369,26 @@ async def test_kds_may_update_only_an_orders_status_with_the_lock(server: Runnin
 # ---- slow readers -----------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize(("configured", "bounded"), [(65536, True), (0, False)])
+async def test_send_buffer_of_each_connection_is_bounded(
+    tmp_path: Path, configured: int, bounded: bool
+) -> None:
+    """WS_SEND_BUFFER caps the kernel's send buffer: with its autotuning (up to 4 MiB) a display
+    that stopped reading held megabytes and was noticed (closed 1013) only after tens of seconds
+    on a loaded machine; 0 leaves the kernel's autotuning alone."""
+    async with (
+        running_server(tmp_path, ws_send_buffer=configured) as server,
+        server.terminal("pos-1"),
+    ):
+        (ws,) = server.server._connections
+        sock = ws.transport.get_extra_info("socket")
+        size = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+    if bounded:
+        assert size == 2 * configured  # Linux doubles it for its bookkeeping
+    else:
+        assert size != 2 * 65536
+
+
 async def test_slow_reader_is_closed_1013_and_others_keep_receiving(tmp_path: Path) -> None:
     async with running_server(tmp_path, ws_message_queue_size=16) as server:
         # A tiny receive buffer and no client-side queue, so the server's socket fills quickly.
