@@ -422,12 +422,3 @@ class Hub:
                     session.terminal_id == push.origin,
                     lambda s=session: self.resume(s, s.next_seq - 1),  # type: ignore[misc]
                 )
-
-    def broadcast(
-        self, store_id: str, message: dict[str, Any], types: set[str] | None = None
-    ) -> None:
-        """Send a message that is not an operation to a store's sessions (monitors, caches)."""
-        frame = OutFrame(message)
-        for session in self._stores.get(store_id, {}).values():
-            if types is None or session.terminal_type in types:
-                session.queue_push(frame)
