@@ -195,7 +195,14 @@ async def test_node_sigkill(services: tuple[Cluster, ThrowawayPostgres, Throwawa
         await cluster.wait_ready(node, timeout=BOUND)
 
     _, row = await run(
-        "node SIGKILL", services, kill_a_node, after=restart_node, note="restarted after"
+        "node SIGKILL",
+        services,
+        kill_a_node,
+        after=restart_node,
+        note=(
+            "the whole node (supervisor and workers) SIGKILLed; its terminals recover on the"
+            " other one; restarted before the final check"
+        ),
     )
     assert row.reconnects >= STORES * (WRITERS + 1) // 2, "the node's terminals never moved"
 
