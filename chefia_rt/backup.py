@@ -684,6 +684,22 @@ async def record_event(
             await store.close()
 
 
+async def _drop_shared_cache(settings: Settings, progress: Progress) -> None:
+    """The shared RequestCache (Redis) still holds the replaced data, possibly at versions above
+    the restored ones: start a new cache epoch so that no server answers from it."""
+    if settings.redis_url is None:
+        return  # the in-process cache lives and dies with the server, which is stopped
+    from chefia_rt.bus.redis import new_cache_epoch
+
+    try:
+        await new_cache_epoch(settings.redis_url, settings.redis_prefix)
+    except StorageUnavailable as exc:
+        progress.summary(
+            f"chefia-rt: warning: the shared cache in Redis was not cleared ({exc}); delete the"
+            f" {settings.redis_prefix}:cache* keys before starting the servers"
+        )
+
+
 async def create_backup(
     settings: Settings,
     *,
@@ -1332,6 +1348,7 @@ async def restore_archive(
     finally:
         await store.close()
     result = RestoreResult(verified, target, counts, force)
+    await _drop_shared_cache(settings, progress)
     manifest = verified.manifest
     await record_event(
         settings,

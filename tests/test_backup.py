@@ -37,13 +37,17 @@ from chefia_rt.backup import (
     restore_archive,
     verify_archive,
 )
+from chefia_rt.bus.base import CacheEntry
+from chefia_rt.bus.redis import RedisBus
 from chefia_rt.config import Settings, load_settings
+from chefia_rt.domain import EntityKey
 from chefia_rt.schedule import cron_to_oncalendar
 from chefia_rt.store.base import SessionRecord, Store
 from chefia_rt.store.postgres import PostgresStore
 from chefia_rt.store.sqlite import SQLiteStore
+from tests.bus.conftest import drop_prefix, redis_reachable, unique_prefix
 from tests.helpers import RunningServer, Terminal, op, running_server
-from tests.services import PG_DSN, drop_pg_schema, new_pg_schema, service_missing
+from tests.services import PG_DSN, REDIS_URL, drop_pg_schema, new_pg_schema, service_missing
 from tests.store.test_contract import STAMPS, UNICODE, make_op, sync
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -755,6 +759,38 @@ async def test_restore_into_a_database_with_rows_needs_force(
 
     await restore_archive(databases.settings(target), result.path, force=True, progress=QUIET)
     assert await dump(target) == await dump(source)
+
+
+async def test_restore_drops_the_shared_cache(databases: Databases) -> None:
+    """The RequestCache in Redis held the replaced data, at versions above the restored ones:
+    after a restore no server may answer from it (a new cache epoch)."""
+    await redis_reachable(REDIS_URL)
+    prefix = unique_prefix()
+    source = await databases.url("sqlite")
+    await populated(source)
+    archive = (await create_backup(databases.settings(source), progress=QUIET)).path
+    held = RedisBus(REDIS_URL, prefix=prefix)
+    await held.start(lambda *_: None, lambda *_: None, lambda: None)
+    key = EntityKey("s1", "orders", "o1")
+    try:
+        replaced = CacheEntry(key, 99, b'{"version": 99}', fresh_for=30, keep_for=60)
+        assert await held.cache_put([replaced], None) == 1
+        before = await held.cache_get(key, 5.0)
+        assert before.version == 99
+
+        target = databases.settings(
+            await databases.url("sqlite"), redis_url=REDIS_URL, redis_prefix=prefix
+        )
+        await restore_archive(target, archive, progress=QUIET)
+
+        after = await held.cache_get(key, 5.0)
+        assert after.epoch != before.epoch
+        assert (after.version, after.body) == (0, None)
+        # A put from a read made before the restore is refused too.
+        assert await held.cache_put([replaced], before) == 0
+    finally:
+        await held.close()
+        await drop_prefix(REDIS_URL, prefix)
 
 
 async def test_a_failing_restore_changes_nothing(databases: Databases, tmp_path: Path) -> None:

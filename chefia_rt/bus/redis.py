@@ -232,7 +232,7 @@ class RedisBus:
 
     @property
     def _cache_epoch_key(self) -> str:
-        return f"{self.prefix}:cache-epoch"
+        return cache_epoch_key(self.prefix)
 
     @property
     def redis(self) -> aioredis.Redis:
@@ -631,6 +631,23 @@ class RedisBus:
             return bool(await self.redis.ping())
         except (RedisError, OSError, StorageUnavailable):
             return False
+
+
+def cache_epoch_key(prefix: str) -> str:
+    return f"{prefix}:cache-epoch"
+
+
+async def new_cache_epoch(url: str, prefix: str) -> None:
+    """Drop a deployment's whole RequestCache from outside a server (after `chefia-rt restore`):
+    what the workers hold, newer versions of the replaced data included, is ignored from now
+    on, and no put based on a read made before it lands. Raises StorageUnavailable."""
+    client = aioredis.from_url(url, socket_timeout=CACHE_TIMEOUT, socket_connect_timeout=5)
+    try:
+        await client.set(cache_epoch_key(prefix), uuid.uuid4().hex)
+    except (RedisError, OSError) as exc:
+        raise StorageUnavailable(f"cache unavailable: {exc}") from exc
+    finally:
+        await client.aclose()
 
 
 def _text(value: bytes | str) -> str:
