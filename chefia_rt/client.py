@@ -496,7 +496,9 @@ class Client:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
                 if not task.cancelled() and (exc := task.exception()) is not None:
-                    log.error("%s: %s failed: %r", self.terminal_id, task.get_name(), exc)
+                    log.error(
+                        "%s: %s failed: %r", self.terminal_id, task.get_name(), exc, exc_info=exc
+                    )
             if not tasks[0].done():
                 # Answers already received are still read, until the closing handshake ends.
                 with contextlib.suppress(TimeoutError):

@@ -47,6 +47,8 @@ class Settings(BaseSettings):
     # on Linux). Small enough that a terminal that stops reading fills it and its queue soon and
     # is closed 1013, instead of holding megabytes of kernel memory for many seconds.
     ws_send_buffer: int = Field(262_144, ge=0)
+    # A catch-up (resume, gap fill) whose terminal reads nothing for this long is closed 1013.
+    ws_stall_timeout: float = Field(30.0, gt=0)
     ws_workers: int | None = Field(
         None, ge=1, le=256, validation_alias=AliasChoices("ws_workers", "ws_worker_threads")
     )

@@ -111,6 +111,9 @@ class Outbound:
     batch_max: int
     batch_window: float
     compression_threshold: int | None
+    # A catch-up (resume, gap fill) that waits this long for the terminal to read anything is
+    # closed 1013, as a live stream's full queue is: the reader stopped while behind.
+    stall_timeout: float = 30.0
 
 
 ReadOps = Callable[[str, int, int], Awaitable[list[OpRecord]]]
@@ -330,7 +333,14 @@ class Session:
         while not self.closed:
             while len(self._pushes) > self.limits.queue_size - page:
                 self._room.clear()
-                await self._room.wait()  # the terminal reads; no timeout needed
+                try:
+                    async with asyncio.timeout(self.limits.stall_timeout):
+                        await self._room.wait()
+                except TimeoutError:
+                    # Live, its queue would have overflowed long ago; waiting on would keep a
+                    # terminal that stopped reading connected, stale, for as long as it pongs.
+                    self.close(Code.TRY_AGAIN_LATER, "too slow: stalled catch-up, resume later")
+                    return
                 if self.closed:
                     return
             records = await read_ops(self.store_id, self.next_seq - 1, page)

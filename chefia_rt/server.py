@@ -111,6 +111,7 @@ class Server:
             compression_threshold=(
                 settings.compression_threshold if settings.ws_enable_compression else None
             ),
+            stall_timeout=settings.ws_stall_timeout,
         )
         # Buckets outlive connections, so a reconnect does not refill them (sync/ratelimit.py).
         self._rate = RateLimiter(

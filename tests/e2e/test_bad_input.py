@@ -569,7 +569,7 @@ class RawClient:
 
 async def test_silent_connection_is_closed_after_the_timeout(tmp_path: Path) -> None:
     async with running_server(
-        tmp_path, ws_connection_timeout=1, ws_heartbeat_interval=0.3
+        tmp_path, ws_connection_timeout=2, ws_heartbeat_interval=0.3
     ) as server:
         client = await RawClient.connect(server.port, "/ws/raw-1?store_id=s1")
         try:
@@ -654,14 +654,58 @@ async def test_stuck_reader_with_a_full_socket_is_closed_after_the_timeout(
                 session = server.node.hub.get("s1", "stuck-1")
                 assert session is not None
                 pad = "q" * 16_000
-                for i in range(400):  # ~6 MB: more than the sockets hold, less than the queue
+                for i in range(100):  # 1.6 MB: more than the sockets hold, less than the queue
                     await pos.send(op(f"op-{i}", f"t{i}", {"pad": pad}))
-                for _ in range(400):
+                for _ in range(100):
                     await pos.expect("sync_confirmation")
                 assert not session.closed, "closed for overflowing its queue; send less"
-                # Timeout 1 s, then the close may take a close_timeout (here 0.3 s) to give up.
-                await eventually(lambda: server.node.hub.get("s1", "stuck-1") is None, timeout=4)
+                # Timeout 2 s, then the close may take a close_timeout (here 0.3 s) to give up.
+                await eventually(lambda: server.node.hub.get("s1", "stuck-1") is None, timeout=8)
                 assert session.close_code == 1001
+        finally:
+            client.close()
+
+
+async def test_a_reader_that_stalls_its_catch_up_is_closed_1013(tmp_path: Path) -> None:
+    """A terminal resuming far behind that reads nothing: its catch-up waits for room, where a
+    live stream's queue would overflow. It is closed 1013 after WS_STALL_TIMEOUT, not kept
+    connected and stale for as long as it answers pings (seen in the reliability suite)."""
+    async with running_server(
+        tmp_path,
+        ws_message_queue_size=20,
+        ws_stall_timeout=0.5,
+        ws_send_buffer=4096,
+        ws_connection_timeout=60,
+    ) as server:
+        async with server.terminal("pos-1") as pos:
+            pad = "s" * 16_000
+            for i in range(60):  # ~1 MB behind: more than sockets and queue hold
+                await pos.send(op(f"op-{i}", f"t{i}", {"pad": pad}))
+            for _ in range(60):
+                await pos.expect("sync_confirmation")
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", server.port))
+        sock.setblocking(False)
+        reader, writer = await asyncio.open_connection(sock=sock)
+        client = RawClient(reader, writer)
+        key = base64.b64encode(os.urandom(16)).decode()
+        writer.write(
+            (
+                f"GET /ws/stuck-2?store_id=s1&since=0 HTTP/1.1\r\nHost: x\r\n"
+                f"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                "Sec-WebSocket-Version: 13\r\n\r\n"
+            ).encode()
+        )
+        try:
+            assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101")
+            await eventually(lambda: server.node.hub.get("s1", "stuck-2") is not None)
+            session = server.node.hub.get("s1", "stuck-2")
+            assert session is not None
+            # From here on it reads nothing. Liveness bound, not a timing: 0.5 s of stall, then
+            # the bounded close.
+            await eventually(lambda: server.node.hub.get("s1", "stuck-2") is None, timeout=15)
+            assert session.close_code == 1013
         finally:
             client.close()
 

@@ -319,6 +319,7 @@ async def test_snapshot_requested_during_a_catch_up(server: RunningServer, encod
                 await late.send({"type": "snapshot_request"})
                 before: list[int] = []
                 while (message := await late.recv())["type"] != "snapshot":
+                    assert message["type"] == "data_sync", message
                     before.append(message["operation"]["seq"])
                 watermark = message["seq"]
                 assert watermark == stored
@@ -375,6 +376,7 @@ async def test_snapshot_answer_delayed_while_a_catch_up_runs(
             async def until_snapshot() -> tuple[list[int], dict[str, Any]]:
                 before = []
                 while (message := await late.recv())["type"] != "snapshot":
+                    assert message["type"] == "data_sync", message
                     before.append(message["operation"]["seq"])
                 return before, message
 

@@ -367,6 +367,11 @@ async def test_slow_consumer(services: tuple[Cluster, ThrowawayPostgres, Throwaw
                 writes=False,
                 events_size=50,
                 receive_buffer=65536,
+                # A client that does not read never sees the pongs to its own keepalive pings:
+                # left at 20 s it gave up on its connection itself (1011) before the server,
+                # slower on a loaded machine, closed it 1013, and resumed into a catch-up (which
+                # waits for the reader rather than closing it) again and again.
+                keepalive=2 * BOUND,
             )
         )
         fleet.add("kds-fast", store, terminal_type="kds", writes=False)
