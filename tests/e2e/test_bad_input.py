@@ -532,8 +532,15 @@ class RawClient:
         self.writer = writer
 
     @classmethod
-    async def connect(cls, port: int, path: str) -> RawClient:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    async def connect(cls, port: int, path: str, receive_buffer: int | None = None) -> RawClient:
+        """Open the WebSocket; `receive_buffer` shrinks the kernel's, so that a client reading
+        nothing soon leaves the server's sends stuck."""
+        sock = socket.socket()
+        if receive_buffer is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+        reader, writer = await asyncio.open_connection(sock=sock)
         key = base64.b64encode(os.urandom(16)).decode()
         writer.write(
             (
@@ -569,7 +576,7 @@ class RawClient:
 
 async def test_silent_connection_is_closed_after_the_timeout(tmp_path: Path) -> None:
     async with running_server(
-        tmp_path, ws_connection_timeout=2, ws_heartbeat_interval=0.3
+        tmp_path, ws_connection_timeout=1, ws_heartbeat_interval=0.3
     ) as server:
         client = await RawClient.connect(server.port, "/ws/raw-1?store_id=s1")
         try:
@@ -631,23 +638,9 @@ async def test_stuck_reader_with_a_full_socket_is_closed_after_the_timeout(
     """A terminal that stopped reading once the server's socket buffer filled, in a store that
     then goes quiet: nothing overflows its queue, so only the heartbeat can notice it."""
     async with running_server(
-        tmp_path, ws_connection_timeout=1, ws_heartbeat_interval=0.3
+        tmp_path, ws_connection_timeout=2, ws_heartbeat_interval=0.3
     ) as server:
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.connect(("127.0.0.1", server.port))
-        sock.setblocking(False)
-        reader, writer = await asyncio.open_connection(sock=sock)
-        client = RawClient(reader, writer)
-        key = base64.b64encode(os.urandom(16)).decode()
-        writer.write(
-            (
-                f"GET /ws/stuck-1?store_id=s1 HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
-                f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-                "Sec-WebSocket-Version: 13\r\n\r\n"
-            ).encode()
-        )
-        assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101")
+        client = await RawClient.connect(server.port, "/ws/stuck-1?store_id=s1", 4096)
         # From here on the client reads nothing (its pongs would come from reading).
         try:
             async with server.terminal("pos-1") as pos:
@@ -683,22 +676,8 @@ async def test_a_reader_that_stalls_its_catch_up_is_closed_1013(tmp_path: Path) 
                 await pos.send(op(f"op-{i}", f"t{i}", {"pad": pad}))
             for _ in range(60):
                 await pos.expect("sync_confirmation")
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.connect(("127.0.0.1", server.port))
-        sock.setblocking(False)
-        reader, writer = await asyncio.open_connection(sock=sock)
-        client = RawClient(reader, writer)
-        key = base64.b64encode(os.urandom(16)).decode()
-        writer.write(
-            (
-                f"GET /ws/stuck-2?store_id=s1&since=0 HTTP/1.1\r\nHost: x\r\n"
-                f"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-                "Sec-WebSocket-Version: 13\r\n\r\n"
-            ).encode()
-        )
+        client = await RawClient.connect(server.port, "/ws/stuck-2?store_id=s1&since=0", 4096)
         try:
-            assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101")
             await eventually(lambda: server.node.hub.get("s1", "stuck-2") is not None)
             session = server.node.hub.get("s1", "stuck-2")
             assert session is not None
