@@ -649,9 +649,7 @@ class Client:
                 "terminal_id": self.terminal_id,
             }
             self._arrive(seq, StoreOp(seq, operation, own=True))
-        outgoing.answer.set_result(
-            Answer(outgoing.message["operation"]["id"], "confirmed", message)
-        )
+        _settle(outgoing.answer, Answer(outgoing.message["operation"]["id"], "confirmed", message))
 
     def _refused(self, message: dict[str, Any]) -> None:
         op_id = message.get("operation_id")
@@ -668,7 +666,7 @@ class Client:
         kind: Literal["conflict", "rejected"] = (
             "conflict" if message["type"] == "sync_conflict" else "rejected"
         )
-        outgoing.answer.set_result(Answer(outgoing.message["operation"]["id"], kind, message))
+        _settle(outgoing.answer, Answer(outgoing.message["operation"]["id"], kind, message))
 
     def _snapshot(self, message: dict[str, Any]) -> None:
         seq = int(message["seq"])
@@ -706,3 +704,10 @@ class Client:
         else:
             self._events.append(event)
             self._events_changed.set()
+
+
+def _settle(answer: asyncio.Future[Answer], result: Answer) -> None:
+    # An application may cancel the future it was handed (it stopped waiting): the answer is
+    # still counted, and the reader must not fail on it (InvalidStateError ended a connection).
+    if not answer.done():
+        answer.set_result(result)

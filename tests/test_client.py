@@ -151,6 +151,27 @@ async def test_a_duplicate_answer_confirms_and_is_handed_over_once(tmp_path: Pat
         assert a.stats.duplicates == 1
 
 
+async def test_an_answer_the_application_gave_up_on_breaks_nothing(tmp_path: Path) -> None:
+    """The application cancels the future it was handed: the confirmation still arrives, is
+    counted and handed over in order, and the connection goes on (an InvalidStateError from
+    answering a cancelled future used to end it)."""
+    seen = Seen()
+    async with (
+        running_server(tmp_path) as running,
+        client(running, "pos-a", since=0, on_event=seen) as a,
+    ):
+        await a.wait_connected(BOUND)
+        given_up = await a.send("tables", "t1", {"n": 1})
+        given_up.cancel()
+        async with asyncio.timeout(BOUND):
+            later = await (await a.send("tables", "t2", {"n": 2}))
+        assert later.kind == "confirmed"
+        await seen.until(2)
+        assert seen.seqs == [1, 2]
+        assert a.stats.confirmed == 2
+        assert a.stats.reconnects == 0
+
+
 async def test_a_takeover_stops_the_client_without_fighting(tmp_path: Path) -> None:
     async with running_server(tmp_path) as running, client(running, "pos-a") as a:
         await a.wait_connected(BOUND)
