@@ -308,9 +308,7 @@ class Node:
         """Every few seconds: sample queue depths and health into the metrics, and tell every
         worker this one's stats (/ws/stats across workers and nodes)."""
         self.metrics.queues(self._queue.qsize(), [s.queued for s in self.hub.sessions()])
-        cache = getattr(self, "cache", None)
-        if cache is not None:
-            self.metrics.cache(cache.stats())
+        self.metrics.cache(self.cache.stats())
         ok = [False, False]
         for index, ping in enumerate((self.store.ping, self.bus.ping)):
             with contextlib.suppress(Exception):
