@@ -146,6 +146,18 @@ async def _health_503_while_broken(server: RunningServer) -> None:
     assert status == 200
 
 
+async def refused_with_retry(server: RunningServer) -> None:
+    """A terminal connecting now is closed 1013 (retry) before it is sent anything."""
+    terminal = await server.connect("pos-1", greet=False)
+    try:
+        with pytest.raises(ConnectionClosed):
+            await terminal.recv()
+        assert terminal.ws.protocol.close_rcvd is not None
+        assert terminal.ws.protocol.close_rcvd.code == 1013
+    finally:
+        await terminal.close()
+
+
 async def test_health_503_after_the_store_is_closed(tmp_path: Path) -> None:
     """`store.close()` under a running server: health says 503, never a 500."""
     async with running_server(tmp_path) as server:
@@ -156,14 +168,7 @@ async def test_health_503_after_the_store_is_closed(tmp_path: Path) -> None:
         assert body["status"] in ("down", "degraded")
         assert body["version"] == __version__
         # A terminal connecting now is told to retry, and leaves nothing behind.
-        terminal = await server.connect("pos-1", greet=False)
-        try:
-            with pytest.raises(ConnectionClosed):
-                await terminal.recv()
-            assert terminal.ws.protocol.close_rcvd is not None
-            assert terminal.ws.protocol.close_rcvd.code == 1013
-        finally:
-            await terminal.close()
+        await refused_with_retry(server)
         assert len(server.node.hub) == 0
         # Put a working store back so that the server can shut down normally.
         fresh = SQLiteStore(str(tmp_path / "chefia.db"))
@@ -306,14 +311,7 @@ async def test_connecting_while_storage_is_down_leaves_no_ghost(tmp_path: Path) 
     async with running_server(tmp_path) as server:
         db = break_storage(server)
         try:
-            terminal = await server.connect("pos-1", greet=False)
-            try:
-                with pytest.raises(ConnectionClosed):
-                    await terminal.recv()
-                assert terminal.ws.protocol.close_rcvd is not None
-                assert terminal.ws.protocol.close_rcvd.code == 1013
-            finally:
-                await terminal.close()
+            await refused_with_retry(server)
             _, body = await get(server, "/ws/stats")
             assert body["total_connections"] == 0, "a refused connection still counts"
         finally:
