@@ -12,6 +12,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 import pytest
@@ -119,8 +120,18 @@ async def workers() -> AsyncIterator[tuple[Worker, Worker]]:
     """Two workers of one deployment: two RedisBus on the shared Redis, one unique prefix."""
     await redis_reachable(REDIS_URL)
     prefix = unique_prefix()
-    a = Worker(RedisBus(REDIS_URL, prefix=prefix))
-    b = Worker(RedisBus(REDIS_URL, prefix=prefix))
+    try:
+        async with two_workers(REDIS_URL, prefix) as pair:
+            yield pair
+    finally:
+        await drop_prefix(REDIS_URL, prefix)
+
+
+@asynccontextmanager
+async def two_workers(url: str, prefix: str) -> AsyncIterator[tuple[Worker, Worker]]:
+    """Two started RedisBus workers of one deployment (`prefix`) on the Redis at `url`."""
+    a = Worker(RedisBus(url, prefix=prefix))
+    b = Worker(RedisBus(url, prefix=prefix))
     try:
         await a.start()
         await b.start()
@@ -128,4 +139,3 @@ async def workers() -> AsyncIterator[tuple[Worker, Worker]]:
     finally:
         await a.bus.close()
         await b.bus.close()
-        await drop_prefix(REDIS_URL, prefix)

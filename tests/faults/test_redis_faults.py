@@ -43,7 +43,7 @@ from chefia_rt.bus.redis import RedisBus
 from chefia_rt.domain import EntityKey
 from chefia_rt.errors import StorageUnavailable
 from chefia_rt.store.postgres import PostgresStore
-from tests.bus.conftest import Worker, eventually
+from tests.bus.conftest import Worker, eventually, two_workers
 from tests.bus.test_contract import pushes
 from tests.faults.redis import ThrowawayRedis, throwaway_redis
 from tests.helpers import Terminal, free_port, op
@@ -83,16 +83,8 @@ def redis_server(tmp_path: Path) -> Iterator[ThrowawayRedis]:
 
 @pytest.fixture
 async def pair(redis_server: ThrowawayRedis) -> AsyncIterator[tuple[Worker, Worker]]:
-    prefix = f"faults-{uuid.uuid4().hex[:8]}"
-    a = Worker(RedisBus(redis_server.url, prefix=prefix))
-    b = Worker(RedisBus(redis_server.url, prefix=prefix))
-    try:
-        await a.start()
-        await b.start()
-        yield a, b
-    finally:
-        await a.bus.close()
-        await b.bus.close()
+    async with two_workers(redis_server.url, f"faults-{uuid.uuid4().hex[:8]}") as workers:
+        yield workers
 
 
 @bounded(30)
@@ -238,12 +230,7 @@ async def test_subscriber_gives_up_on_a_silent_connection(
     """A frozen Redis (or a vanished host) never closes the subscriber's connection: without a
     liveness check it would wait on it forever. It resubscribes, and resyncs, once Redis answers."""
     monkeypatch.setattr(redis_bus, "LIVENESS", 0.3)
-    prefix = f"faults-{uuid.uuid4().hex[:8]}"
-    a = Worker(RedisBus(redis_server.url, prefix=prefix))
-    b = Worker(RedisBus(redis_server.url, prefix=prefix))
-    try:
-        await a.start()
-        await b.start()
+    async with two_workers(redis_server.url, f"faults-{uuid.uuid4().hex[:8]}") as (a, b):
         redis_server.pause()
         try:
             await asyncio.sleep(2.0)  # several liveness windows
@@ -256,9 +243,6 @@ async def test_subscriber_gives_up_on_a_silent_connection(
         resyncs = (a.resyncs, b.resyncs)
         await asyncio.sleep(1.5)
         assert (a.resyncs, b.resyncs) == resyncs
-    finally:
-        await a.bus.close()
-        await b.bus.close()
 
 
 @bounded(30)
