@@ -332,7 +332,7 @@ class RedisBus:
                 await self._receive(pubsub)
             except asyncio.CancelledError:
                 with contextlib.suppress(Exception):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                    await pubsub.aclose()
                 raise
             except (RedisError, OSError) as exc:
                 log.warning("redis subscriber lost (%s); reconnecting in %.1fs", exc, delay)
@@ -340,7 +340,7 @@ class RedisBus:
             # start() gave up waiting for Redis: pushes may have been missed in between.
             first = False
             with contextlib.suppress(Exception):
-                await pubsub.aclose()  # type: ignore[no-untyped-call]
+                await pubsub.aclose()
             await asyncio.sleep(delay)
             delay = min(delay * 2, RECONNECT_DELAY[1])
 
