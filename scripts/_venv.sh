@@ -1,5 +1,8 @@
-# Sourced by the other scripts: find Python 3.11+, make .venv, install the project into it.
-# Usage: . scripts/_venv.sh [extras]   (extras e.g. "test")
+# Sourced by the other scripts: find Python 3.11+, make .venv, install exactly what uv.lock pins.
+# Usage: . scripts/_venv.sh [uv sync options]   (e.g. --extra test; --no-sync: only uv)
+# uv itself comes from the lock (hash-checked, through the venv's pip) the first time and whenever
+# the lock moves it; then `uv sync --locked` installs the rest and fails if pyproject.toml and
+# uv.lock disagree (scripts/lock.sh refreshes the lock). A second run re-resolves nothing.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${CHEFIA_VENV:-$ROOT/.venv}"
@@ -20,13 +23,19 @@ if [ ! -x "$VENV/bin/python" ]; then
   PY="$(find_python)"
   echo "creating virtualenv $VENV with $PY" >&2
   "$PY" -m venv "$VENV"
-  "$VENV/bin/python" -m pip install --quiet --upgrade pip
 fi
 
-extras="${1:-}"
-spec="$ROOT"
-[ -n "$extras" ] && spec="${ROOT}[$extras]"
-# Editable install: cheap when nothing changed, and picks up new dependencies when something did.
-"$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e "$spec"
+uv_version="$("$VENV/bin/python" "$ROOT/scripts/lock_pin.py" --version uv)"
+if [ "$("$VENV/bin/uv" --version 2>/dev/null | cut -d' ' -f2)" != "$uv_version" ]; then
+  echo "installing uv $uv_version from uv.lock into $VENV" >&2
+  "$VENV/bin/python" -m ensurepip --upgrade >/dev/null 2>&1 || true
+  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --require-hashes \
+    -r <("$VENV/bin/python" "$ROOT/scripts/lock_pin.py" uv)
+fi
+# The venv's own Python, never one uv would download.
+export UV_PROJECT_ENVIRONMENT="$VENV" UV_PYTHON="$VENV/bin/python" UV_PYTHON_DOWNLOADS=never
+if [ "${1:-}" != --no-sync ]; then
+  "$VENV/bin/uv" sync --project "$ROOT" --locked --quiet "$@"
+fi
 export PATH="$VENV/bin:$PATH"
 cd "$ROOT"

@@ -6,8 +6,8 @@
 # runs in CHEFIA_TEST_PROCESSES pytest-xdist processes (default 3; `-n 0` in the arguments runs
 # it in one). Tests that share a module fixture keep together with an xdist_group mark.
 # shellcheck source=scripts/_venv.sh
-. "$(dirname "$0")/_venv.sh" test
-echo "== ruff" && ruff check chefia_rt tests loadtest && ruff format --check chefia_rt tests loadtest
+. "$(dirname "$0")/_venv.sh" --extra test
+echo "== ruff" && ruff check chefia_rt tests loadtest scripts && ruff format --check chefia_rt tests loadtest scripts
 echo "== mypy" && mypy
 echo "== pytest"
 exec python -m pytest -n "${CHEFIA_TEST_PROCESSES:-3}" --dist loadgroup "$@"
