@@ -3,24 +3,31 @@
 #   docker run -p 8001:8001 -e JWT_SECRET_KEY=... chefia-rt
 # docker-compose.yml runs it with PostgreSQL, Redis and nginx.
 
-# Build the wheel in a throwaway stage: the final image holds no build tools or sources.
+# Build the virtualenv in a throwaway stage, exactly as uv.lock pins it (the uv that installs it
+# comes from the lock too, hash-checked): the final image holds no build tools or sources.
 FROM python:3.11-slim AS build
 WORKDIR /src
+COPY uv.lock ./
+COPY scripts/lock_pin.py ./scripts/
+RUN python scripts/lock_pin.py uv >/tmp/uv.txt \
+    && pip install --no-cache-dir --root-user-action=ignore --require-hashes -r /tmp/uv.txt
 COPY pyproject.toml README.md ./
 COPY chefia_rt ./chefia_rt
-RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+ENV UV_PROJECT_ENVIRONMENT=/opt/chefia-rt \
+    UV_PYTHON_DOWNLOADS=never \
+    UV_COMPILE_BYTECODE=1 \
+    UV_LINK_MODE=copy
+RUN uv sync --locked --no-dev --no-editable --no-cache
 
 FROM python:3.11-slim
 ENV PYTHONUNBUFFERED=1 \
-    PYTHONDONTWRITEBYTECODE=1 \
-    PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1
+    PYTHONDONTWRITEBYTECODE=1
 # A dedicated user without a login: the server never needs root (port 8001 is unprivileged).
 RUN groupadd --system chefia \
     && useradd --system --gid chefia --home-dir /var/lib/chefia-rt --create-home \
        --shell /usr/sbin/nologin chefia
-COPY --from=build /wheels /wheels
-RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels
+COPY --from=build /opt/chefia-rt /opt/chefia-rt
+ENV PATH=/opt/chefia-rt/bin:$PATH
 # The SQLite file and BACKUP_DIR are relative to here; mount a volume to keep them.
 WORKDIR /var/lib/chefia-rt
 VOLUME ["/var/lib/chefia-rt"]

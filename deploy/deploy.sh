@@ -14,8 +14,15 @@
 #   PREFIX/current -> releases/<...>         what systemd runs, switched atomically
 # `deploy` builds the new release beside the running one, runs `chefia-rt check-config` and
 # `chefia-rt migrate` from it, and only then switches `current` and restarts the service. A
-# release that fails any step is never switched to: the old one keeps serving. --wheelhouse DIR
-# installs offline from wheels built elsewhere (`pip wheel -w DIR .` on a machine with access).
+# release that fails any step is never switched to: the old one keeps serving.
+# Every release installs its dependencies exactly as uv.lock pins them (hash-checked), from the
+# lock of --source DIR or else of the checkout this script is in, with the uv that lock pins
+# (kept in PREFIX/tools); the project itself goes in without dependencies of its own. The lock
+# used is kept in the release (uv.lock, requirements.txt). --wheelhouse DIR installs offline from
+# wheels built on a machine with access: in a checkout, `uv export --frozen --no-dev
+# --no-emit-project -o req.txt && pip download --only-binary :all: -d DIR -r req.txt`, then
+# `pip download --no-deps -d DIR "$(python scripts/lock_pin.py uv | cut -d' ' -f1)"` and
+# `uv build --wheel -o DIR`.
 # `rollback` switches `current` back to the release deployed before it and restarts.
 #
 # Environment (the options win): CHEFIA_PREFIX (/opt/chefia-rt), CHEFIA_ENV_FILE
@@ -206,18 +213,32 @@ cmd_deploy() {
   say "building release $RELEASE in $dir"
   BUILDING="$dir"
   mkdir -p "$dir"
-  local -a venv_args=() pip=("$dir/venv/bin/python" -m pip) from=("${WHEEL:-$SOURCE}")
+  local -a venv_args=() index=() uv_pip
   [ "$SYSTEM_SITE" = 1 ] && venv_args+=(--system-site-packages)
-  [ -n "$WHEELHOUSE" ] && from=(--no-index --find-links "$WHEELHOUSE" "$WHEEL")
-  if "$PYTHON" -m pip --help 2>/dev/null | grep -q -- '--python <python>'; then
-    # The deploying Python's pip installs into the new venv: a venv without a pip of its own
-    # takes a second to make instead of several (releases are never changed by hand anyway).
-    "$PYTHON" -m venv --without-pip "${venv_args[@]}" "$dir/venv"
-    pip=("$PYTHON" -m pip --python "$dir/venv/bin/python")
-  else
-    "$PYTHON" -m venv "${venv_args[@]}" "$dir/venv"
+  [ -n "$WHEELHOUSE" ] && index=(--no-index --find-links "$WHEELHOUSE")
+  local project="${SOURCE:-$(dirname "$SCRIPT_DIR")}" uv
+  [ -f "$project/uv.lock" ] || die "no uv.lock in $project: releases install only what it pins"
+  uv="$(bootstrap_uv "$project/uv.lock")"
+  cp "$project/uv.lock" "$dir/uv.lock"
+  UV_PYTHON_DOWNLOADS=never "$uv" export --quiet --project "$project" --frozen --no-dev \
+    --no-emit-project --no-header --format requirements-txt -o "$dir/requirements.txt" ||
+    die "could not read the dependencies from $project/uv.lock"
+  # A venv without a pip of its own: uv installs into it, and releases are never changed by hand.
+  "$PYTHON" -m venv --without-pip "${venv_args[@]}" "$dir/venv"
+  uv_pip=("$uv" pip install --quiet --python "$dir/venv/bin/python" "${index[@]}")
+  "${uv_pip[@]}" --require-hashes -r "$dir/requirements.txt" ||
+    die "installing the locked dependencies failed (the lines above say why)"
+  if [ -z "$WHEEL" ]; then
+    # Built with the setuptools the lock pins (tool.uv.build-constraint-dependencies).
+    UV_PYTHON_DOWNLOADS=never "$uv" build --quiet --wheel --project "$SOURCE" \
+      --python "$dir/venv/bin/python" --out-dir "$dir/wheel" || die "building $SOURCE failed"
+    WHEEL="$(find "$dir/wheel" -name 'chefia_rt-*.whl' | head -n 1)"
   fi
-  "${pip[@]}" install --quiet --disable-pip-version-check "${from[@]}"
+  "${uv_pip[@]}" --no-deps "$WHEEL" || die "installing $WHEEL failed"
+  rm -rf "$dir/wheel"
+  # The wheel's own requirements must all be met by what the lock installed.
+  "$uv" pip check --quiet --python "$dir/venv/bin/python" ||
+    die "$WHEEL needs what $project/uv.lock does not pin: deploy it from its own checkout"
   # The scripts and units travel with the release: rollback and verify use the matching ones.
   mkdir -p "$dir/deploy"
   cp -R "$SCRIPT_DIR/." "$dir/deploy/"
@@ -234,6 +255,26 @@ cmd_deploy() {
   restart_service
   prune
   say "deployed $RELEASE ($(cat "$dir/VERSION"))"
+}
+
+# The uv that LOCK pins, hash-checked, in PREFIX/tools/uv-VERSION (made once, shared by releases).
+bootstrap_uv() {
+  local lock="$1" pin version target
+  pin="$(dirname "$lock")/scripts/lock_pin.py"
+  [ -f "$pin" ] || pin="$SCRIPT_DIR/../scripts/lock_pin.py"
+  version="$("$PYTHON" "$pin" --lock "$lock" --version uv)" || die "no uv in $lock"
+  target="$PREFIX/tools/uv-$version"
+  if [ ! -x "$target/bin/uv" ]; then
+    say "installing uv $version from $lock into $target"
+    local -a index=()
+    [ -n "$WHEELHOUSE" ] && index=(--no-index --find-links "$WHEELHOUSE")
+    rm -rf "$target.tmp"
+    "$PYTHON" -m pip install --quiet --disable-pip-version-check "${index[@]}" --target \
+      "$target.tmp" --require-hashes -r <("$PYTHON" "$pin" --lock "$lock" uv) >&2 ||
+      die "could not install uv $version (pip for $PYTHON is needed once: apt install python3-pip)"
+    mv -T "$target.tmp" "$target"
+  fi
+  printf '%s\n' "$target/bin/uv"
 }
 
 # Keep the newest KEEP releases and always the current one.

@@ -229,6 +229,21 @@ def dockerfile_instructions(path: Path) -> Iterator[tuple[str, str]]:
             yield word.upper(), rest.strip()
 
 
+def test_every_install_comes_from_the_current_lock() -> None:
+    """uv.lock agrees with pyproject.toml, and each way of installing reads it (hash-checked)."""
+    uv = Path(sys.executable).parent / "uv"
+    checked = run(str(uv), "lock", "--check", "--offline", "--project", str(ROOT))
+    assert checked.returncode == 0, checked.stderr
+    runs = [args for word, args in dockerfile_instructions(ROOT / "Dockerfile") if word == "RUN"]
+    assert any("lock_pin.py uv" in r and "--require-hashes" in r for r in runs), runs
+    assert any(r.startswith("uv sync --locked --no-dev") for r in runs), runs
+    assert 'sync --project "$ROOT" --locked' in (ROOT / "scripts/_venv.sh").read_text()
+    deploy = (ROOT / "deploy/deploy.sh").read_text()
+    assert '--require-hashes -r "$dir/requirements.txt"' in deploy
+    pin = run(sys.executable, str(ROOT / "scripts/lock_pin.py"), "uv")
+    assert re.fullmatch(r"uv==\S+( --hash=sha256:[0-9a-f]{64})+\n", pin.stdout), pin.stdout
+
+
 def test_dockerfile_runs_as_non_root_with_a_healthcheck() -> None:
     instructions = list(dockerfile_instructions(ROOT / "Dockerfile"))
     known = {"FROM", "WORKDIR", "COPY", "RUN", "ENV", "VOLUME", "USER", "EXPOSE", "HEALTHCHECK",

@@ -4,11 +4,13 @@ token, a WebSocket round trip), a rollback, and deploys that fail without touchi
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import subprocess
 import sys
 import time
+import tomllib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -45,6 +47,14 @@ class Site:
             "CHEFIA_ENV_FILE": str(self.env_file),
             "CHEFIA_DATA_DIR": str(self.data),
             "CHEFIA_PYTHON": sys.executable,
+        }
+        # The installers (pip, uv) reach the package index as this machine's own environment
+        # says: its certificate authorities and index settings.
+        self.env |= {
+            key: value
+            for key, value in os.environ.items()
+            if key.startswith(("PIP_", "UV_INDEX", "UV_DEFAULT_INDEX", "SSL_CERT_"))
+            or key.endswith("_PROXY")
         }
 
     def run(self, *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
@@ -107,6 +117,19 @@ def test_deploy_verify_second_release_and_rollback(tmp_path: Path) -> None:
     # migrate ran from the release in the service's working directory, with the env file.
     assert (site.data / "chefia.db").exists()
     assert "applying migrations" in first.stderr
+    # Its dependencies are exactly what uv.lock pins, and the lock used is kept beside it.
+    release = site.prefix / "current"
+    assert (release / "uv.lock").read_bytes() == (ROOT / "uv.lock").read_bytes()
+    lock = tomllib.loads((ROOT / "uv.lock").read_text())
+    locked = {package["name"]: package["version"] for package in lock["package"]}
+    listing = "import importlib.metadata as m, json; print(json.dumps({d.name: d.version"
+    listing += " for d in m.distributions()}))"
+    python = str(release / "venv/bin/python")
+    installed = subprocess.run([python, "-c", listing], capture_output=True, text=True, check=True)
+    versions = json.loads(installed.stdout)
+    for name in ("websockets", "redis", "asyncpg", "pydantic", "msgpack"):
+        assert versions[name] == locked[name], name
+    assert "pytest" not in versions and "uv" not in versions  # runtime only
 
     # Nothing listens yet: verify fails with one clear line.
     down = site.run("verify")
