@@ -43,6 +43,9 @@ class Settings(BaseSettings):
     ws_connection_timeout: float = Field(300.0, gt=0)
     ws_heartbeat_interval: float = Field(30.0, gt=0)
     ws_message_queue_size: int = Field(1000, ge=1)
+    # Bytes of encoded messages queued per terminal (answers, pushes, snapshot pages together);
+    # a terminal whose queue goes beyond is closed 1013. At least MAX_WS_MESSAGE_SIZE.
+    ws_queue_max_bytes: int = Field(8 * 1_048_576, ge=1024)
     # Kernel send buffer per connection (SO_SNDBUF; 0 keeps the kernel's autotuning, up to 4 MiB
     # on Linux). Small enough that a terminal that stops reading fills it and its queue soon and
     # is closed 1013, instead of holding megabytes of kernel memory for many seconds.
@@ -70,6 +73,13 @@ class Settings(BaseSettings):
     ws_rate_burst: float = Field(2000.0, ge=1)
     ws_rate_limit_strikes: int = Field(100, ge=1)
     ws_rate_limit_window: float = Field(10.0, gt=0)
+    # What other requests cost in that same bucket, in operations: a snapshot reads and sends the
+    # whole store, a resume reads the log, a lock request is one round trip to the lock service.
+    ws_rate_cost_snapshot: float = Field(500.0, ge=0)
+    ws_rate_cost_resume: float = Field(50.0, ge=0)
+    ws_rate_cost_lock: float = Field(1.0, ge=0)
+    # Live locks one terminal may hold at once; beyond: lock_failed (reason says so).
+    lock_max_per_terminal: int = Field(100, ge=1, le=100_000)
     # Group commit: at most this many operations per transaction; at most this many waiting.
     sync_batch_max_ops: int = Field(500, ge=1)
     sync_queue_size: int = Field(10_000, ge=1)
@@ -205,6 +215,15 @@ class Settings(BaseSettings):
                 f"WS_WORKERS (or WS_WORKER_THREADS)={self.ws_workers} needs REDIS_URL: without "
                 "Redis the workers could not reach each other's terminals; set REDIS_URL or "
                 "WS_WORKERS=1"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _queue_bytes(self) -> Settings:
+        if self.ws_queue_max_bytes < self.max_ws_message_size:
+            raise ValueError(
+                f"WS_QUEUE_MAX_BYTES ({self.ws_queue_max_bytes}) must be at least "
+                f"MAX_WS_MESSAGE_SIZE ({self.max_ws_message_size}): one frame must fit the queue"
             )
         return self
 

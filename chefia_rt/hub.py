@@ -1,10 +1,14 @@
 """This worker's connections: per-terminal outbound lanes, batching, and ordered delivery.
 
-Each session has two bounded lanes. The urgent lane carries answers to the terminal's own requests
+Each session has two lanes. The urgent lane carries answers to the terminal's own requests
 (confirmations, errors, pongs, lock answers), so they never wait behind a backlog of pushes. The
-push lane carries the store's operations in seq order; when it overflows, the terminal is too slow
-and is closed with 1013 (it resumes with `since`). A pushed message is encoded once per encoding
-and shared by every receiver.
+push lane carries the store's operations in seq order, and snapshot pages. Both are bounded in
+messages and, together, in bytes (WS_QUEUE_MAX_BYTES): a terminal whose live queue overflows is
+too slow and is closed with 1013 (it resumes with `since`); a catch-up or a snapshot waits for
+room instead, and a terminal that reads nothing for WS_STALL_TIMEOUT meanwhile is closed 1013.
+A pushed message is encoded once per encoding and shared by every receiver; no frame sent is
+larger than MAX_WS_MESSAGE_SIZE unless one message alone is (batches and snapshot pages are cut
+to fit).
 
 Ordering: a session accepts push seq `next_seq` only. Anything older is a duplicate; anything
 newer means a gap, and the session catches up from storage before it goes live again. The same
@@ -31,6 +35,9 @@ from chefia_rt.protocol.codec import encode_json, encode_msgpack, msgpack_frame
 log = logging.getLogger("chefia_rt.hub")
 
 CATCH_UP_PAGE = 500
+CATCH_UP_FIRST_PAGE = 16  # the first read, before the size of the store's operations is known
+BATCH_OVERHEAD = 64  # bytes a message_batch adds around its messages, at most
+SNAPSHOT_PAGE_OVERHEAD = 256  # bytes of a snapshot page besides its entities (store_id aside)
 CATCH_UP_RETRY = (0.2, 5.0)  # first and longest wait after a failed storage read
 CATCH_UP_PATIENCE = 30.0  # seconds of failing reads before the terminal is told to reconnect
 
@@ -50,13 +57,25 @@ class OutFrame:
     place of its own in a lane (a push's `cache_invalidate`).
     """
 
-    __slots__ = ("_json", "_msgpack", "follow", "message")
+    __slots__ = ("_json", "_json_size", "_msgpack", "follow", "message")
 
     def __init__(self, message: dict[str, Any], follow: OutFrame | None = None) -> None:
         self.message = message
         self.follow = follow
         self._json: str | None = None
+        self._json_size = 0
         self._msgpack: bytes | None = None
+
+    def size(self, encoding: str) -> int:
+        """Bytes on the wire in `encoding`, its follower included (encodes it if need be)."""
+        body = self.encoded(encoding)
+        if isinstance(body, bytes):
+            size = len(body)
+        else:
+            if not self._json_size:
+                self._json_size = len(body) if body.isascii() else len(body.encode())
+            size = self._json_size
+        return size if self.follow is None else size + self.follow.size(encoding)
 
     def encoded(self, encoding: str) -> str | bytes:
         if encoding == "json":
@@ -90,6 +109,41 @@ def push_message(record: OpRecord) -> dict[str, Any]:
     }
 
 
+def snapshot_pages(
+    store_id: str, seq: int, entities: Sequence[dict[str, Any]], encoding: str, frame_max: int
+) -> list[OutFrame]:
+    """The store's state at `seq` as `snapshot` messages of at most `frame_max` bytes each.
+
+    Pages are numbered from 0 and the last says `complete: true`; each carries `seq`. A terminal
+    joins the entities of pages 0..complete (a page 0 starts a snapshot anew). An entity larger
+    than a page goes alone in its own.
+    """
+    room = frame_max - SNAPSHOT_PAGE_OVERHEAD - len(store_id.encode())
+    chunks: list[list[dict[str, Any]]] = [[]]
+    size = 0
+    for entity in entities:
+        need = OutFrame(entity).size(encoding) + 1  # a JSON comma; msgpack needs no separator
+        if chunks[-1] and size + need > room:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(entity)
+        size += need
+    last = len(chunks) - 1
+    return [
+        OutFrame(
+            {
+                "type": "snapshot",
+                "store_id": store_id,
+                "seq": seq,
+                "page": index,
+                "complete": index == last,
+                "entities": chunk,
+            }
+        )
+        for index, chunk in enumerate(chunks)
+    ]
+
+
 def cache_invalidate_message(record: OpRecord) -> dict[str, Any]:
     """What terminals' own caches need to drop an entity's stale state (SPEC §9)."""
     return {
@@ -114,6 +168,10 @@ class Outbound:
     # A catch-up (resume, gap fill) that waits this long for the terminal to read anything is
     # closed 1013, as a live stream's full queue is: the reader stopped while behind.
     stall_timeout: float = 30.0
+    # Bytes queued in both lanes together (WS_QUEUE_MAX_BYTES), and the largest frame to send
+    # (MAX_WS_MESSAGE_SIZE, what terminals accept).
+    max_bytes: int = 8 * 1_048_576
+    frame_max: int = 1_048_576
 
 
 ReadOps = Callable[[str, int, int], Awaitable[list[OpRecord]]]
@@ -154,6 +212,7 @@ class Session:
     # Called with what was just sent (WS_LOG_MESSAGES); None costs nothing on the hot path.
     on_sent: Callable[[list[OutFrame]], None] | None = None
     _urgent: deque[OutFrame] = field(default_factory=deque)
+    _bytes: int = 0  # encoded size of what both lanes hold
     _pushes: deque[OutFrame] = field(default_factory=deque)
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
     _room: asyncio.Event = field(default_factory=asyncio.Event)
@@ -169,20 +228,48 @@ class Session:
         """Queue an answer to this terminal's own request (the urgent lane)."""
         if self.closed:
             return
-        if len(self._urgent) >= self.limits.urgent_size:
+        frame = OutFrame(message)
+        size = frame.size(self.encoding)
+        if len(self._urgent) >= self.limits.urgent_size or not self._bytes_fit(size):
             self.close(Code.TRY_AGAIN_LATER, "outbound queue full")
             return
-        self._urgent.append(OutFrame(message))
+        self._urgent.append(frame)
+        self._bytes += size
         self._wake.set()
 
     def queue_push(self, frame: OutFrame) -> None:
         if self.closed:
             return
-        if len(self._pushes) >= self.limits.queue_size:
+        size = frame.size(self.encoding)
+        if len(self._pushes) >= self.limits.queue_size or not self._bytes_fit(size):
             self.close(Code.TRY_AGAIN_LATER, "too slow: outbound queue full, resume with since")
             return
+        self._push(frame, size)
+
+    def _push(self, frame: OutFrame, size: int) -> None:
         self._pushes.append(frame)
+        self._bytes += size
         self._wake.set()
+
+    def _bytes_fit(self, size: int) -> bool:
+        """`size` more bytes stay within the budget (one message alone always fits)."""
+        return self._bytes == 0 or self._bytes + size <= self.limits.max_bytes
+
+    async def _wait_for_room(self, count: int, size: int) -> bool:
+        """Until `count` more pushes of `size` bytes fit; False when the session closed, which
+        it is (1013) when the terminal reads nothing for the stall timeout meanwhile."""
+        while not self.closed and not (
+            len(self._pushes) + count <= self.limits.queue_size and self._bytes_fit(size)
+        ):
+            self._room.clear()
+            try:
+                async with asyncio.timeout(self.limits.stall_timeout):
+                    await self._room.wait()
+            except TimeoutError:
+                # Live, its queue would have overflowed long ago; waiting on would keep a
+                # terminal that stopped reading connected, stale, for as long as it pongs.
+                self.close(Code.TRY_AGAIN_LATER, "too slow: stalled catch-up, resume later")
+        return not self.closed
 
     @property
     def queued(self) -> int:
@@ -195,8 +282,7 @@ class Session:
             return
         self.closed = True
         self.close_code = code
-        self._urgent.clear()
-        self._pushes.clear()
+        self._drop_queued()
         self._room.set()
         self._wake.set()
         if self._catch_up is not None:
@@ -207,33 +293,49 @@ class Session:
         with contextlib.suppress(Exception):
             await self.transport.close(code, reason)
 
+    def _drop_queued(self) -> None:
+        self._urgent.clear()
+        self._pushes.clear()
+        self._bytes = 0
+
     async def stop(self) -> None:
-        """Cancel this session's tasks (the connection ended)."""
+        """Cancel this session's tasks (the connection ended) and let go of what it queued."""
         self.closed = True
         for task in (self._writer, self._catch_up):
             if task is not None and task is not asyncio.current_task():
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
+        self._catch_up = None
+        self._drop_queued()
+        self.own_ops.clear()
 
     def _take(self) -> list[OutFrame]:
+        """The next frame's messages: at most WS_BATCH_MAX_MESSAGES, and no more bytes than a
+        frame may hold (a message alone larger than that still goes, alone)."""
         frames: list[OutFrame] = []
         limit = self.limits.batch_max if self.encoding == "msgpack" else 1
-        while self._urgent and len(frames) < limit:
-            frames.append(self._urgent.popleft())
-        while self._pushes and len(frames) < limit:
-            frame = self._pushes.popleft()
-            frames.append(frame)
-            if frame.follow is not None:
-                frames.append(frame.follow)  # a batch may hold one message over the limit
-        if len(self._pushes) <= self.limits.queue_size - self._catch_up_page():
-            self._room.set()
+        room = self.limits.frame_max - BATCH_OVERHEAD
+        taken = 0
+        for lane in (self._urgent, self._pushes):
+            while lane and len(frames) < limit:
+                size = lane[0].size(self.encoding)
+                if frames and taken + size > room:
+                    limit = len(frames)  # full: nothing more of either lane
+                    break
+                frame = lane.popleft()
+                taken += size
+                frames.append(frame)
+                if frame.follow is not None:
+                    frames.append(frame.follow)  # a batch may hold one message over the limit
+        self._bytes -= taken
+        self._room.set()
         return frames
 
     def _catch_up_page(self) -> int:
-        """Stored ops read per catch-up step: at most half the push lane, so a page always fits
-        once the lane has drained to the point where `_take` signals room. (A fixed page larger
-        than the lane made the catch-up wait for room that could never come.)"""
+        """Stored ops read per catch-up step, at most: half the push lane, so that a page always
+        fits once the lane has drained that far. (A fixed page larger than the lane made the
+        catch-up wait for room that could never come.)"""
         return max(1, min(CATCH_UP_PAGE, self.limits.queue_size // 2))
 
     async def _write_loop(self) -> None:
@@ -296,17 +398,32 @@ class Session:
             self._catch_up.cancel()
             self._catch_up = None
 
-    def resume_from(self, seq: int, read_ops: ReadOps, head: Callable[[], int]) -> None:
-        """Deliver every stored op after `seq`, then go live: no gap, no duplicate."""
+    def resume_from(
+        self,
+        seq: int,
+        read_ops: ReadOps,
+        head: Callable[[], int],
+        first: Sequence[OutFrame] = (),
+    ) -> None:
+        """Send `first` (a snapshot's pages), then every stored op after `seq`, then go live:
+        no gap, no duplicate."""
         if self._catch_up is not None:
             self._catch_up.cancel()
         self.live = False
         self.next_seq = seq + 1
         self._catch_up = asyncio.create_task(
-            self._catch_up_loop(read_ops, head), name=f"catch-up:{self.session_id}"
+            self._catch_up_loop(read_ops, head, deque(first)), name=f"catch-up:{self.session_id}"
         )
 
-    async def _catch_up_loop(self, read_ops: ReadOps, head: Callable[[], int]) -> None:
+    async def _catch_up_loop(
+        self, read_ops: ReadOps, head: Callable[[], int], first: deque[OutFrame]
+    ) -> None:
+        while first:
+            frame = first.popleft()  # each page is let go once sent
+            size = frame.size(self.encoding)
+            if not await self._wait_for_room(1, size):
+                return
+            self._push(frame, size)
         delay, gave_up_at = CATCH_UP_RETRY[0], time.monotonic() + CATCH_UP_PATIENCE
         while not self.closed:
             try:
@@ -328,22 +445,19 @@ class Session:
                 delay = min(delay * 2, CATCH_UP_RETRY[1])
 
     async def _catch_up_pages(self, read_ops: ReadOps, head: Callable[[], int]) -> None:
-        """Queue stored ops from next_seq on, then go live."""
-        page = self._catch_up_page()
+        """Queue stored ops from next_seq on, then go live.
+
+        A page read holds about half the byte budget at most: its size follows the size of the
+        operations read so far (the first read is small, as nothing is known yet).
+        """
+        most = self._catch_up_page()
+        page = min(most, CATCH_UP_FIRST_PAGE)
+        half = self.limits.max_bytes // 2
         while not self.closed:
-            while len(self._pushes) > self.limits.queue_size - page:
-                self._room.clear()
-                try:
-                    async with asyncio.timeout(self.limits.stall_timeout):
-                        await self._room.wait()
-                except TimeoutError:
-                    # Live, its queue would have overflowed long ago; waiting on would keep a
-                    # terminal that stopped reading connected, stale, for as long as it pongs.
-                    self.close(Code.TRY_AGAIN_LATER, "too slow: stalled catch-up, resume later")
-                    return
-                if self.closed:
-                    return
+            if not await self._wait_for_room(page, half):
+                return
             records = await read_ops(self.store_id, self.next_seq - 1, page)
+            sizes = 0
             for record in records:
                 if record.seq == self.next_seq:
                     # This session's own ops are never echoed, even when a gap (their publish
@@ -351,12 +465,19 @@ class Session:
                     if record.id in self.own_ops:
                         self.own_ops.discard(record.id)
                     else:
-                        self.queue_push(OutFrame(push_message(record)))
+                        frame = OutFrame(push_message(record))
+                        size = frame.size(self.encoding)
+                        sizes += size
+                        if not await self._wait_for_room(1, size):
+                            return
+                        self._push(frame, size)
                     self.next_seq += 1
             # Going live happens in the same tick as the check, so no push slips between.
             if len(records) < page and self.next_seq - 1 >= head():
                 self.live = True
                 return
+            if records:
+                page = max(1, min(most, half * len(records) // max(1, sizes)))
 
 
 class Hub:
@@ -404,8 +525,8 @@ class Hub:
             del self._stores[session.store_id]
         return True
 
-    def resume(self, session: Session, since: int) -> None:
-        session.resume_from(since, self._read_ops, lambda: self.head(session.store_id))
+    def resume(self, session: Session, since: int, first: Sequence[OutFrame] = ()) -> None:
+        session.resume_from(since, self._read_ops, lambda: self.head(session.store_id), first)
 
     def deliver(self, store_id: str, pushes: Sequence[Push]) -> None:
         """Hand a store's committed operations to its sessions, each encoded once."""

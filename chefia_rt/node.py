@@ -30,7 +30,7 @@ from chefia_rt.cache import RequestCache
 from chefia_rt.config import Settings
 from chefia_rt.domain import BatchState, BatchWrite, Entity, EntityKey, Operation, Resolution
 from chefia_rt.errors import ChefiaError, Locked, Overloaded, StorageUnavailable
-from chefia_rt.hub import Hub, OutFrame, Session
+from chefia_rt.hub import Hub, Session, snapshot_pages
 from chefia_rt.metrics import Metrics, multiproc_dir_from_env
 from chefia_rt.monitoring import TOPIC as MONITOR_TOPIC
 from chefia_rt.monitoring import MonitorFeed
@@ -512,26 +512,22 @@ class Node:
         except ChefiaError:
             self.hub.resume(session, session.next_seq - 1)  # refused: the stream goes on as it was
             raise
-        session.queue_push(
-            OutFrame(
-                {
-                    "type": "snapshot",
-                    "store_id": session.store_id,
-                    "seq": seq,
-                    "entities": [
-                        {
-                            "entity_type": e.key.entity_type,
-                            "entity_id": e.key.entity_id,
-                            "version": e.version,
-                            "data": wire_data(e),
-                            "deleted": e.deleted,
-                        }
-                        for e in entities
-                    ],
-                }
-            )
+        wire = [
+            {
+                "entity_type": e.key.entity_type,
+                "entity_id": e.key.entity_id,
+                "version": e.version,
+                "data": wire_data(e),
+                "deleted": e.deleted,
+            }
+            for e in entities
+        ]
+        del entities
+        # Pages that each fit a frame, sent as the terminal reads them, then the stream after.
+        pages = snapshot_pages(
+            session.store_id, seq, wire, session.encoding, self.settings.max_ws_message_size
         )
-        self.hub.resume(session, seq)
+        self.hub.resume(session, seq, pages)
 
     # ---- locks ------------------------------------------------------------------------------
 

@@ -112,6 +112,8 @@ class Server:
                 settings.compression_threshold if settings.ws_enable_compression else None
             ),
             stall_timeout=settings.ws_stall_timeout,
+            max_bytes=settings.ws_queue_max_bytes,
+            frame_max=settings.max_ws_message_size,
         )
         # Buckets outlive connections, so a reconnect does not refill them (sync/ratelimit.py).
         self._rate = RateLimiter(
@@ -423,34 +425,44 @@ class Server:
             )
             node.submit(resolution, session, received)
         elif isinstance(msg, m.AcquireLockIn):
+            self._charge(session, self.settings.ws_rate_cost_lock, received, "an acquire_lock")
             answer = await node.acquire_lock(
                 session, msg.entity_type, msg.entity_id, msg.timeout, msg.lock_id
             )
             session.send(answer)
             await node.monitor.lock(session, answer)
         elif isinstance(msg, m.ReleaseLockIn):
+            self._charge(session, self.settings.ws_rate_cost_lock, received, "a release_lock")
             answer = await node.release_lock(session, msg.entity_type, msg.entity_id, msg.lock_id)
             session.send(answer)
             await node.monitor.lock(session, answer)
         elif isinstance(msg, m.ResumeIn):
+            self._charge(session, self.settings.ws_rate_cost_resume, received, "a resume")
             await node.resume(session, msg.since)
         elif isinstance(msg, m.SnapshotRequestIn):
+            self._charge(
+                session, self.settings.ws_rate_cost_snapshot, received, "a snapshot_request"
+            )
             await node.snapshot(session, msg.entity_types)
         elif isinstance(msg, m.PerformanceMetricsIn):
             session.metrics = msg.model_dump(exclude={"type"})
             await node.monitor.terminal_metrics(session, session.metrics)
 
-    def _charge(self, session: Session, cost: int, now: float) -> None:
-        """Count writes against the terminal's rate: 4005 over it, close 4005 when sustained."""
+    def _charge(self, session: Session, cost: float, now: float, what: str = "") -> None:
+        """Count a request against the terminal's rate (`cost` operations; `what` names a
+        request that is not one): 4005 over it, close 4005 when sustained."""
+        if cost <= 0:
+            return
         verdict = self._rate.check((session.store_id, session.terminal_id), cost, now)
         if verdict is Verdict.ALLOW:
             return
         self.node.metrics.rate_limited.inc()
         if verdict is Verdict.ABUSIVE:
             session.close(Code.RATE_LIMITED, "rate limit exceeded repeatedly")
+        costs = f"; {what} costs {cost:g}" if what else ""
         raise RateLimited(
             f"rate limit: at most {self.settings.ws_rate_limit:g} operations/s "
-            f"(burst {self.settings.ws_rate_burst:g}); retry later"
+            f"(burst {self.settings.ws_rate_burst:g}{costs}); retry later"
         )
 
     @staticmethod

@@ -372,9 +372,14 @@ class SnapshotEntity(_Strict):
 
 
 class Snapshot(_Strict):
+    """One page of the store's state at `seq`: pages 0.. up to the one with `complete`, each
+    within MAX_WS_MESSAGE_SIZE, one after the other with no push between them."""
+
     type: Literal["snapshot"]
     store_id: str
     seq: int
+    page: int = 0
+    complete: bool = True
     entities: list[SnapshotEntity]
 
 
