@@ -40,7 +40,7 @@ from chefia_rt.stats import ClusterStats
 from chefia_rt.store.base import BatchRequest, LogBounds, SessionRecord, Store
 from chefia_rt.supervisor import NODE_ID_ENV
 from chefia_rt.sync.engine import Engine, Outcome, conflict_id_for, wire_data
-from chefia_rt.sync.locks import check_write
+from chefia_rt.sync.locks import TooManyLocks, check_write
 from chefia_rt.sync.permissions import Permissions
 from chefia_rt.sync.policies import DEFAULT_POLICY_TABLE, PolicyTable
 from chefia_rt.terminals import TOPIC as TERMINAL_TOPIC
@@ -132,10 +132,12 @@ def make_store(settings: Settings) -> Store:
 def make_bus(settings: Settings) -> Bus:
     """The bus REDIS_URL names (in process without it)."""
     if settings.redis_url is None:
-        return MemoryBus()
+        return MemoryBus(lock_max=settings.lock_max_per_terminal)
     from chefia_rt.bus.redis import RedisBus
 
-    return RedisBus(settings.redis_url, prefix=settings.redis_prefix)
+    return RedisBus(
+        settings.redis_url, prefix=settings.redis_prefix, lock_max=settings.lock_max_per_terminal
+    )
 
 
 def batch_request(items: Sequence[Operation | Resolution]) -> BatchRequest:
@@ -542,9 +544,20 @@ class Node:
         self.permissions.check_lock(session.terminal_type, entity_type)
         key = EntityKey(session.store_id, entity_type, entity_id)
         lock_id = lock_id or f"lock-{uuid.uuid4().hex}"
-        taken, lease = await self.bus.acquire_lease(
-            key, session.terminal_id, lock_id, timeout_ms / 1000
-        )
+        try:
+            taken, lease = await self.bus.acquire_lease(
+                key, session.terminal_id, lock_id, timeout_ms / 1000
+            )
+        except TooManyLocks as exc:
+            return {
+                "type": "lock_failed",
+                "lock_id": lock_id,
+                "entity_type": entity_type,
+                "entity_id": entity_id,
+                "reason": str(exc),
+                "locked_by": None,
+                "locked_until": None,
+            }
         if taken and lease is not None:
             return {
                 "type": "lock_acquired",

@@ -84,7 +84,9 @@ class Bus(Protocol):
     async def acquire_lease(
         self, key: EntityKey, owner: str, lock_id: str, ttl: float
     ) -> tuple[bool, Lease | None]:
-        """(True, lease) when taken or renewed; (False, the holder's lease) otherwise."""
+        """(True, lease) when taken or renewed; (False, the holder's lease) otherwise.
+        Raises TooManyLocks when the owner holds its maximum of live leases (the bus's
+        `lock_max`, LOCK_MAX_PER_TERMINAL) and this would be a new one."""
 
     async def release_lease(self, key: EntityKey, owner: str) -> bool:
         """Release a lease the owner holds; False when it held none."""
@@ -95,7 +97,8 @@ class Bus(Protocol):
         """Make a session its terminal's current one, and tell every worker (takeover, 4004)."""
 
     async def unregister(self, store_id: str, terminal_id: str, session_id: str) -> None:
-        """A session ended: if it was still its terminal's current one, release its locks."""
+        """A session ended: if it was still its terminal's current one, release its locks (work
+        in proportion to the locks it holds, never to everyone's)."""
 
     def on_signal(self, topic: str, handler: SignalHandler) -> None:
         """Hand every signal on `topic`, from any worker of the deployment (this one included),

@@ -13,7 +13,7 @@ import msgpack
 
 from chefia_rt.bus.base import CacheEntry, CacheSlot, Deliver, Push, SignalHandler, Takeover
 from chefia_rt.domain import EntityKey
-from chefia_rt.sync.locks import Lease, LockTable
+from chefia_rt.sync.locks import DEFAULT_MAX_PER_OWNER, Lease, LockTable
 
 log = logging.getLogger("chefia_rt.bus.memory")
 
@@ -37,9 +37,11 @@ class MemoryBus:
 
     kind = "memory"
 
-    def __init__(self, cache_entries: int = CACHE_ENTRIES) -> None:
+    def __init__(
+        self, cache_entries: int = CACHE_ENTRIES, lock_max: int = DEFAULT_MAX_PER_OWNER
+    ) -> None:
         self._deliver: Deliver | None = None
-        self._locks = LockTable()
+        self._locks = LockTable(lock_max)
         # (store, terminal) -> its current session, so that the end of a stale session releases
         # nothing, as the Bus protocol says; relying on the hub to never ask was not enough for
         # a caller that unregisters a session after its terminal reconnected.

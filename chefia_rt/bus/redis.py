@@ -1,11 +1,15 @@
 """The Redis bus: every worker and node of a deployment joined through one Redis.
 
 - Committed operations are delivered to this worker's hub directly and published for the others
-  (`<prefix>:ops`). Pub/sub is fast but not complete: a subscriber that reconnects asks the node
-  to catch every session up from storage, and the hub fills any seq gap from storage too, so
-  nothing is lost or reordered when Redis restarts, is flushed, or drops a slow subscriber.
-- Signals (`<prefix>:signal`): small messages on a topic for every worker (stats, the monitor's
-  feed, cache invalidations), sent in order with the pushes by the same publisher.
+  (`<prefix>:db<N>:ops`). Pub/sub is fast but not complete: a subscriber that reconnects asks
+  the node to catch every session up from storage, and the hub fills any seq gap from storage
+  too, so nothing is lost or reordered when Redis restarts, is flushed, or drops a slow
+  subscriber.
+- Channels name the database number N of REDIS_URL as well as the prefix: Redis pub/sub ignores
+  the database, and deployments kept apart by it (staging on /1, production on /2) must not
+  hear each other. Keys are per database already.
+- Signals (`<prefix>:db<N>:signal`): small messages on a topic for every worker (stats, the
+  monitor's feed, cache invalidations), sent in order with the pushes by the same publisher.
 - Presence: which session of a terminal is current, so that a newer connection on any node
   replaces the older one (4004), and a disconnect releases locks only when it was current.
 - Locks: leases in Redis hashes with a Redis expiry, taken and released by Lua scripts so that
@@ -31,6 +35,7 @@ from typing import Any
 import msgpack
 import redis.asyncio as aioredis
 from redis.asyncio.client import PubSub
+from redis.asyncio.connection import parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -39,19 +44,31 @@ from redis.exceptions import RedisError
 from chefia_rt.bus.base import CacheEntry, CacheSlot, Deliver, Push, SignalHandler, Takeover
 from chefia_rt.domain import EntityKey, OpRecord
 from chefia_rt.errors import StorageUnavailable
-from chefia_rt.sync.locks import Lease
+from chefia_rt.sync.locks import DEFAULT_MAX_PER_OWNER, Lease, TooManyLocks
 
 log = logging.getLogger("chefia_rt.bus.redis")
 
+# KEYS[2], the owner's set of lock keys, never holds more than ARGV[5] (LOCK_MAX_PER_TERMINAL)
+# members: a new lease is refused (2) when it is full of live ones, after dropping the members
+# that expired or were taken over. So no script ever walks more than that many keys.
 _ACQUIRE = """
 local holder = redis.call('HGET', KEYS[1], 'owner')
 if holder and holder ~= ARGV[1] then
   return {0, holder, redis.call('HGET', KEYS[1], 'lock_id'), redis.call('HGET', KEYS[1], 'expires')}
 end
+local limit = tonumber(ARGV[5])
+if not holder and redis.call('SISMEMBER', KEYS[2], KEYS[1]) == 0
+    and redis.call('SCARD', KEYS[2]) >= limit then
+  for _, key in ipairs(redis.call('SMEMBERS', KEYS[2])) do
+    if redis.call('HGET', key, 'owner') ~= ARGV[1] then redis.call('SREM', KEYS[2], key) end
+  end
+  if redis.call('SCARD', KEYS[2]) >= limit then return {2, '', '', '0'} end
+end
 redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'lock_id', ARGV[2], 'expires', ARGV[4])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 redis.call('SADD', KEYS[2], KEYS[1])
-redis.call('PEXPIRE', KEYS[2], 600000)
+local keep = math.max(600000, tonumber(ARGV[3]))
+if redis.call('PTTL', KEYS[2]) < keep then redis.call('PEXPIRE', KEYS[2], keep) end
 return {1, ARGV[1], ARGV[2], ARGV[4]}
 """
 # Many leases in one command: a pipeline of HMGETs still parses (and awaits) each reply in
@@ -72,7 +89,8 @@ if redis.call('HGET', KEYS[1], 'owner') == ARGV[1] then
 end
 return 0
 """
-# Forget a terminal's presence and release its locks, but only if `session` is still current:
+# Forget a terminal's presence and release its locks (at most LOCK_MAX_PER_TERMINAL keys, see
+# _ACQUIRE), but only if `session` is still current:
 # a terminal that already reconnected elsewhere keeps its locks. No presence at all counts as
 # current: a Redis restart forgets every session's presence, and the terminals connected then
 # would otherwise never release the locks they take afterwards (only their expiry would).
@@ -193,9 +211,16 @@ class RedisBus:
 
     kind = "redis"
 
-    def __init__(self, url: str, prefix: str = "chefia", worker_id: str | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        prefix: str = "chefia",
+        worker_id: str | None = None,
+        lock_max: int = DEFAULT_MAX_PER_OWNER,
+    ) -> None:
         self.url = url
         self.prefix = prefix
+        self.lock_max = lock_max
         self.worker_id = worker_id or uuid.uuid4().hex
         self._redis: aioredis.Redis | None = None
         self._subscriber: aioredis.Redis | None = None
@@ -210,9 +235,10 @@ class RedisBus:
             asyncio.Queue(maxsize=LEASE_READS_WAITING)
         )
         self._lease_reader: asyncio.Task[None] | None = None
-        self._ops_channel = f"{prefix}:ops"
-        self._control_channel = f"{prefix}:control"
-        self._signal_channel = f"{prefix}:signal"
+        channels = channel_scope(url, prefix)
+        self._ops_channel = f"{channels}:ops"
+        self._control_channel = f"{channels}:control"
+        self._signal_channel = f"{channels}:signal"
         self._signal_handlers: dict[str, SignalHandler] = {}
 
     # ---- keys -------------------------------------------------------------------------------
@@ -551,10 +577,12 @@ class RedisBus:
         try:
             taken, holder, held_id, expires = await self._acquire(
                 keys=[self._lock_key(key), self._owner_key(key.store_id, owner)],
-                args=[owner, lock_id, ttl_ms, expires_ms],
+                args=[owner, lock_id, ttl_ms, expires_ms, self.lock_max],
             )
         except (RedisError, OSError) as exc:
             raise StorageUnavailable(f"lock service unavailable: {exc}") from exc
+        if taken == 2:
+            raise TooManyLocks(self.lock_max)
         lease = Lease(key, _text(holder), _text(held_id), int(expires) / 1000)
         return bool(taken), lease
 
@@ -631,6 +659,11 @@ class RedisBus:
             return bool(await self.redis.ping())
         except (RedisError, OSError, StorageUnavailable):
             return False
+
+
+def channel_scope(url: str, prefix: str) -> str:
+    """What every channel name of a deployment starts with: its prefix and database number."""
+    return f"{prefix}:db{int(parse_url(url).get('db') or 0)}"
 
 
 def cache_epoch_key(prefix: str) -> str:
