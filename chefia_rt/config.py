@@ -89,6 +89,10 @@ class Settings(BaseSettings):
     # Storage upkeep (log pruning, audit partitions) and the check for pushes a worker missed.
     sync_maintenance_interval: float = Field(86_400.0, gt=0)
     sync_reconcile_interval: float = Field(5.0, gt=0)
+    # A client timestamp later than server time + this many seconds counts as that moment in
+    # conflict decisions: a terminal whose clock runs ahead wins last-write-wins for at most this
+    # long, never forever.
+    sync_max_clock_skew: float = Field(300.0, ge=0, le=86_400)
     # Conflict policy table overrides, JSON: {"tables": {"policy": "merge_changes"}}.
     sync_policies: dict[str, dict[str, Any]] = Field(default_factory=dict)
     # Permission table overrides, JSON: {"waiter": [{"entity_type": "orders"}, ...]}.

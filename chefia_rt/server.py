@@ -421,7 +421,7 @@ class Server:
                 user_id=session.user_id,
                 resolution=msg.resolution.value,
                 resolved_data=msg.resolved_data,
-                timestamp=msg.timestamp or m.utc_now_iso(),
+                timestamp=m.client_time(msg.timestamp, self.settings.sync_max_clock_skew),
             )
             node.submit(resolution, session, received)
         elif isinstance(msg, m.AcquireLockIn):
@@ -465,8 +465,7 @@ class Server:
             f"(burst {self.settings.ws_rate_burst:g}{costs}); retry later"
         )
 
-    @staticmethod
-    def _operation(session: Session, model: m.OperationModel) -> Operation:
+    def _operation(self, session: Session, model: m.OperationModel) -> Operation:
         data = model.data
         if model.operation == m.OpKind.BULK_UPDATE:
             data = {"updates": [item.model_dump() for item in model.bulk_items()]}
@@ -478,7 +477,7 @@ class Server:
             operation=model.operation.value,
             data=data,
             version=model.version,
-            timestamp=model.timestamp or m.utc_now_iso(),
+            timestamp=m.client_time(model.timestamp, self.settings.sync_max_clock_skew),
             terminal_id=session.terminal_id,
             user_id=model.user_id or session.user_id,
             requires_lock=model.requires_lock,

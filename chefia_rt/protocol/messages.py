@@ -8,7 +8,7 @@ server-to-client models, so the wire stays what the models document.
 from __future__ import annotations
 
 import re
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Annotated, Any, Literal, get_args
 
@@ -61,6 +61,19 @@ class ResolutionKind(StrEnum):
 def utc_now_iso() -> str:
     """Server time in the one canonical form used everywhere (sortable as text)."""
     return format_timestamp(datetime.now(UTC))
+
+
+def client_time(timestamp: str | None, max_skew: float) -> str:
+    """The time a client's write counts as in conflict decisions: its own canonical timestamp,
+    but never later than server time + `max_skew` seconds (server time when it sent none).
+
+    A clock far ahead would otherwise win last-write-wins against every later write; bounded,
+    it wins for at most `max_skew` seconds. Canonical timestamps compare as text.
+    """
+    now = datetime.now(UTC)
+    if timestamp is None:
+        return format_timestamp(now)
+    return min(timestamp, format_timestamp(now + timedelta(seconds=max_skew)))
 
 
 def format_timestamp(moment: datetime) -> str:
