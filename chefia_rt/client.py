@@ -396,6 +396,14 @@ class Client:
         self._control.append({"type": "snapshot_request"})
         self._wake_sender.set()
 
+    def refresh_token(self, token: str) -> None:
+        """Use `token` from now on: sent on the live connection at once (`refresh_token`, so it
+        is not closed 4003 when the old token expires) and on every reconnect. The server
+        answers token_refreshed, or error 4003 when it refuses it (the old one then stays)."""
+        self.token = token
+        self._control.append({"type": "refresh_token", "token": token})
+        self._wake_sender.set()
+
     # ---- connecting -------------------------------------------------------------------------
 
     def _url(self, base: str) -> str:

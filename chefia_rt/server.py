@@ -25,7 +25,14 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 from websockets.typing import Origin, Subprotocol
 
-from chefia_rt.auth import Claims, authenticate, authorize_terminal, install_log_redaction
+from chefia_rt.auth import (
+    CLOCK_SKEW,
+    Claims,
+    authenticate,
+    authorize_terminal,
+    install_log_redaction,
+    verify_token,
+)
 from chefia_rt.config import Settings
 from chefia_rt.domain import Operation, Resolution
 from chefia_rt.errors import (
@@ -102,6 +109,9 @@ class Server:
         self.metrics_server: WsServer | None = None
         self._messages = MessageLog() if settings.ws_log_messages else None
         self._connections: set[ServerConnection] = set()
+        # Epoch seconds at which a session's token runs out (with JWT_SECRET_KEY), by session id:
+        # the connection is closed 4003 then, unless refresh_token moved it on.
+        self._token_deadlines: dict[str, float] = {}
         self._prefix = settings.ws_path + "/"
         self._outbound = Outbound(
             queue_size=settings.ws_message_queue_size,
@@ -209,6 +219,8 @@ class Server:
             limits=self._outbound,
             connected_at=m.utc_now_iso(),
         )
+        if claims is not None:
+            self._token_deadlines[session.session_id] = claims.expires_at + CLOCK_SKEW
         return session, since
 
     def _claims(
@@ -261,17 +273,20 @@ class Server:
             else:
                 log.exception("opening a session of %s failed", session.terminal_id)
                 reason = "server error; retry"
+            self._token_deadlines.pop(session.session_id, None)
             await self.node.close_session(session)
             await ws.close(Code.TRY_AGAIN_LATER, reason)
             return
         log.info("%s terminal connected (%s)", session.terminal_type, session.encoding)
         heartbeat = asyncio.create_task(self._heartbeat(ws, session))
+        expiry = asyncio.create_task(self._token_expiry(session))
         try:
             await self._read_loop(ws, session)
         finally:
-            heartbeat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await heartbeat
+            for task in (heartbeat, expiry):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             if session.close_code is None and ws.close_code is not None:
                 session.close_code = ws.close_code
             await self.node.close_session(session)
@@ -324,6 +339,42 @@ class Server:
                 session.close(Code.GOING_AWAY, "connection timeout: no frame or pong received")
                 return
 
+    async def _token_expiry(self, session: Session) -> None:
+        """Close the connection 4003 when its token runs out (refresh_token moves that on)."""
+        try:
+            while not session.closed:
+                deadline = self._token_deadlines.get(session.session_id)
+                if deadline is None:
+                    return  # open mode: no token
+                left = deadline - time.time()
+                if left <= 0:
+                    session.close(Code.AUTH_FAILED, "token expired; reconnect with a new token")
+                    return
+                await asyncio.sleep(left)
+        finally:
+            self._token_deadlines.pop(session.session_id, None)
+
+    def _refresh_token(self, session: Session, token: str) -> dict[str, Any]:
+        """token_refreshed, the connection now living as long as `token`; AuthFailed (4003,
+        the connection keeping its old token) for a bad token or one of another terminal."""
+        if session.session_id not in self._token_deadlines:
+            return m.token_refreshed_msg(None)  # open mode: connections never expire
+        try:
+            claims = verify_token(self.settings.jwt_keys, token)
+            if (claims.store_id, claims.terminal_id) != (session.store_id, session.terminal_id):
+                raise AuthFailed("token was issued to another terminal")
+            if claims.terminal_type != session.terminal_type:
+                raise AuthFailed(f"token was issued to a {claims.terminal_type} terminal")
+        except AuthFailed as exc:
+            self.node.metrics.refused_auth("websocket")
+            raise AuthFailed(
+                f"refresh_token refused: {exc.reason}; the connection keeps its current token"
+            ) from None
+        self._token_deadlines[session.session_id] = claims.expires_at + CLOCK_SKEW
+        if claims.user_id:
+            session.user_id = claims.user_id
+        return m.token_refreshed_msg(claims.expires_at)
+
     async def _read_loop(self, ws: ServerConnection, session: Session) -> None:
         invalid: deque[float] = deque()
         limit = self.settings.ws_invalid_frame_limit
@@ -332,6 +383,8 @@ class Server:
             try:
                 frame = await ws.recv()
             except ConnectionClosed:
+                return
+            if session.closed:  # closed while this frame came (an expired token): not served
                 return
             received = time.monotonic()
             session.last_seen = received
@@ -444,6 +497,9 @@ class Server:
                 session, self.settings.ws_rate_cost_snapshot, received, "a snapshot_request"
             )
             await node.snapshot(session, msg.entity_types)
+        elif isinstance(msg, m.RefreshTokenIn):
+            self._charge(session, 1, received)  # each costs a signature check
+            session.send(self._refresh_token(session, msg.token))
         elif isinstance(msg, m.PerformanceMetricsIn):
             session.metrics = msg.model_dump(exclude={"type"})
             await node.monitor.terminal_metrics(session, session.metrics)

@@ -217,6 +217,14 @@ class SnapshotRequestIn(_Strict):
     entity_types: list[Name] | None = None
 
 
+class RefreshTokenIn(_Strict):
+    """A new token for the live connection (JWT_SECRET_KEY): it must name the same store,
+    terminal and terminal type. Answered token_refreshed, or error 4003 (the old one stays)."""
+
+    type: Literal["refresh_token"]
+    token: Annotated[str, Field(min_length=1, max_length=4096)]
+
+
 class PerformanceMetricsIn(_Strict):
     model_config = ConfigDict(extra="allow", frozen=True)
     type: Literal["performance_metrics"]
@@ -234,7 +242,8 @@ IncomingMessage = Annotated[
     | PingIn
     | ResumeIn
     | SnapshotRequestIn
-    | PerformanceMetricsIn,
+    | PerformanceMetricsIn
+    | RefreshTokenIn,
     Field(discriminator="type"),
 ]
 _incoming = TypeAdapter(IncomingMessage)
@@ -286,6 +295,15 @@ class ConnectionEstablished(_Strict):
     last_seq: int
     heartbeat_interval: float
     encoding: Literal["json", "msgpack"]
+
+
+class TokenRefreshed(_Strict):
+    """The answer to refresh_token: the connection is now closed 4003 only after `expires_at`
+    (the new token's `exp`; null in open mode, where connections never expire)."""
+
+    type: Literal["token_refreshed"]
+    expires_at: str | None
+    server_time: str
 
 
 class Pong(_Strict):
@@ -524,6 +542,16 @@ class SystemAlert(_ToMonitor):
 
 def pong_msg(timestamp: Any) -> dict[str, Any]:
     return {"type": "pong", "server_time": utc_now_iso(), "timestamp": timestamp}
+
+
+def token_refreshed_msg(expires_at: int | None) -> dict[str, Any]:
+    latest = 253_402_300_799  # 9999-12-31T23:59:59Z, the last moment a timestamp can name
+    moment = None if expires_at is None else datetime.fromtimestamp(min(expires_at, latest), UTC)
+    return {
+        "type": "token_refreshed",
+        "expires_at": None if moment is None else format_timestamp(moment),
+        "server_time": utc_now_iso(),
+    }
 
 
 def error_msg(code: int, reason: str) -> dict[str, Any]:

@@ -30,6 +30,7 @@ from chefia_rt.protocol.messages import (
     PingIn,
     Pong,
     Priority,
+    RefreshTokenIn,
     ReleaseLockIn,
     ResolutionKind,
     ResumeIn,
@@ -98,6 +99,7 @@ def test_incoming_types_are_the_client_messages_of_the_spec() -> None:
         "resume",
         "snapshot_request",
         "performance_metrics",
+        "refresh_token",
     }
     assert spec == INCOMING_TYPES
 
@@ -228,6 +230,7 @@ CLIENT_MESSAGES: list[tuple[dict[str, Any], type, dict[str, Any]]] = [
         {"response_time": 42.5, "memory_usage": 61.0, "cache_hit_rate": 0.93},
     ),
     ({"type": "performance_metrics"}, PerformanceMetricsIn, {"response_time": None}),
+    ({"type": "refresh_token", "token": "eyJ.x.y"}, RefreshTokenIn, {"token": "eyJ.x.y"}),
 ]
 
 
