@@ -52,6 +52,7 @@ READABLE: dict[str, frozenset[str] | None] = {
 # moment. Private: it was read with credentials.
 CACHE_CONTROL = "private, no-cache"
 _NAME = re.compile(NAME_PATTERN.replace("^", r"\A").replace("$", r"\Z"))
+_DIGITS = re.compile(r"\A[0-9]{1,9}\Z")  # ASCII only: "²".isdigit() is true, int("²") fails
 
 
 class ApiError(Exception):
@@ -137,11 +138,11 @@ def _target(path: str) -> tuple[str, str | None]:
     if not slash:
         return entity_type, None
     entity_id = _unquote(raw_id, "entity_id")
-    if not 1 <= len(entity_id) <= MAX_ENTITY_ID:
+    if not 1 <= len(entity_id) <= MAX_ENTITY_ID or "\x00" in entity_id:
         raise ApiError(
             400,
             "invalid_entity_id",
-            f"entity_id: 1-{MAX_ENTITY_ID} characters (percent-encode a '/' in it)",
+            f"entity_id: 1-{MAX_ENTITY_ID} characters, no NUL (percent-encode a '/' in it)",
         )
     return entity_type, entity_id
 
@@ -190,7 +191,7 @@ async def _list(
     limit_text = _one_value(query, "limit")
     limit = LIST_LIMIT[0]
     if limit_text is not None:
-        if not limit_text.isdigit() or not 1 <= int(limit_text) <= LIST_LIMIT[1]:
+        if not _DIGITS.match(limit_text) or not 1 <= int(limit_text) <= LIST_LIMIT[1]:
             raise ApiError(400, "invalid_limit", f"limit: an integer from 1 to {LIST_LIMIT[1]}")
         limit = int(limit_text)
     cursor = _one_value(query, "cursor")
@@ -218,6 +219,6 @@ def _decode_cursor(cursor: str) -> str:
         (entity_id,) = json.loads(base64.urlsafe_b64decode(padded.encode("ascii")))
     except (ValueError, TypeError, binascii.Error, UnicodeError):
         raise ApiError(400, "invalid_cursor", "cursor: pass next_cursor back unchanged") from None
-    if not isinstance(entity_id, str):
+    if not isinstance(entity_id, str) or "\x00" in entity_id:
         raise ApiError(400, "invalid_cursor", "cursor: pass next_cursor back unchanged")
     return entity_id

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import signal
 import socket
 import time
@@ -56,6 +57,7 @@ log = logging.getLogger("chefia_rt.server")
 
 SUBPROTOCOLS = {"chefia.v1.json": "json", "chefia.v1.msgpack": "msgpack"}
 STORE_ID_MAX = 64
+SEQ_RE = re.compile(r"\A[0-9]{1,18}\Z")  # ASCII digits ("²".isdigit() is true), < 2**63
 CLOSE_TIMEOUT = 5.0  # seconds a closing handshake may take before the TCP connection is cut
 # Accept queue of the listening socket (the kernel caps it at net.core.somaxconn). asyncio's
 # default of 100 overflowed when a restaurant chain's terminals reconnected together (the
@@ -198,7 +200,7 @@ class Server:
         since_raw = _query(params, "since")
         since: int | None = None
         if since_raw is not None:
-            if not since_raw.isdigit():
+            if not SEQ_RE.match(since_raw):
                 raise HandshakeRejected(Code.INVALID_MESSAGE, "since must be a seq (integer >= 0)")
             since = int(since_raw)
         if claims is not None:
@@ -208,6 +210,8 @@ class Server:
             if not m.TERMINAL_ID_RE.match(store_id):
                 raise HandshakeRejected(Code.INVALID_MESSAGE, "invalid store_id")
         user_id = claims.user_id if claims and claims.user_id else _query(params, "user_id")
+        if user_id is not None and not user_id.isprintable():  # NUL: no storage could keep it
+            raise HandshakeRejected(Code.INVALID_MESSAGE, "user_id must be printable text")
         session = Session(
             terminal_id=terminal_id,
             terminal_type=terminal_type,

@@ -56,6 +56,8 @@ class _Rejected(Exception):
 
 
 def _key_step(key: str) -> str:
+    # A key named in an error is escaped: a NUL or lone surrogate in it would break the answer.
+    key = key if key.isprintable() else repr(key)[1:-1]
     return key if len(key) <= 40 else key[:37] + "..."
 
 
