@@ -85,10 +85,15 @@ METRICS_PATHS = frozenset({"/metrics", "/ws/metrics"})
 
 
 # Routes that need a token when authentication is on, and the terminal types that may read them.
-# /health stays public: load balancers and deploy scripts poll it without credentials.
+# /health stays public: load balancers and deploy scripts poll it without credentials. The
+# metrics name every store and terminal: on the WebSocket port they need a token like the stats;
+# Prometheus scrapes METRICS_PORT (a private listener) without one.
+_READERS = frozenset({"monitor", "pos"})
 PROTECTED: dict[str, frozenset[str]] = {
-    "/ws/stats": frozenset({"monitor", "pos"}),
-    "/api/v1/websocket/stats": frozenset({"monitor", "pos"}),
+    "/ws/stats": _READERS,
+    "/api/v1/websocket/stats": _READERS,
+    "/metrics": _READERS,
+    "/ws/metrics": _READERS,
 }
 
 
@@ -176,6 +181,10 @@ async def handle_http(node: Node, request: Request) -> Response:
         denied = _denied(node, request, allowed)
         if denied is not None:
             return denied
+    return await _answer(node, path, route)
+
+
+async def _answer(node: Node, path: str, route: Route) -> Response:
     try:
         return await route(node)
     except Exception:
@@ -184,8 +193,9 @@ async def handle_http(node: Node, request: Request) -> Response:
 
 
 async def handle_metrics_port(node: Node, request: Request) -> Response:
-    """METRICS_PORT: only the metrics (and health, for the scraper's own checks)."""
+    """METRICS_PORT: only the metrics (and health, for the scraper's own checks), without a
+    token: the port is for the scraper, on a private interface."""
     path = urlsplit(request.path).path
     if path in METRICS_PATHS or path in ("/health", "/api/v1/health"):
-        return await handle_http(node, request)
+        return await _answer(node, path, ROUTES[path])
     return json_response(404, {"error": "not found", "path": path})

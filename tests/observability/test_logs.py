@@ -128,7 +128,11 @@ async def test_no_message_lines_without_ws_log_messages_and_one_worker_metrics(
     env = {"WS_LOG_LEVEL": "INFO", "METRICS_PORT": str(metrics_port)}
     async with serving(tmp_path, **env) as (port, log):
         await traffic(port, token)
-        for url in (f"http://127.0.0.1:{port}/metrics", f"http://127.0.0.1:{metrics_port}/metrics"):
+        # JWT on: the WebSocket port's /metrics needs a token, METRICS_PORT's does not.
+        for url in (
+            f"http://127.0.0.1:{port}/metrics?token={token}",
+            f"http://127.0.0.1:{metrics_port}/metrics",
+        ):
             text = await scrape(url)
             assert value(text, "sync_operations_total", status="applied") == 1
             assert value(text, "websocket_auth_failures_total", endpoint="websocket") == 1
