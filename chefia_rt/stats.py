@@ -14,7 +14,7 @@ from typing import Any
 
 TOPIC = "stats"
 FORGET_AFTER = 3  # intervals of silence after which a worker no longer counts
-_SUMMED = ("total_connections", "message_throughput", "operations_per_minute")
+_COUNTS = ("total_connections", "operations_per_minute")  # summed, and stay integers
 
 
 class ClusterStats:
@@ -60,23 +60,25 @@ class ClusterStats:
             del self._latest[worker]
         entries = {w: p for w, (_, p) in self._latest.items()}
         entries[self.worker] = self.payload(own)
-        result: dict[str, Any] = {name: 0 for name in _SUMMED}
+        result: dict[str, Any] = {name: 0 for name in _COUNTS}
+        throughput = 0.0
         by_type: dict[str, int] = {}
         latency_weight = latency_sum = operations = conflicts = 0.0
         uptime = 0.0
         for payload in entries.values():
             stats = payload["stats"]
-            for name in _SUMMED:
-                result[name] += _number(stats.get(name))
+            for name in _COUNTS:
+                result[name] += _count(stats.get(name))
+            throughput += _number(stats.get("message_throughput"))
             for kind, count in (stats.get("connections_by_type") or {}).items():
-                by_type[str(kind)] = by_type.get(str(kind), 0) + int(_number(count))
+                by_type[str(kind)] = by_type.get(str(kind), 0) + _count(count)
             weight = _number(stats.get("latency_count"))
             latency_weight += weight
             latency_sum += weight * _number(stats.get("average_latency"))
             operations += _number(stats.get("operations"))
             conflicts += _number(stats.get("conflicts"))
             uptime = max(uptime, _number(stats.get("uptime_seconds")))
-        result["message_throughput"] = round(result["message_throughput"], 3)
+        result["message_throughput"] = round(throughput, 3)
         result["connections_by_type"] = by_type
         result["average_latency"] = round(latency_sum / latency_weight if latency_weight else 0, 3)
         result["conflict_rate"] = round(conflicts / operations if operations else 0.0, 4)
@@ -84,6 +86,10 @@ class ClusterStats:
         result["workers"] = len(entries)
         result["nodes"] = len({p["node"] for p in entries.values()})
         return result
+
+
+def _count(value: object) -> int:
+    return round(_number(value))
 
 
 def _number(value: object) -> float:

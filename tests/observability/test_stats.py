@@ -1,10 +1,13 @@
-"""ClusterStats: the sum over workers' snapshots, weighting and forgetting (no I/O)."""
+"""ClusterStats: the sum over workers' snapshots, weighting and forgetting; /ws/stats."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 from chefia_rt.stats import ClusterStats
+from tests.helpers import http_get, op, running_server
 
 
 def snapshot(connections: int, ops: int, latency: float, conflicts: int, **types: int) -> Any:
@@ -48,3 +51,27 @@ def test_a_silent_worker_is_forgotten_after_three_intervals() -> None:
     now[0] = 3.1
     alone = stats.aggregate(snapshot(1, 0, 0, 0))
     assert alone["total_connections"] == 1 and alone["workers"] == 1
+
+
+def test_counts_stay_integers() -> None:
+    stats = ClusterStats("a/1", "a", interval=2.0)
+    stats.receive({"worker": "a/2", "node": "a", "stats": snapshot(2, 30, 4.0, 3, pos=2)})
+    total = stats.aggregate(snapshot(3, 60, 1.0, 0, pos=3))
+    for name in ("total_connections", "operations_per_minute", "workers", "nodes"):
+        assert type(total[name]) is int, (name, total[name])
+    assert all(type(count) is int for count in total["connections_by_type"].values())
+
+
+async def test_ws_stats_answers_counts_as_json_integers(tmp_path: Path) -> None:
+    """Over HTTP from a running server: `"total_connections":2`, never `2.0`."""
+    async with running_server(tmp_path) as server:
+        async with server.terminal("pos-1") as pos, server.terminal("kds-1", type="kds"):
+            await pos.send(op("op-1", "t1", {"seats": 2}, operation="CREATE"))
+            await pos.expect("sync_confirmation")
+            status, _, body = await http_get(server.http + "/ws/stats")
+        assert status == 200
+        stats = json.loads(body)
+        assert stats["total_connections"] == 2
+        for name in ("total_connections", "operations_per_minute", "workers", "nodes"):
+            assert type(stats[name]) is int, (name, stats[name])
+        assert stats["connections_by_type"] == {"pos": 1, "kds": 1}
