@@ -103,7 +103,9 @@ def _table(name: str, columns: str, order: str, **kinds: str) -> Table:
     )
 
 
-# The tables of migrations/*_0001_initial.sql, in restore order (there are no foreign keys).
+# The tables of the migrations, in restore order (there are no foreign keys). Operation and
+# conflict ids are unique per store (their keys are (store_id, id)). store_seqs travels without
+# its epoch: a restore always starts a new one (see _NEW_EPOCHS).
 TABLES = (
     _table("store_seqs", "store_id last_seq", "store_id"),
     _table(
@@ -119,7 +121,7 @@ TABLES = (
         "sync_operations",
         "id store_id seq entity_type entity_id operation data version deleted status "
         "conflict_resolved terminal_id user_id priority timestamp server_time",
-        "id",
+        "store_id id",
         json="data",
         bools="deleted conflict_resolved",
     ),
@@ -135,7 +137,7 @@ TABLES = (
     _table(
         "conflicts",
         "id store_id operation_id operation server_version server_data created_at",
-        "id",
+        "store_id id",
         json="operation server_data",
     ),
     _table(
@@ -147,6 +149,13 @@ TABLES = (
 )
 
 TABLES_BY_NAME = {t.name: t for t in TABLES}
+# A restored store's seqs restart below what its terminals may hold: every store gets a new
+# epoch, so that a watermark from before the restore is refused (resync_required), even once
+# new writes have passed it.
+_NEW_EPOCHS = {
+    "sqlite": "UPDATE store_seqs SET epoch = lower(hex(randomblob(16)))",
+    "postgresql": "UPDATE store_seqs SET epoch = gen_random_uuid()::text",
+}
 _INTEGER_KEYS = frozenset({("audit_logs_master", "id")})
 TABLES_BY_MEMBER = {t.member: t for t in TABLES}
 
@@ -1216,6 +1225,7 @@ def _restore_sqlite(
                     progress.advance(len(batch))
                     counts[table.name] += len(batch)
                     progress.finish()
+            db.execute(_NEW_EPOCHS["sqlite"])
             seqs = dict(db.execute("SELECT store_id, last_seq FROM store_seqs").fetchall())
             if seqs != verified.manifest.watermarks:
                 raise BackupError("restored store_seqs do not match the archive's watermarks")
@@ -1293,6 +1303,7 @@ async def _restore_postgres(
                 "SELECT setval(pg_get_serial_sequence('audit_logs_master', 'id'), "
                 "coalesce(max(id), 0) + 1, false) FROM audit_logs_master"
             )
+            await conn.execute(_NEW_EPOCHS["postgresql"])
             seqs = {
                 r[0]: r[1] for r in await conn.fetch("SELECT store_id, last_seq FROM store_seqs")
             }

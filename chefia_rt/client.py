@@ -15,14 +15,19 @@ What it guarantees the application (SPEC §3, §4):
   operations and the ones pushed by others as one stream ordered by seq. Confirmations travel in
   the server's urgent lane and may overtake pushes of lower seqs, so the client holds what
   arrives early and keeps a contiguous watermark: the highest seq up to which it has
-  everything. It reconnects with `since=` that watermark, and drops any seq it already has.
+  everything. It reconnects with `since=` that watermark and `epoch=` the epoch of the store's
+  seq stream it was read in, and drops any seq it already has. A restored store starts a new
+  epoch: the server then answers resync_required, and the client takes a snapshot rather than
+  mixing the two streams (a seq of the new epoch is never taken for one of the old).
 - **Reconnects by itself**, with exponential backoff and jitter over the given URLs (a node
   that died sends the terminal to the next one), until `Backoff.max_attempts` /
   `Backoff.max_elapsed` say stop. A takeover (4004: the terminal connected somewhere else) stops
   it at once: two connections of one terminal would only keep replacing each other. Auth and
   protocol closes (4001-4003, 4006, 1009) stop it too: retrying cannot fix them.
-- **resync_required** (the log no longer reaches back to the watermark) is answered with a
-  `snapshot_request`; the application gets a Snapshot and the stream goes on after its seq.
+- **resync_required** (the log no longer reaches back to the watermark, or the epoch changed) is
+  answered with a `snapshot_request`; until the snapshot arrives no operation of the stream is
+  handed over. The application gets a Snapshot and the stream goes on after its seq. Keep
+  `watermark` and `epoch` together when persisting them (`since=`, `epoch=`).
 
 Every wait has a timeout, every task belongs to the client and is cancelled by `close()`, and
 every buffer is bounded: the outbox (`send` waits for room), the events not yet taken (the
@@ -198,6 +203,7 @@ class Client:
         user_id: str | None = None,
         encoding: Literal["json", "msgpack"] = "msgpack",
         since: int | None = None,
+        epoch: str | None = None,
         backoff: Backoff | None = None,
         outbox_size: int = 1000,
         events_size: int = 10_000,
@@ -239,6 +245,8 @@ class Client:
         # The highest seq up to which the application has every operation (None: not yet
         # connected without a `since`; the first connection then starts at the store's head).
         self.watermark = since
+        # The epoch of the store's seq stream the watermark belongs to (None: not known yet).
+        self.epoch = epoch
         self.stopped: ClientStopped | None = None
         self.established: dict[str, Any] = {}
         self._outbox: dict[str, _Outgoing] = {}  # insertion order is send order
@@ -414,6 +422,8 @@ class Client:
             params["user_id"] = self.user_id
         if self.watermark is not None:
             params["since"] = str(self.watermark)
+            if self.epoch is not None:
+                params["epoch"] = self.epoch
         return f"{base.rstrip('/')}/{quote(self.terminal_id, safe='')}?{urlencode(params)}"
 
     async def _run(self) -> None:
@@ -476,8 +486,12 @@ class Client:
         established = time.monotonic()
         self.established = first[0]
         self.stats.connects += 1
+        server_epoch = first[0].get("epoch")
         if self.watermark is None:
             self.watermark = int(first[0]["last_seq"])
+            self.epoch = server_epoch
+        elif self.epoch is None:
+            self.epoch = server_epoch  # resumed by seqs alone: the stream is this one from now
         # The stream restarts after the watermark; what is held ahead of a gap may come again
         # (dropped then as a repeat) and the gap gets a fresh timeout.
         self._stalled_since = time.monotonic() if self._ahead else None
@@ -488,6 +502,11 @@ class Client:
         for outgoing in self._outbox.values():
             outgoing.sent_at = outgoing.retry_at = None
         self._control.clear()
+        if server_epoch is not None and self.epoch != server_epoch:
+            # Another stream (the store was restored): nothing of it is taken until a snapshot
+            # of it (the server says resync_required too; one request answers both).
+            self.stats.resyncs += 1
+            self.request_snapshot()
         self._connected.set()
         self._state_changed.set()
         self._wake_sender.set()
@@ -630,8 +649,9 @@ class Client:
         elif kind in ("sync_error", "sync_conflict"):
             self._refused(message)
         elif kind == "resync_required":
-            self.stats.resyncs += 1
-            self.request_snapshot()
+            if not self._awaiting_snapshot:
+                self.stats.resyncs += 1
+                self.request_snapshot()
         elif kind == "snapshot":
             self._snapshot(message)
         elif kind == "error" and self._awaiting_snapshot and message.get("code") in RETRY_CODES:
@@ -680,6 +700,7 @@ class Client:
         seq = int(message["seq"])
         self._awaiting_snapshot = False
         self.watermark = seq
+        self.epoch = message.get("epoch") or self.epoch
         self._ahead = {s: e for s, e in self._ahead.items() if s > seq}
         self._emit(Snapshot(seq, list(message.get("entities") or [])))
         self._advance()
@@ -691,7 +712,8 @@ class Client:
         if len(self._ahead) >= self.events_size:
             return  # the gap-timeout resume sends it again
         self._ahead[seq] = event
-        self._advance()
+        if not self._awaiting_snapshot:  # else held: the snapshot says where the stream is
+            self._advance()
 
     def _advance(self) -> None:
         advanced = False

@@ -84,6 +84,9 @@ class Settings(BaseSettings):
     sync_batch_max_ops: int = Field(500, ge=1)
     sync_queue_size: int = Field(10_000, ge=1)
     sync_commit_timeout: float = Field(10.0, gt=0)
+    # Bytes of one entity's state (compact JSON); a write that would pass it is refused (4011).
+    # It also bounds one operation's log row (a BULK_UPDATE: one state per item).
+    entity_max_bytes: int = Field(262_144, ge=1024)
     # The operation log answers resumes and duplicates this long (idempotency needs >= 7 days).
     sync_log_retention_days: int = Field(30, ge=7)
     # Storage upkeep (log pruning, audit partitions) and the check for pushes a worker missed.
@@ -209,6 +212,16 @@ class Settings(BaseSettings):
                 f"each rule needs an entity_type (and optional fields): {exc}"
             ) from None
         return value
+
+    @model_validator(mode="after")
+    def _entity_fits_a_message(self) -> Settings:
+        if self.entity_max_bytes * 2 > self.max_ws_message_size:
+            raise ValueError(
+                f"ENTITY_MAX_BYTES={self.entity_max_bytes} must be at most half of "
+                f"MAX_WS_MESSAGE_SIZE={self.max_ws_message_size}: a push or a confirmation "
+                "carries an entity's whole state"
+            )
+        return self
 
     @model_validator(mode="after")
     def _workers(self) -> Settings:

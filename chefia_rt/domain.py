@@ -10,6 +10,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 JSON = dict[str, Any]
+# Operation ids (and the conflicts named after them) are unique per store, never across stores:
+# every restaurant has a "pos-1", and terminals build ids from their own id and a counter.
+OpKey = tuple[str, str]  # (store_id, operation id)
+ConflictKey = tuple[str, str]  # (store_id, conflict id)
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -58,10 +62,20 @@ class Operation:
     user_id: str | None = None
     requires_lock: bool = False
     priority: str = "medium"
+    # The user id the terminal wrote into the operation when it differs from `user_id` (the
+    # connection's identity: the token's when JWT is on). Kept in the audit, never trusted.
+    claimed_user_id: str | None = None
+    # The terminal may only change what exists: no CREATE, no upsert of a missing entity, no
+    # undelete (a field-restricted terminal type such as kds).
+    existing_only: bool = False
 
     @property
     def key(self) -> EntityKey:
         return EntityKey(self.store_id, self.entity_type, self.entity_id)
+
+    @property
+    def op_key(self) -> OpKey:
+        return (self.store_id, self.id)
 
     def touched_keys(self) -> list[EntityKey]:
         """Every entity this operation may change (BULK_UPDATE touches many)."""
@@ -94,6 +108,10 @@ class Conflict:
     server_data: JSON
     created_at: str
 
+    @property
+    def key(self) -> ConflictKey:
+        return (self.operation.store_id, self.id)
+
 
 @dataclass(slots=True)
 class OpRecord:
@@ -120,6 +138,10 @@ class OpRecord:
     server_time: str
     deleted: bool = False
 
+    @property
+    def op_key(self) -> OpKey:
+        return (self.store_id, self.id)
+
 
 @dataclass(slots=True)
 class AuditRecord:
@@ -137,25 +159,32 @@ class AuditRecord:
     sync_status: str
     conflict_resolved: bool
     timestamp: str
+    claimed_user_id: str | None = None
 
 
 @dataclass(slots=True)
 class BatchState:
     """What a store read (under lock) for a batch, handed to the engine."""
 
-    known_ops: dict[str, OpRecord]
+    known_ops: dict[OpKey, OpRecord]
     entities: dict[EntityKey, Entity]
-    conflicts: dict[str, Conflict]
+    conflicts: dict[ConflictKey, Conflict]
     last_seqs: dict[str, int]
 
 
 @dataclass(slots=True)
 class BatchWrite:
-    """What the engine decided a batch writes, in one transaction."""
+    """What the engine decided a batch writes, in one transaction.
+
+    The operation log is append-only: `op_records` are new rows, and one whose (store_id, id)
+    is already in the log fails the whole transaction. `settled_records` replace the
+    `status='conflict'` row a pending manual conflict left, and nothing else.
+    """
 
     entities: list[Entity] = field(default_factory=list)
     op_records: list[OpRecord] = field(default_factory=list)
+    settled_records: list[OpRecord] = field(default_factory=list)
     audit: list[AuditRecord] = field(default_factory=list)
     new_conflicts: list[Conflict] = field(default_factory=list)
-    settled_conflicts: list[str] = field(default_factory=list)
+    settled_conflicts: list[ConflictKey] = field(default_factory=list)
     last_seqs: dict[str, int] = field(default_factory=dict)

@@ -24,6 +24,7 @@ class Code(IntEnum):
     PERMISSION_DENIED = 4008
     LOCKED = 4009
     CONFLICT_RESOLUTION_FAILED = 4010
+    ENTITY_TOO_LARGE = 4011
 
 
 class ChefiaError(Exception):
@@ -66,6 +67,12 @@ class ResolutionFailed(ChefiaError):
     """A conflict_resolution that names no pending conflict, or cannot be applied (4010)."""
 
     code = Code.CONFLICT_RESOLUTION_FAILED
+
+
+class EntityTooLarge(ChefiaError):
+    """The entity's state after the change would pass ENTITY_MAX_BYTES; nothing changed (4011)."""
+
+    code = Code.ENTITY_TOO_LARGE
 
 
 class StorageUnavailable(ChefiaError):

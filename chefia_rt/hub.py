@@ -110,15 +110,20 @@ def push_message(record: OpRecord) -> dict[str, Any]:
 
 
 def snapshot_pages(
-    store_id: str, seq: int, entities: Sequence[dict[str, Any]], encoding: str, frame_max: int
+    store_id: str,
+    seq: int,
+    epoch: str,
+    entities: Sequence[dict[str, Any]],
+    encoding: str,
+    frame_max: int,
 ) -> list[OutFrame]:
     """The store's state at `seq` as `snapshot` messages of at most `frame_max` bytes each.
 
-    Pages are numbered from 0 and the last says `complete: true`; each carries `seq`. A terminal
-    joins the entities of pages 0..complete (a page 0 starts a snapshot anew). An entity larger
-    than a page goes alone in its own.
+    Pages are numbered from 0 and the last says `complete: true`; each carries `seq` and `epoch`.
+    A terminal joins the entities of pages 0..complete (a page 0 starts a snapshot anew). An
+    entity larger than a page goes alone in its own.
     """
-    room = frame_max - SNAPSHOT_PAGE_OVERHEAD - len(store_id.encode())
+    room = frame_max - SNAPSHOT_PAGE_OVERHEAD - len(store_id.encode()) - len(epoch.encode())
     chunks: list[list[dict[str, Any]]] = [[]]
     size = 0
     for entity in entities:
@@ -135,6 +140,7 @@ def snapshot_pages(
                 "type": "snapshot",
                 "store_id": store_id,
                 "seq": seq,
+                "epoch": epoch,
                 "page": index,
                 "complete": index == last,
                 "entities": chunk,

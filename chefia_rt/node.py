@@ -147,11 +147,11 @@ def batch_request(items: Sequence[Operation | Resolution]) -> BatchRequest:
     for item in items:
         stores.add(item.store_id)
         if isinstance(item, Resolution):
-            request.conflict_ids.append(item.conflict_id)
+            request.conflict_keys.append((item.store_id, item.conflict_id))
         else:
-            request.operation_ids.append(item.id)
+            request.operation_keys.append(item.op_key)
             # A retry of an op that raised a manual conflict repeats that conflict.
-            request.conflict_ids.append(conflict_id_for(item.id))
+            request.conflict_keys.append((item.store_id, conflict_id_for(item.id)))
             request.entity_keys.extend(item.touched_keys())
     request.store_ids = sorted(stores)
     return request
@@ -242,7 +242,7 @@ class Node:
             settings,
             make_store(settings),
             make_bus(settings),
-            Engine(PolicyTable(settings.sync_policies)),
+            Engine(PolicyTable(settings.sync_policies), settings.entity_max_bytes),
             Permissions(settings.terminal_permissions),
             Metrics(known_entity_types(settings), multiproc_dir_from_env()),
             os.environ.get(NODE_ID_ENV),
@@ -406,8 +406,13 @@ class Node:
 
     # ---- sessions ---------------------------------------------------------------------------
 
-    async def open_session(self, session: Session, since: int | None) -> None:
-        """Register a connection, greet it, and start its stream at `since` (or now)."""
+    async def open_session(
+        self, session: Session, since: int | None, epoch: str | None = None
+    ) -> None:
+        """Register a connection, greet it, and start its stream at `since` (or now).
+
+        `epoch`, sent with `since`, is the epoch that watermark was read in: another one (the
+        store was restored since) gets resync_required whatever the seqs say."""
         old = self.hub.attach(session)
         self.metrics.connected(session.terminal_type)  # close_session counts it out
         if old is not None:
@@ -427,36 +432,43 @@ class Node:
                 "session_id": session.session_id,
                 "server_time": utc_now_iso(),
                 "last_seq": bounds.last_seq,
+                "epoch": bounds.epoch,
                 "heartbeat_interval": self.settings.ws_heartbeat_interval,
                 "encoding": session.encoding,
                 "worker": self.worker_name,
             }
         )
         session.start()
-        self.position(session, since, bounds)
+        self.position(session, since, bounds, epoch)
         if session.terminal_type == "monitor":
             self.monitor.attach(session)
         self.spawn(self.store.record_session(self._session_record(session, connected=True)))
 
-    def position(self, session: Session, since: int | None, bounds: LogBounds) -> None:
-        """Stream from `since` when the log still reaches it; else say resync_required."""
+    def position(
+        self, session: Session, since: int | None, bounds: LogBounds, epoch: str | None = None
+    ) -> None:
+        """Stream from `since` when the log still reaches it (in the same epoch, when the
+        terminal names one); else say resync_required."""
         session.own_ops.clear()  # a resume replays the terminal's own ops too (SPEC §4)
         if since is None:
             self.hub.resume(session, bounds.last_seq)
             return
-        if since > bounds.last_seq or since + 1 < bounds.oldest_seq:
+        reason = None
+        if epoch is not None and epoch != bounds.epoch:
+            reason = "the store's log was restored since that watermark (another epoch)"
+        elif since > bounds.last_seq:
+            reason = "since is ahead of the server's log"
+        elif since + 1 < bounds.oldest_seq:
+            reason = "the operation log no longer reaches back to since"
+        if reason is not None:
             self.metrics.resumed("resync_required")
-            reason = (
-                "since is ahead of the server's log"
-                if since > bounds.last_seq
-                else "the operation log no longer reaches back to since"
-            )
             session.send(
                 {
                     "type": "resync_required",
                     "since": since,
                     "oldest_seq": bounds.oldest_seq,
                     "last_seq": bounds.last_seq,
+                    "epoch": bounds.epoch,
                     "reason": reason + "; send snapshot_request",
                 }
             )
@@ -465,14 +477,14 @@ class Node:
         self.metrics.resumed("resume")
         self.hub.resume(session, since)
 
-    async def resume(self, session: Session, since: int) -> None:
+    async def resume(self, session: Session, since: int, epoch: str | None = None) -> None:
         session.pause()  # pushes wait for the catch-up from `since`
         try:
             bounds = await self.store.log_bounds(session.store_id)
         except ChefiaError:
             self.hub.resume(session, session.next_seq - 1)  # refused: the stream goes on as it was
             raise
-        self.position(session, since, bounds)
+        self.position(session, since, bounds, epoch)
 
     async def close_session(self, session: Session) -> None:
         """The connection ended: forget it and, unless a newer one replaced it, its locks."""
@@ -510,6 +522,9 @@ class Node:
         session.pause()  # the stream restarts after the snapshot's watermark
         self.metrics.resumed("snapshot")
         try:
+            # Read before the snapshot: a restore between the two reads labels the snapshot
+            # with the old epoch, and the terminal's next resume then asks for another one.
+            epoch = (await self.store.log_bounds(session.store_id)).epoch
             seq, entities = await self.store.snapshot(session.store_id, entity_types)
         except ChefiaError:
             self.hub.resume(session, session.next_seq - 1)  # refused: the stream goes on as it was
@@ -527,7 +542,7 @@ class Node:
         del entities
         # Pages that each fit a frame, sent as the terminal reads them, then the stream after.
         pages = snapshot_pages(
-            session.store_id, seq, wire, session.encoding, self.settings.max_ws_message_size
+            session.store_id, seq, epoch, wire, session.encoding, self.settings.max_ws_message_size
         )
         self.hub.resume(session, seq, pages)
 
@@ -610,8 +625,7 @@ class Node:
             # A terminal retries when it lost the confirmation, typically with the connection,
             # and that also released its locks. An operation already in the log must still be
             # answered `duplicate` (SPEC §3 idempotency), never 4009: the batch will say so.
-            known = await self.store.get_operation(op.id)
-            if known is not None and known.store_id == op.store_id:
+            if await self.store.get_operation(op.store_id, op.id) is not None:
                 return
             raise
 

@@ -96,6 +96,13 @@ class WsTransport:
             self._ws.transport.abort()
 
 
+def _connect_epoch(ws: ServerConnection) -> str | None:
+    """The `epoch=` of the handshake (the epoch its `since` was read in), if it names one."""
+    assert ws.request is not None
+    epoch = _query(parse_qs(urlsplit(ws.request.path).query), "epoch")
+    return epoch[:64] if epoch else None
+
+
 def _query(params: dict[str, list[str]], name: str) -> str | None:
     values = params.get(name)
     return values[0] if values else None
@@ -268,7 +275,7 @@ class Server:
             session.on_sent = self._log_sent
         self._limit_send_buffer(ws)
         try:
-            await self.node.open_session(session, since)
+            await self.node.open_session(session, since, _connect_epoch(ws))
         except Exception as exc:
             # open_session registers the session before it reads storage: forget it again, or
             # a refused connection would count against MAX_WS_CONNECTIONS and in /ws/stats.
@@ -495,7 +502,7 @@ class Server:
             await node.monitor.lock(session, answer)
         elif isinstance(msg, m.ResumeIn):
             self._charge(session, self.settings.ws_rate_cost_resume, received, "a resume")
-            await node.resume(session, msg.since)
+            await node.resume(session, msg.since, msg.epoch)
         elif isinstance(msg, m.SnapshotRequestIn):
             self._charge(
                 session, self.settings.ws_rate_cost_snapshot, received, "a snapshot_request"
@@ -526,9 +533,16 @@ class Server:
         )
 
     def _operation(self, session: Session, model: m.OperationModel) -> Operation:
+        """The Operation a terminal sent. With JWT on, `user_id` is the token's (the identity
+        the audit records); a different user_id in the message is kept as a claim only."""
         data = model.data
         if model.operation == m.OpKind.BULK_UPDATE:
             data = {"updates": [item.model_dump() for item in model.bulk_items()]}
+        if self.settings.auth_enabled:
+            user_id = session.user_id
+        else:
+            user_id = model.user_id or session.user_id
+        claimed = model.user_id if model.user_id != user_id else None
         return Operation(
             id=model.id,
             store_id=session.store_id,
@@ -539,9 +553,13 @@ class Server:
             version=model.version,
             timestamp=m.client_time(model.timestamp, self.settings.sync_max_clock_skew),
             terminal_id=session.terminal_id,
-            user_id=model.user_id or session.user_id,
+            user_id=user_id,
             requires_lock=model.requires_lock,
             priority=model.priority.value,
+            claimed_user_id=claimed,
+            existing_only=self.node.permissions.existing_only(
+                session.terminal_type, model.entity_type
+            ),
         )
 
     # ---- serving ----------------------------------------------------------------------------

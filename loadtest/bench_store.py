@@ -170,8 +170,8 @@ def request_for(ops: Sequence[Operation]) -> BatchRequest:
     """The BatchRequest the node builds for a batch (node.Node._commit)."""
     request = BatchRequest()
     for op in ops:
-        request.operation_ids.append(op.id)
-        request.conflict_ids.append(conflict_id_for(op.id))
+        request.operation_keys.append(op.op_key)
+        request.conflict_keys.append((op.store_id, conflict_id_for(op.id)))
         request.entity_keys.extend(op.touched_keys())
     request.store_ids = sorted({op.store_id for op in ops})
     return request

@@ -207,9 +207,15 @@ class PingIn(_Strict):
     timestamp: Any = None
 
 
+EpochText = Annotated[str, Field(min_length=1, max_length=64)]
+
+
 class ResumeIn(_Strict):
     type: Literal["resume"]
     since: Int = Field(ge=0)
+    # The epoch `since` was read in (connection_established, snapshot); another one than the
+    # store's current epoch gets resync_required. Without it, seqs alone decide.
+    epoch: EpochText | None = None
 
 
 class SnapshotRequestIn(_Strict):
@@ -293,6 +299,7 @@ class ConnectionEstablished(_Strict):
     session_id: str
     server_time: str
     last_seq: int
+    epoch: str  # names the store's seq stream; a restore starts another one
     heartbeat_interval: float
     encoding: Literal["json", "msgpack"]
 
@@ -409,6 +416,7 @@ class Snapshot(_Strict):
     type: Literal["snapshot"]
     store_id: str
     seq: int
+    epoch: str
     page: int = 0
     complete: bool = True
     entities: list[SnapshotEntity]
@@ -419,6 +427,7 @@ class ResyncRequired(_Strict):
     since: int
     oldest_seq: int
     last_seq: int
+    epoch: str
     reason: str
 
 

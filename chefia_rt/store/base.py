@@ -12,7 +12,15 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Protocol, TypeVar
 
-from chefia_rt.domain import BatchState, BatchWrite, Entity, EntityKey, OpRecord
+from chefia_rt.domain import (
+    BatchState,
+    BatchWrite,
+    ConflictKey,
+    Entity,
+    EntityKey,
+    OpKey,
+    OpRecord,
+)
 
 T = TypeVar("T")
 
@@ -23,19 +31,22 @@ Decide = Callable[[BatchState], tuple[T, BatchWrite]]
 class BatchRequest:
     """What a batch needs read under lock before the engine can decide it."""
 
-    operation_ids: list[str] = field(default_factory=list)
+    operation_keys: list[OpKey] = field(default_factory=list)
     entity_keys: list[EntityKey] = field(default_factory=list)
-    conflict_ids: list[str] = field(default_factory=list)
+    conflict_keys: list[ConflictKey] = field(default_factory=list)
     store_ids: list[str] = field(default_factory=list)
 
 
 @dataclass(slots=True)
 class LogBounds:
     """How far back a store's operation log reaches: `oldest_seq` is the first seq still kept
-    (last_seq + 1 when none is), `last_seq` the newest."""
+    (last_seq + 1 when none is), `last_seq` the newest. `epoch` names the store's seq stream:
+    set when the stream starts (the first time anyone asks), replaced by a restore, so that a
+    seq is only meaningful together with the epoch it was read in."""
 
     oldest_seq: int
     last_seq: int
+    epoch: str
 
 
 @dataclass(slots=True)
@@ -91,7 +102,12 @@ class Store(Protocol):
         The BatchState holds the requested operation records (with or without a seq), the
         requested conflicts, the entities of the requested keys and of those conflicts'
         operations, and the last seq (0 if none) of the requested stores and of every store of
-        those entities. A record is rewritten by id; a seq another operation holds is refused.
+        those entities. Operation records and conflicts are keyed by (store_id, id).
+
+        The log is append-only: a BatchWrite.op_records row whose (store_id, id) is already
+        logged, or a seq another operation holds, fails the whole transaction
+        (StorageUnavailable: the retry is answered `duplicate`). A settled_records row replaces
+        only that store's `status='conflict'` row of its id; any other fails the transaction.
 
         An exception from `decide` propagates unchanged and nothing is written. Raises
         StorageUnavailable when nothing could be written; after it returns, the batch is
@@ -102,11 +118,12 @@ class Store(Protocol):
         """Applied operations of a store with seq > after_seq, in seq order, at most `limit`.
         Records without a seq (nothing changed, a pending conflict) are never returned."""
 
-    async def get_operation(self, operation_id: str) -> OpRecord | None:
-        """The operation log's record of an operation id (applied or not), if it holds one."""
+    async def get_operation(self, store_id: str, operation_id: str) -> OpRecord | None:
+        """The operation log's record of a store's operation id (applied or not), if any."""
 
     async def log_bounds(self, store_id: str) -> LogBounds:
-        """The range of seqs the operation log can still replay for a store."""
+        """The range of seqs the operation log can still replay for a store, and its epoch
+        (created, with the stream, when the store has none yet)."""
 
     async def snapshot(
         self, store_id: str, entity_types: Sequence[str] | None

@@ -26,6 +26,7 @@ from chefia_rt.store.base import BatchRequest, Decide, LogBounds, ServerEvent, S
 from chefia_rt.store.rows import (
     ENTITY_COLUMNS,
     OP_COLUMNS,
+    audit_changes,
     conflict_from_row,
     entity_from_row,
     migrations,
@@ -62,6 +63,11 @@ _LOST = (
     asyncpg.CrashShutdownError,
 )
 _OP_FIELDS = [c.strip() for c in OP_COLUMNS.split(",")]
+_SETTLE = (
+    "UPDATE sync_operations SET "
+    + ", ".join(f"{c} = ${i}" for i, c in enumerate(_OP_FIELDS, 1) if c not in ("id", "store_id"))
+    + " WHERE id = $1 AND store_id = $2 AND status = 'conflict'"
+)
 
 
 def _jsonb_encode(value: Any) -> bytes:
@@ -304,14 +310,15 @@ class PostgresStore:
                 stores,
             )
         }
-        conflicts = {
-            r[0]: conflict_from_row(r)
-            for r in await conn.fetch(
-                "SELECT id, operation, server_version, server_data, created_at FROM conflicts "
-                "WHERE id = ANY($1::text[]) FOR UPDATE",
-                request.conflict_ids,
-            )
-        }
+        conflicts = {}
+        for row in await conn.fetch(
+            "SELECT id, operation, server_version, server_data, created_at FROM conflicts "
+            "WHERE (store_id, id) IN (SELECT * FROM unnest($1::text[], $2::text[])) FOR UPDATE",
+            [k[0] for k in request.conflict_keys],
+            [k[1] for k in request.conflict_keys],
+        ):
+            conflict = conflict_from_row(row)
+            conflicts[conflict.key] = conflict
         keys = sorted(set(request.entity_keys) | {c.operation.key for c in conflicts.values()})
         for store_id in {k.store_id for k in keys} - set(last_seqs):
             # A conflict of a store the request did not name (the engine refuses to settle it
@@ -322,13 +329,15 @@ class PostgresStore:
                 )
                 or 0
             )
-        known = {
-            r[0]: op_record_from_row(r)
-            for r in await conn.fetch(
-                f"SELECT {OP_COLUMNS} FROM sync_operations WHERE id = ANY($1::text[])",
-                request.operation_ids,
-            )
-        }
+        known = {}
+        for row in await conn.fetch(
+            f"SELECT {OP_COLUMNS} FROM sync_operations "
+            "WHERE (store_id, id) IN (SELECT * FROM unnest($1::text[], $2::text[]))",
+            [k[0] for k in request.operation_keys],
+            [k[1] for k in request.operation_keys],
+        ):
+            record = op_record_from_row(row)
+            known[record.op_key] = record
         entities: dict[EntityKey, Entity] = {}
         if keys:
             rows = await conn.fetch(
@@ -373,8 +382,9 @@ class PostgresStore:
                 [_parse_time(e.updated_at) if e.updated_at else None for e in write.entities],
             )
         if write.op_records:
-            # COPY into a per-transaction staging table, then one upsert: a resolution rewrites
-            # the record its conflict left, everything else is new.
+            # COPY into a per-transaction staging table, then one INSERT. The log is
+            # append-only: an id the store already logged fails the transaction, never
+            # overwrites (the retry then reads it and is answered `duplicate`).
             await conn.execute(
                 "CREATE TEMP TABLE IF NOT EXISTS sync_operations_in "
                 "(LIKE sync_operations INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
@@ -404,12 +414,35 @@ class PostgresStore:
                     for r in write.op_records
                 ],
             )
-            updates = ", ".join(f"{c} = excluded.{c}" for c in _OP_FIELDS if c != "id")
             await conn.execute(
                 f"INSERT INTO sync_operations ({OP_COLUMNS}) "
-                f"SELECT {OP_COLUMNS} FROM sync_operations_in "
-                f"ON CONFLICT (id) DO UPDATE SET {updates}"
+                f"SELECT {OP_COLUMNS} FROM sync_operations_in"
             )
+        for r in write.settled_records:
+            # A resolution replaces the row its pending conflict left, and nothing else.
+            status = await conn.execute(
+                _SETTLE,
+                r.id,
+                r.store_id,
+                r.entity_type,
+                r.entity_id,
+                r.operation,
+                r.data,
+                r.version,
+                r.seq,
+                r.status,
+                r.conflict_resolved,
+                r.terminal_id,
+                r.user_id,
+                r.priority,
+                r.timestamp,
+                r.server_time,
+                r.deleted,
+            )
+            if status != "UPDATE 1":
+                raise StorageUnavailable(
+                    f"operation {r.id!r} of {r.store_id} is no pending conflict any more; retry"
+                )
         if write.audit:
             await conn.copy_records_to_table(
                 "audit_logs_master",
@@ -435,7 +468,7 @@ class PostgresStore:
                         a.operation,
                         a.terminal_id,
                         a.user_id,
-                        {"before": a.before, "after": a.after},
+                        audit_changes(a.before, a.after, a.claimed_user_id),
                         a.sync_status,
                         a.conflict_resolved,
                         _parse_time(a.timestamp),
@@ -462,7 +495,10 @@ class PostgresStore:
             )
         if write.settled_conflicts:
             await conn.execute(
-                "DELETE FROM conflicts WHERE id = ANY($1::text[])", write.settled_conflicts
+                "DELETE FROM conflicts "
+                "WHERE (store_id, id) IN (SELECT * FROM unnest($1::text[], $2::text[]))",
+                [k[0] for k in write.settled_conflicts],
+                [k[1] for k in write.settled_conflicts],
             )
         if write.last_seqs:
             await conn.execute(
@@ -488,10 +524,12 @@ class PostgresStore:
         )
         return [op_record_from_row(r) for r in rows]
 
-    async def get_operation(self, operation_id: str) -> OpRecord | None:
+    async def get_operation(self, store_id: str, operation_id: str) -> OpRecord | None:
         row = await self._with(
             lambda c: c.fetchrow(
-                f"SELECT {OP_COLUMNS} FROM sync_operations WHERE id = $1", operation_id
+                f"SELECT {OP_COLUMNS} FROM sync_operations WHERE store_id = $1 AND id = $2",
+                store_id,
+                operation_id,
             ),
             read_only=True,
         )
@@ -499,15 +537,25 @@ class PostgresStore:
 
     async def log_bounds(self, store_id: str) -> LogBounds:
         async def read(conn: asyncpg.Connection) -> LogBounds:
-            last = await conn.fetchval(
-                "SELECT last_seq FROM store_seqs WHERE store_id = $1", store_id
+            row = await conn.fetchrow(
+                "SELECT last_seq, epoch FROM store_seqs WHERE store_id = $1", store_id
             )
+            if row is None:
+                # The stream starts here: its epoch is made once (a retry finds it made).
+                await conn.execute(
+                    "INSERT INTO store_seqs (store_id, last_seq) VALUES ($1, 0) "
+                    "ON CONFLICT (store_id) DO NOTHING",
+                    store_id,
+                )
+                row = await conn.fetchrow(
+                    "SELECT last_seq, epoch FROM store_seqs WHERE store_id = $1", store_id
+                )
             oldest = await conn.fetchval(
                 "SELECT min(seq) FROM sync_operations WHERE store_id = $1 AND seq IS NOT NULL",
                 store_id,
             )
-            last = last or 0
-            return LogBounds(oldest if oldest is not None else last + 1, last)
+            last = row[0]
+            return LogBounds(oldest if oldest is not None else last + 1, last, row[1])
 
         return await self._with(read, read_only=True)
 

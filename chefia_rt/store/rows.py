@@ -79,3 +79,12 @@ def entity_from_row(row: Sequence[Any]) -> Entity:
 def conflict_from_row(row: Sequence[Any]) -> Conflict:
     """Row: id, operation (JSON of the Operation), server_version, server_data, created_at."""
     return Conflict(row[0], Operation(**_json(row[1])), row[2], _json(row[3]), row[4])
+
+
+def audit_changes(before: Any, after: Any, claimed_user_id: str | None) -> dict[str, Any]:
+    """The audit row's `changes`: the state before and after, and the user id the terminal
+    claimed in its operation when it differs from the identity recorded in `user_id`."""
+    changes = {"before": before, "after": after}
+    if claimed_user_id is not None:
+        changes["claimed_user_id"] = claimed_user_id
+    return changes

@@ -24,8 +24,10 @@ from chefia_rt.domain import (
     BatchState,
     BatchWrite,
     Conflict,
+    ConflictKey,
     Entity,
     EntityKey,
+    OpKey,
     OpRecord,
 )
 from chefia_rt.errors import StorageUnavailable
@@ -34,6 +36,7 @@ from chefia_rt.store.base import BatchRequest, Decide, LogBounds, ServerEvent, S
 from chefia_rt.store.rows import (
     ENTITY_COLUMNS,
     OP_COLUMNS,
+    audit_changes,
     conflict_from_row,
     entity_from_row,
     migrations,
@@ -43,8 +46,11 @@ from chefia_rt.store.rows import (
 T = TypeVar("T")
 log = logging.getLogger("chefia_rt.store.sqlite")
 
-_OP_UPDATES = ", ".join(
-    f"{c} = excluded.{c}" for c in (c.strip() for c in OP_COLUMNS.split(",")) if c != "id"
+_OP_FIELDS = [c.strip() for c in OP_COLUMNS.split(",")]
+_SETTLE = (
+    "UPDATE sync_operations SET "
+    + ", ".join(f"{c} = ?" for c in _OP_FIELDS if c not in ("id", "store_id"))
+    + " WHERE id = ? AND store_id = ? AND status = 'conflict'"
 )
 # How long opening waits for other connections (busy_timeout, and the switch to WAL).
 _LOCK_WAIT = 10.0
@@ -91,6 +97,28 @@ def _rollback(db: sqlite3.Connection) -> None:
     if db.in_transaction:
         with contextlib.suppress(sqlite3.Error):
             db.execute("ROLLBACK")
+
+
+def _op_row(r: OpRecord) -> tuple[Any, ...]:
+    """An OpRecord as the values of OP_COLUMNS, in order."""
+    return (
+        r.id,
+        r.store_id,
+        r.entity_type,
+        r.entity_id,
+        r.operation,
+        _dumps(r.data),
+        r.version,
+        r.seq,
+        r.status,
+        int(r.conflict_resolved),
+        r.terminal_id,
+        r.user_id,
+        r.priority,
+        r.timestamp,
+        r.server_time,
+        int(r.deleted),
+    )
 
 
 def conflict_to_json(conflict: Conflict) -> str:
@@ -216,22 +244,26 @@ class SQLiteStore:
 
     @staticmethod
     def _read_batch(db: sqlite3.Connection, request: BatchRequest) -> BatchState:
-        known: dict[str, OpRecord] = {}
-        for chunk in _chunks(request.operation_ids):
-            marks = ",".join("?" * len(chunk))
+        known: dict[OpKey, OpRecord] = {}
+        for chunk in _chunks(request.operation_keys):
+            marks = ",".join("(?, ?)" for _ in chunk)
             for row in db.execute(
-                f"SELECT {OP_COLUMNS} FROM sync_operations WHERE id IN ({marks})", chunk
+                f"SELECT {OP_COLUMNS} FROM sync_operations WHERE (store_id, id) IN "
+                f"(VALUES {marks})",
+                [part for key in chunk for part in key],
             ):
-                known[row[0]] = op_record_from_row(row)
-        conflicts: dict[str, Conflict] = {}
-        for chunk in _chunks(request.conflict_ids):
-            marks = ",".join("?" * len(chunk))
+                record = op_record_from_row(row)
+                known[record.op_key] = record
+        conflicts: dict[ConflictKey, Conflict] = {}
+        for chunk in _chunks(request.conflict_keys):
+            marks = ",".join("(?, ?)" for _ in chunk)
             for row in db.execute(
                 "SELECT id, operation, server_version, server_data, created_at "
-                f"FROM conflicts WHERE id IN ({marks})",
-                chunk,
+                f"FROM conflicts WHERE (store_id, id) IN (VALUES {marks})",
+                [part for key in chunk for part in key],
             ):
-                conflicts[row[0]] = conflict_from_row(row)
+                conflict = conflict_from_row(row)
+                conflicts[conflict.key] = conflict
         keys = set(request.entity_keys) | {c.operation.key for c in conflicts.values()}
         entities: dict[EntityKey, Entity] = {}
         for key in keys:
@@ -279,35 +311,21 @@ class SQLiteStore:
                 for e in write.entities
             ],
         )
-        # A record is rewritten by id (a resolution settles its operation's record), but a seq
-        # already taken by another operation is an error: INSERT OR REPLACE would silently
-        # delete that other operation's row to make room.
+        # The log is append-only: an id the store already logged, or a seq another operation
+        # holds, fails the transaction (never INSERT OR REPLACE, never an upsert).
         db.executemany(
             f"INSERT INTO sync_operations ({OP_COLUMNS}) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-            f"ON CONFLICT (id) DO UPDATE SET {_OP_UPDATES}",
-            [
-                (
-                    r.id,
-                    r.store_id,
-                    r.entity_type,
-                    r.entity_id,
-                    r.operation,
-                    _dumps(r.data),
-                    r.version,
-                    r.seq,
-                    r.status,
-                    int(r.conflict_resolved),
-                    r.terminal_id,
-                    r.user_id,
-                    r.priority,
-                    r.timestamp,
-                    r.server_time,
-                    int(r.deleted),
-                )
-                for r in write.op_records
-            ],
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [_op_row(r) for r in write.op_records],
         )
+        for r in write.settled_records:
+            # A resolution replaces the row its pending conflict left, and nothing else.
+            row = _op_row(r)
+            cursor = db.execute(_SETTLE, (*row[2:], r.id, r.store_id))
+            if cursor.rowcount != 1:
+                raise StorageUnavailable(
+                    f"operation {r.id!r} of {r.store_id} is no pending conflict any more; retry"
+                )
         db.executemany(
             "INSERT INTO audit_logs_master (operation_id, store_id, entity_type, entity_id, "
             "operation, terminal_id, user_id, changes, sync_status, conflict_resolved, timestamp) "
@@ -321,7 +339,7 @@ class SQLiteStore:
                     a.operation,
                     a.terminal_id,
                     a.user_id,
-                    _dumps({"before": a.before, "after": a.after}),
+                    _dumps(audit_changes(a.before, a.after, a.claimed_user_id)),
                     a.sync_status,
                     int(a.conflict_resolved),
                     a.timestamp,
@@ -346,7 +364,7 @@ class SQLiteStore:
             ],
         )
         db.executemany(
-            "DELETE FROM conflicts WHERE id = ?", [(i,) for i in write.settled_conflicts]
+            "DELETE FROM conflicts WHERE store_id = ? AND id = ?", write.settled_conflicts
         )
         db.executemany(
             "INSERT INTO store_seqs (store_id, last_seq) VALUES (?, ?) "
@@ -365,10 +383,11 @@ class SQLiteStore:
 
         return await self._run(read)
 
-    async def get_operation(self, operation_id: str) -> OpRecord | None:
+    async def get_operation(self, store_id: str, operation_id: str) -> OpRecord | None:
         def read(db: sqlite3.Connection) -> OpRecord | None:
             row = db.execute(
-                f"SELECT {OP_COLUMNS} FROM sync_operations WHERE id = ?", (operation_id,)
+                f"SELECT {OP_COLUMNS} FROM sync_operations WHERE store_id = ? AND id = ?",
+                (store_id, operation_id),
             ).fetchone()
             return op_record_from_row(row) if row else None
 
@@ -376,15 +395,22 @@ class SQLiteStore:
 
     async def log_bounds(self, store_id: str) -> LogBounds:
         def read(db: sqlite3.Connection) -> LogBounds:
-            row = db.execute(
-                "SELECT last_seq FROM store_seqs WHERE store_id = ?", (store_id,)
-            ).fetchone()
-            last = row[0] if row else 0
+            select = "SELECT last_seq, epoch FROM store_seqs WHERE store_id = ?"
+            row = db.execute(select, (store_id,)).fetchone()
+            if row is None:
+                # The stream starts here, with its epoch (the column's default).
+                db.execute(
+                    "INSERT INTO store_seqs (store_id, last_seq) VALUES (?, 0) "
+                    "ON CONFLICT (store_id) DO NOTHING",
+                    (store_id,),
+                )
+                row = db.execute(select, (store_id,)).fetchone()
+            last = row[0]
             oldest = db.execute(
                 "SELECT min(seq) FROM sync_operations WHERE store_id = ? AND seq IS NOT NULL",
                 (store_id,),
             ).fetchone()[0]
-            return LogBounds(oldest if oldest is not None else last + 1, last)
+            return LogBounds(oldest if oldest is not None else last + 1, last, row[1])
 
         return await self._run(read)
 

@@ -8,6 +8,7 @@ the effects of the ones before it, exactly as if they had been committed one by 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,13 +19,22 @@ from chefia_rt.domain import (
     BatchState,
     BatchWrite,
     Conflict,
+    ConflictKey,
     Entity,
     EntityKey,
     Operation,
+    OpKey,
     OpRecord,
     Resolution,
 )
-from chefia_rt.errors import ChefiaError, Code, InvalidMessage, ResolutionFailed
+from chefia_rt.errors import (
+    ChefiaError,
+    Code,
+    EntityTooLarge,
+    InvalidMessage,
+    PermissionDenied,
+    ResolutionFailed,
+)
 from chefia_rt.sync.policies import (
     MANUAL_RESOLUTION,
     EntityPolicy,
@@ -36,11 +46,19 @@ from chefia_rt.sync.policies import (
 _STATUS_RANK = {"applied": 0, "merged": 1, "resolved": 2}
 _OPERATIONS = frozenset({"CREATE", "UPDATE", "DELETE", "BULK_UPDATE"})
 _RESOLUTIONS = frozenset({"accept_remote", "accept_local", "merge"})
+# The default ENTITY_MAX_BYTES: an entity's state as compact JSON, well under a message.
+ENTITY_MAX_BYTES = 256 * 1024
 
 
 def conflict_id_for(operation_id: str) -> str:
-    """A pending manual conflict is named after the operation that raised it."""
+    """A pending manual conflict is named after the operation that raised it (unique within
+    its store, like the operation id: conflicts are keyed by (store_id, conflict id))."""
     return f"conflict:{operation_id}"
+
+
+def state_bytes(data: JSON) -> int:
+    """The size ENTITY_MAX_BYTES bounds: the state's compact JSON encoding in UTF-8 bytes."""
+    return len(json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode())
 
 
 def wire_data(entity: Entity) -> JSON:
@@ -163,6 +181,22 @@ def _bulk_updates(data: JSON) -> list[tuple[str, JSON, int]] | str:
     return items
 
 
+def _creates(op: Operation, current: Entity | None) -> bool:
+    """An operation of a terminal that may only change existing entities would create one."""
+    if not op.existing_only or op.operation == "DELETE":
+        return False
+    return op.operation == "CREATE" or current is None or current.deleted
+
+
+def _not_existing(op: Operation, entity_id: str, current: Entity | None) -> PermissionDenied:
+    """A terminal that may only change existing entities tried to create or undelete one."""
+    what = "deleted" if current is not None else "missing"
+    return PermissionDenied(
+        f"{op.terminal_id} may only change existing {op.entity_type}: "
+        f"{op.entity_type}/{entity_id} is {what} (no CREATE, upsert or undelete)"
+    )
+
+
 class _Batch:
     """The working state of one batch: entities as changed so far, and what it will write."""
 
@@ -174,8 +208,9 @@ class _Batch:
         self.last_seqs = dict(state.last_seqs)
         self.write = BatchWrite()
         self._changed: dict[EntityKey, Entity] = {}
-        self._written: dict[str, OpRecord] = {}
-        self._new_conflicts: dict[str, Conflict] = {}
+        self._written: dict[OpKey, OpRecord] = {}
+        self._settled: dict[OpKey, OpRecord] = {}
+        self._new_conflicts: dict[ConflictKey, Conflict] = {}
 
     def next_seq(self, store_id: str) -> int:
         seq = self.last_seqs.get(store_id, 0) + 1
@@ -183,14 +218,23 @@ class _Batch:
         return seq
 
     def add_conflict(self, conflict: Conflict) -> None:
-        self.conflicts[conflict.id] = conflict
-        self._new_conflicts[conflict.id] = conflict
+        self.conflicts[conflict.key] = conflict
+        self._new_conflicts[conflict.key] = conflict
 
-    def settle_conflict(self, conflict_id: str) -> None:
-        del self.conflicts[conflict_id]
+    def settle_conflict(self, key: ConflictKey) -> bool:
+        """Settle a pending conflict; True when it was raised in this very batch."""
+        del self.conflicts[key]
+        self.write.settled_conflicts.append(key)
         # One raised and settled in the same batch is never written as pending at all.
-        self._new_conflicts.pop(conflict_id, None)
-        self.write.settled_conflicts.append(conflict_id)
+        return self._new_conflicts.pop(key, None) is not None
+
+    def checkpoint(self) -> tuple[dict[EntityKey, Entity], dict[EntityKey, Entity], int]:
+        """What `change_entity` touches, to undo a BULK_UPDATE refused half way."""
+        return dict(self.entities), dict(self._changed), len(self.write.audit)
+
+    def rollback(self, saved: tuple[dict[EntityKey, Entity], dict[EntityKey, Entity], int]) -> None:
+        self.entities, self._changed = saved[0], saved[1]
+        del self.write.audit[saved[2] :]
 
     def change_entity(
         self,
@@ -200,6 +244,7 @@ class _Batch:
         op: Operation,
         terminal_id: str,
         user_id: str | None,
+        claimed_user_id: str | None = None,
     ) -> Entity:
         current = self.entities.get(key)
         version = (current.version if current else 0) + 1
@@ -233,6 +278,7 @@ class _Batch:
                 sync_status=change.status,
                 conflict_resolved=change.conflict_resolved,
                 timestamp=self.now,
+                claimed_user_id=claimed_user_id,
             )
         )
         return entity
@@ -247,7 +293,10 @@ class _Batch:
         status: str,
         conflict_resolved: bool,
         deleted: bool = False,
+        settles: bool = False,
     ) -> OpRecord:
+        """Record what was decided for `op`. A new row, or with `settles` the replacement of
+        the row a conflict pending before this batch left in the log."""
         rec = OpRecord(
             id=op.id,
             store_id=op.store_id,
@@ -266,25 +315,51 @@ class _Batch:
             server_time=self.now,
             deleted=deleted,
         )
-        self.records[op.id] = rec
-        self._written[op.id] = rec  # a resolution rewrites its operation's earlier record
+        self.records[op.op_key] = rec
+        if settles:
+            self._settled[op.op_key] = rec
+        else:
+            self._written[op.op_key] = rec
         return rec
 
     def finish(self) -> BatchWrite:
         self.write.entities = list(self._changed.values())
         self.write.op_records = list(self._written.values())
+        self.write.settled_records = list(self._settled.values())
         self.write.new_conflicts = list(self._new_conflicts.values())
         self.write.last_seqs = self.last_seqs
         return self.write
 
 
 class Engine:
-    """Decides batches of operations against the policy table. Pure; safe to share."""
+    """Decides batches of operations against the policy table. Pure; safe to share.
 
-    __slots__ = ("policies",)
+    `entity_max_bytes` bounds every entity's state (see `state_bytes`): a change that would
+    pass it is refused with ENTITY_TOO_LARGE (4011) and changes nothing. As a log row holds an
+    entity's full state, it also bounds what one operation adds to the log: one entity's state,
+    or for a BULK_UPDATE one per item (at most MAX_BULK_UPDATES items).
+    """
 
-    def __init__(self, policies: PolicyTable | None = None) -> None:
+    __slots__ = ("entity_max_bytes", "policies")
+
+    def __init__(
+        self, policies: PolicyTable | None = None, entity_max_bytes: int = ENTITY_MAX_BYTES
+    ) -> None:
         self.policies = policies if policies is not None else PolicyTable()
+        self.entity_max_bytes = entity_max_bytes
+
+    def _too_large(self, change: _Change, entity_type: str) -> EntityTooLarge | None:
+        """The refusal of a change whose state would pass ENTITY_MAX_BYTES (a tombstone keeps
+        its last state and is never refused)."""
+        if change.deleted:
+            return None
+        size = state_bytes(change.data)
+        if size <= self.entity_max_bytes:
+            return None
+        return EntityTooLarge(
+            f"{entity_type} state would be {size} bytes, over ENTITY_MAX_BYTES "
+            f"({self.entity_max_bytes}); nothing changed"
+        )
 
     def decide(
         self, items: Sequence[Operation | Resolution], state: BatchState, now: str
@@ -303,12 +378,10 @@ class Engine:
         return outcomes, batch.finish()
 
     def _operation(self, op: Operation, batch: _Batch) -> Outcome:
-        known = batch.records.get(op.id)
+        known = batch.records.get(op.op_key)
         if known is not None:
-            if known.store_id != op.store_id:
-                return Outcome(op.id, "error", error=InvalidMessage("operation id already used"))
             if known.status == "conflict":
-                conflict = batch.conflicts.get(conflict_id_for(op.id))
+                conflict = batch.conflicts.get((op.store_id, conflict_id_for(op.id)))
                 return Outcome(op.id, "conflict", known, conflict)
             return Outcome(op.id, "duplicate", known)
         if op.operation not in _OPERATIONS:
@@ -321,6 +394,8 @@ class Engine:
             return Outcome(op.id, "error", error=InvalidMessage("operation data must be an object"))
         policy = self.policies[op.entity_type]
         current = batch.entities.get(op.key)
+        if _creates(op, current):
+            return Outcome(op.id, "error", error=_not_existing(op, op.entity_id, current))
         change = resolve(
             current,
             op.operation,
@@ -369,7 +444,12 @@ class Engine:
                 conflict_resolved=True,
             )
             return Outcome(op.id, "resolved", rec)
-        entity = batch.change_entity(op.key, change, op.timestamp, op, op.terminal_id, op.user_id)
+        too_large = self._too_large(change, op.entity_type)
+        if too_large is not None:
+            return Outcome(op.id, "error", error=too_large)
+        entity = batch.change_entity(
+            op.key, change, op.timestamp, op, op.terminal_id, op.user_id, op.claimed_user_id
+        )
         rec = batch.record(
             op,
             data=wire_data(entity),
@@ -397,10 +477,15 @@ class Engine:
         changed: list[Entity] = []
         statuses = ["applied"]
         conflict_resolved = False
+        saved = batch.checkpoint()
         for entity_id, patch, version in items:
             key = EntityKey(op.store_id, op.entity_type, entity_id)
+            current = batch.entities.get(key)
+            if op.existing_only and (current is None or current.deleted):
+                batch.rollback(saved)
+                return Outcome(op.id, "error", error=_not_existing(op, entity_id, current))
             change = resolve(
-                batch.entities.get(key),
+                current,
                 "UPDATE",
                 patch,
                 version,
@@ -413,10 +498,17 @@ class Engine:
                 statuses.append("resolved")
                 conflict_resolved = True
                 continue
+            too_large = self._too_large(change, op.entity_type)
+            if too_large is not None:
+                batch.rollback(saved)  # a BULK_UPDATE is one operation: all of it or nothing
+                too_large.reason = f"BULK_UPDATE {entity_id}: {too_large.reason}"
+                return Outcome(op.id, "error", error=too_large)
             statuses.append(change.status)
             conflict_resolved = conflict_resolved or change.conflict_resolved
             changed.append(
-                batch.change_entity(key, change, op.timestamp, op, op.terminal_id, op.user_id)
+                batch.change_entity(
+                    key, change, op.timestamp, op, op.terminal_id, op.user_id, op.claimed_user_id
+                )
             )
         status = max(statuses, key=_STATUS_RANK.__getitem__)
         if not changed:
@@ -449,8 +541,8 @@ class Engine:
         return Outcome(op.id, status, rec, changed=changed)
 
     def _resolution(self, res: Resolution, batch: _Batch) -> Outcome:
-        conflict = batch.conflicts.get(res.conflict_id)
-        if conflict is None or conflict.operation.store_id != res.store_id:
+        conflict = batch.conflicts.get((res.store_id, res.conflict_id))
+        if conflict is None:
             return Outcome(
                 res.conflict_id,
                 "error",
@@ -473,7 +565,12 @@ class Engine:
                 change = None
         else:  # accept_remote: the server state stands
             change = None
-        batch.settle_conflict(res.conflict_id)
+        too_large = None if change is None else self._too_large(change, op.entity_type)
+        if too_large is not None:
+            too_large.reason += "; the conflict stays pending"
+            return Outcome(op.id, "error", error=too_large)
+        # Raised in this batch, its row is not in the log yet: the settled row is a new one.
+        settles = not batch.settle_conflict(conflict.key)
         if change is None:
             rec = batch.record(
                 op,
@@ -482,6 +579,7 @@ class Engine:
                 seq=None,
                 status="resolved",
                 conflict_resolved=True,
+                settles=settles,
             )
             return Outcome(op.id, "resolved", rec)
         change.status, change.conflict_resolved = "resolved", True
@@ -496,5 +594,6 @@ class Engine:
             status="resolved",
             conflict_resolved=True,
             deleted=entity.deleted,
+            settles=settles,
         )
         return Outcome(op.id, "resolved", rec, changed=[entity])

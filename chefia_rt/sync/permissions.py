@@ -17,7 +17,9 @@ ANY = "*"
 
 @dataclass(frozen=True, slots=True)
 class WriteRule:
-    """May write `entity_type`; with `fields`, only UPDATEs that touch nothing else."""
+    """May write `entity_type`; with `fields`, only UPDATEs of existing entities that touch
+    nothing else (no CREATE, no upsert of a missing entity, no undelete: the engine, which knows
+    whether the entity exists, refuses those with 4008)."""
 
     entity_type: str
     fields: frozenset[str] | None = None
@@ -71,6 +73,11 @@ class Permissions:
                 raise PermissionDenied(
                     f"a {terminal_type} terminal may only UPDATE {entity_type} fields: {allowed}"
                 )
+
+    def existing_only(self, terminal_type: str, entity_type: str) -> bool:
+        """True when this terminal type may only change entities that exist (not deleted)."""
+        rule = self._rule(terminal_type, entity_type)
+        return rule is not None and rule.fields is not None
 
     def check_lock(self, terminal_type: str, entity_type: str) -> None:
         """Only a terminal that may write an entity type may lock its entities."""

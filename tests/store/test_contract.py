@@ -32,7 +32,7 @@ from chefia_rt.domain import (
 from chefia_rt.errors import ChefiaError, StorageUnavailable
 from chefia_rt.node import batch_request
 from chefia_rt.protocol.messages import format_timestamp
-from chefia_rt.store.base import BatchRequest, LogBounds, SessionRecord, Store
+from chefia_rt.store.base import BatchRequest, SessionRecord, Store
 from chefia_rt.sync.engine import Engine, Outcome, conflict_id_for
 from tests.store.conftest import Peek, reopen_store
 
@@ -247,11 +247,16 @@ async def test_audit_record_fields_round_trip(store: Store, peek: Peek) -> None:
         sync_status="merged",
         conflict_resolved=True,
         timestamp=NOW,
+        claimed_user_id="someone-else",
     )
     await store.commit(BatchRequest(), writes(BatchWrite(audit=[audit])))
     (row,) = await peek.rows("audit_logs_master", operation_id="op-a")
     expected = asdict(audit)
-    expected["changes"] = {"before": expected.pop("before"), "after": expected.pop("after")}
+    expected["changes"] = {
+        "before": expected.pop("before"),
+        "after": expected.pop("after"),
+        "claimed_user_id": expected.pop("claimed_user_id"),
+    }
     assert {k: row[k] for k in expected} == expected
 
 
@@ -287,7 +292,8 @@ async def test_decide_that_raises_writes_nothing(store: Store, peek: Peek) -> No
         await store.commit(request, explode)
     after = {t: await peek.rows(t) for t in ("entities", "sync_operations", "audit_logs_master")}
     assert after == before
-    assert await store.log_bounds("s2") == await store.log_bounds("nowhere")
+    s2, nowhere = await store.log_bounds("s2"), await store.log_bounds("nowhere")
+    assert (s2.oldest_seq, s2.last_seq) == (nowhere.oldest_seq, nowhere.last_seq) == (1, 0)
 
     outcomes = await sync(store, items)  # the store is usable and nothing was half-written
     assert [o.status for o in outcomes] == ["applied", "applied", "applied"]
@@ -353,19 +359,38 @@ async def test_a_used_seq_is_refused_never_overwritten(store: Store) -> None:
     with pytest.raises(StorageUnavailable):
         await store.commit(BatchRequest(), writes(clash))
     assert await all_operations(store, "s1") == [first]
-    state = await read_state(store, BatchRequest(operation_ids=["op-a", "op-b"]))
-    assert state.known_ops == {"op-a": first}
+    state = await read_state(store, BatchRequest(operation_keys=[("s1", "op-a"), ("s1", "op-b")]))
+    assert state.known_ops == {("s1", "op-a"): first}
 
 
-async def test_an_operation_record_is_rewritten_in_place(store: Store) -> None:
+async def test_a_pending_conflict_record_is_settled_in_place(store: Store) -> None:
     """A resolution rewrites its operation's record: from `conflict` (no seq) to `resolved`."""
     pending = record("op-x", None, status="conflict", data={}, version=3)
     await store.commit(BatchRequest(), writes(BatchWrite(op_records=[pending])))
     settled = record("op-x", 1, status="resolved", conflict_resolved=True, user_id=None)
-    await store.commit(BatchRequest(), writes(BatchWrite(op_records=[settled])))
-    state = await read_state(store, BatchRequest(operation_ids=["op-x"]))
-    assert state.known_ops == {"op-x": settled}
+    await store.commit(BatchRequest(), writes(BatchWrite(settled_records=[settled])))
+    state = await read_state(store, BatchRequest(operation_keys=[("s1", "op-x")]))
+    assert state.known_ops == {("s1", "op-x"): settled}
     assert await all_operations(store, "s1") == [settled]
+
+
+async def test_the_log_is_append_only(store: Store) -> None:
+    """A new record whose (store_id, id) is logged fails the transaction, never overwrites;
+    a settlement touches only a pending conflict's row of its own store."""
+    first = record("op-a", 1)
+    await store.commit(BatchRequest(), writes(BatchWrite(op_records=[first], last_seqs={"s1": 1})))
+    again = BatchWrite(op_records=[record("op-a", 2, data={"x": 9})], last_seqs={"s1": 2})
+    with pytest.raises(StorageUnavailable):
+        await store.commit(BatchRequest(), writes(again))
+    settle = record("op-a", 2, status="resolved", conflict_resolved=True)
+    with pytest.raises(StorageUnavailable):  # not a pending conflict
+        await store.commit(BatchRequest(), writes(BatchWrite(settled_records=[settle])))
+    other_store = record("op-a", None, status="conflict", data={}, store_id="s2")
+    await store.commit(BatchRequest(), writes(BatchWrite(op_records=[other_store])))
+    assert await all_operations(store, "s1") == [first]
+    assert await store.get_operation("s1", "op-a") == first
+    assert await store.get_operation("s2", "op-a") == other_store
+    assert (await store.log_bounds("s1")).last_seq == 1
 
 
 async def test_seqs_are_gapless_per_store_across_commits(store: Store) -> None:
@@ -410,7 +435,7 @@ async def test_reopened_storage_keeps_everything(store: Store) -> None:
         assert await again.snapshot("s1", None) == snapshot
         assert await again.read_operations("s1", 0, 100) == [first[0].record, first[1].record]
         state = await read_state(again, request_for([make_op("op3", "C1")]))
-        assert state.conflicts == {conflict_id_for("op3"): first[2].conflict}
+        assert state.conflicts == {("s1", conflict_id_for("op3")): first[2].conflict}
         more = await sync(again, [make_op("op4", "T1", {"a": 2}, version=2)])
         assert more[0].record is not None and more[0].record.seq == 3
     finally:
@@ -427,9 +452,9 @@ async def test_the_same_operation_twice_is_a_duplicate(store: Store) -> None:
 
     state = await read_state(store, request_for([applied, losing, stale]))
     assert state.known_ops == {
-        "op1": first[0].record,
-        "op2": first[1].record,
-        "op4": first[3].record,
+        ("s1", "op1"): first[0].record,
+        ("s1", "op2"): first[1].record,
+        ("s1", "op4"): first[3].record,
     }
 
     retry = await sync(store, [applied, losing, stale])
@@ -465,14 +490,14 @@ async def test_conflicts_round_trip_and_settled_ones_are_deleted(store: Store, p
     write = BatchWrite(entities=[base], new_conflicts=[conflict, anonymous])
     await store.commit(BatchRequest(), writes(write))
 
-    ids = [conflict.id, anonymous.id, "conflict:nothing"]
-    state = await read_state(store, BatchRequest(conflict_ids=ids))
-    assert state.conflicts == {conflict.id: conflict, anonymous.id: anonymous}
-    assert state.conflicts[conflict.id].operation.requires_lock is True
+    keys = [conflict.key, anonymous.key, ("s1", "conflict:nothing"), ("s2", conflict.id)]
+    state = await read_state(store, BatchRequest(conflict_keys=keys))
+    assert state.conflicts == {conflict.key: conflict, anonymous.key: anonymous}
+    assert state.conflicts[conflict.key].operation.requires_lock is True
 
-    await store.commit(BatchRequest(), writes(BatchWrite(settled_conflicts=[conflict.id])))
-    state = await read_state(store, BatchRequest(conflict_ids=ids))
-    assert state.conflicts == {anonymous.id: anonymous}
+    await store.commit(BatchRequest(), writes(BatchWrite(settled_conflicts=[conflict.key])))
+    state = await read_state(store, BatchRequest(conflict_keys=keys))
+    assert state.conflicts == {anonymous.key: anonymous}
     assert [c["id"] for c in await peek.rows("conflicts")] == [anonymous.id]
 
 
@@ -488,7 +513,9 @@ async def test_a_resolution_settles_its_conflict_through_the_engine(
     assert settled.status == "resolved" and settled.record is not None
     assert settled.record.seq == 2 and settled.record.data == {"amount": 2}
     assert await peek.rows("conflicts") == []
-    assert (await read_state(store, request_for([stale]))).known_ops == {"c2": settled.record}
+    assert (await read_state(store, request_for([stale]))).known_ops == {
+        ("s1", "c2"): settled.record
+    }
     (again,) = await sync(store, [resolution])
     assert again.status == "error"  # no pending conflict any more
 
@@ -513,12 +540,12 @@ async def test_batch_state_holds_requested_and_conflict_entities(store: Store) -
         store,
         BatchRequest(
             entity_keys=[t1.key, missing, t1.key],
-            conflict_ids=[conflict.id],
+            conflict_keys=[conflict.key],
             store_ids=["s1", "s9"],
         ),
     )
     assert state.entities == {t1.key: t1, c1.key: c1}  # not T2: nobody asked for it
-    assert state.conflicts == {conflict.id: conflict}
+    assert state.conflicts == {conflict.key: conflict}
     assert state.known_ops == {}
     # The requested stores and those of every loaded key, unknown ones at 0.
     assert state.last_seqs == {"s1": 7, "s3": 2, "s9": 0}
@@ -568,8 +595,9 @@ async def test_op_record_fields_round_trip(store: Store) -> None:
     ]
     await store.commit(BatchRequest(), writes(BatchWrite(op_records=records)))
     assert await all_operations(store, "s1") == records
-    state = await read_state(store, BatchRequest(operation_ids=["r1", "r2", "r3", "r4"]))
-    assert state.known_ops == {r.id: r for r in records}
+    keys = [("s1", f"r{n}") for n in range(1, 5)]
+    state = await read_state(store, BatchRequest(operation_keys=keys))
+    assert state.known_ops == {r.op_key: r for r in records}
 
 
 async def test_log_bounds(store: Store) -> None:
@@ -874,9 +902,9 @@ class MemoryStore:
     """The engine over plain dicts holding everything: what every store must be equivalent to."""
 
     def __init__(self) -> None:
-        self.known: dict[str, OpRecord] = {}
+        self.known: dict[tuple[str, str], OpRecord] = {}
         self.entities: dict[EntityKey, Entity] = {}
-        self.conflicts: dict[str, Conflict] = {}
+        self.conflicts: dict[tuple[str, str], Conflict] = {}
         self.last_seqs: dict[str, int] = {}
         self.audit = 0
 
@@ -889,10 +917,11 @@ class MemoryStore:
         )
         outcomes, write = ENGINE.decide(items, state, now)
         self.entities.update((e.key, e) for e in write.entities)
-        self.known.update((r.id, r) for r in write.op_records)
-        self.conflicts.update((c.id, c) for c in write.new_conflicts)
-        for conflict_id in write.settled_conflicts:
-            self.conflicts.pop(conflict_id, None)
+        assert not {r.op_key for r in write.op_records} & set(self.known)
+        self.known.update((r.op_key, r) for r in [*write.op_records, *write.settled_records])
+        self.conflicts.update((c.key, c) for c in write.new_conflicts)
+        for conflict_key in write.settled_conflicts:
+            self.conflicts.pop(conflict_key, None)
         self.last_seqs.update(write.last_seqs)
         self.audit += len(write.audit)
         return outcomes
@@ -990,11 +1019,13 @@ async def test_store_is_equivalent_to_the_engine_in_memory(
     assert statuses["applied"] and statuses["conflict"] and statuses["duplicate"]
 
     everything = BatchRequest(
-        operation_ids=[i.id for i in items if isinstance(i, Operation)],
+        operation_keys=[i.op_key for i in items if isinstance(i, Operation)],
         entity_keys=sorted(
             {k for i in items if isinstance(i, Operation) for k in i.touched_keys()}
         ),
-        conflict_ids=[conflict_id_for(i.id) for i in items if isinstance(i, Operation)],
+        conflict_keys=[
+            (i.store_id, conflict_id_for(i.id)) for i in items if isinstance(i, Operation)
+        ],
         store_ids=["s1", "s2"],
     )
     state = await read_state(store, everything)
@@ -1026,8 +1057,9 @@ async def test_maintain_prunes_old_log_rows_without_leaving_a_hole(store: Store)
     await sync(store, [make_op("b0", "X", {"n": 0}, store_id="s2")], now=old)
     await sync(store, [make_op("a3", "T9", {"n": 3})], now=NOW)
     await store.maintain(timedelta(days=30), now=STARTED)
-    assert await store.log_bounds("s1") == LogBounds(oldest_seq=4, last_seq=4)
-    assert await store.log_bounds("s2") == LogBounds(oldest_seq=2, last_seq=1)
+    s1, s2 = await store.log_bounds("s1"), await store.log_bounds("s2")
+    assert (s1.oldest_seq, s1.last_seq) == (4, 4)
+    assert (s2.oldest_seq, s2.last_seq) == (2, 1)
     assert [r.seq for r in await store.read_operations("s1", 0, 10)] == [4]
     # A retry of a pruned op is no longer known: the retention is the idempotency horizon.
     await store.maintain(timedelta(days=30), now=STARTED)  # idempotent
@@ -1047,10 +1079,11 @@ async def test_maintain_keeps_a_newer_seq_logged_earlier_than_an_older_one(store
 async def test_get_operation_finds_applied_and_unapplied_records(store: Store) -> None:
     await sync(store, [make_op("w1", "T1", {"n": 1}, timestamp=STAMPS[2])])
     await sync(store, [make_op("l1", "T1", {"n": 0}, version=1, timestamp=STAMPS[0])])
-    applied, lost = await store.get_operation("w1"), await store.get_operation("l1")
+    applied, lost = await store.get_operation("s1", "w1"), await store.get_operation("s1", "l1")
     assert applied is not None and applied.seq == 1 and applied.status == "applied"
     assert lost is not None and lost.seq is None and lost.status == "resolved"
-    assert await store.get_operation("nope") is None
+    assert await store.get_operation("s1", "nope") is None
+    assert await store.get_operation("s2", "w1") is None  # ids are per store
 
 
 # ---- server events (the monitor's backups and restores) ---------------------------------------

@@ -65,7 +65,7 @@ async def test_migrations_are_recorded_and_idempotent(db_path: Path) -> None:
         await store.open()
         await store.close()
     recorded = query(db_path, "SELECT version, applied_at FROM schema_migrations ORDER BY version")
-    assert [version for version, _ in recorded] == packaged_versions() == [1, 2]
+    assert [version for version, _ in recorded] == packaged_versions() == [1, 2, 3]
     assert all(applied_at for _, applied_at in recorded)
     tables = {row[0] for row in query(db_path, "SELECT name FROM sqlite_master WHERE type='table'")}
     assert {
@@ -131,6 +131,7 @@ async def test_concurrent_first_opens_migrate_once(tmp_path: Path) -> None:
         assert query(path, "SELECT version FROM schema_migrations ORDER BY version") == [
             (1,),
             (2,),
+            (3,),
         ]
 
 
@@ -157,7 +158,7 @@ async def test_reopening_the_file_keeps_data(db_path: Path) -> None:
         assert more.record is not None and more.record.seq == 3
     finally:
         await store.close()
-    assert query(db_path, "SELECT count(*) FROM schema_migrations") == [(2,)]
+    assert query(db_path, "SELECT count(*) FROM schema_migrations") == [(3,)]
 
 
 async def test_two_stores_on_one_file_never_fork(db_path: Path) -> None:

@@ -125,9 +125,9 @@ def state(
     seqs: dict[str, int] | None = None,
 ) -> BatchState:
     return BatchState(
-        known_ops={r.id: r for r in known},
+        known_ops={r.op_key: r for r in known},
         entities={e.key: e for e in entities},
-        conflicts={c.id: c for c in conflicts},
+        conflicts={c.key: c for c in conflicts},
         last_seqs=dict(seqs or {}),
     )
 
@@ -167,11 +167,14 @@ def carry(before: BatchState, write: BatchWrite, *, copy_write: bool = True) -> 
     entities = dict(before.entities)
     entities.update({e.key: e for e in write.entities})
     known = dict(before.known_ops)
-    known.update({r.id: r for r in write.op_records})
+    assert not set(known) & {r.op_key for r in write.op_records}, "the log is append-only"
+    for r in write.settled_records:
+        assert known[r.op_key].status == "conflict", "only a pending conflict's row is settled"
+    known.update({r.op_key: r for r in [*write.op_records, *write.settled_records]})
     conflicts = dict(before.conflicts)
-    conflicts.update({c.id: c for c in write.new_conflicts})
-    for conflict_id in write.settled_conflicts:
-        conflicts.pop(conflict_id, None)
+    conflicts.update({c.key: c for c in write.new_conflicts})
+    for conflict_key in write.settled_conflicts:
+        conflicts.pop(conflict_key, None)
     return BatchState(known, entities, conflicts, {**before.last_seqs, **write.last_seqs})
 
 
@@ -707,8 +710,8 @@ def test_accept_remote_keeps_the_server_state() -> None:
     assert out.record is not None
     assert (out.record.status, out.record.seq, out.record.version) == ("resolved", None, 2)
     assert out.record.conflict_resolved is True
-    assert w.settled_conflicts == ["conflict:op1"]
-    assert w.op_records == [out.record]  # the conflict row of op1 is rewritten
+    assert w.settled_conflicts == [(STORE, "conflict:op1")]
+    assert w.op_records == [] and w.settled_records == [out.record]  # the row of op1
     assert w.entities == [] and w.last_seqs == {STORE: 3}
 
 
@@ -723,7 +726,7 @@ def test_accept_local_applies_the_original_operation() -> None:
     assert out.record.operation == "UPDATE" and out.record.terminal_id == "pos-1"
     (after,) = w.entities
     assert after.updated_by == "pos-9" and after.timestamp == ts(50)
-    assert w.settled_conflicts == ["conflict:op1"]
+    assert w.settled_conflicts == [(STORE, "conflict:op1")]
     assert w.audit[0].terminal_id == "pos-9" and w.audit[0].user_id == "manager"
 
 
@@ -766,7 +769,7 @@ def test_merge_resolution_without_data_fails_and_keeps_the_conflict() -> None:
     assert o[0].status == "error"
     assert isinstance(o[0].error, ResolutionFailed) and o[0].error.code == 4010
     assert o[1].status == "resolved"  # still pending after the failed attempt
-    assert w.settled_conflicts == ["conflict:op1"]
+    assert w.settled_conflicts == [(STORE, "conflict:op1")]
 
 
 @pytest.mark.parametrize(
@@ -795,7 +798,7 @@ def test_a_conflict_is_settled_once() -> None:
         conflicted(),
     )
     assert [x.status for x in o] == ["resolved", "error"]
-    assert w.settled_conflicts == ["conflict:op1"]
+    assert w.settled_conflicts == [(STORE, "conflict:op1")]
 
 
 def test_an_unknown_resolution_kind_fails_and_keeps_the_conflict() -> None:
@@ -810,7 +813,7 @@ def test_conflict_raised_and_settled_in_one_batch_is_never_written_as_pending() 
     o, w = run([cash_op(), resolution("conflict:op1", "accept_local")], before)
     assert [x.status for x in o] == ["conflict", "resolved"]
     assert w.new_conflicts == []
-    assert w.settled_conflicts == ["conflict:op1"]
+    assert w.settled_conflicts == [(STORE, "conflict:op1")]
     assert len(w.op_records) == 1 and w.op_records[0].status == "resolved"
     assert carry(before, w).conflicts == {}
 
@@ -825,7 +828,7 @@ def test_a_known_operation_is_a_duplicate_and_writes_nothing() -> None:
     o, w2 = run([op("op1", "UPDATE", {"a": 3}, 3)], before)  # same id, even another body
     out = only(o)
     assert out.status == "duplicate"
-    assert out.record == before.known_ops["op1"]
+    assert out.record == before.known_ops[(STORE, "op1")]
     assert out.record is not None and out.record.seq == 2
     assert out.changed == []
     assert_no_change(w2, before)
@@ -851,8 +854,8 @@ def test_a_repeated_pending_conflict_repeats_the_conflict() -> None:
     o, w = run([cash_op()], before)
     out = only(o)
     assert out.status == "conflict"
-    assert out.conflict == before.conflicts["conflict:op1"]
-    assert out.record == before.known_ops["op1"]
+    assert out.conflict == before.conflicts[(STORE, "conflict:op1")]
+    assert out.record == before.known_ops[(STORE, "op1")]
     assert_no_change(w, before)
     assert w.op_records == []
 
@@ -866,18 +869,25 @@ def test_a_settled_conflict_repeats_as_duplicate() -> None:
     assert out.record is not None and out.record.status == "resolved" and out.record.seq == 4
 
 
-def test_an_operation_id_of_another_store_is_error_4006() -> None:
+def test_operation_ids_are_per_store_another_store_may_use_the_same_id() -> None:
     first = state()
     _, w = run([op("op1", "CREATE", {"a": 1}, store="s2")], first)
     before = carry(first, w)
-    o, w2 = run([op("op1", "CREATE", {"a": 1}, store="s1")], before)
+    o, w2 = run([op("op1", "CREATE", {"a": 2}, store="s1")], before)
     out = only(o)
-    assert out.status == "error"
-    assert isinstance(out.error, InvalidMessage) and out.error.code == 4006
-    assert_no_change(w2, before)
-    # ...in one batch too
-    o, _ = run([op("op1", "CREATE", {"a": 1}, store="s2"), op("op1", "CREATE", {"a": 1})])
-    assert [x.status for x in o] == ["applied", "error"]
+    assert out.status == "applied" and out.record is not None
+    assert (out.record.store_id, out.record.seq, out.record.data) == ("s1", 1, {"a": 2})
+    after = carry(before, w2)
+    assert after.known_ops[("s2", "op1")].data == {"a": 1}  # store s2's row stands
+    assert after.known_ops[("s1", "op1")].data == {"a": 2}
+    # ...in one batch too; and each store's retry is its own duplicate.
+    both = [op("op1", "CREATE", {"a": 1}, store="s2"), op("op1", "CREATE", {"a": 1})]
+    o, w3 = run(both)
+    assert [x.status for x in o] == ["applied", "applied"]
+    assert {r.op_key for r in w3.op_records} == {("s1", "op1"), ("s2", "op1")}
+    o, _ = run(both, carry(state(), w3))
+    assert [x.status for x in o] == ["duplicate", "duplicate"]
+    assert [x.record.store_id for x in o if x.record] == ["s2", "s1"]
 
 
 def test_an_operation_that_failed_is_not_remembered() -> None:
@@ -1143,15 +1153,13 @@ def item_lists(draw: st.DrawFn, max_size: int = 25) -> list[Operation | Resoluti
     sim = state()
     for n in range(draw(st.integers(0, max_size))):
         item: Operation | Resolution
-        pending = sorted(sim.conflicts)
+        pending = {cid: store for store, cid in sim.conflicts}
         if n and draw(st.integers(0, 4 if pending else 20)) == 0:
-            ids = pending or [conflict_id_for(f"op{m}") for m in range(n)]
+            ids = sorted(pending) or [conflict_id_for(f"op{m}") for m in range(n)]
             target = draw(st.sampled_from(ids))
             item = Resolution(
                 conflict_id=target,
-                store_id=sim.conflicts[target].operation.store_id
-                if target in sim.conflicts
-                else draw(st.sampled_from(STORES)),
+                store_id=pending[target] if target in pending else draw(st.sampled_from(STORES)),
                 terminal_id="t3",
                 user_id=None,
                 resolution=draw(st.sampled_from(["accept_remote", "accept_local", "merge"])),
@@ -1233,9 +1241,9 @@ def test_seqs_are_gapless_versions_count_changes_and_replays_are_duplicates(
     ]
     again, after = decide_in_batches(split(data, replay), final)
     for item, out in zip(replay, again, strict=True):
-        assert out.record == final.known_ops[item.id]
+        assert out.record == final.known_ops[item.op_key]
         if out.status == "conflict":
-            assert out.conflict == final.conflicts[conflict_id_for(item.id)]
+            assert out.conflict == final.conflicts[(item.store_id, conflict_id_for(item.id))]
         else:
             assert out.status == "duplicate"
     assert after == final
