@@ -1,0 +1,178 @@
+"""The engine's bounds on what one operation may do (issue 17, findings 2 and 8): an entity's
+state never passes ENTITY_MAX_BYTES, a terminal that may only change existing entities cannot
+create, upsert or undelete one, and the audit records the connection's identity with what the
+terminal claimed beside it."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import pytest
+
+from chefia_rt.config import load_settings
+from chefia_rt.domain import BatchState, BatchWrite, Operation, Resolution
+from chefia_rt.errors import Code, ConfigError
+from chefia_rt.sync.engine import Engine, Outcome, state_bytes
+from tests.sync.test_engine import (
+    NOW,
+    STORE,
+    bulk,
+    carry,
+    conflicted,
+    ent,
+    op,
+    resolution,
+    state,
+)
+
+LIMIT = 2_000
+
+
+def run(
+    items: list[Operation | Resolution], before: BatchState, limit: int = LIMIT
+) -> tuple[list[Outcome], BatchWrite]:
+    return Engine(None, limit).decide(items, before, NOW)
+
+
+def filler(size: int) -> dict[str, Any]:
+    """A patch of about `size` bytes of compact JSON."""
+    return {"notes": "x" * size}
+
+
+def assert_nothing_written(write: BatchWrite, before: BatchState) -> None:
+    assert write.entities == [] and write.audit == [] and write.op_records == []
+    assert write.new_conflicts == [] and write.settled_records == []
+    assert write.last_seqs == before.last_seqs
+
+
+def test_state_bytes_is_the_compact_utf8_json() -> None:
+    assert state_bytes({"a": 1}) == len(b'{"a":1}')
+    assert state_bytes({"n": "ç"}) == len('{"n":"ç"}'.encode())
+
+
+def test_a_create_past_the_limit_is_refused_and_changes_nothing() -> None:
+    before = state()
+    (out,), w = run([op("op1", "CREATE", filler(LIMIT))], before)
+    assert out.status == "error" and out.error is not None
+    assert out.error.code == Code.ENTITY_TOO_LARGE
+    assert "ENTITY_MAX_BYTES" in out.error.reason
+    assert_nothing_written(w, before)
+    (ok,), _ = run([op("op1", "CREATE", filler(LIMIT - 20))], before)
+    assert ok.status == "applied"
+
+
+def test_small_update_patches_cannot_grow_an_entity_past_the_limit() -> None:
+    """The issue's case: patches merge, so each small UPDATE adds to the whole state."""
+    current = state(seqs={STORE: 0})
+    applied = 0
+    for n in range(20):
+        patch = {f"f{n}": "y" * 300}
+        (out,), w = run([op(f"op{n}", "UPDATE", patch, applied + 1)], current)
+        if out.status == "error":
+            assert out.error is not None and out.error.code == Code.ENTITY_TOO_LARGE
+            assert_nothing_written(w, current)
+            break
+        applied += 1
+        current = carry(current, w)
+        (entity,) = w.entities
+        assert state_bytes(entity.data) <= LIMIT
+        (record,) = w.op_records
+        assert state_bytes(record.data) <= LIMIT  # the log row holds the state: bounded too
+    else:
+        pytest.fail("the entity grew without bound")
+    assert applied == 6  # 6 fields of ~310 bytes fit in 2000, the 7th does not
+
+
+def test_a_bulk_update_with_one_item_past_the_limit_changes_nothing() -> None:
+    before = state(ent(1, {"a": 1}, entity_id="e1"), ent(1, {"b": 1}, entity_id="e2"))
+    items = [("e1", {"a": 2}, 2), ("e2", filler(LIMIT), 2)]
+    (out,), w = run([bulk("b1", items)], before)
+    assert out.status == "error" and out.error is not None
+    assert out.error.code == Code.ENTITY_TOO_LARGE and "e2" in out.error.reason
+    assert_nothing_written(w, before)
+    # The batch goes on as if the bulk had never been there.
+    (refused, later), w2 = run([bulk("b1", items), op("op2", "UPDATE", {"a": 3}, 2)], before)
+    assert (refused.status, later.status) == ("error", "applied")
+    assert [e.data for e in w2.entities] == [{"a": 3}] and len(w2.audit) == 1
+
+
+def test_a_merge_resolution_past_the_limit_keeps_the_conflict_pending() -> None:
+    before = conflicted()
+    res = resolution("conflict:op1", "merge", filler(LIMIT))
+    (out,), w = run([res], before)
+    assert out.status == "error" and out.error is not None
+    assert out.error.code == Code.ENTITY_TOO_LARGE and "pending" in out.error.reason
+    assert w.settled_conflicts == [] and w.entities == []
+    (ok,), w2 = run([resolution("conflict:op1", "merge", {"amount": 1})], before)
+    assert ok.status == "resolved" and w2.settled_records == [ok.record]
+
+
+def test_a_delete_of_an_entity_over_a_lowered_limit_is_allowed() -> None:
+    before = state(ent(1, filler(LIMIT * 2)), seqs={STORE: 1})
+    (out,), w = run([op("op1", "DELETE", {}, 2)], before)
+    assert out.status == "applied" and w.entities[0].deleted
+
+
+# ---- terminals that may only change existing entities (kds) ---------------------------------
+
+
+def existing_only(operation: Operation) -> Operation:
+    return dataclasses.replace(operation, existing_only=True)
+
+
+@pytest.mark.parametrize(
+    ("entities", "item"),
+    [
+        ((), op("k1", "CREATE", {"status": "ready"})),
+        ((ent(1, {"status": "new"}),), op("k1", "CREATE", {"status": "ready"}, 2)),
+        ((), op("k1", "UPDATE", {"status": "ready"})),  # an upsert
+        ((ent(2, {"status": "new"}, deleted=True),), op("k1", "UPDATE", {"status": "ready"}, 3)),
+        ((ent(2, {"status": "new"}, deleted=True),), op("k1", "UPDATE", {"status": "x"}, 1, t=99)),
+    ],
+    ids=["create", "create-over-live", "upsert", "undelete", "undelete-stale-later"],
+)
+def test_an_existing_only_terminal_cannot_create_upsert_or_undelete(
+    entities: tuple[Any, ...], item: Operation
+) -> None:
+    before = state(*entities, seqs={STORE: 2})
+    (out,), w = run([existing_only(item)], before)
+    assert out.status == "error" and out.error is not None
+    assert out.error.code == Code.PERMISSION_DENIED
+    assert_nothing_written(w, before)
+
+
+def test_an_existing_only_terminal_updates_what_exists() -> None:
+    before = state(ent(1, {"status": "new", "total": 5}), seqs={STORE: 1})
+    (out,), w = run([existing_only(op("k1", "UPDATE", {"status": "ready"}, 2))], before)
+    assert out.status == "applied"
+    assert w.entities[0].data == {"status": "ready", "total": 5}
+
+
+def test_an_existing_only_bulk_update_with_a_missing_item_changes_nothing() -> None:
+    before = state(ent(1, {"status": "new"}, entity_id="e1"), seqs={STORE: 1})
+    item = existing_only(bulk("b1", [("e1", {"status": "x"}, 2), ("e9", {"status": "x"}, 1)]))
+    (out,), w = run([item], before)
+    assert out.status == "error" and out.error is not None
+    assert out.error.code == Code.PERMISSION_DENIED and "e9" in out.error.reason
+    assert_nothing_written(w, before)
+
+
+# ---- who the audit names ----------------------------------------------------------------------
+
+
+def test_the_audit_keeps_the_identity_and_the_claim_apart() -> None:
+    item = dataclasses.replace(
+        op("op1", "CREATE", {"a": 1}, user="token-user"), claimed_user_id="boss"
+    )
+    (out,), w = run([item], state())
+    (audit,) = w.audit
+    assert (audit.user_id, audit.claimed_user_id) == ("token-user", "boss")
+    assert out.record is not None and out.record.user_id == "token-user"
+
+
+def test_entity_max_bytes_must_leave_room_in_a_message() -> None:
+    assert load_settings(entity_max_bytes=262_144).entity_max_bytes == 262_144
+    with pytest.raises(ConfigError, match="ENTITY_MAX_BYTES"):
+        load_settings(entity_max_bytes=600_000)  # over half of MAX_WS_MESSAGE_SIZE (1 MiB)
+    assert load_settings(entity_max_bytes=600_000, max_ws_message_size=2_000_000)
