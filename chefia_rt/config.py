@@ -215,7 +215,12 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _entity_fits_a_message(self) -> Settings:
-        if self.entity_max_bytes * 2 > self.max_ws_message_size:
+        if self.entity_max_bytes * 2 <= self.max_ws_message_size:
+            return self
+        if "entity_max_bytes" not in self.model_fields_set:
+            # Only MAX_WS_MESSAGE_SIZE was lowered: the default follows it.
+            self.entity_max_bytes = self.max_ws_message_size // 2
+        else:
             raise ValueError(
                 f"ENTITY_MAX_BYTES={self.entity_max_bytes} must be at most half of "
                 f"MAX_WS_MESSAGE_SIZE={self.max_ws_message_size}: a push or a confirmation "

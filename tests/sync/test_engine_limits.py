@@ -176,3 +176,5 @@ def test_entity_max_bytes_must_leave_room_in_a_message() -> None:
     with pytest.raises(ConfigError, match="ENTITY_MAX_BYTES"):
         load_settings(entity_max_bytes=600_000)  # over half of MAX_WS_MESSAGE_SIZE (1 MiB)
     assert load_settings(entity_max_bytes=600_000, max_ws_message_size=2_000_000)
+    # Lowering only MAX_WS_MESSAGE_SIZE lowers the default with it.
+    assert load_settings(max_ws_message_size=4096).entity_max_bytes == 2048
