@@ -63,6 +63,9 @@ CLUSTER_ENV = {
     "WS_RATE_BURST": "100",
     "WS_MESSAGE_QUEUE_SIZE": "100",
     "DATABASE_POOL_SIZE": "3",
+    # The clock scenario's writers run up to 7 h ahead; within the bound, the latest client
+    # timestamp wins (beyond it, tests/e2e/test_clock_skew.py).
+    "SYNC_MAX_CLOCK_SKEW": "86400",
 }
 
 REPORTS: list[Report] = []
