@@ -262,6 +262,7 @@ class Client:
         self._ws: ClientConnection | None = None  # the current connection, for close()
         self._state_changed = asyncio.Event()  # connected or stopped
         self._awaiting_snapshot = False
+        self._snapshot_entities: list[dict[str, Any]] = []  # the pages of a snapshot so far
         self._restart: str | None = None  # why the current connection should be started over
         self._runner: asyncio.Task[None] | None = None
 
@@ -496,6 +497,7 @@ class Client:
         # (dropped then as a repeat) and the gap gets a fresh timeout.
         self._stalled_since = time.monotonic() if self._ahead else None
         self._awaiting_snapshot = False
+        self._snapshot_entities = []
         self._restart = None
         # Every unanswered operation goes again, in its original order, with its original id.
         self._to_send = dict.fromkeys(self._outbox)
@@ -697,12 +699,19 @@ class Client:
         _settle(outgoing.answer, Answer(outgoing.message["operation"]["id"], kind, message))
 
     def _snapshot(self, message: dict[str, Any]) -> None:
+        """One page of a snapshot; the one marked complete hands the whole state over."""
+        if message.get("page", 0) == 0:
+            self._snapshot_entities = []
+        self._snapshot_entities.extend(message.get("entities") or [])
+        if not message.get("complete", True):
+            return
+        entities, self._snapshot_entities = self._snapshot_entities, []
         seq = int(message["seq"])
         self._awaiting_snapshot = False
         self.watermark = seq
         self.epoch = message.get("epoch") or self.epoch
         self._ahead = {s: e for s, e in self._ahead.items() if s > seq}
-        self._emit(Snapshot(seq, list(message.get("entities") or [])))
+        self._emit(Snapshot(seq, entities))
         self._advance()
 
     def _arrive(self, seq: int, event: Event) -> None:

@@ -201,6 +201,50 @@ async def test_resync_required_brings_a_snapshot_then_the_stream(tmp_path: Path)
             assert seen.seqs == [3, 4] and a.watermark == 4 and a.stats.resyncs == 1
 
 
+@pytest.mark.parametrize("encoding", ["json", "msgpack"])
+async def test_a_snapshot_in_pages_arrives_as_one(tmp_path: Path, encoding: Any) -> None:
+    """A store larger than a frame comes in snapshot pages; the client hands over one Snapshot
+    holding every entity, then the stream after it."""
+    seen = Seen()
+    big = "x" * 3000
+    async with (
+        running_server(tmp_path, max_ws_message_size=65_536) as running,
+        running.terminal("pos-raw") as raw,
+    ):
+        for i in range(60):  # about 180 KB of state: three pages or more
+            await raw.send(op(f"op-{i}", f"t{i}", {"n": i, "pad": big}))
+            await raw.expect("sync_confirmation")
+        async with client(running, "pos-a", encoding=encoding, since=500, on_event=seen) as a:
+            await seen.until(1)
+            first = seen.events[0]
+            assert isinstance(first, Snapshot) and first.seq == 60
+            assert sorted(e["entity_id"] for e in first.entities) == sorted(
+                f"t{i}" for i in range(60)
+            )
+            await raw.send(op("op-x", "tx", {"n": -1}))
+            await seen.until(2)
+            assert seen.seqs == [60, 61] and a.watermark == 61
+
+
+def test_snapshot_pages_are_joined_until_the_complete_one() -> None:
+    seen = Seen()
+    c = Client("ws://127.0.0.1:1/ws", "pos-a", since=0, on_event=seen)
+    c.request_snapshot()
+    page = {"type": "snapshot", "store_id": "s1", "seq": 9, "epoch": "e1"}
+    c._handle(page | {"page": 0, "complete": False, "entities": [{"entity_id": "a"}]})
+    c._handle(page | {"page": 1, "complete": False, "entities": [{"entity_id": "b"}]})
+    assert seen.events == []  # nothing before the complete page
+    c._handle(page | {"page": 2, "complete": True, "entities": [{"entity_id": "c"}]})
+    (snapshot,) = seen.events
+    assert isinstance(snapshot, Snapshot) and snapshot.seq == 9 and c.epoch == "e1"
+    assert [e["entity_id"] for e in snapshot.entities] == ["a", "b", "c"]
+    # A snapshot started anew (page 0 again) forgets the pages of one cut short.
+    c.request_snapshot()
+    c._handle(page | {"page": 0, "complete": False, "entities": [{"entity_id": "old"}]})
+    c._handle(page | {"seq": 10, "page": 0, "complete": True, "entities": [{"entity_id": "d"}]})
+    assert [e["entity_id"] for e in seen.events[-1].entities] == ["d"]  # type: ignore[union-attr]
+
+
 async def test_backoff_gives_up_after_its_attempts() -> None:
     port = free_port()  # nothing listens there
     c = Client(
