@@ -85,7 +85,7 @@ class Settings(BaseSettings):
     sync_queue_size: int = Field(10_000, ge=1)
     sync_commit_timeout: float = Field(10.0, gt=0)
     # Bytes of one entity's state (compact JSON); a write that would pass it is refused (4011).
-    # It also bounds one operation's log row (a BULK_UPDATE: one state per item).
+    # It also bounds one operation's log row (a BULK_UPDATE: all its states together).
     entity_max_bytes: int = Field(262_144, ge=1024)
     # The operation log answers resumes and duplicates this long (idempotency needs >= 7 days).
     sync_log_retention_days: int = Field(30, ge=7)

@@ -530,6 +530,17 @@ class Engine:
             }
             for e in changed
         ]
+        size = state_bytes({"updates": updates})
+        if size > self.entity_max_bytes:
+            batch.rollback(saved)  # one log row and one push: it must fit like one entity
+            return Outcome(
+                op.id,
+                "error",
+                error=EntityTooLarge(
+                    f"BULK_UPDATE would log {size} bytes of state, over ENTITY_MAX_BYTES "
+                    f"({self.entity_max_bytes}); split it; nothing changed"
+                ),
+            )
         rec = batch.record(
             op,
             data={"updates": updates},

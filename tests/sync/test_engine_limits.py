@@ -97,6 +97,20 @@ def test_a_bulk_update_with_one_item_past_the_limit_changes_nothing() -> None:
     assert [e.data for e in w2.entities] == [{"a": 3}] and len(w2.audit) == 1
 
 
+def test_a_bulk_update_logs_no_more_than_one_entity_may_hold() -> None:
+    """Each item fits, but together they would make one log row (and one push) past the
+    limit: refused whole, so an operation's log row is bounded whatever its item count."""
+    before = state(*(ent(1, {"a": 1}, entity_id=f"e{i}") for i in range(4)))
+    items = [(f"e{i}", filler(LIMIT // 3), 2) for i in range(4)]
+    (out,), w = run([bulk("b1", items)], before)
+    assert out.status == "error" and out.error is not None
+    assert out.error.code == Code.ENTITY_TOO_LARGE and "split it" in out.error.reason
+    assert_nothing_written(w, before)
+    (fits,), _ = run([bulk("b2", items[:2])], before)
+    assert fits.status == "applied" and fits.record is not None
+    assert state_bytes(fits.record.data) <= LIMIT
+
+
 def test_a_merge_resolution_past_the_limit_keeps_the_conflict_pending() -> None:
     before = conflicted()
     res = resolution("conflict:op1", "merge", filler(LIMIT))
