@@ -79,12 +79,12 @@ class Settings(BaseSettings):
     ws_rate_cost_resume: float = Field(50.0, ge=0)
     ws_rate_cost_lock: float = Field(1.0, ge=0)
     # Live locks one terminal may hold at once; beyond: lock_failed (reason says so).
-    lock_max_per_terminal: int = Field(100, ge=1, le=100_000)
+    locks_per_terminal: int = Field(100, ge=1, le=100_000)
     # Group commit: at most this many operations per transaction; at most this many waiting.
     sync_batch_max_ops: int = Field(500, ge=1)
     sync_queue_size: int = Field(10_000, ge=1)
     sync_commit_timeout: float = Field(10.0, gt=0)
-    # Bytes of one entity's state (compact JSON); a write that would pass it is refused (4011).
+    # Bytes of one entity's state (compact JSON); a write that would pass it is refused (4006).
     # It also bounds one operation's log row (a BULK_UPDATE: all its states together).
     entity_max_bytes: int = Field(262_144, ge=1024)
     # The operation log answers resumes and duplicates this long (idempotency needs >= 7 days).
@@ -95,7 +95,7 @@ class Settings(BaseSettings):
     # A client timestamp later than server time + this many seconds counts as that moment in
     # conflict decisions: a terminal whose clock runs ahead wins last-write-wins for at most this
     # long, never forever.
-    sync_max_clock_skew: float = Field(300.0, ge=0, le=86_400)
+    clock_skew_max: float = Field(300.0, ge=0, le=86_400)
     # Conflict policy table overrides, JSON: {"tables": {"policy": "merge_changes"}}.
     sync_policies: dict[str, dict[str, Any]] = Field(default_factory=dict)
     # Permission table overrides, JSON: {"waiter": [{"entity_type": "orders"}, ...]}.

@@ -24,7 +24,6 @@ class Code(IntEnum):
     PERMISSION_DENIED = 4008
     LOCKED = 4009
     CONFLICT_RESOLUTION_FAILED = 4010
-    ENTITY_TOO_LARGE = 4011
 
 
 class ChefiaError(Exception):
@@ -70,9 +69,12 @@ class ResolutionFailed(ChefiaError):
 
 
 class EntityTooLarge(ChefiaError):
-    """The entity's state after the change would pass ENTITY_MAX_BYTES; nothing changed (4011)."""
+    """The entity's state after the change would pass ENTITY_MAX_BYTES; nothing changed.
 
-    code = Code.ENTITY_TOO_LARGE
+    An invalid message (4006) whose reason names the limit: the protocol's codes stay those of
+    docs and clients, and the terminal must not resend it unchanged either way."""
+
+    code = Code.INVALID_MESSAGE
 
 
 class StorageUnavailable(ChefiaError):

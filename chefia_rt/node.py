@@ -132,11 +132,11 @@ def make_store(settings: Settings) -> Store:
 def make_bus(settings: Settings) -> Bus:
     """The bus REDIS_URL names (in process without it)."""
     if settings.redis_url is None:
-        return MemoryBus(lock_max=settings.lock_max_per_terminal)
+        return MemoryBus(lock_max=settings.locks_per_terminal)
     from chefia_rt.bus.redis import RedisBus
 
     return RedisBus(
-        settings.redis_url, prefix=settings.redis_prefix, lock_max=settings.lock_max_per_terminal
+        settings.redis_url, prefix=settings.redis_prefix, lock_max=settings.locks_per_terminal
     )
 
 

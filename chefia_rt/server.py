@@ -485,7 +485,7 @@ class Server:
                 user_id=session.user_id,
                 resolution=msg.resolution.value,
                 resolved_data=msg.resolved_data,
-                timestamp=m.client_time(msg.timestamp, self.settings.sync_max_clock_skew),
+                timestamp=m.client_time(msg.timestamp, self.settings.clock_skew_max),
             )
             node.submit(resolution, session, received)
         elif isinstance(msg, m.AcquireLockIn):
@@ -551,7 +551,7 @@ class Server:
             operation=model.operation.value,
             data=data,
             version=model.version,
-            timestamp=m.client_time(model.timestamp, self.settings.sync_max_clock_skew),
+            timestamp=m.client_time(model.timestamp, self.settings.clock_skew_max),
             terminal_id=session.terminal_id,
             user_id=user_id,
             requires_lock=model.requires_lock,

@@ -86,7 +86,7 @@ class Bus(Protocol):
     ) -> tuple[bool, Lease | None]:
         """(True, lease) when taken or renewed; (False, the holder's lease) otherwise.
         Raises TooManyLocks when the owner holds its maximum of live leases (the bus's
-        `lock_max`, LOCK_MAX_PER_TERMINAL) and this would be a new one."""
+        `lock_max`, LOCKS_PER_TERMINAL) and this would be a new one."""
 
     async def release_lease(self, key: EntityKey, owner: str) -> bool:
         """Release a lease the owner holds; False when it held none."""

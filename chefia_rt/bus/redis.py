@@ -48,7 +48,7 @@ from chefia_rt.sync.locks import DEFAULT_MAX_PER_OWNER, Lease, TooManyLocks
 
 log = logging.getLogger("chefia_rt.bus.redis")
 
-# KEYS[2], the owner's set of lock keys, never holds more than ARGV[5] (LOCK_MAX_PER_TERMINAL)
+# KEYS[2], the owner's set of lock keys, never holds more than ARGV[5] (LOCKS_PER_TERMINAL)
 # members: a new lease is refused (2) when it is full of live ones, after dropping the members
 # that expired or were taken over. So no script ever walks more than that many keys.
 _ACQUIRE = """
@@ -89,7 +89,7 @@ if redis.call('HGET', KEYS[1], 'owner') == ARGV[1] then
 end
 return 0
 """
-# Forget a terminal's presence and release its locks (at most LOCK_MAX_PER_TERMINAL keys, see
+# Forget a terminal's presence and release its locks (at most LOCKS_PER_TERMINAL keys, see
 # _ACQUIRE), but only if `session` is still current:
 # a terminal that already reconnected elsewhere keeps its locks. No presence at all counts as
 # current: a Redis restart forgets every session's presence, and the terminals connected then

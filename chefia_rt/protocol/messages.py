@@ -65,15 +65,16 @@ def utc_now_iso() -> str:
 
 def client_time(timestamp: str | None, max_skew: float) -> str:
     """The time a client's write counts as in conflict decisions: its own canonical timestamp,
-    but never later than server time + `max_skew` seconds (server time when it sent none).
+    or server time when it sent none or one later than server time + `max_skew` seconds.
 
-    A clock far ahead would otherwise win last-write-wins against every later write; bounded,
-    it wins for at most `max_skew` seconds. Canonical timestamps compare as text.
+    A clock far ahead would otherwise win last-write-wins against every later write: a time
+    beyond the bound is not trusted at all, so the write counts as made when it arrived (it is
+    still applied). Canonical timestamps compare as text.
     """
     now = datetime.now(UTC)
-    if timestamp is None:
+    if timestamp is None or timestamp > format_timestamp(now + timedelta(seconds=max_skew)):
         return format_timestamp(now)
-    return min(timestamp, format_timestamp(now + timedelta(seconds=max_skew)))
+    return timestamp
 
 
 def format_timestamp(moment: datetime) -> str:

@@ -335,9 +335,9 @@ class Engine:
     """Decides batches of operations against the policy table. Pure; safe to share.
 
     `entity_max_bytes` bounds every entity's state (see `state_bytes`): a change that would
-    pass it is refused with ENTITY_TOO_LARGE (4011) and changes nothing. As a log row holds an
-    entity's full state, it also bounds what one operation adds to the log: one entity's state,
-    or for a BULK_UPDATE one per item (at most MAX_BULK_UPDATES items).
+    pass it is refused (EntityTooLarge, 4006 naming the limit) and changes nothing. As a log
+    row holds an entity's full state, it also bounds what one operation adds to the log and
+    pushes; a BULK_UPDATE's states together are held to the same bound.
     """
 
     __slots__ = ("entity_max_bytes", "policies")

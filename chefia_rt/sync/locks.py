@@ -1,7 +1,7 @@
 """Entity lock leases (SPEC §3 "Locks"): the rules, with time passed in.
 
 A lease belongs to a terminal, expires on its own, and may be renewed by its owner. A terminal
-holds at most LOCK_MAX_PER_TERMINAL live leases, so releasing its leases when it disconnects costs
+holds at most LOCKS_PER_TERMINAL live leases, so releasing its leases when it disconnects costs
 at most that many steps. The state lives in the bus backend (in process, or Redis across nodes);
 this module only holds the rules, so both backends decide alike.
 """

@@ -2,7 +2,7 @@
 
 A terminal that never reads holds at most WS_QUEUE_MAX_BYTES of queued messages however many
 snapshots it asks for; snapshot_request, resume and locks are charged to its rate limit; it holds
-at most LOCK_MAX_PER_TERMINAL locks; and no frame the server sends is larger than
+at most LOCKS_PER_TERMINAL locks; and no frame the server sends is larger than
 MAX_WS_MESSAGE_SIZE (snapshots come in pages, msgpack batches are cut).
 """
 
@@ -230,7 +230,7 @@ async def test_snapshot_flood_from_a_terminal_that_never_reads(tmp_path: Path) -
 
 async def test_lock_spam_is_capped_and_a_disconnect_releases_only_its_own(tmp_path: Path) -> None:
     cap, asked = 50, 1000
-    env = {"LOCK_MAX_PER_TERMINAL": str(cap)}
+    env = {"LOCKS_PER_TERMINAL": str(cap)}
     async with running_cluster(tmp_path, nodes=1, workers=2, env=env) as cluster:
         keeper = await cluster.connect(0, "pos-keeper", "s1")
         for n in range(3):

@@ -27,7 +27,7 @@ async def test_an_entity_cannot_grow_past_the_limit_and_log_rows_stay_bounded(
         # A third patch of 20 KB would make the merged state ~70 KB: refused, nothing changes.
         await pos.send(op("o2", "O1", {"most": "c" * 20_000}, entity_type="tables", version=3))
         refused = await pos.expect("sync_error")
-        assert refused["code"] == Code.ENTITY_TOO_LARGE and refused["operation_id"] == "o2"
+        assert refused["code"] == Code.INVALID_MESSAGE and refused["operation_id"] == "o2"
         # Small patches still apply; each one logs the full state, which is bounded.
         for n in range(5):
             small = {"status": f"step-{n}", "pad": "p" * 40}

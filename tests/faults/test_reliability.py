@@ -65,7 +65,7 @@ CLUSTER_ENV = {
     "DATABASE_POOL_SIZE": "3",
     # The clock scenario's writers run up to 7 h ahead; within the bound, the latest client
     # timestamp wins (beyond it, tests/e2e/test_clock_skew.py).
-    "SYNC_MAX_CLOCK_SKEW": "86400",
+    "CLOCK_SKEW_MAX": "86400",
 }
 
 REPORTS: list[Report] = []

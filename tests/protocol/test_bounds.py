@@ -15,11 +15,12 @@ def test_client_time_keeps_a_timestamp_within_the_skew() -> None:
     assert client_time(near, 300) == near
 
 
-def test_client_time_clamps_a_timestamp_beyond_the_skew() -> None:
-    before = format_timestamp(datetime.now(UTC) + timedelta(seconds=300))
+def test_client_time_takes_server_time_for_a_timestamp_beyond_the_skew() -> None:
+    before = utc_now_iso()
     clamped = client_time("9999-12-31T23:59:59.999999Z", 300)
-    after = format_timestamp(datetime.now(UTC) + timedelta(seconds=300))
-    assert before <= clamped <= after
+    assert before <= clamped <= utc_now_iso()
+    ahead = format_timestamp(datetime.now(UTC) + timedelta(seconds=400))
+    assert before <= client_time(ahead, 300) <= utc_now_iso()
     before = utc_now_iso()
     assert before <= client_time("9999-12-31T23:59:59.999999Z", 0) <= utc_now_iso()
 

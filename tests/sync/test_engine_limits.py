@@ -55,7 +55,7 @@ def test_a_create_past_the_limit_is_refused_and_changes_nothing() -> None:
     before = state()
     (out,), w = run([op("op1", "CREATE", filler(LIMIT))], before)
     assert out.status == "error" and out.error is not None
-    assert out.error.code == Code.ENTITY_TOO_LARGE
+    assert out.error.code == Code.INVALID_MESSAGE
     assert "ENTITY_MAX_BYTES" in out.error.reason
     assert_nothing_written(w, before)
     (ok,), _ = run([op("op1", "CREATE", filler(LIMIT - 20))], before)
@@ -70,7 +70,7 @@ def test_small_update_patches_cannot_grow_an_entity_past_the_limit() -> None:
         patch = {f"f{n}": "y" * 300}
         (out,), w = run([op(f"op{n}", "UPDATE", patch, applied + 1)], current)
         if out.status == "error":
-            assert out.error is not None and out.error.code == Code.ENTITY_TOO_LARGE
+            assert out.error is not None and out.error.code == Code.INVALID_MESSAGE
             assert_nothing_written(w, current)
             break
         applied += 1
@@ -89,7 +89,7 @@ def test_a_bulk_update_with_one_item_past_the_limit_changes_nothing() -> None:
     items = [("e1", {"a": 2}, 2), ("e2", filler(LIMIT), 2)]
     (out,), w = run([bulk("b1", items)], before)
     assert out.status == "error" and out.error is not None
-    assert out.error.code == Code.ENTITY_TOO_LARGE and "e2" in out.error.reason
+    assert out.error.code == Code.INVALID_MESSAGE and "e2" in out.error.reason
     assert_nothing_written(w, before)
     # The batch goes on as if the bulk had never been there.
     (refused, later), w2 = run([bulk("b1", items), op("op2", "UPDATE", {"a": 3}, 2)], before)
@@ -104,7 +104,7 @@ def test_a_bulk_update_logs_no_more_than_one_entity_may_hold() -> None:
     items = [(f"e{i}", filler(LIMIT // 3), 2) for i in range(4)]
     (out,), w = run([bulk("b1", items)], before)
     assert out.status == "error" and out.error is not None
-    assert out.error.code == Code.ENTITY_TOO_LARGE and "split it" in out.error.reason
+    assert out.error.code == Code.INVALID_MESSAGE and "split it" in out.error.reason
     assert_nothing_written(w, before)
     (fits,), _ = run([bulk("b2", items[:2])], before)
     assert fits.status == "applied" and fits.record is not None
@@ -116,7 +116,7 @@ def test_a_merge_resolution_past_the_limit_keeps_the_conflict_pending() -> None:
     res = resolution("conflict:op1", "merge", filler(LIMIT))
     (out,), w = run([res], before)
     assert out.status == "error" and out.error is not None
-    assert out.error.code == Code.ENTITY_TOO_LARGE and "pending" in out.error.reason
+    assert out.error.code == Code.INVALID_MESSAGE and "pending" in out.error.reason
     assert w.settled_conflicts == [] and w.entities == []
     (ok,), w2 = run([resolution("conflict:op1", "merge", {"amount": 1})], before)
     assert ok.status == "resolved" and w2.settled_records == [ok.record]
