@@ -6,9 +6,10 @@ push lane carries the store's operations in seq order, and snapshot pages. Both 
 messages and, together, in bytes (WS_QUEUE_MAX_BYTES): a terminal whose live queue overflows is
 too slow and is closed with 1013 (it resumes with `since`); a catch-up or a snapshot waits for
 room instead, and a terminal that reads nothing for WS_STALL_TIMEOUT meanwhile is closed 1013.
-A pushed message is encoded once per encoding and shared by every receiver; no frame sent is
+A pushed message is encoded and framed once per encoding and the same bytes are written to every
+receiver (a msgpack batch too, when sessions send the same messages together); no frame sent is
 larger than MAX_WS_MESSAGE_SIZE unless one message alone is (batches and snapshot pages are cut
-to fit).
+to fit). A push is also the receivers' cache invalidation: no other message follows it.
 
 Ordering: a session accepts push seq `next_seq` only. Anything older is a duplicate; anything
 newer means a gap, and the session catches up from storage before it goes live again. The same
@@ -30,7 +31,13 @@ from typing import Any, Protocol
 from chefia_rt.bus.base import Push
 from chefia_rt.domain import OpRecord
 from chefia_rt.errors import Code
-from chefia_rt.protocol.codec import encode_json, encode_msgpack, msgpack_frame
+from chefia_rt.protocol.codec import (
+    encode_json,
+    encode_msgpack,
+    msgpack_frame,
+    ws_frame,
+    ws_payload_size,
+)
 
 log = logging.getLogger("chefia_rt.hub")
 
@@ -43,48 +50,79 @@ CATCH_UP_PATIENCE = 30.0  # seconds of failing reads before the terminal is told
 
 
 class Transport(Protocol):
-    """What a session needs of its WebSocket."""
+    """What a session needs of its WebSocket.
 
-    async def send(self, frame: str | bytes) -> None: ...
+    Frames come built (`OutFrame.wire`, `batch_wire`): a message or a batch is encoded and
+    framed once per encoding, and the same bytes are written to every receiver's connection.
+    """
+
+    def write(self, frames: bytes) -> None:
+        """Write whole frames now, without waiting; raises once the connection is closing."""
+        ...
+
+    def writable(self) -> bool:
+        """False while the connection's send buffer is over its limit (the peer reads slowly)."""
+        ...
+
+    async def drain(self) -> None:
+        """Until the send buffer is back under its limit, or the connection is lost."""
+        ...
 
     async def close(self, code: int, reason: str) -> None: ...
 
 
 class OutFrame:
-    """One outgoing message, encoded at most once per encoding however many receive it.
+    """One outgoing message, encoded and framed at most once per encoding however many receive
+    it. A msgpack batch's frame is kept on its first message for the next session that sends
+    the same messages together (`batch_wire`)."""
 
-    `follow` is a message sent right after it, in the same batch when there is one, taking no
-    place of its own in a lane (a push's `cache_invalidate`).
-    """
+    __slots__ = ("_batch", "_json", "_json_wire", "_msgpack", "_msgpack_wire", "message")
 
-    __slots__ = ("_json", "_json_size", "_msgpack", "follow", "message")
-
-    def __init__(self, message: dict[str, Any], follow: OutFrame | None = None) -> None:
+    def __init__(self, message: dict[str, Any]) -> None:
         self.message = message
-        self.follow = follow
-        self._json: str | None = None
-        self._json_size = 0
+        self._json: bytes | None = None
         self._msgpack: bytes | None = None
+        self._json_wire: bytes | None = None
+        self._msgpack_wire: bytes | None = None
+        self._batch: tuple[tuple[OutFrame, ...], bytes] | None = None
 
     def size(self, encoding: str) -> int:
-        """Bytes on the wire in `encoding`, its follower included (encodes it if need be)."""
-        body = self.encoded(encoding)
-        if isinstance(body, bytes):
-            size = len(body)
-        else:
-            if not self._json_size:
-                self._json_size = len(body) if body.isascii() else len(body.encode())
-            size = self._json_size
-        return size if self.follow is None else size + self.follow.size(encoding)
+        """Bytes of the message in `encoding` (encodes it if need be)."""
+        return len(self.encoded(encoding))
 
-    def encoded(self, encoding: str) -> str | bytes:
+    def encoded(self, encoding: str) -> bytes:
         if encoding == "json":
             if self._json is None:
-                self._json = encode_json(self.message)
+                self._json = encode_json(self.message).encode()
             return self._json
         if self._msgpack is None:
             self._msgpack = encode_msgpack(self.message)
         return self._msgpack
+
+    def wire(self, encoding: str, compression_threshold: int | None) -> bytes:
+        """The message alone in its WebSocket frame (a JSON text frame, or a msgpack binary one,
+        lz4-compressed over the threshold: one server uses one threshold)."""
+        if encoding == "json":
+            if self._json_wire is None:
+                self._json_wire = ws_frame(self.encoded("json"), text=True)
+            return self._json_wire
+        if self._msgpack_wire is None:
+            body = msgpack_frame([self.encoded("msgpack")], compression_threshold)
+            self._msgpack_wire = ws_frame(body, text=False)
+        return self._msgpack_wire
+
+
+def batch_wire(frames: Sequence[OutFrame], compression_threshold: int | None) -> bytes:
+    """Several messages as one `message_batch` frame, built once for every session that sends
+    the same ones together (the sessions of a store usually do)."""
+    first, rest = frames[0], tuple(frames[1:])  # the key leaves out `first`: no cycle
+    cached = first._batch
+    if cached is not None and cached[0] == rest:
+        return cached[1]
+    body = msgpack_frame([f.encoded("msgpack") for f in frames], compression_threshold)
+    wire = ws_frame(body, text=False)
+    first._batch = (rest, wire)
+    return wire
 
 
 def push_message(record: OpRecord) -> dict[str, Any]:
@@ -150,16 +188,6 @@ def snapshot_pages(
     ]
 
 
-def cache_invalidate_message(record: OpRecord) -> dict[str, Any]:
-    """What terminals' own caches need to drop an entity's stale state (SPEC §9)."""
-    return {
-        "type": "cache_invalidate",
-        "entity_type": record.entity_type,
-        "entity_id": record.entity_id,
-        "version": record.version,
-    }
-
-
 @dataclass(slots=True)
 class Outbound:
     """Per-connection sending limits, from Settings."""
@@ -217,18 +245,22 @@ class Session:
     messages_out: int = 0
     # Called with what was just sent (WS_LOG_MESSAGES); None costs nothing on the hot path.
     on_sent: Callable[[list[OutFrame]], None] | None = None
-    _urgent: deque[OutFrame] = field(default_factory=deque)
+    # The lanes exist while they hold something: an idle connection keeps no queue, task or
+    # timer of its own. Sending is driven by callbacks (`_schedule`, `_flush`); only a
+    # connection whose send buffer is full has a task (`_drain`), and one catching up another.
+    _urgent: deque[OutFrame] | None = None
+    _pushes: deque[OutFrame] | None = None
     _bytes: int = 0  # encoded size of what both lanes hold
-    _pushes: deque[OutFrame] = field(default_factory=deque)
-    _wake: asyncio.Event = field(default_factory=asyncio.Event)
-    _room: asyncio.Event = field(default_factory=asyncio.Event)
-    _writer: asyncio.Task[None] | None = None
+    _flush_at: asyncio.Handle | None = None
+    _drain: asyncio.Task[None] | None = None
+    _room: asyncio.Future[None] | None = None  # a catch-up waiting for room in the push lane
     _catch_up: asyncio.Task[None] | None = None
 
     # ---- sending ------------------------------------------------------------------------
 
     def start(self) -> None:
-        self._writer = asyncio.create_task(self._write_loop(), name=f"writer:{self.session_id}")
+        """Send what was queued before the connection was ready (connection_established)."""
+        self._schedule(True)
 
     def send(self, message: dict[str, Any]) -> None:
         """Queue an answer to this terminal's own request (the urgent lane)."""
@@ -236,51 +268,66 @@ class Session:
             return
         frame = OutFrame(message)
         size = frame.size(self.encoding)
-        if len(self._urgent) >= self.limits.urgent_size or not self._bytes_fit(size):
+        urgent = self._urgent
+        if urgent is None:
+            urgent = self._urgent = deque()
+        if len(urgent) >= self.limits.urgent_size or not self._bytes_fit(size):
             self.close(Code.TRY_AGAIN_LATER, "outbound queue full")
             return
-        self._urgent.append(frame)
+        urgent.append(frame)
         self._bytes += size
-        self._wake.set()
+        self._schedule(True)
 
     def queue_push(self, frame: OutFrame) -> None:
         if self.closed:
             return
         size = frame.size(self.encoding)
-        if len(self._pushes) >= self.limits.queue_size or not self._bytes_fit(size):
+        if not self._has_room(1, size):
             self.close(Code.TRY_AGAIN_LATER, "too slow: outbound queue full, resume with since")
             return
         self._push(frame, size)
 
     def _push(self, frame: OutFrame, size: int) -> None:
+        if self._pushes is None:
+            self._pushes = deque()
         self._pushes.append(frame)
         self._bytes += size
-        self._wake.set()
+        self._schedule(False)
 
     def _bytes_fit(self, size: int) -> bool:
         """`size` more bytes stay within the budget (one message alone always fits)."""
         return self._bytes == 0 or self._bytes + size <= self.limits.max_bytes
 
+    def _has_room(self, count: int, size: int) -> bool:
+        pushes = len(self._pushes) if self._pushes is not None else 0
+        return pushes + count <= self.limits.queue_size and self._bytes_fit(size)
+
     async def _wait_for_room(self, count: int, size: int) -> bool:
         """Until `count` more pushes of `size` bytes fit; False when the session closed, which
         it is (1013) when the terminal reads nothing for the stall timeout meanwhile."""
-        while not self.closed and not (
-            len(self._pushes) + count <= self.limits.queue_size and self._bytes_fit(size)
-        ):
-            self._room.clear()
+        while not self.closed and not self._has_room(count, size):
+            self._room = asyncio.get_running_loop().create_future()
             try:
                 async with asyncio.timeout(self.limits.stall_timeout):
-                    await self._room.wait()
+                    await self._room
             except TimeoutError:
                 # Live, its queue would have overflowed long ago; waiting on would keep a
                 # terminal that stopped reading connected, stale, for as long as it pongs.
                 self.close(Code.TRY_AGAIN_LATER, "too slow: stalled catch-up, resume later")
+            finally:
+                self._room = None
         return not self.closed
+
+    def _made_room(self) -> None:
+        if self._room is not None and not self._room.done():
+            self._room.set_result(None)
 
     @property
     def queued(self) -> int:
         """Messages waiting to be sent (both lanes)."""
-        return len(self._urgent) + len(self._pushes)
+        return (len(self._urgent) if self._urgent else 0) + (
+            len(self._pushes) if self._pushes else 0
+        )
 
     def close(self, code: int, reason: str) -> None:
         """Close the connection once; queued frames are dropped."""
@@ -289,8 +336,7 @@ class Session:
         self.closed = True
         self.close_code = code
         self._drop_queued()
-        self._room.set()
-        self._wake.set()
+        self._made_room()
         if self._catch_up is not None:
             self._catch_up.cancel()
         asyncio.get_running_loop().create_task(self._close_transport(code, reason))
@@ -300,21 +346,44 @@ class Session:
             await self.transport.close(code, reason)
 
     def _drop_queued(self) -> None:
-        self._urgent.clear()
-        self._pushes.clear()
+        self._urgent = self._pushes = None
         self._bytes = 0
+        if self._flush_at is not None:
+            self._flush_at.cancel()
+            self._flush_at = None
 
     async def stop(self) -> None:
         """Cancel this session's tasks (the connection ended) and let go of what it queued."""
         self.closed = True
-        for task in (self._writer, self._catch_up):
+        for task in (self._drain, self._catch_up):
             if task is not None and task is not asyncio.current_task():
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
-        self._catch_up = None
+        self._drain = self._catch_up = None
         self._drop_queued()
         self.own_ops.clear()
+
+    def _schedule(self, urgent: bool) -> None:
+        """Have `_flush` run soon: now for an answer, or after the batch window for pushes
+        (msgpack batches fill meanwhile) unless a batch is already full."""
+        if self.closed or self._drain is not None:
+            return  # the drain flushes once the peer has read
+        at = self._flush_at
+        window = self.limits.batch_window
+        if (
+            urgent
+            or not window
+            or self.encoding != "msgpack"
+            or (self._pushes is not None and len(self._pushes) >= self.limits.batch_max)
+        ):
+            if at is not None:
+                if not isinstance(at, asyncio.TimerHandle):
+                    return  # already due
+                at.cancel()
+            self._flush_at = asyncio.get_running_loop().call_soon(self._flush)
+        elif at is None:
+            self._flush_at = asyncio.get_running_loop().call_later(window, self._flush)
 
     def _take(self) -> list[OutFrame]:
         """The next frame's messages: at most WS_BATCH_MAX_MESSAGES, and no more bytes than a
@@ -332,49 +401,64 @@ class Session:
                 frame = lane.popleft()
                 taken += size
                 frames.append(frame)
-                if frame.follow is not None:
-                    frames.append(frame.follow)  # a batch may hold one message over the limit
         self._bytes -= taken
-        self._room.set()
+        self._made_room()
         return frames
+
+    def _flush(self) -> None:
+        """Write what the lanes hold, built frames straight to the connection, until they are
+        empty or the peer's send buffer is full (then `_drain` waits and flushes again)."""
+        self._flush_at = None
+        transport = self.transport
+        threshold = self.limits.compression_threshold
+        json = self.encoding == "json"
+        while not self.closed and (self._urgent or self._pushes):
+            if not transport.writable():
+                self._drain = asyncio.get_running_loop().create_task(self._drain_then_flush())
+                return
+            frames = self._take()
+            wires: list[bytes] | bytes
+            if json:
+                wires = [f.wire("json", threshold) for f in frames]  # never batched
+            elif len(frames) == 1:
+                wires = frames[0].wire("msgpack", threshold)
+            else:
+                wires = batch_wire(frames, threshold)
+            if isinstance(wires, bytes):
+                data, payload = wires, ws_payload_size(wires)
+            else:
+                data = wires[0] if len(wires) == 1 else b"".join(wires)
+                payload = sum(ws_payload_size(w) for w in wires)
+            try:
+                transport.write(data)
+            except Exception:
+                self.closed = True  # the connection is going: its read loop ends the session
+                self._drop_queued()
+                return
+            self.bytes_out += payload
+            self.messages_out += len(frames)
+            if self.on_sent is not None:
+                self.on_sent(frames)
+        if not self.closed:
+            # Nothing queued: an idle connection keeps no lanes.
+            self._urgent = self._pushes = None
+
+    async def _drain_then_flush(self) -> None:
+        try:
+            await self.transport.drain()
+        except Exception:
+            self.closed = True
+            self._drop_queued()
+            return
+        finally:
+            self._drain = None
+        self._flush()
 
     def _catch_up_page(self) -> int:
         """Stored ops read per catch-up step, at most: half the push lane, so that a page always
         fits once the lane has drained that far. (A fixed page larger than the lane made the
         catch-up wait for room that could never come.)"""
         return max(1, min(CATCH_UP_PAGE, self.limits.queue_size // 2))
-
-    async def _write_loop(self) -> None:
-        window = self.limits.batch_window
-        while not self.closed:
-            await self._wake.wait()
-            self._wake.clear()
-            if (
-                window
-                and self.encoding == "msgpack"
-                and not self._urgent
-                and len(self._pushes) < self.limits.batch_max
-            ):
-                # Only pushes are waiting: give the batch a moment to fill. Answers never wait.
-                await asyncio.sleep(window)
-            while not self.closed and (self._urgent or self._pushes):
-                frames = self._take()
-                payloads: list[str | bytes]
-                if self.encoding == "json":
-                    payloads = [f.encoded("json") for f in frames]  # never batched
-                else:
-                    bodies = [f.encoded("msgpack") for f in frames]
-                    payloads = [msgpack_frame(bodies, self.limits.compression_threshold)]  # type: ignore[arg-type]
-                for payload in payloads:
-                    try:
-                        await self.transport.send(payload)
-                    except Exception:
-                        self.closed = True
-                        return
-                    self.bytes_out += len(payload)
-                self.messages_out += len(frames)
-                if self.on_sent is not None:
-                    self.on_sent(frames)
 
     # ---- ordered delivery -----------------------------------------------------------------
 
@@ -417,9 +501,15 @@ class Session:
             self._catch_up.cancel()
         self.live = False
         self.next_seq = seq + 1
-        self._catch_up = asyncio.create_task(
+        task = asyncio.create_task(
             self._catch_up_loop(read_ops, head, deque(first)), name=f"catch-up:{self.session_id}"
         )
+        task.add_done_callback(self._caught_up)
+        self._catch_up = task
+
+    def _caught_up(self, task: asyncio.Task[None]) -> None:
+        if self._catch_up is task:
+            self._catch_up = None  # a live session keeps no task
 
     async def _catch_up_loop(
         self, read_ops: ReadOps, head: Callable[[], int], first: deque[OutFrame]
@@ -546,11 +636,8 @@ class Hub:
             seq = push.record.seq
             if seq is None:
                 continue
-            # Each receiver's own cache drops the old state with it: derived here, from the
-            # push every worker receives anyway, so it costs no bus traffic (SPEC §9).
-            frame = OutFrame(
-                push_message(push.record), OutFrame(cache_invalidate_message(push.record))
-            )
+            # The push is also what invalidates the entity in the receivers' own caches.
+            frame = OutFrame(push_message(push.record))
             for session in list(sessions.values()):
                 session.offer(
                     seq,

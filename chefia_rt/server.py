@@ -22,8 +22,9 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import websockets
 from websockets.asyncio.server import Server as WsServer
 from websockets.asyncio.server import ServerConnection
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, ConnectionClosedError
 from websockets.http11 import Request, Response
+from websockets.protocol import State
 from websockets.typing import Origin, Subprotocol
 
 from chefia_rt.auth import (
@@ -75,18 +76,36 @@ class HandshakeRejected(Exception):
 
 
 class WsTransport:
-    """A session's WebSocket, with a close that cannot hang on a peer that stopped reading.
+    """A session's `websockets` connection, written to with frames the hub built once for every
+    receiver (hub.Transport).
+
+    A frame goes whole to the socket in one `transport.write`, as websockets writes its own
+    (pings, pongs, close), so frames never interleave; data frames stop once the closing
+    handshake started. Back-pressure is websockets' own: the transport's write buffer limits,
+    and `drain` waits with websockets' flow control.
 
     websockets' `close()` first waits for the socket to drain and only then starts its
     close_timeout, so for a terminal that no longer reads (the slow reader closed with 1013, the
-    stuck one closed by the heartbeat) it never returns, and the session is never let go.
+    stuck one closed by the heartbeat) it never returns, and the session is never let go: the
+    close here is bounded.
     """
 
-    __slots__ = ("_ws", "send")
+    __slots__ = ("_ws",)
 
     def __init__(self, ws: ServerConnection) -> None:
         self._ws = ws
-        self.send = ws.send  # the hot path: no extra frame per message
+
+    def write(self, frames: bytes) -> None:
+        ws = self._ws
+        if ws.protocol.state is not State.OPEN or ws.transport.is_closing():
+            raise ConnectionClosedError(None, None)
+        ws.transport.write(frames)
+
+    def writable(self) -> bool:
+        return not self._ws.paused
+
+    async def drain(self) -> None:
+        await self._ws.drain()
 
     async def close(self, code: int, reason: str) -> None:
         try:

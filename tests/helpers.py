@@ -131,12 +131,7 @@ async def still_usable(terminal: Terminal) -> None:
 
 
 class Terminal:
-    """One connected test terminal. `recv` yields messages one at a time, batches unpacked.
-
-    Every pushed data_sync is followed by a cache_invalidate; `recv` passes those over (counting
-    them in `invalidates`) unless `cache_invalidates` is set, so that tests about other things
-    read the stream as before.
-    """
+    """One connected test terminal. `recv` yields messages one at a time, batches unpacked."""
 
     def __init__(self, ws: ClientConnection, encoding: str) -> None:
         self.ws = ws
@@ -144,8 +139,6 @@ class Terminal:
         self.frames: list[str | bytes] = []
         self._pending: deque[dict[str, Any]] = deque()
         self.established: dict[str, Any] = {}
-        self.cache_invalidates = False
-        self.invalidates: list[dict[str, Any]] = []
 
     async def send(self, message: dict[str, Any]) -> None:
         if self.encoding == "msgpack":
@@ -155,15 +148,11 @@ class Terminal:
 
     async def recv(self, timeout: float = DEFAULT_TIMEOUT) -> dict[str, Any]:
         async with asyncio.timeout(timeout):
-            while True:
-                while not self._pending:
-                    frame = await self.ws.recv()
-                    self.frames.append(frame)
-                    self._pending.extend(decode_server_frame(frame))
-                message = self._pending.popleft()
-                if message.get("type") != "cache_invalidate" or self.cache_invalidates:
-                    return message
-                self.invalidates.append(message)
+            while not self._pending:
+                frame = await self.ws.recv()
+                self.frames.append(frame)
+                self._pending.extend(decode_server_frame(frame))
+            return self._pending.popleft()
 
     async def expect(self, kind: str, timeout: float = DEFAULT_TIMEOUT) -> dict[str, Any]:
         """The next message of type `kind`, failing on anything else first."""

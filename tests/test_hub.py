@@ -5,18 +5,50 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from websockets.frames import Frame, Opcode
+from websockets.streams import StreamReader
+
 from chefia_rt.bus.base import Push
 from chefia_rt.domain import OpRecord
 from chefia_rt.hub import Hub, Outbound, Session
 from tests.helpers import decode_server_frame
 
 
+def parse_frames(data: bytes) -> list[str | bytes]:
+    """Server frames as websockets' own parser reads them (a client's view of the wire)."""
+    reader = StreamReader()
+    reader.feed_data(data)
+    payloads: list[str | bytes] = []
+    while reader.buffer:
+        parser = Frame.parse(reader.read_exact, mask=False, max_size=None, extensions=[])
+        try:
+            next(parser)
+        except StopIteration as done:
+            frame = done.value
+        assert frame.fin
+        payloads.append(frame.data.decode() if frame.opcode is Opcode.TEXT else bytes(frame.data))
+    return payloads
+
+
 class FakeTransport:
+    """Keeps what the session writes; `full` makes the send buffer full until `drained` is set."""
+
     def __init__(self) -> None:
         self.frames: list[str | bytes] = []
+        self.writes = 0
+        self.full = False
+        self.drained = asyncio.Event()
 
-    async def send(self, frame: str | bytes) -> None:
-        self.frames.append(frame)
+    def write(self, frames: bytes) -> None:
+        self.writes += 1
+        self.frames.extend(parse_frames(frames))
+
+    def writable(self) -> bool:
+        return not self.full
+
+    async def drain(self) -> None:
+        await self.drained.wait()
+        self.full = False
 
     async def close(self, code: int, reason: str) -> None:
         return None
@@ -63,7 +95,7 @@ def session(transport: FakeTransport) -> Session:
 async def settle(s: Session) -> None:
     for _ in range(50):
         await asyncio.sleep(0.005)
-        if s.live and not s._pushes:
+        if s.live and not s.queued:
             return
 
 

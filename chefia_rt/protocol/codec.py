@@ -6,7 +6,9 @@
 
 Incoming frames are decoded by frame type, whatever was negotiated. Pushed messages are encoded
 once per encoding (`encode_json`, `encode_msgpack`) and a batch frame is assembled from the
-already-encoded bodies (`msgpack_frame`) without decoding or re-encoding them.
+already-encoded bodies (`msgpack_frame`) without decoding or re-encoding them. `ws_frame` puts a
+payload in its WebSocket frame (RFC 6455, server to client: unmasked, so the same bytes serve
+every receiver).
 
 What a frame may carry is what storage (JSON) can hold: maps with string keys, lists, strings
 (valid Unicode), booleans, null, signed 64-bit integers and finite floats, nested at most
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import struct
 from typing import Any
 
 import lz4.frame
@@ -248,3 +251,31 @@ def msgpack_frame(bodies: list[bytes], compression_threshold: int | None) -> byt
         compressed: bytes = lz4.frame.compress(body)
         return COMPRESSED_PREFIX + compressed
     return body
+
+
+_TEXT = 0x81  # FIN + opcode 1
+_BINARY = 0x82  # FIN + opcode 2
+_HEAD_16 = struct.Struct("!BBH")
+_HEAD_64 = struct.Struct("!BBQ")
+
+
+def ws_frame(payload: bytes, text: bool) -> bytes:
+    """`payload` as one whole, unmasked WebSocket frame (RFC 6455 §5.2), as a server sends it.
+
+    No extension may be in use on the connection (the server negotiates none).
+    """
+    first = _TEXT if text else _BINARY
+    size = len(payload)
+    if size < 126:
+        head = bytes((first, size))
+    elif size < 65_536:
+        head = _HEAD_16.pack(first, 126, size)
+    else:
+        head = _HEAD_64.pack(first, 127, size)
+    return head + payload
+
+
+def ws_payload_size(frame: bytes) -> int:
+    """The payload bytes of a frame built by `ws_frame` (its header aside)."""
+    mark = frame[1] & 0x7F
+    return len(frame) - (2 if mark < 126 else 4 if mark == 126 else 10)

@@ -372,6 +372,16 @@ class PushedOperation(_Strict):
 
 
 class DataSyncPush(_Strict):
+    """An operation of the store, pushed to every other terminal of it in seq order.
+
+    A push is also the invalidation: a terminal that keeps its own cache of entities drops (or
+    replaces with `data`) whatever it holds of (entity_type, entity_id) older than `version`
+    (each of a BULK_UPDATE's `data.updates` names its own entity and version). No separate
+    invalidation message is sent. The terminal that sent the operation gets its
+    sync_confirmation instead, with the version it now holds; a catch-up (resume, gap, snapshot)
+    sends the same pushes, so a terminal that was away invalidates from them too.
+    """
+
     type: Literal["data_sync"]
     operation: PushedOperation
 
@@ -430,13 +440,6 @@ class ResyncRequired(_Strict):
     last_seq: int
     epoch: str
     reason: str
-
-
-class CacheInvalidate(_Strict):
-    type: Literal["cache_invalidate"]
-    entity_type: str
-    entity_id: str
-    version: int
 
 
 class ErrorMessage(_Strict):

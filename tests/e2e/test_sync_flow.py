@@ -37,7 +37,6 @@ SERVER_MODELS: dict[str, type[BaseModel]] = {
     "lock_released": m.LockReleased,
     "snapshot": m.Snapshot,
     "resync_required": m.ResyncRequired,
-    "cache_invalidate": m.CacheInvalidate,
     "error": m.ErrorMessage,
     "terminal_status_update": m.TerminalStatusUpdate,
     "sync_activity": m.SyncActivity,
@@ -563,10 +562,9 @@ async def test_msgpack_pushes_may_arrive_batched(server: RunningServer) -> None:
             pushes = [x["operation"] for x in await receive(t, count)]
             assert [p["seq"] for p in pushes] == list(range(1, count + 1))
             assert [p["id"] for p in pushes] == [f"c{i}" for i in range(count)]
-        # One message per JSON frame: each push's data_sync, then its cache_invalidate.
+        # One message per JSON frame: each push's data_sync and nothing else.
         kinds = [json.loads(f)["type"] for f in c.frames[1:]]
-        assert kinds[::2] == ["data_sync"] * count
-        assert set(kinds[1::2]) == {"cache_invalidate"}
+        assert kinds == ["data_sync"] * count
         bodies = [f for f in b.frames if isinstance(f, bytes)]
         bodies = [
             lz4.frame.decompress(f[len(COMPRESSED_PREFIX) :])
