@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import re
@@ -15,13 +16,13 @@ import signal
 import socket
 import time
 import uuid
-from collections import deque
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import websockets
 from websockets.asyncio.server import Server as WsServer
 from websockets.asyncio.server import ServerConnection
+from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed, ConnectionClosedError
 from websockets.http11 import Request, Response
 from websockets.protocol import State
@@ -64,6 +65,10 @@ CLOSE_TIMEOUT = 5.0  # seconds a closing handshake may take before the TCP conne
 # default of 100 overflowed when a restaurant chain's terminals reconnected together (the
 # Locust run of 1000 terminals): the kernel dropped or reset the rest of the handshakes.
 LISTEN_BACKLOG = 4096
+HEARTBEAT_SLICE = 256  # connections pinged before the heartbeat lets the loop run others
+
+
+SERVED_REQUEST = Request("", Headers())  # what a connection keeps of its handshake
 
 
 class HandshakeRejected(Exception):
@@ -136,10 +141,13 @@ class Server:
         self.ws_server: WsServer | None = None
         self.metrics_server: WsServer | None = None
         self._messages = MessageLog() if settings.ws_log_messages else None
-        self._connections: set[ServerConnection] = set()
+        # The served sessions, for the worker's one heartbeat task (no task per connection).
+        self._sessions: dict[ServerConnection, Session] = {}
+        self._heartbeat: asyncio.Task[None] | None = None
         # Epoch seconds at which a session's token runs out (with JWT_SECRET_KEY), by session id:
         # the connection is closed 4003 then, unless refresh_token moved it on.
         self._token_deadlines: dict[str, float] = {}
+        self._token_timers: dict[str, asyncio.TimerHandle] = {}
         self._prefix = settings.ws_path + "/"
         self._outbound = Outbound(
             queue_size=settings.ws_message_queue_size,
@@ -207,7 +215,7 @@ class Server:
                 return Subprotocol(name)
         return None
 
-    def _session_for(self, ws: ServerConnection) -> tuple[Session, int | None]:
+    def _session_for(self, ws: ServerConnection) -> tuple[Session, int | None, str | None]:
         url = urlsplit(ws.request.path if ws.request else "")
         terminal_id = unquote(url.path[len(self._prefix) :])
         params = parse_qs(url.query)
@@ -251,7 +259,7 @@ class Server:
         )
         if claims is not None:
             self._token_deadlines[session.session_id] = claims.expires_at + CLOCK_SKEW
-        return session, since
+        return session, since, _connect_epoch(ws)
 
     def _claims(
         self, ws: ServerConnection, query: str, terminal_id: str, requested_type: str | None
@@ -271,19 +279,15 @@ class Server:
     # ---- the connection ---------------------------------------------------------------------
 
     async def handler(self, ws: ServerConnection) -> None:
-        self._connections.add(ws)
         try:
-            await self._serve(ws)
-        finally:
-            self._connections.discard(ws)
-
-    async def _serve(self, ws: ServerConnection) -> None:
-        try:
-            session, since = self._session_for(ws)
+            session, since, epoch = self._session_for(ws)
         except HandshakeRejected as exc:
             log.info("handshake refused with %d: %s", exc.code, exc.reason)
             await ws.close(exc.code, exc.reason)
             return
+        # Read: the handshake's headers are not kept for the connection's lifetime (websockets
+        # needs a request there, not its contents).
+        ws.request, ws.response = SERVED_REQUEST, None
         # Every line logged for this connection from here on (its tasks too) names it.
         bind(
             terminal_id=session.terminal_id,
@@ -294,7 +298,7 @@ class Server:
             session.on_sent = self._log_sent
         self._limit_send_buffer(ws)
         try:
-            await self.node.open_session(session, since, _connect_epoch(ws))
+            await self.node.open_session(session, since, epoch)
         except Exception as exc:
             # open_session registers the session before it reads storage: forget it again, or
             # a refused connection would count against MAX_WS_CONNECTIONS and in /ws/stats.
@@ -308,15 +312,16 @@ class Server:
             await ws.close(Code.TRY_AGAIN_LATER, reason)
             return
         log.info("%s terminal connected (%s)", session.terminal_type, session.encoding)
-        heartbeat = asyncio.create_task(self._heartbeat(ws, session))
-        expiry = asyncio.create_task(self._token_expiry(session))
+        self._sessions[ws] = session
+        self._check_token(session)
         try:
             await self._read_loop(ws, session)
         finally:
-            for task in (heartbeat, expiry):
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            del self._sessions[ws]
+            timer = self._token_timers.pop(session.session_id, None)
+            if timer is not None:
+                timer.cancel()
+            self._token_deadlines.pop(session.session_id, None)
             if session.close_code is None and ws.close_code is not None:
                 session.close_code = ws.close_code
             await self.node.close_session(session)
@@ -346,43 +351,52 @@ class Server:
                 while True:
                     await ws.recv()
 
-    async def _heartbeat(self, ws: ServerConnection, session: Session) -> None:
-        """Protocol pings; a peer silent (no frame, no pong) past the timeout is closed."""
+    async def _heartbeats(self) -> None:
+        """Protocol pings for every connection of the worker, from one task; a peer silent (no
+        frame, no pong) past WS_CONNECTION_TIMEOUT is closed. The walk lets the loop run other
+        work every HEARTBEAT_SLICE connections."""
         interval = self.settings.ws_heartbeat_interval
-        while not session.closed:
+        while True:
             await asyncio.sleep(interval)
-            try:
-                # Sending the ping is inside the timeout too: it waits for the socket to drain,
-                # forever when the peer has stopped reading, and then the check below never ran.
-                async with asyncio.timeout(interval):
-                    pong = await ws.ping()
-                    await pong
-                session.last_seen = time.monotonic()
-            except TimeoutError:
-                pass
-            except ConnectionClosed:
-                return
-            if time.monotonic() - session.last_seen > self.settings.ws_connection_timeout:
-                # A peer silent this long will not answer a closing handshake either: do not
-                # hold its slot for the full close_timeout waiting for one.
-                ws.close_timeout = min(ws.close_timeout or interval, interval)
-                session.close(Code.GOING_AWAY, "connection timeout: no frame or pong received")
-                return
+            for index, (ws, session) in enumerate(list(self._sessions.items())):
+                if index and not index % HEARTBEAT_SLICE:
+                    await asyncio.sleep(0)
+                await self._beat(ws, session, interval)
 
-    async def _token_expiry(self, session: Session) -> None:
-        """Close the connection 4003 when its token runs out (refresh_token moves that on)."""
+    async def _beat(self, ws: ServerConnection, session: Session, interval: float) -> None:
+        if session.closed:
+            return
+        if time.monotonic() - session.last_seen > self.settings.ws_connection_timeout:
+            # A peer silent this long will not answer a closing handshake either: do not
+            # hold its slot for the full close_timeout waiting for one.
+            ws.close_timeout = min(ws.close_timeout or interval, interval)
+            session.close(Code.GOING_AWAY, "connection timeout: no frame or pong received")
+            return
+        if ws.paused or ws.protocol.state is not State.OPEN or ws.transport.is_closing():
+            # A peer that stopped reading (its send buffer is full) gets no ping through: only
+            # its silence counts. (And so the ping below never waits: the walk goes on.)
+            return
         try:
-            while not session.closed:
-                deadline = self._token_deadlines.get(session.session_id)
-                if deadline is None:
-                    return  # open mode: no token
-                left = deadline - time.time()
-                if left <= 0:
-                    session.close(Code.AUTH_FAILED, "token expired; reconnect with a new token")
-                    return
-                await asyncio.sleep(left)
-        finally:
-            self._token_deadlines.pop(session.session_id, None)
+            pong = asyncio.ensure_future(await ws.ping())
+        except ConnectionClosed:
+            return
+        pong.add_done_callback(functools.partial(_ponged, session))
+
+    def _check_token(self, session: Session) -> None:
+        """Close the connection 4003 when its token runs out (refresh_token moves that on)."""
+        timer = self._token_timers.pop(session.session_id, None)
+        if timer is not None:
+            timer.cancel()
+        deadline = self._token_deadlines.get(session.session_id)
+        if deadline is None or session.closed:
+            return  # open mode: no token
+        left = deadline - time.time()
+        if left <= 0:
+            session.close(Code.AUTH_FAILED, "token expired; reconnect with a new token")
+            return
+        self._token_timers[session.session_id] = asyncio.get_running_loop().call_later(
+            left, self._check_token, session
+        )
 
     def _refresh_token(self, session: Session, token: str) -> dict[str, Any]:
         """token_refreshed, the connection now living as long as `token`; AuthFailed (4003,
@@ -401,12 +415,13 @@ class Server:
                 f"refresh_token refused: {exc.reason}; the connection keeps its current token"
             ) from None
         self._token_deadlines[session.session_id] = claims.expires_at + CLOCK_SKEW
+        self._check_token(session)
         if claims.user_id:
             session.user_id = claims.user_id
         return m.token_refreshed_msg(claims.expires_at)
 
     async def _read_loop(self, ws: ServerConnection, session: Session) -> None:
-        invalid: deque[float] = deque()
+        invalid: list[float] = []  # times of recent invalid frames
         limit = self.settings.ws_invalid_frame_limit
         window = self.settings.ws_invalid_frame_window
         while not session.closed:
@@ -456,11 +471,11 @@ class Server:
                     session.send(self._error_frame(raw, internal))
 
     @staticmethod
-    def _abusive(invalid: deque[float], now: float, limit: int, window: float) -> bool:
+    def _abusive(invalid: list[float], now: float, limit: int, window: float) -> bool:
         invalid.append(now)
-        while invalid and invalid[0] < now - window:
-            invalid.popleft()
-        return len(invalid) >= limit
+        recent = [t for t in invalid if t >= now - window]
+        invalid[:] = recent[-limit:]
+        return len(recent) >= limit
 
     @staticmethod
     def _error_frame(raw: dict[str, Any], exc: ChefiaError) -> dict[str, Any]:
@@ -609,6 +624,7 @@ class Server:
             backlog=LISTEN_BACKLOG,
             **address,
         )
+        self._heartbeat = asyncio.create_task(self._heartbeats(), name="heartbeat")
         return self.ws_server
 
     async def start_metrics(self, port: int) -> WsServer:
@@ -623,6 +639,10 @@ class Server:
             server_header=None,
         )
         return self.metrics_server
+
+    def connections(self) -> set[ServerConnection]:
+        """The WebSocket connections this worker holds, closing ones included."""
+        return set(self.ws_server.all_connections) if self.ws_server is not None else set()
 
     def port(self) -> int:
         assert self.ws_server is not None
@@ -641,6 +661,10 @@ class Server:
             self.ws_server.is_serving = lambda: True  # type: ignore[method-assign]
             self.ws_server.server.close()
         await self.node.drain(timeout)
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._heartbeat
         if self.ws_server is not None:
             del self.ws_server.is_serving  # websockets' own again: refuse what comes now
             self.ws_server.close(close_connections=True)
@@ -650,7 +674,7 @@ class Server:
             except TimeoutError:
                 # websockets starts a connection's close_timeout only once its socket has
                 # drained, which a terminal that stopped reading never lets happen: cut those.
-                for ws in list(self._connections):
+                for ws in list(self.ws_server.all_connections):
                     ws.transport.abort()
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(timeout):
@@ -726,6 +750,11 @@ def _watch_supervisor(channel: socket.socket, stop: asyncio.Event) -> None:
     asyncio.get_running_loop().remove_reader(channel.fileno())
     log.warning("supervisor gone; draining and exiting")
     stop.set()
+
+
+def _ponged(session: Session, pong: asyncio.Future[float]) -> None:
+    if not pong.cancelled() and pong.exception() is None:
+        session.last_seen = time.monotonic()
 
 
 def _operation_id(raw: dict[str, Any]) -> str | None:

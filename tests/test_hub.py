@@ -139,3 +139,105 @@ async def test_a_resume_replays_the_terminals_own_ops() -> None:
     seqs = [m["operation"]["seq"] for m in transport.messages() if m["type"] == "data_sync"]
     assert seqs == [1, 2, 3, 4]
     await s.stop()
+
+
+class KeepingTransport(FakeTransport):
+    """Also keeps the bytes objects written, to tell shared frames from copies."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.raw: list[bytes] = []
+
+    def write(self, frames: bytes) -> None:
+        self.raw.append(frames)
+        super().write(frames)
+
+
+def receiver(name: str, transport: FakeTransport, encoding: str, **limits: Any) -> Session:
+    outbound = Outbound(
+        queue_size=100,
+        urgent_size=100,
+        batch_max=limits.get("batch_max", 10),
+        batch_window=limits.get("batch_window", 0),
+        compression_threshold=None,
+    )
+    return Session(name, "kds", "s1", f"sid-{name}", encoding, None, transport, outbound)
+
+
+async def live_hub(*sessions: Session) -> Hub:
+    COMMITTED[:] = []
+    hub = Hub(read_ops)
+    for s in sessions:
+        hub.attach(s)
+        s.start()
+        hub.resume(s, 0)
+    for s in sessions:
+        await settle(s)
+    return hub
+
+
+async def test_a_push_is_framed_once_and_the_same_bytes_go_to_every_receiver() -> None:
+    for encoding in ("json", "msgpack"):
+        transports = [KeepingTransport() for _ in range(3)]
+        sessions = [receiver(f"kds-{i}", t, encoding) for i, t in enumerate(transports)]
+        hub = await live_hub(*sessions)
+        hub.deliver("s1", [Push(record(1, "pos"), "pos")])
+        for s in sessions:
+            await settle(s)
+        first = transports[0].raw[0]
+        assert all(t.raw == [first] for t in transports)
+        assert all(t.raw[0] is first for t in transports), "one frame object, not copies"
+        assert [m["operation"]["seq"] for m in transports[0].messages()] == [1]
+        assert all(s.messages_out == 1 for s in sessions)
+        for s in sessions:
+            await s.stop()
+
+
+async def test_a_batch_is_framed_once_for_the_sessions_that_send_it_together() -> None:
+    transports = [KeepingTransport() for _ in range(3)]
+    sessions = [
+        receiver(f"kds-{i}", t, "msgpack", batch_window=0.01) for i, t in enumerate(transports)
+    ]
+    hub = await live_hub(*sessions)
+    hub.deliver("s1", [Push(record(seq, "pos"), "pos") for seq in (1, 2, 3)])
+    for s in sessions:
+        await settle(s)
+    batch = transports[0].raw[0]
+    assert all(t.raw == [batch] and t.raw[0] is batch for t in transports)
+    messages = transports[0].messages()
+    assert [m["operation"]["seq"] for m in messages] == [1, 2, 3]
+    assert all(s.messages_out == 3 for s in sessions)
+    for s in sessions:
+        await s.stop()
+
+
+async def test_a_full_send_buffer_holds_the_lanes_until_it_drains() -> None:
+    transport = FakeTransport()
+    s = receiver("kds-1", transport, "json")
+    hub = await live_hub(s)
+    transport.full = True
+    hub.deliver("s1", [Push(record(seq, "pos"), "pos") for seq in (1, 2, 3)])
+    await asyncio.sleep(0.02)
+    assert transport.frames == [] and s.queued == 3
+    transport.drained.set()
+    await settle(s)
+    assert [m["operation"]["seq"] for m in transport.messages()] == [1, 2, 3]
+    assert s.bytes_out == sum(len(f) for f in transport.frames)  # payload bytes, ASCII JSON
+    await s.stop()
+
+
+async def test_an_idle_session_holds_no_queue_task_or_timer() -> None:
+    """What keeps idle connections cheap: once its lanes drain and its catch-up is done, a
+    session holds no deque, task, timer or future of its own."""
+    tasks = len(asyncio.all_tasks())
+    transport = FakeTransport()
+    s = receiver("kds-1", transport, "msgpack", batch_window=0.002)
+    hub = await live_hub(s)
+    s.send({"type": "pong", "timestamp": 1})
+    hub.deliver("s1", [Push(record(1, "pos"), "pos")])
+    await settle(s)
+    await asyncio.sleep(0.01)
+    assert len(transport.messages()) == 2
+    assert len(asyncio.all_tasks()) == tasks
+    assert (s._urgent, s._pushes, s._flush_at, s._drain, s._room, s._catch_up) == (None,) * 6
+    await s.stop()

@@ -380,7 +380,7 @@ async def test_send_buffer_of_each_connection_is_bounded(
         running_server(tmp_path, ws_send_buffer=configured) as server,
         server.terminal("pos-1"),
     ):
-        (ws,) = server.server._connections
+        (ws,) = server.server.connections()
         sock = ws.transport.get_extra_info("socket")
         size = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
     if bounded:

@@ -13,6 +13,7 @@ import msgpack
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+from websockets.frames import Frame, Opcode
 
 from chefia_rt.errors import ChefiaError, Code, InvalidMessage, MessageTooBig
 from chefia_rt.protocol.codec import (
@@ -23,6 +24,8 @@ from chefia_rt.protocol.codec import (
     encode_msgpack,
     inflate,
     msgpack_frame,
+    ws_frame,
+    ws_payload_size,
 )
 
 MAX = 1 << 20  # MAX_WS_MESSAGE_SIZE default
@@ -653,3 +656,16 @@ def test_nul_in_strings_is_refused_because_jsonb_cannot_store_it(encoding: str) 
     frame = json.dumps(keyed) if encoding == "json" else msgpack.packb(keyed)
     with pytest.raises(InvalidMessage, match="NUL"):
         decode_frame(frame, MAX)
+
+
+@pytest.mark.parametrize("size", [0, 1, 125, 126, 127, 65_535, 65_536, 70_000])
+@pytest.mark.parametrize("text", [True, False])
+def test_ws_frame_is_the_frame_websockets_sends(size: int, text: bool) -> None:
+    """Byte for byte what websockets serializes for a server's unfragmented frame (unmasked,
+    no extension), at each payload length encoding of RFC 6455 §5.2."""
+    payload = bytes(i % 251 for i in range(size))
+    opcode = Opcode.TEXT if text else Opcode.BINARY
+    expected = Frame(opcode, payload).serialize(mask=False, extensions=[])
+    frame = ws_frame(payload, text)
+    assert frame == expected
+    assert ws_payload_size(frame) == size
