@@ -188,6 +188,27 @@ def snapshot_pages(
     ]
 
 
+class Flusher:
+    """One timer for every session whose pushes wait for the batch window (instead of a timer
+    each): the sessions of a store that receive a push together flush together."""
+
+    __slots__ = ("_due", "_handle")
+
+    def __init__(self) -> None:
+        self._due: list[Session] = []
+        self._handle: asyncio.TimerHandle | None = None
+
+    def add(self, session: Session, window: float) -> None:
+        self._due.append(session)
+        if self._handle is None:
+            self._handle = asyncio.get_running_loop().call_later(window, self._run)
+
+    def _run(self) -> None:
+        due, self._due, self._handle = self._due, [], None
+        for session in due:
+            session._window_ended()
+
+
 @dataclass(slots=True)
 class Outbound:
     """Per-connection sending limits, from Settings."""
@@ -206,6 +227,7 @@ class Outbound:
     # (MAX_WS_MESSAGE_SIZE, what terminals accept).
     max_bytes: int = 8 * 1_048_576
     frame_max: int = 1_048_576
+    flusher: Flusher = field(default_factory=Flusher)
 
 
 ReadOps = Callable[[str, int, int], Awaitable[list[OpRecord]]]
@@ -251,7 +273,8 @@ class Session:
     _urgent: deque[OutFrame] | None = None
     _pushes: deque[OutFrame] | None = None
     _bytes: int = 0  # encoded size of what both lanes hold
-    _flush_at: asyncio.Handle | None = None
+    _flush_at: asyncio.Handle | None = None  # a flush due now
+    _windowed: bool = False  # a flush due when the batch window ends (Outbound.flusher)
     _drain: asyncio.Task[None] | None = None
     _room: asyncio.Future[None] | None = None  # a catch-up waiting for room in the push lane
     _catch_up: asyncio.Task[None] | None = None
@@ -365,11 +388,10 @@ class Session:
         self.own_ops.clear()
 
     def _schedule(self, urgent: bool) -> None:
-        """Have `_flush` run soon: now for an answer, or after the batch window for pushes
+        """Have `_flush` run soon: now for an answer, or when the batch window ends for pushes
         (msgpack batches fill meanwhile) unless a batch is already full."""
-        if self.closed or self._drain is not None:
-            return  # the drain flushes once the peer has read
-        at = self._flush_at
+        if self.closed or self._drain is not None or self._flush_at is not None:
+            return  # already due, or the drain flushes once the peer has read
         window = self.limits.batch_window
         if (
             urgent
@@ -377,13 +399,15 @@ class Session:
             or self.encoding != "msgpack"
             or (self._pushes is not None and len(self._pushes) >= self.limits.batch_max)
         ):
-            if at is not None:
-                if not isinstance(at, asyncio.TimerHandle):
-                    return  # already due
-                at.cancel()
             self._flush_at = asyncio.get_running_loop().call_soon(self._flush)
-        elif at is None:
-            self._flush_at = asyncio.get_running_loop().call_later(window, self._flush)
+        elif not self._windowed:
+            self._windowed = True
+            self.limits.flusher.add(self, window)
+
+    def _window_ended(self) -> None:
+        self._windowed = False
+        if self._flush_at is None and self._drain is None:
+            self._flush()
 
     def _take(self) -> list[OutFrame]:
         """The next frame's messages: at most WS_BATCH_MAX_MESSAGES, and no more bytes than a
@@ -462,20 +486,19 @@ class Session:
 
     # ---- ordered delivery -----------------------------------------------------------------
 
-    def offer(
-        self, seq: int, op_id: str, frame: OutFrame, from_self: bool, restart: Callable[[], None]
-    ) -> None:
-        """A live push of the store: take it if it is the next one, fill a gap otherwise."""
+    def offer(self, seq: int, op_id: str, frame: OutFrame, from_self: bool) -> bool:
+        """A live push of the store: take it if it is the next one. False for a gap, which the
+        caller fills from storage (`Hub.resume`)."""
         if not self.live or self.closed or seq < self.next_seq:
-            return
+            return True
         if seq > self.next_seq:
-            restart()
-            return
+            return False
         self.next_seq = seq + 1
         if from_self:
             self.own_ops.discard(op_id)
         else:
             self.queue_push(frame)
+        return True
 
     def pause(self) -> None:
         """Stop the stream until the next `resume_from`: no live pushes, and no catch-up either.
@@ -638,11 +661,7 @@ class Hub:
                 continue
             # The push is also what invalidates the entity in the receivers' own caches.
             frame = OutFrame(push_message(push.record))
+            op_id, origin = push.record.id, push.origin
             for session in list(sessions.values()):
-                session.offer(
-                    seq,
-                    push.record.id,
-                    frame,
-                    session.terminal_id == push.origin,
-                    lambda s=session: self.resume(s, s.next_seq - 1),  # type: ignore[misc]
-                )
+                if not session.offer(seq, op_id, frame, session.terminal_id == origin):
+                    self.resume(session, session.next_seq - 1)
