@@ -314,8 +314,16 @@ class Server:
         log.info("%s terminal connected (%s)", session.terminal_type, session.encoding)
         self._sessions[ws] = session
         self._check_token(session)
+        invalid: list[float] = []  # times of recent invalid frames
         try:
-            await self._read_loop(ws, session)
+            while not session.closed:
+                try:
+                    frame = await ws.recv()
+                except ConnectionClosed:
+                    break
+                if session.closed:  # closed while this frame came (an expired token): not served
+                    break
+                await self._serve_frame(session, frame, invalid)
         finally:
             del self._sessions[ws]
             timer = self._token_timers.pop(session.session_id, None)
@@ -420,55 +428,49 @@ class Server:
             session.user_id = claims.user_id
         return m.token_refreshed_msg(claims.expires_at)
 
-    async def _read_loop(self, ws: ServerConnection, session: Session) -> None:
-        invalid: list[float] = []  # times of recent invalid frames
+    async def _serve_frame(
+        self, session: Session, frame: str | bytes, invalid: list[float]
+    ) -> None:
+        """Answer one frame's messages; what must end the connection closes the session. (The
+        loop that waits for frames is `handler` itself: an idle connection holds one coroutine.)"""
         limit = self.settings.ws_invalid_frame_limit
         window = self.settings.ws_invalid_frame_window
-        while not session.closed:
+        received = time.monotonic()
+        session.last_seen = received
+        session.bytes_in += len(frame)
+        try:
+            raws = decode_frame(frame, self.settings.max_ws_message_size)
+        except MessageTooBig as exc:
+            session.close(Code.MESSAGE_TOO_BIG, exc.reason)
+            return
+        except InvalidMessage as exc:
+            raws = []
+            session.send(m.error_msg(exc.code, exc.reason))
+            if self._abusive(invalid, received, limit, window):
+                session.close(Code.INVALID_MESSAGE, "too many invalid messages")
+                return
+        self.node.stats.message(len(raws) or 1)
+        for raw in raws:
+            session.messages_in += 1
             try:
-                frame = await ws.recv()
-            except ConnectionClosed:
-                return
-            if session.closed:  # closed while this frame came (an expired token): not served
-                return
-            received = time.monotonic()
-            session.last_seen = received
-            session.bytes_in += len(frame)
-            try:
-                raws = decode_frame(frame, self.settings.max_ws_message_size)
-            except MessageTooBig as exc:
-                session.close(Code.MESSAGE_TOO_BIG, exc.reason)
-                return
-            except InvalidMessage as exc:
-                raws = []
-                session.send(m.error_msg(exc.code, exc.reason))
-                if self._abusive(invalid, received, limit, window):
+                with bound(operation_id=_operation_id(raw)):
+                    if self._messages is not None:
+                        self._messages.incoming(raw)
+                    await self._dispatch(session, raw, received)
+            except ChefiaError as exc:
+                session.send(self._error_frame(raw, exc))
+                if exc.code == Code.INVALID_MESSAGE and self._abusive(
+                    invalid, received, limit, window
+                ):
                     session.close(Code.INVALID_MESSAGE, "too many invalid messages")
                     return
-            self.node.stats.message(len(raws) or 1)
-            for raw in raws:
-                session.messages_in += 1
-                try:
-                    with bound(operation_id=_operation_id(raw)):
-                        if self._messages is not None:
-                            self._messages.incoming(raw)
-                        await self._dispatch(session, raw, received)
-                except ChefiaError as exc:
-                    session.send(self._error_frame(raw, exc))
-                    if exc.code == Code.INVALID_MESSAGE and self._abusive(
-                        invalid, received, limit, window
-                    ):
-                        session.close(Code.INVALID_MESSAGE, "too many invalid messages")
-                        return
-                    if session.closed:  # sustained rate-limit abuse
-                        return
-                except Exception:
-                    # A bug must cost one answer, not the terminal's connection.
-                    log.exception(
-                        "handling %r from %s failed", raw.get("type"), session.terminal_id
-                    )
-                    internal = ChefiaError("internal server error; retry", Code.INTERNAL_ERROR)
-                    session.send(self._error_frame(raw, internal))
+                if session.closed:  # sustained rate-limit abuse
+                    return
+            except Exception:
+                # A bug must cost one answer, not the terminal's connection.
+                log.exception("handling %r from %s failed", raw.get("type"), session.terminal_id)
+                internal = ChefiaError("internal server error; retry", Code.INTERNAL_ERROR)
+                session.send(self._error_frame(raw, internal))
 
     @staticmethod
     def _abusive(invalid: list[float], now: float, limit: int, window: float) -> bool:
