@@ -295,7 +295,7 @@ class Server:
             session_id=session.session_id,
         )
         if self._messages is not None:
-            session.on_sent = self._log_sent
+            session.on_sent = functools.partial(self._log_sent, session)
         self._limit_send_buffer(ws)
         try:
             await self.node.open_session(session, since, epoch)
@@ -336,9 +336,16 @@ class Server:
             log.info("terminal disconnected (close code %s)", session.close_code)
         await self._discard_until_closed(ws)
 
-    def _log_sent(self, frames: list[OutFrame]) -> None:
+    def _log_sent(self, session: Session, frames: list[OutFrame]) -> None:
+        """Log what was just sent, naming the connection: flushes run as loop callbacks, outside
+        the connection's own task and so outside what `bind` attached to it."""
         if self._messages is not None:
-            self._messages.outgoing(frame.message for frame in frames)
+            with bound(
+                terminal_id=session.terminal_id,
+                store_id=session.store_id,
+                session_id=session.session_id,
+            ):
+                self._messages.outgoing(frame.message for frame in frames)
 
     def _limit_send_buffer(self, ws: ServerConnection) -> None:
         sock = ws.transport.get_extra_info("socket")
