@@ -53,6 +53,7 @@ TERMINAL_TYPES = ("pos", "kds", "waiter", "monitor")
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000)
 LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0)
+LOOP_LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 
 # Read at scrape time: the cluster-wide terminals (store_id, terminal_id, type, online) and the
 # worker's RequestCache figures, each None when that part is not there.
@@ -118,6 +119,7 @@ class Metrics:
         # would only ever show this worker, so they are registered nowhere.
         own = None if multiproc_dir else CollectorRegistry(auto_describe=True)
         self.terminal_source: TerminalSource | None = None
+        self._loop_lag_max = 0.0
         self.active_connections = Gauge(
             "websocket_active_connections",
             "Open WebSocket connections",
@@ -191,6 +193,18 @@ class Metrics:
             "worker's terminals through the bus",
             buckets=LAG_BUCKETS,
             registry=own,
+        )
+        self.loop_lag = Histogram(
+            "event_loop_lag_seconds",
+            "How late a worker's event loop ran a timer (checked every 0.1 s): a stall's length",
+            buckets=LOOP_LAG_BUCKETS,
+            registry=own,
+        )
+        self.loop_lag_max = Gauge(
+            "event_loop_lag_max_seconds",
+            "The worst event-loop lag of a worker since it started (the worst live worker)",
+            registry=own,
+            multiprocess_mode="livemax",
         )
         self.resumes = Counter(
             "websocket_resumes",
@@ -310,6 +324,13 @@ class Metrics:
         except ValueError:
             return
         self.bus_lag.observe(max(0.0, time.time() - decided))
+
+    def event_loop_lag(self, lag: float) -> None:
+        """One check of the worker's event loop (stats.LoopLag)."""
+        self.loop_lag.observe(lag)
+        if lag > self._loop_lag_max:
+            self._loop_lag_max = lag
+            self.loop_lag_max.set(lag)
 
     def resumed(self, kind: str) -> None:
         """A stream restart: "resume" (since), "resync_required" or "snapshot"."""

@@ -36,7 +36,7 @@ from chefia_rt.monitoring import TOPIC as MONITOR_TOPIC
 from chefia_rt.monitoring import MonitorFeed
 from chefia_rt.protocol.messages import format_timestamp, sync_error_msg, utc_now_iso
 from chefia_rt.stats import TOPIC as STATS_TOPIC
-from chefia_rt.stats import ClusterStats
+from chefia_rt.stats import ClusterStats, LoopLag
 from chefia_rt.store.base import BatchRequest, LogBounds, SessionRecord, Store
 from chefia_rt.supervisor import NODE_ID_ENV
 from chefia_rt.sync.engine import Engine, Outcome, conflict_id_for, wire_data
@@ -226,6 +226,7 @@ class Node:
         self.node_name = node_name or self.worker_name
         self.metrics = metrics or Metrics(known_entity_types(settings))
         self.metrics.terminal_source = self._terminal_states
+        self.loop_lag = LoopLag(self.metrics.event_loop_lag)
         self.cluster_stats = ClusterStats(
             self.worker_name, self.node_name, settings.ws_stats_interval
         )
@@ -262,6 +263,7 @@ class Node:
         self.monitor.relay_events(await self.store.server_events(None, 20), live=False)
         self._writer = asyncio.create_task(self._write_loop(), name="writer")
         self._chores = [
+            asyncio.create_task(self.loop_lag.run(), name="loop-lag"),
             asyncio.create_task(
                 self._every(self.settings.sync_maintenance_interval, self._maintain)
             ),
@@ -832,6 +834,7 @@ class Node:
             "total_connections": len(self.hub),
             "connections_by_type": by_type,
             **self.stats.snapshot(),
+            **self.loop_lag.snapshot(),
         }
 
 

@@ -4,11 +4,17 @@ Every worker sends its own figures (Node.websocket_stats) on the bus every WS_ST
 seconds; every worker keeps the latest one per worker and forgets a worker that has been silent
 for FORGET_AFTER intervals (it died, or its node left), so whichever worker answers /ws/stats sums
 the same deployment. This worker's own entry is always taken fresh at answer time.
+
+Each worker also watches its own event loop (LoopLag): how late a timer fires is how long
+something held the loop. Its worst lag of each recent second is in its snapshot, and /ws/stats
+lists them per worker (`worker_loop_lag`), so a stall is seen and placed in time.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -65,8 +71,14 @@ class ClusterStats:
         by_type: dict[str, int] = {}
         latency_weight = latency_sum = operations = conflicts = 0.0
         uptime = 0.0
-        for payload in entries.values():
+        loop_lag: dict[str, dict[str, Any]] = {}
+        for worker, payload in entries.items():
             stats = payload["stats"]
+            if "event_loop_lag_max_ms" in stats:
+                loop_lag[worker] = {
+                    "max_ms": _number(stats.get("event_loop_lag_max_ms")),
+                    "by_second": stats.get("event_loop_lag_by_second") or [],
+                }
             for name in _COUNTS:
                 result[name] += _count(stats.get(name))
             throughput += _number(stats.get("message_throughput"))
@@ -85,7 +97,53 @@ class ClusterStats:
         result["uptime_seconds"] = round(uptime, 1)
         result["workers"] = len(entries)
         result["nodes"] = len({p["node"] for p in entries.values()})
+        result["event_loop_lag_max_ms"] = max((w["max_ms"] for w in loop_lag.values()), default=0.0)
+        result["worker_loop_lag"] = loop_lag
         return result
+
+
+class LoopLag:
+    """How late this worker's event loop runs: a task sleeps CHECK seconds and records the
+    overshoot. Keeps the worst since start and the worst of each of the last SECONDS seconds
+    (wall clock, so a load generator can match them to its own timeline)."""
+
+    CHECK = 0.1
+    SECONDS = 60
+
+    __slots__ = ("_observe", "_seconds", "_wall", "worst")
+
+    def __init__(
+        self,
+        observe: Callable[[float], None] | None = None,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self._observe = observe
+        self._wall = wall
+        self.worst = 0.0
+        self._seconds: deque[list[float]] = deque(maxlen=self.SECONDS)  # [second, worst lag]
+
+    def record(self, lag: float) -> None:
+        self.worst = max(self.worst, lag)
+        if self._observe is not None:
+            self._observe(lag)
+        second = float(int(self._wall()))
+        if self._seconds and self._seconds[-1][0] == second:
+            self._seconds[-1][1] = max(self._seconds[-1][1], lag)
+        else:
+            self._seconds.append([second, lag])
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            due = loop.time() + self.CHECK
+            await asyncio.sleep(self.CHECK)
+            self.record(max(0.0, loop.time() - due))
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "event_loop_lag_max_ms": round(self.worst * 1000, 2),
+            "event_loop_lag_by_second": [[int(at), round(w * 1000, 2)] for at, w in self._seconds],
+        }
 
 
 def _count(value: object) -> int:

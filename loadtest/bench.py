@@ -23,6 +23,12 @@ CPU is utime+stime from /proc/<pid>/stat over the measured window: the server's 
 does; other work on the machine's PostgreSQL counts too) and this generator's own. RSS per
 connection is the growth of the server processes' RSS while the terminals connected.
 
+Stalls: latency over time is the p99 of each 250 ms window of scheduled send times
+(`ack_window_p99_ms`, `propagation_window_p99_ms`), with the worst window, when it started in the
+run and its ratio to the run's p99 (`*_worst_window_*`); for our server, the worst event-loop lag
+of each worker over the run (`loop_lag_max_ms_by_worker`, from /ws/stats, which lists each
+worker's worst lag of every recent second). A Markdown table of the rush run goes to stderr.
+
 Scenarios:
 - rush (default): one run at --rate, ours and the baseline, with ratios ours / baseline;
 - sweep: --rates per terminal, rising, each for --duration, until p99 ack > 50 ms or something
@@ -37,6 +43,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
 import resource
 import shutil
@@ -45,6 +52,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -76,6 +84,8 @@ CLOCK_TICK_US = 1_000_000 / os.sysconf("SC_CLK_TCK")
 PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
 COMPRESSED = b"compressed:"
 TICK = 0.002  # seconds between the generator's sending rounds
+WINDOW = 0.25  # seconds: latency over time is the p99 of each window of send times
+STATS_INTERVAL = 2.0  # our server's WS_STATS_INTERVAL (its default, set for the bench)
 READY_TIMEOUT = 30.0
 CONNECT_CONCURRENCY = 100
 CONNECT_ATTEMPTS = 8
@@ -227,6 +237,7 @@ async def our_server(args: argparse.Namespace, workdir: Path) -> AsyncIterator[S
         WS_HOST="127.0.0.1",
         WS_PORT=str(port),
         WS_LOG_LEVEL="WARNING",
+        WS_STATS_INTERVAL=str(STATS_INTERVAL),
         # Room for every scenario's terminals on one worker (SO_REUSEPORT may not spread evenly).
         MAX_WS_CONNECTIONS=str(
             100
@@ -295,7 +306,9 @@ class Phase:
 
     scheduled: dict[str, float] = field(default_factory=dict)  # op id -> scheduled send time
     acks: list[float] = field(default_factory=list)
+    ack_sent: list[float] = field(default_factory=list)  # each ack's scheduled send time
     propagation: list[float] = field(default_factory=list)
+    propagation_sent: list[float] = field(default_factory=list)
     confirmed_with_seq: int = 0
     deliveries_expected: int = 0
     deliveries_received: int = 0
@@ -416,12 +429,14 @@ class Load:
             term.seen.add(op_id)
             phase.deliveries_received += 1
             phase.propagation.append(now - start)
+            phase.propagation_sent.append(start)
         elif kind == "sync_confirmation":
             op_id = message["operation_id"]
             start = phase.scheduled.get(op_id)
             if start is None:
                 return
             phase.acks.append(now - start)
+            phase.ack_sent.append(start)
             phase.last_ack = now
             if message.get("seq") is not None:
                 phase.confirmed_with_seq += 1
@@ -442,6 +457,7 @@ class Load:
         pg_before = postgres_cpu()
         client_before = time.process_time()
         started = time.perf_counter() + 0.05
+        wall_started = time.time() + 0.05
         sent = 0
         terms = self.terms
         count = len(terms)
@@ -497,6 +513,7 @@ class Load:
         pg_us = cpu_used_us(pg_before, postgres_cpu())
         confirmed = len(phase.acks)
         span = (phase.last_ack - started) if phase.last_ack > started else send_seconds
+        lag = await self.loop_lag(wall_started, time.time())
         return {
             "connections": len(self.terms),
             "rate_per_terminal": rate,
@@ -517,11 +534,73 @@ class Load:
             "pg_cpu_us_per_op": round(pg_us / confirmed, 1) if confirmed else None,
             "client_cpu_us_per_op": round(client_us / sent, 1) if sent else None,
             "server_processes": len(pids),
+            **window_figures("ack", phase.ack_sent, phase.acks, started),
+            **window_figures("propagation", phase.propagation_sent, phase.propagation, started),
+            **lag,
         }
+
+    async def loop_lag(self, since: float, until: float) -> dict[str, Any]:
+        """The worst event-loop lag of each worker of our server between two wall-clock times,
+        from /ws/stats (each worker's lag per second, shared on the bus every WS_STATS_INTERVAL);
+        None for the baseline, which has no such figure."""
+        if not self.server.name.startswith("ours"):
+            return {"loop_lag_max_ms_by_worker": None, "loop_lag_max_ms": None}
+        await asyncio.sleep(STATS_INTERVAL + 0.5)  # every worker has reported since `until`
+        url = f"http://127.0.0.1:{self.server.port}/ws/stats"
+        stats = json.loads(await asyncio.to_thread(_http_get, url))
+        by_worker = {
+            worker: worst_lag_ms(figures.get("by_second") or [], since, until)
+            for worker, figures in sorted((stats.get("worker_loop_lag") or {}).items())
+        }
+        found = [ms for ms in by_worker.values() if ms is not None]
+        return {"loop_lag_max_ms_by_worker": by_worker, "loop_lag_max_ms": max(found, default=None)}
 
 
 def cpu_used_us_pids(before: dict[int, int], after: dict[int, int]) -> float:
     return CLOCK_TICK_US * sum(t - before.get(pid, 0) for pid, t in after.items())
+
+
+def _http_get(url: str) -> bytes:
+    with urllib.request.urlopen(url, timeout=10) as answer:
+        body: bytes = answer.read()
+        return body
+
+
+def worst_lag_ms(by_second: Sequence[Sequence[float]], since: float, until: float) -> float | None:
+    """The largest lag of the [epoch second, ms] entries whose second overlaps [since, until]."""
+    found = [ms for second, ms in by_second if since - 1 < second <= until]
+    return max(found, default=None)
+
+
+def window_p99s(
+    sent: Sequence[float], latencies: Sequence[float], started: float, width: float = WINDOW
+) -> list[float | None]:
+    """p99 (ms) of the latencies of each `width`-second window of scheduled send times from
+    `started` on, in order; None for a window without any."""
+    buckets: list[list[float]] = []
+    for at, latency in zip(sent, latencies, strict=True):
+        index = max(0, int((at - started) / width))
+        while len(buckets) <= index:
+            buckets.append([])
+        buckets[index].append(latency)
+    return [_percentile(bucket, 99) for bucket in buckets]
+
+
+def window_figures(
+    name: str, sent: Sequence[float], latencies: Sequence[float], started: float
+) -> dict[str, Any]:
+    """Latency over time: p99 per 250 ms window, the worst window (its p99, when it started in
+    the run, its ratio to the whole run's p99)."""
+    series = window_p99s(sent, latencies, started)
+    run_p99 = _percentile(list(latencies), 99)
+    worst = max((p for p in series if p is not None), default=None)
+    at = series.index(worst) * WINDOW if worst is not None else None
+    return {
+        f"{name}_window_p99_ms": series,
+        f"{name}_worst_window_p99_ms": worst,
+        f"{name}_worst_window_at_s": at,
+        f"{name}_worst_window_ratio": _ratio(worst, run_p99),
+    }
 
 
 def _percentile(values: list[float], pct: float) -> float | None:
@@ -626,6 +705,9 @@ async def sweep(kind: str, args: argparse.Namespace, workdir: Path) -> dict[str,
                     "ack_p50_ms",
                     "ack_p99_ms",
                     "propagation_p99_ms",
+                    "ack_worst_window_p99_ms",
+                    "ack_worst_window_ratio",
+                    "loop_lag_max_ms",
                     "deliveries_expected",
                     "deliveries_received",
                     "errors",
@@ -702,6 +784,7 @@ RATIO_KEYS = (
     "ack_p50_ms",
     "ack_p99_ms",
     "propagation_p99_ms",
+    "ack_worst_window_p99_ms",
     "server_cpu_us_per_op",
     "rss_per_connection_kib",
 )
@@ -812,12 +895,51 @@ def raise_fd_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+def _ms(value: Any) -> str:
+    return "-" if value is None else f"{value:g}"
+
+
+def table(result: dict[str, Any]) -> str:
+    """The rush run as a Markdown table (the README's Performance section shows this one)."""
+    head = (
+        "| server | offered ops/s | ack p50 / p99 ms | worst 250 ms ack p99 (x run p99) "
+        "| propagation p99 ms | worst 250 ms propagation p99 (x) | CPU us/op (+PG) "
+        "| worst loop lag ms per worker | load average |"
+    )
+    rows = [head, "|" + "---|" * head.count(" | ") + "---|"]
+    for kind in ("ours", "baseline"):
+        f = result.get(kind)
+        if not isinstance(f, dict) or "ack_p99_ms" not in f:
+            continue
+        lag = f.get("loop_lag_max_ms_by_worker")
+        lags = ", ".join(_ms(v) for v in lag.values()) if lag else "-"
+        pg = f" (+{_ms(f['pg_cpu_us_per_op'])})" if f.get("pg_cpu_us_per_op") is not None else ""
+        rows.append(
+            f"| {kind} {result['mode'] if kind == 'ours' else 'relay'} | {_ms(f['offered_ops_s'])} "
+            f"| {_ms(f['ack_p50_ms'])} / {_ms(f['ack_p99_ms'])} "
+            f"| {_ms(f['ack_worst_window_p99_ms'])} ({_ms(f['ack_worst_window_ratio'])}x) "
+            f"| {_ms(f['propagation_p99_ms'])} "
+            f"| {_ms(f['propagation_worst_window_p99_ms'])} "
+            f"({_ms(f['propagation_worst_window_ratio'])}x) "
+            f"| {_ms(f['server_cpu_us_per_op'])}{pg} | {lags} "
+            f"| {' '.join(_ms(x) for x in f['load_average'])} |"
+        )
+    return "\n".join(rows)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """The JSON line on stdout; the rush run's table on stderr."""
     args = parse_args(argv)
     raise_fd_limit()
     import uvloop
 
-    return print_result("bench", lambda: uvloop.run(bench(args)))
+    def run() -> dict[str, Any]:
+        result = uvloop.run(bench(args))
+        if args.scenario == "rush":
+            print(table(result), file=sys.stderr)
+        return result
+
+    return print_result("bench", run)
 
 
 if __name__ == "__main__":

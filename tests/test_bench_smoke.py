@@ -1,11 +1,15 @@
 """`python -m loadtest.bench` runs end to end and prints its one JSON line: its shape, and that
-nothing was lost, on a tiny embedded run (2 stores x 3 terminals). Never its speed."""
+nothing was lost, on a tiny embedded run (2 stores x 3 terminals). Never its speed.
+
+The latency-over-time arithmetic (p99 per 250 ms window) is checked on made-up figures."""
 
 from __future__ import annotations
 
 import time
 
-from loadtest.bench import RATIO_KEYS
+import pytest
+
+from loadtest.bench import RATIO_KEYS, window_figures, window_p99s, worst_lag_ms
 from tests.helpers import run_bench
 
 FIGURES = {
@@ -30,6 +34,16 @@ FIGURES = {
     "server_processes",
     "rss_per_connection_kib",
     "load_average",
+    "ack_window_p99_ms",
+    "ack_worst_window_p99_ms",
+    "ack_worst_window_at_s",
+    "ack_worst_window_ratio",
+    "propagation_window_p99_ms",
+    "propagation_worst_window_p99_ms",
+    "propagation_worst_window_at_s",
+    "propagation_worst_window_ratio",
+    "loop_lag_max_ms_by_worker",
+    "loop_lag_max_ms",
 }
 
 
@@ -55,3 +69,40 @@ async def test_bench_prints_one_json_line_and_loses_nothing() -> None:
         assert figures["deliveries_received"] == figures["deliveries_expected"], kind
         assert figures["duplicates"] == 0, kind
         assert figures["ack_p99_ms"] is not None and figures["propagation_p99_ms"] is not None
+        # 2 s of sends: 8 windows of 250 ms, each with its p99, the worst one named.
+        assert len(figures["ack_window_p99_ms"]) == 8, figures["ack_window_p99_ms"]
+        assert None not in figures["ack_window_p99_ms"]
+        assert figures["ack_worst_window_p99_ms"] == max(figures["ack_window_p99_ms"])
+        assert figures["propagation_worst_window_ratio"] is not None
+    # The worst event-loop lag of our one worker during the run, read from /ws/stats.
+    lags = result["ours"]["loop_lag_max_ms_by_worker"]
+    assert len(lags) == 1 and all(isinstance(ms, float) for ms in lags.values()), lags
+    assert result["ours"]["loop_lag_max_ms"] == max(lags.values())
+    assert result["baseline"]["loop_lag_max_ms_by_worker"] is None
+
+
+def test_p99_per_window_of_send_times() -> None:
+    started = 100.0
+    # Window 0: 100 sends at 1 ms; window 1: nothing; window 2: 99 at 2 ms and one at 500 ms.
+    sent = [started + 0.001 * i for i in range(100)] + [
+        started + 0.5 + 0.001 * i for i in range(100)
+    ]
+    latencies = [0.001] * 100 + [0.002] * 99 + [0.5]
+    assert window_p99s(sent, latencies, started) == [1.0, None, 500.0]
+    figures = window_figures("ack", sent, latencies, started)
+    assert figures["ack_window_p99_ms"] == [1.0, None, 500.0]
+    assert figures["ack_worst_window_p99_ms"] == 500.0
+    assert figures["ack_worst_window_at_s"] == 0.5
+    # The whole run's p99 (of 200) is 2 ms: the worst window is 250 times that.
+    assert figures["ack_worst_window_ratio"] == 250.0
+    assert window_figures("ack", [], [], started)["ack_worst_window_ratio"] is None
+
+
+@pytest.mark.parametrize(
+    ("since", "until", "worst"), [(1000.2, 1001.5, 7.0), (1002.0, 1003.0, 2.0), (990, 995, None)]
+)
+def test_worst_lag_of_the_seconds_a_run_covers(
+    since: float, until: float, worst: float | None
+) -> None:
+    by_second = [[999, 90.0], [1000, 3.0], [1001, 7.0], [1002, 1.0], [1003, 2.0]]
+    assert worst_lag_ms(by_second, since, until) == worst

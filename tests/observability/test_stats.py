@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from chefia_rt.stats import ClusterStats
+from chefia_rt.stats import ClusterStats, LoopLag
 from tests.helpers import http_get, op, running_server
 
 
@@ -60,6 +60,30 @@ def test_counts_stay_integers() -> None:
     for name in ("total_connections", "operations_per_minute", "workers", "nodes"):
         assert type(total[name]) is int, (name, total[name])
     assert all(type(count) is int for count in total["connections_by_type"].values())
+
+
+def test_loop_lag_keeps_the_worst_of_each_second_and_stats_list_it_per_worker() -> None:
+    wall = [1000.1]
+    observed: list[float] = []
+    lag = LoopLag(observed.append, wall=lambda: wall[0])
+    for at, seconds in ((1000.1, 0.002), (1000.9, 0.040), (1001.2, 0.001), (1003.0, 0.0)):
+        wall[0] = at
+        lag.record(seconds)
+    assert observed == [0.002, 0.040, 0.001, 0.0]
+    own = lag.snapshot()
+    assert own == {
+        "event_loop_lag_max_ms": 40.0,
+        "event_loop_lag_by_second": [[1000, 40.0], [1001, 1.0], [1003, 0.0]],
+    }
+    stats = ClusterStats("a/1", "a", interval=2.0)
+    other = {"event_loop_lag_max_ms": 250.0, "event_loop_lag_by_second": [[1001, 250.0]]}
+    stats.receive({"worker": "a/2", "node": "a", "stats": snapshot(1, 0, 0, 0) | other})
+    total = stats.aggregate(snapshot(1, 0, 0, 0) | own)
+    assert total["event_loop_lag_max_ms"] == 250.0
+    assert total["worker_loop_lag"] == {
+        "a/1": {"max_ms": 40.0, "by_second": own["event_loop_lag_by_second"]},
+        "a/2": {"max_ms": 250.0, "by_second": [[1001, 250.0]]},
+    }
 
 
 async def test_ws_stats_answers_counts_as_json_integers(tmp_path: Path) -> None:
