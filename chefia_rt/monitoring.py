@@ -199,7 +199,7 @@ class MonitorFeed:
         self._alerts: dict[str, dict[str, dict[str, Any]]] = {}  # store -> id -> active alert
         self._changed: dict[str, dict[str, TerminalView]] = {}  # figures to send at the tick
         self._last_event = 0  # the newest server event relayed
-        directory.subscribe(self._terminal_changed)
+        directory.subscribe(self._terminal_changed, self._monitors.__contains__)
 
     def monitors(self, store_id: str) -> list[Session]:
         return list(self._monitors.get(store_id, {}).values())

@@ -257,14 +257,16 @@ class TerminalDirectory:
         self._clock = clock
         self._entries: dict[tuple[str, str], _Entry] = {}
         self._workers: dict[str, float] = {}  # worker -> when we last heard from it
-        self._listeners: list[Listener] = []
+        self._listeners: list[tuple[Listener, Callable[[str], bool] | None]] = []
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def subscribe(self, listener: Listener) -> None:
-        """Call `listener(kind, view)` after every change (status, figures, forgotten)."""
-        self._listeners.append(listener)
+    def subscribe(self, listener: Listener, stores: Callable[[str], bool] | None = None) -> None:
+        """Call `listener(kind, view)` after every change (status, figures, forgotten), only of
+        the stores for which `stores(store_id)` is true when given: a figures round changes
+        every busy terminal, and a view nobody reads is not worth building."""
+        self._listeners.append((listener, stores))
 
     def views(self, store_id: str | None = None) -> list[TerminalView]:
         """The terminals of one store (or of all), sorted by store and terminal id."""
@@ -400,10 +402,11 @@ class TerminalDirectory:
                 del self._workers[worker]
 
     def _emit(self, kind: ChangeKind, entry: _Entry) -> None:
-        if not self._listeners:
-            return
-        view = entry.view()
-        for listener in self._listeners:
+        view = None
+        for listener, stores in self._listeners:
+            if stores is not None and not stores(entry.store_id):
+                continue
+            view = view or entry.view()
             try:
                 listener(kind, view)
             except Exception:

@@ -104,6 +104,31 @@ def test_connect_figures_disconnect() -> None:
     assert directory.views("s2") == []
 
 
+def test_a_listener_of_some_stores_gets_only_their_changes_and_views() -> None:
+    directory = TerminalDirectory(clock=Clock())
+    watched = {"s2"}
+    changes: list[tuple[ChangeKind, TerminalView]] = []
+    directory.subscribe(lambda kind, view: changes.append((kind, view)), watched.__contains__)
+    views_built = 0
+    build = TerminalView.__init__
+
+    def counting(self: TerminalView, *args: Any, **kwargs: Any) -> None:
+        nonlocal views_built
+        views_built += 1
+        build(self, *args, **kwargs)
+
+    a, b = session("pos-1", store_id="s1"), session("pos-1", store_id="s2")
+    directory.handle(connect(a))
+    directory.handle(connect(b))
+    TerminalView.__init__ = counting  # type: ignore[method-assign]
+    try:
+        directory.handle(figures(session("pos-1", store_id="s1", ops=5), b | {"ops": 2}))
+    finally:
+        TerminalView.__init__ = build  # type: ignore[method-assign]
+    assert [(kind, v.store_id) for kind, v in changes] == [("connected", "s2"), ("figures", "s2")]
+    assert views_built == 1  # none for s1's change, which no listener wants
+
+
 def test_a_session_closed_for_a_fault_shows_error() -> None:
     directory = TerminalDirectory(clock=Clock())
     directory.handle(connect(session()))
