@@ -544,16 +544,30 @@ class Load:
         from /ws/stats (each worker's lag per second, shared on the bus every WS_STATS_INTERVAL);
         None for the baseline, which has no such figure."""
         if not self.server.name.startswith("ours"):
-            return {"loop_lag_max_ms_by_worker": None, "loop_lag_max_ms": None}
+            return {
+                "loop_lag_max_ms_by_worker": None,
+                "loop_lag_max_ms": None,
+                "loop_lag_ms_by_second": None,
+            }
         await asyncio.sleep(STATS_INTERVAL + 0.5)  # every worker has reported since `until`
         url = f"http://127.0.0.1:{self.server.port}/ws/stats"
         stats = json.loads(await asyncio.to_thread(_http_get, url))
-        by_worker = {
-            worker: worst_lag_ms(figures.get("by_second") or [], since, until)
-            for worker, figures in sorted((stats.get("worker_loop_lag") or {}).items())
-        }
+        workers = sorted((stats.get("worker_loop_lag") or {}).items())
+        by_worker = {w: worst_lag_ms(f.get("by_second") or [], since, until) for w, f in workers}
         found = [ms for ms in by_worker.values() if ms is not None]
-        return {"loop_lag_max_ms_by_worker": by_worker, "loop_lag_max_ms": max(found, default=None)}
+        return {
+            "loop_lag_max_ms_by_worker": by_worker,
+            "loop_lag_max_ms": max(found, default=None),
+            # Each second of the run (from its start), to set beside the latency windows.
+            "loop_lag_ms_by_second": {
+                w: [
+                    [int(second - since), ms]
+                    for second, ms in f.get("by_second") or []
+                    if since - 1 < second <= until
+                ]
+                for w, f in workers
+            },
+        }
 
 
 def cpu_used_us_pids(before: dict[int, int], after: dict[int, int]) -> float:

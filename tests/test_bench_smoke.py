@@ -44,6 +44,7 @@ FIGURES = {
     "propagation_worst_window_ratio",
     "loop_lag_max_ms_by_worker",
     "loop_lag_max_ms",
+    "loop_lag_ms_by_second",
 }
 
 
@@ -78,6 +79,7 @@ async def test_bench_prints_one_json_line_and_loses_nothing() -> None:
     lags = result["ours"]["loop_lag_max_ms_by_worker"]
     assert len(lags) == 1 and all(isinstance(ms, float) for ms in lags.values()), lags
     assert result["ours"]["loop_lag_max_ms"] == max(lags.values())
+    assert set(result["ours"]["loop_lag_ms_by_second"]) == set(lags)
     assert result["baseline"]["loop_lag_max_ms_by_worker"] is None
 
 
