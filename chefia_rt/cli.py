@@ -18,7 +18,7 @@ from chefia_rt.protocol.messages import TERMINAL_ID_RE
 
 log = logging.getLogger("chefia_rt")
 # Allocations between first-generation collections, and collections between older ones.
-GC_THRESHOLDS = (20_000, 20, 20)
+GC_THRESHOLDS = (10_000, 20, 20)
 
 
 def _describe(settings: Settings) -> dict[str, object]:
