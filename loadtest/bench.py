@@ -44,6 +44,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import math
 import os
 import resource
 import shutil
@@ -561,7 +562,7 @@ class Load:
             # Each second of the run (from its start), to set beside the latency windows.
             "loop_lag_ms_by_second": {
                 w: [
-                    [int(second - since), ms]
+                    [math.floor(second - since), ms]
                     for second, ms in f.get("by_second") or []
                     if since - 1 < second <= until
                 ]
