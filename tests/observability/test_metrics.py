@@ -74,6 +74,9 @@ async def test_scrape_after_traffic_names_labels_counts_and_promtool(tmp_path: P
             assert value(text, "sync_commit_duration_seconds_count") >= 1
             assert value(text, "websocket_resumes_total", kind="resume") == 1
             assert value(text, "bus_delivery_lag_seconds_count") >= 1
+            # The worker's event-loop lag (stats.LoopLag): each check and the worst so far.
+            assert "event_loop_lag_seconds_bucket" in text
+            assert "event_loop_lag_max_seconds" in text
             # /ws/metrics is the same exposition.
             assert "sync_operations_total" in await scrape(server.http + "/ws/metrics")
 
