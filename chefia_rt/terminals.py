@@ -83,13 +83,17 @@ Listener = Callable[[ChangeKind, TerminalView], None]
 # ---- the signals a worker sends -----------------------------------------------------------------
 
 
+_NOTHING_REPORTED: dict[str, float | None] = dict.fromkeys(REPORTED)
+
+
 def reported_figures(metrics: dict[str, Any] | None) -> dict[str, float | None]:
     """The figures a terminal reported (performance_metrics) under the directory's names.
 
     `response_time` is in milliseconds and `memory_usage` in megabytes (README, monitor section);
     `cache_hit_rate` is a fraction 0..1.
     """
-    metrics = metrics or {}
+    if not metrics:
+        return dict(_NOTHING_REPORTED)
     return {
         "response_time_ms": _number(metrics.get("response_time")),
         "memory_mb": _number(metrics.get("memory_usage")),
@@ -214,12 +218,17 @@ class _Entry:
         """Copy a session entry's figures (the session is this entry's current one)."""
         self.terminal_type = str(session["terminal_type"])
         self.last_seen = max(self.last_seen, float(session["last_seen"]))
-        for name in ("ops", "conflicts", "bytes_in", "bytes_out"):
-            setattr(self, name, int(session[name]))
-        for name in REPORTED:
-            value = session.get(name)
-            if value is not None:  # a terminal that stopped reporting keeps its last figures
-                setattr(self, name, float(value))
+        self.ops = int(session["ops"])
+        self.conflicts = int(session["conflicts"])
+        self.bytes_in = int(session["bytes_in"])
+        self.bytes_out = int(session["bytes_out"])
+        # A terminal that stopped reporting keeps its last figures.
+        if (value := session.get("response_time_ms")) is not None:
+            self.response_time_ms = float(value)
+        if (value := session.get("memory_mb")) is not None:
+            self.memory_mb = float(value)
+        if (value := session.get("cache_hit_rate")) is not None:
+            self.cache_hit_rate = float(value)
 
     def view(self) -> TerminalView:
         return TerminalView(
