@@ -1032,7 +1032,7 @@ async def test_cli_backup_verify_restore(tmp_path: Path, databases: Databases) -
 
     checked = await asyncio.to_thread(cli, "backup", "--verify", str(path), cwd=tmp_path)
     assert checked.returncode == 0, checked.stderr
-    assert one_line(checked.stdout).startswith(f"{path}: ok (format 1, sqlite schema 3")
+    assert one_line(checked.stdout).startswith(f"{path}: ok (format 1, sqlite schema 4")
     assert checked.stderr == ""
 
     refused = await asyncio.to_thread(cli, "restore", str(path), cwd=tmp_path, **env)

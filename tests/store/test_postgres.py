@@ -79,7 +79,7 @@ async def test_workers_starting_together_migrate_once(dsn: str) -> None:
             ]
         finally:
             await conn.close()
-        assert versions == [1, 2, 3]
+        assert versions == [1, 2, 3, 4]
     finally:
         await asyncio.gather(*(s.close() for s in stores))
 
@@ -145,3 +145,31 @@ async def test_workers_keeping_partitions_together_do_not_collide(dsn: str) -> N
         assert {"audit_logs_2027_03", "audit_logs_2027_04"} <= await partitions(dsn)
     finally:
         await asyncio.gather(*(s.close() for s in stores))
+
+
+async def test_the_log_carries_only_the_indexes_its_queries_use(dsn: str) -> None:
+    """Each index costs every logged operation an insertion and its WAL: the log keeps its
+    primary key (idempotency), its seq (the stream) and a BRIN on its server time (the daily
+    prune); the audit a BRIN on its time (rows arrive in time order) and its entity index."""
+    store = PostgresStore(dsn)
+    await store.open()
+    await store.close()
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetch(
+            "SELECT c.relname AS index, t.relname AS table, am.amname AS method "
+            "FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
+            "JOIN pg_class t ON t.oid = i.indrelid JOIN pg_am am ON am.oid = c.relam "
+            "JOIN pg_namespace n ON n.oid = t.relnamespace "
+            "WHERE n.nspname = current_schema() "
+            "AND t.relname IN ('sync_operations', 'audit_logs_master')"
+        )
+    finally:
+        await conn.close()
+    assert sorted((r["table"], r["index"], r["method"]) for r in rows) == [
+        ("audit_logs_master", "audit_logs_entity", "btree"),
+        ("audit_logs_master", "audit_logs_timestamp", "brin"),
+        ("sync_operations", "sync_operations_pkey", "btree"),
+        ("sync_operations", "sync_operations_server_time", "brin"),
+        ("sync_operations", "sync_operations_store_seq", "btree"),
+    ]

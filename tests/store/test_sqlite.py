@@ -65,7 +65,7 @@ async def test_migrations_are_recorded_and_idempotent(db_path: Path) -> None:
         await store.open()
         await store.close()
     recorded = query(db_path, "SELECT version, applied_at FROM schema_migrations ORDER BY version")
-    assert [version for version, _ in recorded] == packaged_versions() == [1, 2, 3]
+    assert [version for version, _ in recorded] == packaged_versions() == [1, 2, 3, 4]
     assert all(applied_at for _, applied_at in recorded)
     tables = {row[0] for row in query(db_path, "SELECT name FROM sqlite_master WHERE type='table'")}
     assert {
@@ -132,6 +132,7 @@ async def test_concurrent_first_opens_migrate_once(tmp_path: Path) -> None:
             (1,),
             (2,),
             (3,),
+            (4,),
         ]
 
 
@@ -158,7 +159,7 @@ async def test_reopening_the_file_keeps_data(db_path: Path) -> None:
         assert more.record is not None and more.record.seq == 3
     finally:
         await store.close()
-    assert query(db_path, "SELECT count(*) FROM schema_migrations") == [(3,)]
+    assert query(db_path, "SELECT count(*) FROM schema_migrations") == [(4,)]
 
 
 async def test_two_stores_on_one_file_never_fork(db_path: Path) -> None:
@@ -269,3 +270,17 @@ async def test_maintain_logs_how_many_rows_it_pruned(
         assert "pruned 0 operation-log rows" in caplog.text
     finally:
         await store.close()
+
+
+async def test_the_log_carries_only_the_indexes_its_queries_use(opened: SQLiteStore) -> None:
+    """Each index costs every logged operation an insertion: the log keeps its primary key
+    (idempotency), its seq (the stream) and its server time (the daily prune), no more."""
+    path = Path(opened.path)
+    indexes = query(
+        path, "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'sync_operations'"
+    )
+    assert sorted(name for (name,) in indexes) == [
+        "sqlite_autoindex_sync_operations_1",
+        "sync_operations_store_seq",
+        "sync_operations_timestamp",
+    ]
