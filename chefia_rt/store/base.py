@@ -7,10 +7,11 @@ same transaction. The store never imports the engine.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from chefia_rt.domain import (
     BatchState,
@@ -144,7 +145,8 @@ class Store(Protocol):
         when None), in code-point order of entity_id, at most `limit`. Tombstones included."""
 
     async def record_session(self, session: SessionRecord) -> None:
-        """Insert or update a session log row."""
+        """Insert or update a session log row (rows recorded at once share one transaction;
+        later records of a session replace earlier ones)."""
 
     async def add_server_event(self, kind: str, payload: dict[str, Any], created_at: float) -> int:
         """Record a server event; its id (ids grow)."""
@@ -161,3 +163,33 @@ class Store(Protocol):
         in any store's seqs (resumes from before the oldest kept seq get resync_required), prune
         server events older than `retention`, and keep time partitions ahead where the backend
         has them."""
+
+
+class Coalesced(Generic[T]):
+    """Items written together: `add` waits until its item is written, by one call of
+    `write_many` with every item added while the previous call ran.
+
+    Session records come in storms (a shift starting, a network coming back): one transaction,
+    and one durable flush, for all of them instead of one each in front of the writer's commits.
+    """
+
+    def __init__(self, write_many: Callable[[list[T]], Awaitable[None]]) -> None:
+        self._write_many = write_many
+        self._waiting: list[T] = []
+        self._writer: asyncio.Future[None] | None = None
+        self.writes = 0  # calls of write_many so far
+
+    async def add(self, item: T) -> None:
+        self._waiting.append(item)
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.ensure_future(self._drain())
+        # Shielded: one caller cancelled must not cancel the write of the others' items.
+        await asyncio.shield(self._writer)
+
+    async def _drain(self) -> None:
+        # An item added while a write runs waits for the next one, which this same call makes:
+        # every caller awaits this future, so it ends only when nothing is left.
+        while self._waiting:
+            items, self._waiting = self._waiting, []
+            self.writes += 1
+            await self._write_many(items)

@@ -22,7 +22,14 @@ import asyncpg
 from chefia_rt.domain import BatchState, BatchWrite, Entity, EntityKey, OpRecord
 from chefia_rt.errors import StorageUnavailable
 from chefia_rt.protocol.messages import format_timestamp
-from chefia_rt.store.base import BatchRequest, Decide, LogBounds, ServerEvent, SessionRecord
+from chefia_rt.store.base import (
+    BatchRequest,
+    Coalesced,
+    Decide,
+    LogBounds,
+    ServerEvent,
+    SessionRecord,
+)
 from chefia_rt.store.rows import (
     ENTITY_COLUMNS,
     OP_COLUMNS,
@@ -139,6 +146,7 @@ class PostgresStore:
         self._command_timeout = command_timeout
         self._pool: asyncpg.Pool | None = None
         self._in_flight = 0
+        self._sessions = Coalesced(self._record_sessions)
         self._drained = asyncio.Event()
 
     # ---- plumbing ---------------------------------------------------------------------------
@@ -635,14 +643,20 @@ class PostgresStore:
         return [ServerEvent(int(r[0]), r[1], float(r[2]), r[3]) for r in rows]
 
     async def record_session(self, session: SessionRecord) -> None:
-        row = asdict(session)
-        columns = ", ".join(row)
-        marks = ", ".join(f"${i}" for i in range(1, len(row) + 1))
-        updates = ", ".join(f"{c} = excluded.{c}" for c in row if c != "session_id")
-        await self._with(
-            lambda c: c.execute(
-                f"INSERT INTO websocket_connections ({columns}) VALUES ({marks}) "
-                f"ON CONFLICT (session_id) DO UPDATE SET {updates}",
-                *row.values(),
-            )
+        await self._sessions.add(session)
+
+    async def _record_sessions(self, sessions: list[SessionRecord]) -> None:
+        rows = [asdict(session) for session in sessions]
+        columns = list(rows[0])
+        updates = ", ".join(f"{c} = excluded.{c}" for c in columns if c != "session_id")
+        sql = (
+            f"INSERT INTO websocket_connections ({', '.join(columns)}) "
+            f"VALUES ({', '.join(f'${i}' for i in range(1, len(columns) + 1))}) "
+            f"ON CONFLICT (session_id) DO UPDATE SET {updates}"
         )
+
+        async def write(conn: asyncpg.Connection) -> None:
+            async with conn.transaction():
+                await conn.executemany(sql, [list(row.values()) for row in rows])
+
+        await self._with(write)

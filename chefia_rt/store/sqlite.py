@@ -32,7 +32,14 @@ from chefia_rt.domain import (
 )
 from chefia_rt.errors import StorageUnavailable
 from chefia_rt.protocol.messages import format_timestamp
-from chefia_rt.store.base import BatchRequest, Decide, LogBounds, ServerEvent, SessionRecord
+from chefia_rt.store.base import (
+    BatchRequest,
+    Coalesced,
+    Decide,
+    LogBounds,
+    ServerEvent,
+    SessionRecord,
+)
 from chefia_rt.store.rows import (
     ENTITY_COLUMNS,
     OP_COLUMNS,
@@ -54,6 +61,12 @@ _SETTLE = (
 )
 # How long opening waits for other connections (busy_timeout, and the switch to WAL).
 _LOCK_WAIT = 10.0
+# The writer's connection checkpoints the WAL itself only past this many pages (SQLite's default
+# is 1000, ~4 MiB): copying the WAL into the file and syncing it inside a commit held that
+# batch's confirmations back. A background connection checkpoints every `checkpoint_interval`
+# instead; this stays as a bound should it fall behind.
+_WRITER_AUTOCHECKPOINT = 16384
+CHECKPOINT_INTERVAL = 1.0
 # SQLite's default limit of host parameters per statement is 32766; stay well under it.
 _CHUNK = 500
 
@@ -89,6 +102,10 @@ def _use_wal(db: sqlite3.Connection) -> None:
             if not busy or time.monotonic() > deadline:
                 raise
             time.sleep(0.005)
+
+
+def _checkpoint(db: sqlite3.Connection) -> None:
+    db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
 
 def _rollback(db: sqlite3.Connection) -> None:
@@ -134,11 +151,15 @@ class SQLiteStore:
 
     kind = "sqlite"
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, checkpoint_interval: float = CHECKPOINT_INTERVAL) -> None:
         self.path = path
+        self.checkpoint_interval = checkpoint_interval
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite")
         self._db: sqlite3.Connection | None = None
         self._closed = False
+        self._sessions = Coalesced(self._record_sessions)
+        self._checkpointer: asyncio.Task[None] | None = None
+        self._commits = 0  # commits since the last checkpoint began
 
     async def _submit(self, fn: Callable[[], T]) -> T:
         """Run `fn` on the connection's thread; every failure of storage is StorageUnavailable."""
@@ -167,6 +188,7 @@ class SQLiteStore:
             try:
                 _use_wal(db)
                 db.execute("PRAGMA synchronous=FULL")
+                db.execute(f"PRAGMA wal_autocheckpoint={_WRITER_AUTOCHECKPOINT}")
                 db.execute("PRAGMA foreign_keys=ON")
                 self._migrate(db)  # busy_timeout (from `timeout`) lets it wait for the others
             except BaseException:
@@ -175,6 +197,43 @@ class SQLiteStore:
             self._db = db
 
         await self._submit(connect)
+        if self.path != ":memory:":
+            self._checkpointer = asyncio.create_task(self._checkpoint_loop(), name="checkpoint")
+
+    async def _checkpoint_loop(self) -> None:
+        """Checkpoint the WAL beside the writer. The bulk of the work (copying the pages into
+        the file and syncing it) runs on a connection and thread of its own (PASSIVE: it never
+        waits for nor blocks the writer); then the writer's connection copies what was committed
+        meanwhile, a few pages, so that the checkpoint is complete and the next commit writes
+        the WAL from its start again (a writer that never stops would otherwise always be ahead
+        of a checkpoint running beside it, and the WAL would only grow). Durability does not
+        depend on checkpoints: every commit is synced in the WAL already."""
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-checkpoint")
+        loop = asyncio.get_running_loop()
+        db: sqlite3.Connection | None = None
+        try:
+            while True:
+                await asyncio.sleep(self.checkpoint_interval)
+                if not self._commits:
+                    continue
+                self._commits = 0
+                try:
+                    if db is None:
+                        db = await loop.run_in_executor(executor, self._checkpoint_connection)
+                    await loop.run_in_executor(executor, _checkpoint, db)
+                    await self._run(_checkpoint)
+                except (sqlite3.Error, OSError, StorageUnavailable) as exc:
+                    log.warning("background checkpoint failed: %s", exc)
+        finally:
+            if db is not None:
+                executor.submit(db.close)
+            # Closed before the store says it is: the file may be replaced right after.
+            await asyncio.to_thread(executor.shutdown)
+
+    def _checkpoint_connection(self) -> sqlite3.Connection:
+        return sqlite3.connect(
+            self.path, isolation_level=None, check_same_thread=False, timeout=_LOCK_WAIT
+        )
 
     @staticmethod
     def _migrate(db: sqlite3.Connection) -> None:
@@ -207,6 +266,11 @@ class SQLiteStore:
         Later calls raise StorageUnavailable (ping says False)."""
         if self._closed:
             return
+        if self._checkpointer is not None:
+            self._checkpointer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._checkpointer
+            self._checkpointer = None
 
         def shut() -> None:
             if self._db is not None:
@@ -238,6 +302,7 @@ class SQLiteStore:
             except BaseException:
                 _rollback(db)
                 raise
+            self._commits += 1
             return result
 
         return await self._run(work)
@@ -465,17 +530,26 @@ class SQLiteStore:
         return await self._run(read)
 
     async def record_session(self, session: SessionRecord) -> None:
-        row = asdict(session)
+        await self._sessions.add(session)
+
+    async def _record_sessions(self, sessions: list[SessionRecord]) -> None:
+        rows = [asdict(session) for session in sessions]
+        columns = list(rows[0])
+        updates = ", ".join(f"{c} = excluded.{c}" for c in columns if c != "session_id")
+        sql = (
+            f"INSERT INTO websocket_connections ({', '.join(columns)}) "
+            f"VALUES ({', '.join('?' * len(columns))}) "
+            f"ON CONFLICT (session_id) DO UPDATE SET {updates}"
+        )
 
         def write(db: sqlite3.Connection) -> None:
-            columns = ", ".join(row)
-            marks = ", ".join("?" * len(row))
-            updates = ", ".join(f"{c} = excluded.{c}" for c in row if c != "session_id")
-            db.execute(
-                f"INSERT INTO websocket_connections ({columns}) VALUES ({marks}) "
-                f"ON CONFLICT (session_id) DO UPDATE SET {updates}",
-                list(row.values()),
-            )
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.executemany(sql, [list(row.values()) for row in rows])
+                db.execute("COMMIT")
+            except BaseException:
+                _rollback(db)
+                raise
 
         await self._run(write)
 

@@ -759,6 +759,27 @@ async def test_record_session_inserts_then_updates(store: Store, peek: Peek) -> 
     assert {k: row[k] for k in asdict(other)} == asdict(other)
 
 
+async def test_session_records_arriving_together_share_a_transaction(
+    store: Store, peek: Peek
+) -> None:
+    """A storm of connects and disconnects costs a few transactions, not one each (each was a
+    durable flush in front of the writer's commits); every record lands, the last of a
+    session winning."""
+    opened = [SessionRecord(f"sess-{n}", f"pos-{n}", "pos", "s1", None, NOW) for n in range(300)]
+    closed = [
+        SessionRecord(f"sess-{n}", f"pos-{n}", "pos", "s1", None, NOW, STAMPS[5], n, 0, 1, 0, 1000)
+        for n in range(0, 300, 2)
+    ]
+    await asyncio.gather(*(store.record_session(r) for r in [*opened, *closed]))
+    assert store._sessions.writes <= 2  # type: ignore[attr-defined]
+    rows = {r["session_id"]: r for r in await peek.rows("websocket_connections")}
+    assert len(rows) == 300
+    assert all(
+        rows[f"sess-{n}"]["close_code"] == (1000 if n % 2 == 0 else None) for n in range(300)
+    )
+    assert rows["sess-8"]["bytes_in"] == 8
+
+
 async def test_closed_store_is_unavailable(store: Store) -> None:
     assert await store.ping() is True
     await store.close()

@@ -14,6 +14,7 @@ from chefia_rt.errors import StorageUnavailable
 from chefia_rt.store import sqlite as sqlite_module
 from chefia_rt.store.base import BatchRequest
 from chefia_rt.store.sqlite import SQLiteStore
+from tests.bus.conftest import eventually
 from tests.store.test_contract import make_op, sync
 
 
@@ -284,3 +285,44 @@ async def test_the_log_carries_only_the_indexes_its_queries_use(opened: SQLiteSt
         "sync_operations_store_seq",
         "sync_operations_timestamp",
     ]
+
+
+async def test_commits_leave_the_wal_checkpoint_to_the_background(db_path: Path) -> None:
+    """A commit never copies the WAL into the file at SQLite's default of 1000 pages (that
+    held its batch's confirmations back): with the background checkpoint held off, 10 MB of
+    commits stay in the WAL."""
+    store = SQLiteStore(str(db_path), checkpoint_interval=3600)
+    await store.open()
+    try:
+        await write_big(store, 300)
+        wal, file = await asyncio.to_thread(sizes, db_path)
+        assert wal > 8 * 2**20
+        assert file < 2**20  # nothing copied into the file yet
+    finally:
+        await store.close()
+
+
+async def test_the_background_checkpoint_keeps_the_wal_small(db_path: Path) -> None:
+    store = SQLiteStore(str(db_path), checkpoint_interval=0.02)
+    await store.open()
+    try:
+        await write_big(store, 300)
+        # The background copied the pages over, and the WAL was written again from its start
+        # after its checkpoints rather than grown to 10 MB.
+        await eventually(lambda: sizes(db_path)[1] > 8 * 2**20, what="a checkpoint")
+        wal, _ = await asyncio.to_thread(sizes, db_path)
+        assert wal < 6 * 2**20
+        assert len((await store.snapshot("s1", None))[1]) == 300
+    finally:
+        await store.close()
+
+
+async def write_big(store: SQLiteStore, count: int) -> None:
+    big = "x" * 12_000
+    for n in range(count):
+        await sync(store, [make_op(f"op-{n}", f"T{n}", {"big": big}, operation="CREATE")])
+
+
+def sizes(db_path: Path) -> tuple[int, int]:
+    """(bytes of the WAL, bytes of the database file)."""
+    return Path(f"{db_path}-wal").stat().st_size, db_path.stat().st_size
