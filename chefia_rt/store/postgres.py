@@ -77,6 +77,28 @@ _SETTLE = (
 )
 
 
+def _op_values(r: OpRecord) -> tuple[Any, ...]:
+    """An OpRecord as the values of OP_COLUMNS, in order (COPY records, _SETTLE's arguments)."""
+    return (
+        r.id,
+        r.store_id,
+        r.entity_type,
+        r.entity_id,
+        r.operation,
+        r.data,
+        r.version,
+        r.seq,
+        r.status,
+        r.conflict_resolved,
+        r.terminal_id,
+        r.user_id,
+        r.priority,
+        r.timestamp,
+        r.server_time,
+        r.deleted,
+    )
+
+
 def _jsonb_encode(value: Any) -> bytes:
     return b"\x01" + json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
 
@@ -400,27 +422,7 @@ class PostgresStore:
             await conn.copy_records_to_table(
                 "sync_operations_in",
                 columns=_OP_FIELDS,
-                records=[
-                    (
-                        r.id,
-                        r.store_id,
-                        r.entity_type,
-                        r.entity_id,
-                        r.operation,
-                        r.data,
-                        r.version,
-                        r.seq,
-                        r.status,
-                        r.conflict_resolved,
-                        r.terminal_id,
-                        r.user_id,
-                        r.priority,
-                        r.timestamp,
-                        r.server_time,
-                        r.deleted,
-                    )
-                    for r in write.op_records
-                ],
+                records=[_op_values(r) for r in write.op_records],
             )
             await conn.execute(
                 f"INSERT INTO sync_operations ({OP_COLUMNS}) "
@@ -428,25 +430,7 @@ class PostgresStore:
             )
         for r in write.settled_records:
             # A resolution replaces the row its pending conflict left, and nothing else.
-            status = await conn.execute(
-                _SETTLE,
-                r.id,
-                r.store_id,
-                r.entity_type,
-                r.entity_id,
-                r.operation,
-                r.data,
-                r.version,
-                r.seq,
-                r.status,
-                r.conflict_resolved,
-                r.terminal_id,
-                r.user_id,
-                r.priority,
-                r.timestamp,
-                r.server_time,
-                r.deleted,
-            )
+            status = await conn.execute(_SETTLE, *_op_values(r))
             if status != "UPDATE 1":
                 raise StorageUnavailable(
                     f"operation {r.id!r} of {r.store_id} is no pending conflict any more; retry"
