@@ -40,7 +40,7 @@ from chefia_rt.stats import ClusterStats, LoopLag
 from chefia_rt.store.base import BatchRequest, LogBounds, SessionRecord, Store
 from chefia_rt.supervisor import NODE_ID_ENV
 from chefia_rt.sync.engine import Engine, Outcome, conflict_id_for, wire_data
-from chefia_rt.sync.locks import TooManyLocks, check_write
+from chefia_rt.sync.locks import Lease, TooManyLocks, check_write
 from chefia_rt.sync.permissions import Permissions
 from chefia_rt.sync.policies import DEFAULT_POLICY_TABLE, PolicyTable
 from chefia_rt.terminals import TOPIC as TERMINAL_TOPIC
@@ -609,27 +609,77 @@ class Node:
     # ---- writes -----------------------------------------------------------------------------
 
     async def check_operation(self, session: Session, op: Operation) -> None:
-        """Permissions and locks, before an operation may join a batch."""
+        """Permissions, before an operation may join a batch (its locks are checked by the
+        writer, just before the batch commits: see `_admit`)."""
         fields: set[str] = set(op.data)
         if op.operation == "BULK_UPDATE":
             fields = {f for u in op.data["updates"] for f in u.get("data", {})}
         self.permissions.check_write(session.terminal_type, op.entity_type, op.operation, fields)
+
+    async def _admit(self, batch: list[Pending]) -> list[Pending]:
+        """The batch less the operations that the leases of their entities forbid, which are
+        answered 4009 here.
+
+        The leases of the whole batch are read in one call (one round trip to Redis), after
+        the operations left the queue and right before their commit starts: a lock granted
+        before this read stops every operation of the batch, however long it waited in the
+        queue. A lease that cannot be read refuses the operations with 1013 (retry), never
+        lets them past.
+        """
+        ops = [p for p in batch if isinstance(p.item, Operation)]
+        if not ops:
+            return batch
+        keys = list(dict.fromkeys(k for p in ops for k in _operation(p).touched_keys()))
+        try:
+            leases = dict(zip(keys, await self.bus.get_leases(keys), strict=True))
+        except ChefiaError as exc:
+            for pending in ops:
+                self._refuse(pending, exc.code, exc.reason)
+            return [p for p in batch if not isinstance(p.item, Operation)]
+        now = time.time()
+        admitted = []
+        for pending in batch:
+            item = pending.item
+            if isinstance(item, Operation):
+                try:
+                    self._check_leases(item, pending.session.terminal_id, leases, now)
+                except Locked as exc:
+                    if not await self._logged_already(pending, exc):
+                        continue
+            admitted.append(pending)
+        return admitted
+
+    def _check_leases(
+        self, op: Operation, writer: str, leases: dict[EntityKey, Lease | None], now: float
+    ) -> None:
         needs_lock = op.operation != "CREATE" and (
             op.requires_lock or self.engine.policies[op.entity_type].requires_lock
         )
-        now = time.time()
+        for key in op.touched_keys():
+            check_write(key, leases[key], writer, needs_lock, now)
+
+    async def _logged_already(self, pending: Pending, locked: Locked) -> bool:
+        """A locked operation that is in the log already goes on (the batch answers it
+        `duplicate`); any other is answered 4009 (or 1013 when the log cannot be read)."""
+        op = _operation(pending)
+        # A terminal retries when it lost the confirmation, typically with the connection,
+        # and that also released its locks. An operation already in the log must still be
+        # answered `duplicate` (SPEC §3 idempotency), never 4009.
         try:
-            for key in op.touched_keys():
-                check_write(
-                    key, await self.bus.get_lease(key), session.terminal_id, needs_lock, now
-                )
-        except Locked:
-            # A terminal retries when it lost the confirmation, typically with the connection,
-            # and that also released its locks. An operation already in the log must still be
-            # answered `duplicate` (SPEC §3 idempotency), never 4009: the batch will say so.
             if await self.store.get_operation(op.store_id, op.id) is not None:
-                return
-            raise
+                return True
+        except ChefiaError as exc:
+            self._refuse(pending, exc.code, exc.reason)
+            return False
+        self._refuse(pending, locked.code, locked.reason)
+        return False
+
+    def _refuse(self, pending: Pending, code: int, reason: str) -> None:
+        """Answer an operation that does not join the batch."""
+        pending.session.own_ops.discard(_own_op_id(pending.item))
+        pending.session.send(
+            sync_error_msg(_item_id(pending.item), code, reason, *_item_entity(pending.item))
+        )
 
     def submit(self, item: Operation | Resolution, session: Session, received: float) -> None:
         """Queue an item for the next batch; Overloaded (1013) when the queue is full."""
@@ -651,7 +701,9 @@ class Node:
             while len(batch) < limit and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
             try:
-                await self._commit(batch)
+                batch = await self._admit(batch)
+                if batch:
+                    await self._commit(batch)
             except Exception:
                 log.exception("batch of %d failed unexpectedly", len(batch))
             finally:
@@ -859,6 +911,11 @@ def _item_labels(item: Operation | Resolution) -> tuple[str | None, str]:
     if isinstance(item, Operation):
         return item.entity_type, item.operation
     return None, "RESOLUTION"
+
+
+def _operation(pending: Pending) -> Operation:
+    assert isinstance(pending.item, Operation)
+    return pending.item
 
 
 def _item_id(item: Operation | Resolution) -> str:

@@ -81,6 +81,11 @@ class Bus(Protocol):
     async def get_lease(self, key: EntityKey) -> Lease | None:
         """The live lease on an entity, if any."""
 
+    async def get_leases(self, keys: Sequence[EntityKey]) -> list[Lease | None]:
+        """The live lease on each entity (None where there is none), in the order of `keys`,
+        read at once: the writer checks a whole batch's leases in one round trip. Raises
+        StorageUnavailable when the leases cannot be read."""
+
     async def acquire_lease(
         self, key: EntityKey, owner: str, lock_id: str, ttl: float
     ) -> tuple[bool, Lease | None]:

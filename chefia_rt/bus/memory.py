@@ -65,6 +65,12 @@ class MemoryBus:
     async def get_lease(self, key: EntityKey) -> Lease | None:
         return self._locks.get(key, time.time())
 
+    async def get_leases(self, keys: Sequence[EntityKey]) -> list[Lease | None]:
+        if not self._locks:  # nobody holds a lock: nothing to look up
+            return [None] * len(keys)
+        now = time.time()
+        return [self._locks.get(key, now) for key in keys]
+
     async def acquire_lease(
         self, key: EntityKey, owner: str, lock_id: str, ttl: float
     ) -> tuple[bool, Lease | None]:

@@ -174,7 +174,6 @@ OUTBOX_SIZE = 10_000  # publish payloads waiting for Redis
 PUBLISH_BATCH = 256  # payloads per pipelined round trip
 LEASE_READ_TIMEOUT = 1.0
 LEASE_READ_BATCH = 512  # lease reads per round trip
-LEASE_READS_WAITING = 20_000  # beyond: 1013 at once
 # Connections to Redis per worker, and how long a command waits for one when all are busy.
 POOL_SIZE = 64
 POOL_WAIT = 5.0
@@ -231,10 +230,6 @@ class RedisBus:
         self._publisher: asyncio.Task[None] | None = None
         # (channel, payload) in publishing order.
         self._outbox: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue(maxsize=OUTBOX_SIZE)
-        self._lease_reads: asyncio.Queue[tuple[str, float, asyncio.Future[list[Any]]]] = (
-            asyncio.Queue(maxsize=LEASE_READS_WAITING)
-        )
-        self._lease_reader: asyncio.Task[None] | None = None
         channels = channel_scope(url, prefix)
         self._ops_channel = f"{channels}:ops"
         self._control_channel = f"{channels}:control"
@@ -270,7 +265,7 @@ class RedisBus:
 
     async def start(self, deliver: Deliver, takeover: Takeover, resync: Callable[[], None]) -> None:
         self._deliver, self._takeover, self._resync = deliver, takeover, resync
-        # A pool that waits for a free connection: every write asks Redis for its entity's lease,
+        # A pool that waits for a free connection: lock calls and cache reads come in bursts,
         # and redis-py's default pool refuses a command outright once 100 are in flight ("Too
         # many connections"), so a burst of writes from many terminals was answered 1013.
         pool = aioredis.BlockingConnectionPool.from_url(
@@ -301,7 +296,6 @@ class RedisBus:
         subscribed = asyncio.Event()
         self._listener = asyncio.create_task(self._listen(subscribed), name="redis-listener")
         self._publisher = asyncio.create_task(self._publish_loop(), name="redis-publisher")
-        self._lease_reader = asyncio.create_task(self._lease_read_loop(), name="redis-leases")
         with contextlib.suppress(TimeoutError):
             # Start serving even when Redis is down: pushes reach this worker's own terminals,
             # and the others catch up from storage once it is back.
@@ -318,14 +312,6 @@ class RedisBus:
             self._publisher.cancel()
             await asyncio.wait({self._publisher}, timeout=5)
             self._publisher = None
-        if self._lease_reader is not None:
-            self._lease_reader.cancel()
-            await asyncio.wait({self._lease_reader}, timeout=5)
-            self._lease_reader = None
-            while not self._lease_reads.empty():
-                _, _, reply = self._lease_reads.get_nowait()
-                if not reply.done():
-                    reply.set_exception(StorageUnavailable("the bus is closed"))
         if self._listener is not None:
             self._listener.cancel()
             # Bounded, like every wait: a listener stuck in a client call must not hold up the
@@ -519,55 +505,33 @@ class RedisBus:
     # ---- locks ------------------------------------------------------------------------------
 
     async def get_lease(self, key: EntityKey) -> Lease | None:
-        """The entity's live lease, read together with every other read waiting right now.
+        return (await self.get_leases([key]))[0]
 
-        Every write asks this. One round trip per read cost a third of a worker's CPU at rush
-        hour (the benchmark's profile: the pool, a timeout and a parse per command), so reads
-        that arrive while one round trip is out go together in the next one, as one script.
-        """
-        if self._lease_reader is None or self._lease_reader.done():
+    async def get_leases(self, keys: Sequence[EntityKey]) -> list[Lease | None]:
+        """The leases of many entities in one round trip per LEASE_READ_BATCH keys (one script:
+        a pipeline of HMGETs would parse and await each reply in Python)."""
+        if self._redis is None:
             raise StorageUnavailable("lock service unavailable: the bus is closed")
-        reply: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+        lock_keys = [self._lock_key(key) for key in keys]
+        replies: list[Any] = []
         try:
-            self._lease_reads.put_nowait((self._lock_key(key), time.monotonic(), reply))
-        except asyncio.QueueFull:
-            raise StorageUnavailable("lock service unavailable: too many reads waiting") from None
-        # No timeout of its own: the reader answers every read within two LEASE_READ_TIMEOUTs
-        # (one waiting in the queue, one for its round trip), with a result or an error.
-        owner, lock_id, expires = await reply
-        if owner is None or lock_id is None or expires is None:
-            return None
-        lease = Lease(key, _text(owner), _text(lock_id), int(expires) / 1000)
-        return lease if lease.expires_at > time.time() else None
-
-    async def _lease_read_loop(self) -> None:
-        queue = self._lease_reads
-        while True:
-            reads = [await queue.get()]
-            while not queue.empty() and len(reads) < LEASE_READ_BATCH:
-                reads.append(queue.get_nowait())
-            # A read that waited its whole patience (Redis frozen) is answered now, not later.
-            stale = time.monotonic() - LEASE_READ_TIMEOUT
-            for _, queued, reply in reads:
-                if queued < stale and not reply.done():
-                    reply.set_exception(StorageUnavailable("lock service unavailable: timeout"))
-            reads = [read for read in reads if not read[2].done()]
-            if not reads:
-                continue
-            try:
-                # A frozen Redis must cost a quick 1013, not the full socket timeout.
-                async with asyncio.timeout(LEASE_READ_TIMEOUT):
-                    results = await self._read_leases(keys=[lock_key for lock_key, _, _ in reads])
-            except (RedisError, OSError, TimeoutError, StorageUnavailable) as exc:
-                # A timeout's text is empty: say what it was.
-                error = StorageUnavailable(f"lock service unavailable: {exc or type(exc).__name__}")
-                for _, _, reply in reads:
-                    if not reply.done():
-                        reply.set_exception(error)
-                continue
-            for (_, _, reply), result in zip(reads, results, strict=True):
-                if not reply.done():
-                    reply.set_result(result)
+            # A frozen Redis must cost a quick 1013, not the full socket timeout.
+            async with asyncio.timeout(LEASE_READ_TIMEOUT):
+                for start in range(0, len(lock_keys), LEASE_READ_BATCH):
+                    chunk = lock_keys[start : start + LEASE_READ_BATCH]
+                    replies.extend(await self._read_leases(keys=chunk))
+        except (RedisError, OSError, TimeoutError) as exc:
+            # A timeout's text is empty: say what it was.
+            reason = f"lock service unavailable: {exc or type(exc).__name__}"
+            raise StorageUnavailable(reason) from exc
+        now = time.time()
+        leases: list[Lease | None] = []
+        for key, (owner, lock_id, expires) in zip(keys, replies, strict=True):
+            lease = None
+            if owner is not None and lock_id is not None and expires is not None:
+                lease = Lease(key, _text(owner), _text(lock_id), int(expires) / 1000)
+            leases.append(lease if lease is not None and lease.expires_at > now else None)
+        return leases
 
     async def acquire_lease(
         self, key: EntityKey, owner: str, lock_id: str, ttl: float

@@ -204,6 +204,22 @@ async def test_leases_are_per_entity_and_per_store(worker: Worker) -> None:
         assert (lease.owner, lease.lock_id) == (f"pos-{i}", f"lock-{i}")
 
 
+async def test_many_leases_read_at_once_in_order(worker: Worker) -> None:
+    """The writer reads a batch's leases in one call: each answer at its key's place, None
+    where nobody holds one (or it expired), beyond one round trip's keys."""
+    a = b = worker
+    keys = [EntityKey("s1", "tables", f"t{i}") for i in range(1200)]
+    assert await b.bus.get_leases(keys) == [None] * len(keys)
+    assert (await a.bus.acquire_lease(keys[3], "pos-1", "l3", 30))[0]
+    assert (await a.bus.acquire_lease(keys[1100], "pos-2", "l1100", 30))[0]
+    assert (await a.bus.acquire_lease(keys[7], "pos-3", "l7", 0.05))[0]
+    await asyncio.sleep(0.1)
+    leases = await b.bus.get_leases(keys)
+    held = {i: (lease.key, lease.owner) for i, lease in enumerate(leases) if lease is not None}
+    assert held == {3: (keys[3], "pos-1"), 1100: (keys[1100], "pos-2")}
+    assert await b.bus.get_leases([]) == []
+
+
 async def test_ids_with_separators_and_unicode_do_not_collide(worker: Worker) -> None:
     bus = worker.bus
     pairs = [

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from chefia_rt.errors import Code, StorageUnavailable
+from tests.bus.conftest import eventually
 from tests.e2e.test_sync_flow import (  # noqa: F401  (wire_checks: autouse fixture)
     ENCODINGS,
     confirmed,
@@ -18,7 +21,7 @@ from tests.e2e.test_sync_flow import (  # noqa: F401  (wire_checks: autouse fixt
     sync,
     wire_checks,
 )
-from tests.helpers import RunningServer, Terminal, op
+from tests.helpers import RunningServer, Terminal, op, running_server
 
 
 def acquire(entity_id: str, entity_type: str = "orders", **extra: Any) -> dict[str, Any]:
@@ -274,3 +277,36 @@ async def test_a_takeover_that_fails_to_open_releases_the_locks(
             assert [s.terminal_id for s in server.node.hub.sessions()] == ["pos-b"]
         finally:
             await first.close()
+
+
+async def test_a_lock_granted_while_a_write_waits_in_the_queue_stops_it(tmp_path: Path) -> None:
+    """Leases are read by the writer just before the commit, not when the write arrived: a
+    write still queued behind a slow commit when another terminal is granted the lock gets
+    4009, and only the one already committing goes through."""
+    async with running_server(tmp_path) as server:
+        node = server.node
+        async with server.terminal("pos-a") as a, server.terminal("pos-b") as b:
+            await sync(a, [b], op("c1", "o1", {"status": "open"}, operation="CREATE"))
+            # Another connection holds the file's write lock: the writer's next commit waits.
+            blocker = sqlite3.connect(tmp_path / "chefia.db", isolation_level=None)
+            try:
+                blocker.execute("BEGIN IMMEDIATE")
+                await a.send(op("c2", "o2", {"status": "open"}, operation="CREATE"))
+                await a.send({"type": "ping", "timestamp": 1})
+                await a.expect("pong")
+                # The writer took c2 and waits on the file.
+                await eventually(node._queue.empty, what="the writer takes c2")
+                await a.send(op("u1", "o1", {"status": "paid"}))
+                await a.send({"type": "ping", "timestamp": 2})
+                await a.expect("pong")  # u1 passed the server's checks and waits in the queue
+                await b.send(acquire("o1", "tables", timeout=60_000))
+                await b.expect("lock_acquired")
+            finally:
+                blocker.execute("ROLLBACK")
+                blocker.close()
+            await confirmed(a, "c2")
+            error = await a.expect("sync_error")
+            assert (error["operation_id"], error["code"]) == ("u1", Code.LOCKED), error
+            assert "locked by pos-b" in error["error"], error
+            await b.expect("data_sync")  # c2 only
+            await quiet(a, b)
