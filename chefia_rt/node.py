@@ -236,6 +236,11 @@ class Node:
         self._late_written: list[Entity] = []
         self._idle = asyncio.Event()
         self._idle.set()
+        # Items queued so far and items the writer is done with (answered, one way or another);
+        # the writer takes them in queue order. Waiters: (items queued then, woken when done).
+        self._queued_count = 0
+        self._done_count = 0
+        self._done_waiters: list[tuple[int, asyncio.Future[None]]] = []
 
     @classmethod
     def create(cls, settings: Settings) -> Node:
@@ -690,8 +695,27 @@ class Node:
         except asyncio.QueueFull:
             raise Overloaded("server busy: write queue full, retry") from None
         self._idle.clear()  # set again by the writer once the queue is empty
+        self._queued_count += 1
         # Known as this session's own from now on, so no path of the stream echoes it back.
         session.own_ops.add(_own_op_id(item))
+
+    async def answered_so_far(self) -> None:
+        """Until the writer is done with every item queued so far (each one answered)."""
+        if self._done_count >= self._queued_count:
+            return
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._done_waiters.append((self._queued_count, done))
+        await done
+
+    def _wake_done_waiters(self) -> None:
+        waiting = []
+        for target, done in self._done_waiters:
+            if target <= self._done_count:
+                if not done.done():
+                    done.set_result(None)
+            elif not done.done():  # a waiter that gave up is forgotten
+                waiting.append((target, done))
+        self._done_waiters = waiting
 
     async def _write_loop(self) -> None:
         limit = self.settings.sync_batch_max_ops
@@ -700,6 +724,7 @@ class Node:
             batch = [first]
             while len(batch) < limit and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
+            taken = len(batch)
             try:
                 batch = await self._admit(batch)
                 if batch:
@@ -707,6 +732,8 @@ class Node:
             except Exception:
                 log.exception("batch of %d failed unexpectedly", len(batch))
             finally:
+                self._done_count += taken
+                self._wake_done_waiters()
                 if self._queue.empty():
                     self._idle.set()
 

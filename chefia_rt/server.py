@@ -169,6 +169,8 @@ class Server:
             settings.ws_rate_limit_window,
             max_terminals=max(1024, 4 * settings.max_ws_connections),
         )
+        # Sessions found abusive (4005), closed once what they sent before is answered.
+        self._abusers: set[Session] = set()
 
     # ---- handshake --------------------------------------------------------------------------
 
@@ -316,7 +318,7 @@ class Server:
         self._check_token(session)
         invalid: list[float] = []  # times of recent invalid frames
         try:
-            while not session.closed:
+            while not session.closed and session not in self._abusers:
                 try:
                     frame = await ws.recv()
                 except ConnectionClosed:
@@ -324,7 +326,10 @@ class Server:
                 if session.closed:  # closed while this frame came (an expired token): not served
                     break
                 await self._serve_frame(session, frame, invalid)
+            if session in self._abusers:
+                await self._close_abusive(session)
         finally:
+            self._abusers.discard(session)
             del self._sessions[ws]
             timer = self._token_timers.pop(session.session_id, None)
             if timer is not None:
@@ -351,6 +356,18 @@ class Server:
         sock = ws.transport.get_extra_info("socket")
         if sock is not None and self.settings.ws_send_buffer:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.settings.ws_send_buffer)
+
+    async def _close_abusive(self, session: Session) -> None:
+        """Close 4005 for sustained abuse, once the operations the terminal sent before are
+        answered (bounded by the commit timeout). Closing drops what is queued for the
+        terminal: a burst that the bucket let in and the writer had not committed yet would
+        lose its answers, and a client that sends its unanswered operations again when it
+        reconnects would meet the same close, again before any answer, forever."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.settings.sync_commit_timeout):
+                await self.node.answered_so_far()
+        # The answers' flush was scheduled before this task woke up: it has run.
+        session.close(Code.RATE_LIMITED, "rate limit exceeded repeatedly")
 
     @staticmethod
     async def _discard_until_closed(ws: ServerConnection) -> None:
@@ -471,7 +488,7 @@ class Server:
                 ):
                     session.close(Code.INVALID_MESSAGE, "too many invalid messages")
                     return
-                if session.closed:  # sustained rate-limit abuse
+                if session.closed or session in self._abusers:  # sustained rate-limit abuse
                     return
             except Exception:
                 # A bug must cost one answer, not the terminal's connection.
@@ -568,7 +585,7 @@ class Server:
             return
         self.node.metrics.rate_limited.inc()
         if verdict is Verdict.ABUSIVE:
-            session.close(Code.RATE_LIMITED, "rate limit exceeded repeatedly")
+            self._abusers.add(session)  # the connection's handler closes it: _close_abusive
         costs = f"; {what} costs {cost:g}" if what else ""
         raise RateLimited(
             f"rate limit: at most {self.settings.ws_rate_limit:g} operations/s "

@@ -8,6 +8,7 @@ import contextlib
 from pathlib import Path
 from typing import Any
 
+import msgpack
 from websockets.exceptions import ConnectionClosed
 
 from chefia_rt.auth import issue_token
@@ -175,3 +176,29 @@ async def test_pings_are_not_charged(tmp_path: Path) -> None:
             await pos.until("pong")
         await pos.send(op("op-1", "t1", {"seats": 1}))
         assert (await answers(pos, 1))[0]["type"] == "sync_confirmation"
+
+
+async def test_the_abuse_close_comes_after_the_answers_to_what_was_let_in(
+    tmp_path: Path,
+) -> None:
+    """A burst in one frame: what the bucket let in is committed and answered before the 4005
+    close, not dropped with it; a client that sends its unanswered operations again on every
+    reconnect would otherwise be closed again before any answer, forever."""
+    async with running_server(
+        tmp_path, ws_rate_limit=0.1, ws_rate_burst=5, ws_rate_limit_strikes=3
+    ) as server:
+        pos = await server.connect("pos-1", encoding="msgpack")
+        ops = [op(f"op-{i}", f"t{i}", {"seats": 1}) for i in range(10)]
+        await pos.ws.send(msgpack.packb({"type": "message_batch", "count": 10, "messages": ops}))
+        got: dict[str, dict[str, Any]] = {}
+        with contextlib.suppress(ConnectionClosed):
+            while True:
+                message = await pos.recv()
+                if message["type"] in ("sync_confirmation", "sync_error"):
+                    got[message["operation_id"]] = message
+        assert pos.ws.protocol.close_rcvd is not None
+        assert pos.ws.protocol.close_rcvd.code == 4005
+        assert [got[f"op-{i}"]["type"] for i in range(5)] == ["sync_confirmation"] * 5, got
+        assert [got[f"op-{i}"]["code"] for i in range(5, 8)] == [4005] * 3, got
+        assert not {f"op-{i}" for i in (8, 9)} & got.keys()  # not read after the third strike
+        assert (await server.node.store.log_bounds("s1")).last_seq == 5
