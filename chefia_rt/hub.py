@@ -305,6 +305,12 @@ class Session:
         if self.closed:
             return
         size = frame.size(self.encoding)
+        if not self._has_room(1, size) and self._drain is None:
+            # A delivery of more pushes than the queue holds (one large batch) fills it before
+            # any scheduled flush runs: only a peer whose socket takes no more is too slow.
+            if self._flush_at is not None:
+                self._flush_at.cancel()
+            self._flush()
         if not self._has_room(1, size):
             self.close(Code.TRY_AGAIN_LATER, "too slow: outbound queue full, resume with since")
             return

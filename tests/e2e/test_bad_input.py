@@ -458,6 +458,26 @@ async def test_small_queue_session_still_goes_live(tmp_path: Path) -> None:
         assert pushed["operation"]["id"] == "op-1"
 
 
+async def test_a_batch_larger_than_the_queue_reaches_a_terminal_that_reads(
+    tmp_path: Path,
+) -> None:
+    """One commit of more operations than WS_MESSAGE_QUEUE_SIZE is handed to every receiver at
+    once: a receiver whose socket takes them gets them all, it is not closed 1013 as slow."""
+    async with (
+        running_server(tmp_path, ws_message_queue_size=4) as server,
+        server.terminal("pos-1", encoding="msgpack") as writer,
+        server.terminal("pos-2") as listener,
+    ):
+        ops = [op(f"op-{i}", f"t{i}", {"seats": i}) for i in range(12)]
+        # One frame: the server queues all of them before the writer runs, so one batch.
+        await writer.ws.send(msgpack.packb({"type": "message_batch", "count": 12, "messages": ops}))
+        for i in range(12):
+            assert (await writer.expect("sync_confirmation"))["operation_id"] == f"op-{i}"
+        pushed = [(await listener.expect("data_sync"))["operation"]["id"] for _ in range(12)]
+        assert pushed == [f"op-{i}" for i in range(12)]
+        await still_usable(listener)
+
+
 # ---- handshake --------------------------------------------------------------------------------
 
 
