@@ -29,7 +29,7 @@ from chefia_rt.bus.memory import MemoryBus
 from chefia_rt.cache import RequestCache
 from chefia_rt.config import Settings
 from chefia_rt.domain import BatchState, BatchWrite, Entity, EntityKey, Operation, Resolution
-from chefia_rt.errors import ChefiaError, Locked, Overloaded, StorageUnavailable
+from chefia_rt.errors import ChefiaError, Code, Locked, Overloaded, StorageUnavailable
 from chefia_rt.hub import Hub, Session, snapshot_pages
 from chefia_rt.metrics import Metrics, multiproc_dir_from_env
 from chefia_rt.monitoring import TOPIC as MONITOR_TOPIC
@@ -138,6 +138,16 @@ def make_bus(settings: Settings) -> Bus:
     return RedisBus(
         settings.redis_url, prefix=settings.redis_prefix, lock_max=settings.locks_per_terminal
     )
+
+
+def _retry_later(exc: Exception, doing: str) -> tuple[int, str]:
+    """The answer for an operation that could not be checked: the error's own (1013 for storage
+    or Redis down), or 1013 for anything unexpected, logged, so that no operation of a batch is
+    left unanswered."""
+    if isinstance(exc, ChefiaError):
+        return exc.code, exc.reason
+    log.exception("%s failed unexpectedly", doing)
+    return Code.TRY_AGAIN_LATER, f"{doing} failed; retry"
 
 
 def batch_request(items: Sequence[Operation | Resolution]) -> BatchRequest:
@@ -637,9 +647,10 @@ class Node:
         keys = list(dict.fromkeys(k for p in ops for k in _operation(p).touched_keys()))
         try:
             leases = dict(zip(keys, await self.bus.get_leases(keys), strict=True))
-        except ChefiaError as exc:
+        except Exception as exc:
+            code, reason = _retry_later(exc, "reading the batch's leases")
             for pending in ops:
-                self._refuse(pending, exc.code, exc.reason)
+                self._refuse(pending, code, reason)
             return [p for p in batch if not isinstance(p.item, Operation)]
         now = time.time()
         admitted = []
@@ -673,8 +684,8 @@ class Node:
         try:
             if await self.store.get_operation(op.store_id, op.id) is not None:
                 return True
-        except ChefiaError as exc:
-            self._refuse(pending, exc.code, exc.reason)
+        except Exception as exc:
+            self._refuse(pending, *_retry_later(exc, "reading the operation log"))
             return False
         self._refuse(pending, locked.code, locked.reason)
         return False
