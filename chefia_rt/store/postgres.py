@@ -38,6 +38,7 @@ from chefia_rt.store.rows import (
     entity_from_row,
     migrations,
     op_record_from_row,
+    session_upsert,
 )
 
 log = logging.getLogger("chefia_rt.store.postgres")
@@ -632,12 +633,7 @@ class PostgresStore:
     async def _record_sessions(self, sessions: list[SessionRecord]) -> None:
         rows = [asdict(session) for session in sessions]
         columns = list(rows[0])
-        updates = ", ".join(f"{c} = excluded.{c}" for c in columns if c != "session_id")
-        sql = (
-            f"INSERT INTO websocket_connections ({', '.join(columns)}) "
-            f"VALUES ({', '.join(f'${i}' for i in range(1, len(columns) + 1))}) "
-            f"ON CONFLICT (session_id) DO UPDATE SET {updates}"
-        )
+        sql = session_upsert(columns, [f"${i}" for i in range(1, len(columns) + 1)])
 
         async def write(conn: asyncpg.Connection) -> None:
             async with conn.transaction():

@@ -88,3 +88,13 @@ def audit_changes(before: Any, after: Any, claimed_user_id: str | None) -> dict[
     if claimed_user_id is not None:
         changes["claimed_user_id"] = claimed_user_id
     return changes
+
+
+def session_upsert(columns: list[str], marks: list[str]) -> str:
+    """The upsert of one session log row (`websocket_connections`), in the backend's
+    placeholders: a later record of the same session replaces the earlier one."""
+    updates = ", ".join(f"{c} = excluded.{c}" for c in columns if c != "session_id")
+    return (
+        f"INSERT INTO websocket_connections ({', '.join(columns)}) VALUES ({', '.join(marks)}) "
+        f"ON CONFLICT (session_id) DO UPDATE SET {updates}"
+    )

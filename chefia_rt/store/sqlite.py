@@ -48,6 +48,7 @@ from chefia_rt.store.rows import (
     entity_from_row,
     migrations,
     op_record_from_row,
+    session_upsert,
 )
 
 T = TypeVar("T")
@@ -535,12 +536,7 @@ class SQLiteStore:
     async def _record_sessions(self, sessions: list[SessionRecord]) -> None:
         rows = [asdict(session) for session in sessions]
         columns = list(rows[0])
-        updates = ", ".join(f"{c} = excluded.{c}" for c in columns if c != "session_id")
-        sql = (
-            f"INSERT INTO websocket_connections ({', '.join(columns)}) "
-            f"VALUES ({', '.join('?' * len(columns))}) "
-            f"ON CONFLICT (session_id) DO UPDATE SET {updates}"
-        )
+        sql = session_upsert(columns, ["?"] * len(columns))
 
         def write(db: sqlite3.Connection) -> None:
             db.execute("BEGIN IMMEDIATE")
