@@ -38,6 +38,7 @@ from chefia_rt.store.rows import (
     entity_from_row,
     migrations,
     op_record_from_row,
+    op_values,
     session_upsert,
 )
 
@@ -76,28 +77,6 @@ _SETTLE = (
     + ", ".join(f"{c} = ${i}" for i, c in enumerate(_OP_FIELDS, 1) if c not in ("id", "store_id"))
     + " WHERE id = $1 AND store_id = $2 AND status = 'conflict'"
 )
-
-
-def _op_values(r: OpRecord) -> tuple[Any, ...]:
-    """An OpRecord as the values of OP_COLUMNS, in order (COPY records, _SETTLE's arguments)."""
-    return (
-        r.id,
-        r.store_id,
-        r.entity_type,
-        r.entity_id,
-        r.operation,
-        r.data,
-        r.version,
-        r.seq,
-        r.status,
-        r.conflict_resolved,
-        r.terminal_id,
-        r.user_id,
-        r.priority,
-        r.timestamp,
-        r.server_time,
-        r.deleted,
-    )
 
 
 def _jsonb_encode(value: Any) -> bytes:
@@ -423,7 +402,7 @@ class PostgresStore:
             await conn.copy_records_to_table(
                 "sync_operations_in",
                 columns=_OP_FIELDS,
-                records=[_op_values(r) for r in write.op_records],
+                records=[op_values(r) for r in write.op_records],
             )
             await conn.execute(
                 f"INSERT INTO sync_operations ({OP_COLUMNS}) "
@@ -431,7 +410,7 @@ class PostgresStore:
             )
         for r in write.settled_records:
             # A resolution replaces the row its pending conflict left, and nothing else.
-            status = await conn.execute(_SETTLE, *_op_values(r))
+            status = await conn.execute(_SETTLE, *op_values(r))
             if status != "UPDATE 1":
                 raise StorageUnavailable(
                     f"operation {r.id!r} of {r.store_id} is no pending conflict any more; retry"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from importlib import resources
 from typing import Any
 
@@ -97,4 +97,27 @@ def session_upsert(columns: list[str], marks: list[str]) -> str:
     return (
         f"INSERT INTO websocket_connections ({', '.join(columns)}) VALUES ({', '.join(marks)}) "
         f"ON CONFLICT (session_id) DO UPDATE SET {updates}"
+    )
+
+
+def op_values(r: OpRecord, encode: Callable[[Any], Any] = lambda data: data) -> tuple[Any, ...]:
+    """An OpRecord as the values of OP_COLUMNS, in order; `encode` turns its data into what the
+    backend's driver takes (JSON text for SQLite, the object itself for asyncpg's jsonb codec)."""
+    return (
+        r.id,
+        r.store_id,
+        r.entity_type,
+        r.entity_id,
+        r.operation,
+        encode(r.data),
+        r.version,
+        r.seq,
+        r.status,
+        r.conflict_resolved,
+        r.terminal_id,
+        r.user_id,
+        r.priority,
+        r.timestamp,
+        r.server_time,
+        r.deleted,
     )

@@ -48,6 +48,7 @@ from chefia_rt.store.rows import (
     entity_from_row,
     migrations,
     op_record_from_row,
+    op_values,
     session_upsert,
 )
 
@@ -115,28 +116,6 @@ def _rollback(db: sqlite3.Connection) -> None:
     if db.in_transaction:
         with contextlib.suppress(sqlite3.Error):
             db.execute("ROLLBACK")
-
-
-def _op_row(r: OpRecord) -> tuple[Any, ...]:
-    """An OpRecord as the values of OP_COLUMNS, in order."""
-    return (
-        r.id,
-        r.store_id,
-        r.entity_type,
-        r.entity_id,
-        r.operation,
-        _dumps(r.data),
-        r.version,
-        r.seq,
-        r.status,
-        int(r.conflict_resolved),
-        r.terminal_id,
-        r.user_id,
-        r.priority,
-        r.timestamp,
-        r.server_time,
-        int(r.deleted),
-    )
 
 
 def conflict_to_json(conflict: Conflict) -> str:
@@ -382,11 +361,11 @@ class SQLiteStore:
         db.executemany(
             f"INSERT INTO sync_operations ({OP_COLUMNS}) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [_op_row(r) for r in write.op_records],
+            [op_values(r, _dumps) for r in write.op_records],
         )
         for r in write.settled_records:
             # A resolution replaces the row its pending conflict left, and nothing else.
-            row = _op_row(r)
+            row = op_values(r, _dumps)
             cursor = db.execute(_SETTLE, (*row[2:], r.id, r.store_id))
             if cursor.rowcount != 1:
                 raise StorageUnavailable(
