@@ -828,7 +828,8 @@ async def test_reload_refuses_no_connection_while_a_worker_drains_writes(
         # their terminals with 1001.
         for i, writer in enumerate(writers):
             answers = await drain(writer, timeout=15)
-            confirmation = next(a for a in answers if a["type"] == "sync_confirmation")
+            confirmation = next((a for a in answers if a["type"] == "sync_confirmation"), None)
+            assert confirmation is not None, (answers, writer.close_code)
             assert confirmation["operation_id"] == f"pos-w{i}-op0001", answers
             assert writer.close_code == 1001, writer.close_code
         await until("the old workers gone", lambda: not set(node.worker_pids()) & old, 20)
