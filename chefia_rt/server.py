@@ -1,23 +1,14 @@
-"""The WebSocket boundary: handshake, the per-connection loop, and errors turned into frames.
-
-Everything below this module raises ChefiaError with a wire code; only here do codes become
-`error` / `sync_error` frames or closes.
-"""
+"""The `websockets` front end (WS_TRANSPORT=websockets): listening, the HTTP side through
+websockets' `process_request`, the upgrade, and each connection handed to the Gateway."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import functools
-import logging
-import os
-import re
-import signal
 import socket
 import time
-import uuid
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlsplit
 
 import websockets
 from websockets.asyncio.server import Server as WsServer
@@ -26,63 +17,27 @@ from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed, ConnectionClosedError
 from websockets.http11 import Request, Response
 from websockets.protocol import State
-from websockets.typing import Origin, Subprotocol
+from websockets.typing import Subprotocol
 
-from chefia_rt.auth import (
-    CLOCK_SKEW,
-    Claims,
-    authenticate,
-    authorize_terminal,
-    install_log_redaction,
-    verify_token,
+from chefia_rt.auth import install_log_redaction
+from chefia_rt.gateway import (
+    CLOSE_TIMEOUT,
+    LISTEN_BACKLOG,
+    SUBPROTOCOLS,
+    Gateway,
+    choose_subprotocol,
 )
-from chefia_rt.config import Settings
-from chefia_rt.domain import Operation, Resolution
-from chefia_rt.errors import (
-    AuthFailed,
-    ChefiaError,
-    Code,
-    InvalidMessage,
-    MessageTooBig,
-    RateLimited,
-)
-from chefia_rt.http import handle_http, handle_metrics_port, is_upgrade, json_response
-from chefia_rt.hub import Outbound, OutFrame, Session
-from chefia_rt.logs import MessageLog, bind, bound
-from chefia_rt.node import Node
-from chefia_rt.protocol import messages as m
-from chefia_rt.protocol.codec import decode_frame
-from chefia_rt.supervisor import SUPERVISOR_FD_ENV, sd_notify
-from chefia_rt.sync.ratelimit import RateLimiter, Verdict
+from chefia_rt.http import handle_http, handle_metrics_port, is_upgrade
+from chefia_rt.hub import Session
 
-log = logging.getLogger("chefia_rt.server")
-
-SUBPROTOCOLS = {"chefia.v1.json": "json", "chefia.v1.msgpack": "msgpack"}
-STORE_ID_MAX = 64
-SEQ_RE = re.compile(r"\A[0-9]{1,18}\Z")  # ASCII digits ("²".isdigit() is true), < 2**63
-CLOSE_TIMEOUT = 5.0  # seconds a closing handshake may take before the TCP connection is cut
-# Accept queue of the listening socket (the kernel caps it at net.core.somaxconn). asyncio's
-# default of 100 overflowed when a restaurant chain's terminals reconnected together (the
-# Locust run of 1000 terminals): the kernel dropped or reset the rest of the handshakes.
-LISTEN_BACKLOG = 4096
-HEARTBEAT_SLICE = 256  # connections pinged before the heartbeat lets the loop run others
-
+__all__ = ["LISTEN_BACKLOG", "Server", "WsTransport"]
 
 SERVED_REQUEST = Request("", Headers())  # what a connection keeps of its handshake
 
 
-class HandshakeRejected(Exception):
-    """A connection that must be closed right after the upgrade with this code."""
-
-    def __init__(self, code: int, reason: str) -> None:
-        super().__init__(reason)
-        self.code = code
-        self.reason = reason
-
-
 class WsTransport:
     """A session's `websockets` connection, written to with frames the hub built once for every
-    receiver (hub.Transport).
+    receiver (hub.Transport), and the Gateway's Link.
 
     A frame goes whole to the socket in one `transport.write`, as websockets writes its own
     (pings, pongs, close), so frames never interleave; data frames stop once the closing
@@ -119,258 +74,31 @@ class WsTransport:
         except TimeoutError:
             self._ws.transport.abort()
 
+    @property
+    def close_code(self) -> int | None:
+        return self._ws.close_code
 
-def _connect_epoch(ws: ServerConnection) -> str | None:
-    """The `epoch=` of the handshake (the epoch its `since` was read in), if it names one."""
-    assert ws.request is not None
-    epoch = _query(parse_qs(urlsplit(ws.request.path).query), "epoch")
-    return epoch[:64] if epoch else None
-
-
-def _query(params: dict[str, list[str]], name: str) -> str | None:
-    values = params.get(name)
-    return values[0] if values else None
-
-
-class Server:
-    """Serves one worker's WebSocket and HTTP traffic for a Node."""
-
-    def __init__(self, settings: Settings, node: Node) -> None:
-        self.settings = settings
-        self.node = node
-        self.ws_server: WsServer | None = None
-        self.metrics_server: WsServer | None = None
-        self._messages = MessageLog() if settings.ws_log_messages else None
-        # The served sessions, for the worker's one heartbeat task (no task per connection).
-        self._sessions: dict[ServerConnection, Session] = {}
-        self._heartbeat: asyncio.Task[None] | None = None
-        # Epoch seconds at which a session's token runs out (with JWT_SECRET_KEY), by session id:
-        # the connection is closed 4003 then, unless refresh_token moved it on.
-        self._token_deadlines: dict[str, float] = {}
-        self._token_timers: dict[str, asyncio.TimerHandle] = {}
-        self._prefix = settings.ws_path + "/"
-        self._outbound = Outbound(
-            queue_size=settings.ws_message_queue_size,
-            urgent_size=max(settings.ws_message_queue_size, 2 * settings.sync_batch_max_ops),
-            batch_max=settings.ws_batch_max_messages,
-            batch_window=settings.ws_batch_window_ms / 1000,
-            compression_threshold=(
-                settings.compression_threshold if settings.ws_enable_compression else None
-            ),
-            stall_timeout=settings.ws_stall_timeout,
-            max_bytes=settings.ws_queue_max_bytes,
-            frame_max=settings.max_ws_message_size,
-        )
-        # Buckets outlive connections, so a reconnect does not refill them (sync/ratelimit.py).
-        self._rate = RateLimiter(
-            settings.ws_rate_limit,
-            settings.ws_rate_burst,
-            settings.ws_rate_limit_strikes,
-            settings.ws_rate_limit_window,
-            max_terminals=max(1024, 4 * settings.max_ws_connections),
-        )
-        # Sessions found abusive (4005), closed once what they sent before is answered.
-        self._abusers: set[Session] = set()
-
-    # ---- handshake --------------------------------------------------------------------------
-
-    async def process_request(
-        self, connection: ServerConnection, request: Request
-    ) -> Response | None:
-        if not is_upgrade(request):
-            return await handle_http(self.node, request)
-        if not urlsplit(request.path).path.startswith(self._prefix):
-            return json_response(404, {"error": "no WebSocket endpoint here"})
-        if len(self.node.hub) >= self.settings.max_ws_connections and not self._is_takeover(
-            request
-        ):
-            return json_response(
-                503, {"error": "too many connections on this worker"}, {"Retry-After": "5"}
-            )
-        # No refusal while draining: the listener is closed first, so only a handshake that was
-        # already under way gets here; it is served until the drain ends and then closed with
-        # 1001 like every other connection (a 503 here refused terminals during a reload).
-        return None
-
-    def _is_takeover(self, request: Request) -> bool:
-        """A terminal replacing its own connection takes no new slot: never refuse it, or a
-        reconnect at capacity would be locked out until the old socket timed out."""
-        url = urlsplit(request.path)
-        terminal_id = unquote(url.path[len(self._prefix) :])
-        if self.settings.auth_enabled:
-            # The store is the token's (a query store_id means nothing then); a bad token is no
-            # takeover, and is refused like any other connection over the limit.
-            try:
-                claims = authenticate(self.settings.jwt_keys, url.query, request.headers)
-            except AuthFailed:
-                return False
-            if claims.terminal_id != terminal_id:
-                return False
-            return self.node.hub.get(claims.store_id, terminal_id) is not None
-        store_id = _query(parse_qs(url.query), "store_id") or "default"
-        return self.node.hub.get(store_id, terminal_id) is not None
-
-    @staticmethod
-    def select_subprotocol(connection: ServerConnection, offered: Any) -> Subprotocol | None:
-        for name in offered:
-            if name in SUBPROTOCOLS:
-                return Subprotocol(name)
-        return None
-
-    def _session_for(self, ws: ServerConnection) -> tuple[Session, int | None, str | None]:
-        url = urlsplit(ws.request.path if ws.request else "")
-        terminal_id = unquote(url.path[len(self._prefix) :])
-        params = parse_qs(url.query)
-        if not m.TERMINAL_ID_RE.match(terminal_id):
-            raise HandshakeRejected(Code.INVALID_TERMINAL_ID, "invalid terminal id")
-        requested_type = _query(params, "type")
-        if requested_type is not None and requested_type not in m.TerminalType.__members__.values():
-            raise HandshakeRejected(
-                Code.INVALID_TERMINAL_TYPE, f"invalid terminal type {requested_type!r}"
-            )
-        claims = self._claims(ws, url.query, terminal_id, requested_type)
-        terminal_type = claims.terminal_type if claims else requested_type or "pos"
-        encoding = _query(params, "encoding") or SUBPROTOCOLS.get(ws.subprotocol or "", "json")
-        if encoding not in ("json", "msgpack"):
-            raise HandshakeRejected(Code.INVALID_MESSAGE, "encoding must be json or msgpack")
-        since_raw = _query(params, "since")
-        since: int | None = None
-        if since_raw is not None:
-            if not SEQ_RE.match(since_raw):
-                raise HandshakeRejected(Code.INVALID_MESSAGE, "since must be a seq (integer >= 0)")
-            since = int(since_raw)
-        if claims is not None:
-            store_id = claims.store_id  # never the query's: the token is what names the store
-        else:
-            store_id = _query(params, "store_id") or "default"
-            if not m.TERMINAL_ID_RE.match(store_id):
-                raise HandshakeRejected(Code.INVALID_MESSAGE, "invalid store_id")
-        user_id = claims.user_id if claims and claims.user_id else _query(params, "user_id")
-        if user_id is not None and not user_id.isprintable():  # NUL: no storage could keep it
-            raise HandshakeRejected(Code.INVALID_MESSAGE, "user_id must be printable text")
-        session = Session(
-            terminal_id=terminal_id,
-            terminal_type=terminal_type,
-            store_id=store_id,
-            session_id=uuid.uuid4().hex,
-            encoding=encoding,
-            user_id=user_id[:128] if user_id else None,
-            transport=WsTransport(ws),
-            limits=self._outbound,
-            connected_at=m.utc_now_iso(),
-        )
-        if claims is not None:
-            self._token_deadlines[session.session_id] = claims.expires_at + CLOCK_SKEW
-        return session, since, _connect_epoch(ws)
-
-    def _claims(
-        self, ws: ServerConnection, query: str, terminal_id: str, requested_type: str | None
-    ) -> Claims | None:
-        """The verified token of a connection (None in open mode); 4003 when it does not fit."""
-        if not self.settings.auth_enabled:
+    async def recv(self) -> str | bytes | None:
+        try:
+            return await self._ws.recv()
+        except ConnectionClosed:
             return None
-        headers = ws.request.headers if ws.request else {}
-        try:
-            claims = authenticate(self.settings.jwt_keys, query, headers)
-            authorize_terminal(claims, terminal_id, requested_type)
-        except AuthFailed as exc:
-            self.node.metrics.refused_auth("websocket")
-            raise HandshakeRejected(exc.code, exc.reason) from None
-        return claims
 
-    # ---- the connection ---------------------------------------------------------------------
-
-    async def handler(self, ws: ServerConnection) -> None:
-        try:
-            session, since, epoch = self._session_for(ws)
-        except HandshakeRejected as exc:
-            log.info("handshake refused with %d: %s", exc.code, exc.reason)
-            await ws.close(exc.code, exc.reason)
+    async def ping(self, session: Session) -> None:
+        ws = self._ws
+        if ws.paused or ws.protocol.state is not State.OPEN or ws.transport.is_closing():
             return
-        # Read: the handshake's headers are not kept for the connection's lifetime (websockets
-        # needs a request there, not its contents).
-        ws.request, ws.response = SERVED_REQUEST, None
-        # Every line logged for this connection from here on (its tasks too) names it.
-        bind(
-            terminal_id=session.terminal_id,
-            store_id=session.store_id,
-            session_id=session.session_id,
-        )
-        if self._messages is not None:
-            session.on_sent = functools.partial(self._log_sent, session)
-        self._limit_send_buffer(ws)
         try:
-            await self.node.open_session(session, since, epoch)
-        except Exception as exc:
-            # open_session registers the session before it reads storage: forget it again, or
-            # a refused connection would count against MAX_WS_CONNECTIONS and in /ws/stats.
-            if isinstance(exc, ChefiaError):
-                reason = exc.reason
-            else:
-                log.exception("opening a session of %s failed", session.terminal_id)
-                reason = "server error; retry"
-            self._token_deadlines.pop(session.session_id, None)
-            await self.node.close_session(session)
-            await ws.close(Code.TRY_AGAIN_LATER, reason)
+            pong = asyncio.ensure_future(await ws.ping())
+        except ConnectionClosed:
             return
-        log.info("%s terminal connected (%s)", session.terminal_type, session.encoding)
-        self._sessions[ws] = session
-        self._check_token(session)
-        invalid: list[float] = []  # times of recent invalid frames
-        try:
-            while not session.closed and session not in self._abusers:
-                try:
-                    frame = await ws.recv()
-                except ConnectionClosed:
-                    break
-                if session.closed:  # closed while this frame came (an expired token): not served
-                    break
-                await self._serve_frame(session, frame, invalid)
-            if session in self._abusers:
-                await self._close_abusive(session)
-        finally:
-            self._abusers.discard(session)
-            del self._sessions[ws]
-            timer = self._token_timers.pop(session.session_id, None)
-            if timer is not None:
-                timer.cancel()
-            self._token_deadlines.pop(session.session_id, None)
-            if session.close_code is None and ws.close_code is not None:
-                session.close_code = ws.close_code
-            await self.node.close_session(session)
-            log.info("terminal disconnected (close code %s)", session.close_code)
-        await self._discard_until_closed(ws)
+        pong.add_done_callback(functools.partial(_ponged, session))
 
-    def _log_sent(self, session: Session, frames: list[OutFrame]) -> None:
-        """Log what was just sent, naming the connection: flushes run as loop callbacks, outside
-        the connection's own task and so outside what `bind` attached to it."""
-        if self._messages is not None:
-            with bound(
-                terminal_id=session.terminal_id,
-                store_id=session.store_id,
-                session_id=session.session_id,
-            ):
-                self._messages.outgoing(frame.message for frame in frames)
+    def hurry(self, timeout: float) -> None:
+        ws = self._ws
+        ws.close_timeout = min(ws.close_timeout or timeout, timeout)
 
-    def _limit_send_buffer(self, ws: ServerConnection) -> None:
-        sock = ws.transport.get_extra_info("socket")
-        if sock is not None and self.settings.ws_send_buffer:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.settings.ws_send_buffer)
-
-    async def _close_abusive(self, session: Session) -> None:
-        """Close 4005 for sustained abuse, once the operations the terminal sent before are
-        answered (bounded by the commit timeout). Closing drops what is queued for the
-        terminal: a burst that the bucket let in and the writer had not committed yet would
-        lose its answers, and a client that sends its unanswered operations again when it
-        reconnects would meet the same close, again before any answer, forever."""
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(self.settings.sync_commit_timeout):
-                await self.node.answered_so_far()
-        # The answers' flush was scheduled before this task woke up: it has run.
-        session.close(Code.RATE_LIMITED, "rate limit exceeded repeatedly")
-
-    @staticmethod
-    async def _discard_until_closed(ws: ServerConnection) -> None:
+    async def linger(self) -> None:
         """After we closed (abuse, rate limit, takeover), drop what the peer still sends.
 
         websockets stops reading the socket while its queue of unread frames is full, and the
@@ -381,255 +109,47 @@ class Server:
         with contextlib.suppress(ConnectionClosed, TimeoutError):
             async with asyncio.timeout(CLOSE_TIMEOUT):
                 while True:
-                    await ws.recv()
+                    await self._ws.recv()
 
-    async def _heartbeats(self) -> None:
-        """Protocol pings for every connection of the worker, from one task; a peer silent (no
-        frame, no pong) past WS_CONNECTION_TIMEOUT is closed. The walk lets the loop run other
-        work every HEARTBEAT_SLICE connections."""
-        interval = self.settings.ws_heartbeat_interval
-        while True:
-            await asyncio.sleep(interval)
-            for index, (ws, session) in enumerate(list(self._sessions.items())):
-                if index and not index % HEARTBEAT_SLICE:
-                    await asyncio.sleep(0)
-                await self._beat(ws, session, interval)
 
-    async def _beat(self, ws: ServerConnection, session: Session, interval: float) -> None:
-        if session.closed:
-            return
-        if time.monotonic() - session.last_seen > self.settings.ws_connection_timeout:
-            # A peer silent this long will not answer a closing handshake either: do not
-            # hold its slot for the full close_timeout waiting for one.
-            ws.close_timeout = min(ws.close_timeout or interval, interval)
-            session.close(Code.GOING_AWAY, "connection timeout: no frame or pong received")
-            return
-        if ws.paused or ws.protocol.state is not State.OPEN or ws.transport.is_closing():
-            # A peer that stopped reading (its send buffer is full) gets no ping through: only
-            # its silence counts. (And so the ping below never waits: the walk goes on.)
-            return
-        try:
-            pong = asyncio.ensure_future(await ws.ping())
-        except ConnectionClosed:
-            return
-        pong.add_done_callback(functools.partial(_ponged, session))
+def _ponged(session: Session, pong: asyncio.Future[float]) -> None:
+    if not pong.cancelled() and pong.exception() is None:
+        session.last_seen = time.monotonic()
 
-    def _check_token(self, session: Session) -> None:
-        """Close the connection 4003 when its token runs out (refresh_token moves that on)."""
-        timer = self._token_timers.pop(session.session_id, None)
-        if timer is not None:
-            timer.cancel()
-        deadline = self._token_deadlines.get(session.session_id)
-        if deadline is None or session.closed:
-            return  # open mode: no token
-        left = deadline - time.time()
-        if left <= 0:
-            session.close(Code.AUTH_FAILED, "token expired; reconnect with a new token")
-            return
-        self._token_timers[session.session_id] = asyncio.get_running_loop().call_later(
-            left, self._check_token, session
-        )
 
-    def _refresh_token(self, session: Session, token: str) -> dict[str, Any]:
-        """token_refreshed, the connection now living as long as `token`; AuthFailed (4003,
-        the connection keeping its old token) for a bad token or one of another terminal."""
-        if session.session_id not in self._token_deadlines:
-            return m.token_refreshed_msg(None)  # open mode: connections never expire
-        try:
-            claims = verify_token(self.settings.jwt_keys, token)
-            if (claims.store_id, claims.terminal_id) != (session.store_id, session.terminal_id):
-                raise AuthFailed("token was issued to another terminal")
-            if claims.terminal_type != session.terminal_type:
-                raise AuthFailed(f"token was issued to a {claims.terminal_type} terminal")
-        except AuthFailed as exc:
-            self.node.metrics.refused_auth("websocket")
-            raise AuthFailed(
-                f"refresh_token refused: {exc.reason}; the connection keeps its current token"
-            ) from None
-        self._token_deadlines[session.session_id] = claims.expires_at + CLOCK_SKEW
-        self._check_token(session)
-        if claims.user_id:
-            session.user_id = claims.user_id
-        return m.token_refreshed_msg(claims.expires_at)
+class Server(Gateway):
+    """Serves one worker's WebSocket and HTTP traffic for a Node, on `websockets`."""
 
-    async def _serve_frame(
-        self, session: Session, frame: str | bytes, invalid: list[float]
-    ) -> None:
-        """Answer one frame's messages; what must end the connection closes the session. (The
-        loop that waits for frames is `handler` itself: an idle connection holds one coroutine.)"""
-        limit = self.settings.ws_invalid_frame_limit
-        window = self.settings.ws_invalid_frame_window
-        received = time.monotonic()
-        session.last_seen = received
-        session.bytes_in += len(frame)
-        try:
-            raws = decode_frame(frame, self.settings.max_ws_message_size)
-        except MessageTooBig as exc:
-            session.close(Code.MESSAGE_TOO_BIG, exc.reason)
-            return
-        except InvalidMessage as exc:
-            raws = []
-            session.send(m.error_msg(exc.code, exc.reason))
-            if self._abusive(invalid, received, limit, window):
-                session.close(Code.INVALID_MESSAGE, "too many invalid messages")
-                return
-        self.node.stats.message(len(raws) or 1)
-        for raw in raws:
-            session.messages_in += 1
-            try:
-                with bound(operation_id=_operation_id(raw)):
-                    if self._messages is not None:
-                        self._messages.incoming(raw)
-                    await self._dispatch(session, raw, received)
-            except ChefiaError as exc:
-                session.send(self._error_frame(raw, exc))
-                if exc.code == Code.INVALID_MESSAGE and self._abusive(
-                    invalid, received, limit, window
-                ):
-                    session.close(Code.INVALID_MESSAGE, "too many invalid messages")
-                    return
-                if session.closed or session in self._abusers:  # sustained rate-limit abuse
-                    return
-            except Exception:
-                # A bug must cost one answer, not the terminal's connection.
-                log.exception("handling %r from %s failed", raw.get("type"), session.terminal_id)
-                internal = ChefiaError("internal server error; retry", Code.INTERNAL_ERROR)
-                session.send(self._error_frame(raw, internal))
+    transport_name = "websockets"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.ws_server: WsServer | None = None
+        self.metrics_server: WsServer | None = None
+
+    async def process_request(
+        self, connection: ServerConnection, request: Request
+    ) -> Response | None:
+        if not is_upgrade(request):
+            return await handle_http(self.node, request)
+        return self.refuse_upgrade(request)
 
     @staticmethod
-    def _abusive(invalid: list[float], now: float, limit: int, window: float) -> bool:
-        invalid.append(now)
-        recent = [t for t in invalid if t >= now - window]
-        invalid[:] = recent[-limit:]
-        return len(recent) >= limit
+    def select_subprotocol(connection: ServerConnection, offered: Any) -> Subprotocol | None:
+        chosen = choose_subprotocol(offered)
+        return Subprotocol(chosen) if chosen is not None else None
 
-    @staticmethod
-    def _error_frame(raw: dict[str, Any], exc: ChefiaError) -> dict[str, Any]:
-        """sync_error for anything about an operation, plain error otherwise."""
-        kind = raw.get("type")
-        op = raw.get("operation") if kind == "data_sync" else None
-        if isinstance(op, dict):
-            op_id, et, eid = op.get("id"), op.get("entity_type"), op.get("entity_id")
-            return m.sync_error_msg(
-                op_id if isinstance(op_id, str) else None,
-                exc.code,
-                exc.reason,
-                et if isinstance(et, str) else None,
-                eid if isinstance(eid, str) else None,
-            )
-        if kind == "conflict_resolution":
-            cid = raw.get("conflict_id")
-            return m.sync_error_msg(cid if isinstance(cid, str) else None, exc.code, exc.reason)
-        return m.error_msg(exc.code, exc.reason)
+    async def handler(self, ws: ServerConnection) -> None:
+        assert ws.request is not None
+        request = ws.request
+        # Read: the handshake's headers are not kept for the connection's lifetime (websockets
+        # needs a request there, not its contents).
+        ws.request, ws.response = SERVED_REQUEST, None
+        self.limit_send_buffer(ws.transport.get_extra_info("socket"))
+        await self.serve(WsTransport(ws), request, ws.subprotocol)
 
-    async def _dispatch(self, session: Session, raw: dict[str, Any], received: float) -> None:
-        msg = m.parse_incoming(raw)
-        node = self.node
-        if isinstance(msg, m.DataSyncIn):
-            op = self._operation(session, msg.operation)
-            bulk = op.operation == m.OpKind.BULK_UPDATE
-            self._charge(session, len(op.data["updates"]) if bulk else 1, received)
-            await node.check_operation(session, op)
-            node.submit(op, session, received)
-        elif isinstance(msg, m.PingIn):
-            session.send(m.pong_msg(msg.timestamp))
-        elif isinstance(msg, m.SyncConfirmationIn):
-            session.acked_seq = max(session.acked_seq, msg.seq or 0)
-        elif isinstance(msg, m.ConflictResolutionIn):
-            self._charge(session, 1, received)
-            node.permissions.check_resolve(session.terminal_type)
-            resolution = Resolution(
-                conflict_id=msg.conflict_id,
-                store_id=session.store_id,
-                terminal_id=session.terminal_id,
-                user_id=session.user_id,
-                resolution=msg.resolution.value,
-                resolved_data=msg.resolved_data,
-                timestamp=m.client_time(msg.timestamp, self.settings.clock_skew_max),
-            )
-            node.submit(resolution, session, received)
-        elif isinstance(msg, m.AcquireLockIn):
-            self._charge(session, self.settings.ws_rate_cost_lock, received, "an acquire_lock")
-            answer = await node.acquire_lock(
-                session, msg.entity_type, msg.entity_id, msg.timeout, msg.lock_id
-            )
-            session.send(answer)
-            await node.monitor.lock(session, answer)
-        elif isinstance(msg, m.ReleaseLockIn):
-            self._charge(session, self.settings.ws_rate_cost_lock, received, "a release_lock")
-            answer = await node.release_lock(session, msg.entity_type, msg.entity_id, msg.lock_id)
-            session.send(answer)
-            await node.monitor.lock(session, answer)
-        elif isinstance(msg, m.ResumeIn):
-            self._charge(session, self.settings.ws_rate_cost_resume, received, "a resume")
-            await node.resume(session, msg.since, msg.epoch)
-        elif isinstance(msg, m.SnapshotRequestIn):
-            self._charge(
-                session, self.settings.ws_rate_cost_snapshot, received, "a snapshot_request"
-            )
-            await node.snapshot(session, msg.entity_types)
-        elif isinstance(msg, m.RefreshTokenIn):
-            self._charge(session, 1, received)  # each costs a signature check
-            session.send(self._refresh_token(session, msg.token))
-        elif isinstance(msg, m.PerformanceMetricsIn):
-            session.metrics = msg.model_dump(exclude={"type"})
-            await node.monitor.terminal_metrics(session, session.metrics)
-
-    def _charge(self, session: Session, cost: float, now: float, what: str = "") -> None:
-        """Count a request against the terminal's rate (`cost` operations; `what` names a
-        request that is not one): 4005 over it, close 4005 when sustained."""
-        if cost <= 0:
-            return
-        verdict = self._rate.check((session.store_id, session.terminal_id), cost, now)
-        if verdict is Verdict.ALLOW:
-            return
-        self.node.metrics.rate_limited.inc()
-        if verdict is Verdict.ABUSIVE:
-            self._abusers.add(session)  # the connection's handler closes it: _close_abusive
-        costs = f"; {what} costs {cost:g}" if what else ""
-        raise RateLimited(
-            f"rate limit: at most {self.settings.ws_rate_limit:g} operations/s "
-            f"(burst {self.settings.ws_rate_burst:g}{costs}); retry later"
-        )
-
-    def _operation(self, session: Session, model: m.OperationModel) -> Operation:
-        """The Operation a terminal sent. With JWT on, `user_id` is the token's (the identity
-        the audit records); a different user_id in the message is kept as a claim only."""
-        data = model.data
-        if model.operation == m.OpKind.BULK_UPDATE:
-            data = {"updates": [item.model_dump() for item in model.bulk_items()]}
-        if self.settings.auth_enabled:
-            user_id = session.user_id
-        else:
-            user_id = model.user_id or session.user_id
-        claimed = model.user_id if model.user_id != user_id else None
-        return Operation(
-            id=model.id,
-            store_id=session.store_id,
-            entity_type=model.entity_type,
-            entity_id=model.entity_id,
-            operation=model.operation.value,
-            data=data,
-            version=model.version,
-            timestamp=m.client_time(model.timestamp, self.settings.clock_skew_max),
-            terminal_id=session.terminal_id,
-            user_id=user_id,
-            requires_lock=model.requires_lock,
-            priority=model.priority.value,
-            claimed_user_id=claimed,
-            existing_only=self.node.permissions.existing_only(
-                session.terminal_type, model.entity_type
-            ),
-        )
-
-    # ---- serving ----------------------------------------------------------------------------
-
-    async def start(self, sock: socket.socket | None = None) -> WsServer:
-        """Listen (on `sock` when given, else WS_HOST:WS_PORT with SO_REUSEPORT)."""
+    async def start(self, sock: socket.socket | None = None) -> None:
         install_log_redaction()  # websockets logs request lines (and their ?token=) at DEBUG
-        origins: list[Origin | None] | None = None
-        if self.settings.allowed_origins is not None:
-            origins = [Origin(o) for o in self.settings.allowed_origins] + [None]
         address: dict[str, Any] = (
             {"sock": sock}
             if sock is not None
@@ -637,7 +157,6 @@ class Server:
         )
         self.ws_server = await websockets.serve(
             self.handler,
-            origins=origins,
             subprotocols=[Subprotocol(s) for s in SUBPROTOCOLS],
             select_subprotocol=self.select_subprotocol,
             process_request=self.process_request,
@@ -650,12 +169,9 @@ class Server:
             backlog=LISTEN_BACKLOG,
             **address,
         )
-        self._heartbeat = asyncio.create_task(self._heartbeats(), name="heartbeat")
-        return self.ws_server
+        self._start_heartbeat()
 
-    async def start_metrics(self, port: int) -> WsServer:
-        """Serve /metrics on METRICS_PORT too (SO_REUSEPORT: a reloading worker's replacement
-        binds it before the old one lets go)."""
+    async def start_metrics(self, port: int) -> None:
         self.metrics_server = await websockets.serve(
             self.handler,  # never reached: every request is answered before an upgrade
             host=self.settings.ws_host,
@@ -664,129 +180,36 @@ class Server:
             process_request=lambda _, request: handle_metrics_port(self.node, request),
             server_header=None,
         )
-        return self.metrics_server
 
-    def connections(self) -> set[ServerConnection]:
-        """The WebSocket connections this worker holds, closing ones included."""
+    def connections(self) -> set[Any]:
         return set(self.ws_server.all_connections) if self.ws_server is not None else set()
 
     def port(self) -> int:
         assert self.ws_server is not None
         return int(self.ws_server.sockets[0].getsockname()[1])
 
-    async def shutdown(self, timeout: float = 10.0) -> None:
-        """Graceful stop: refuse new work, commit what is queued, close clients with 1001."""
+    def _stop_listening(self) -> None:
         if self.metrics_server is not None:
             self.metrics_server.close()
         if self.ws_server is not None:
-            # Stop listening first: with SO_REUSEPORT the kernel then sends new connections to
-            # the other workers instead of to this one while it drains (no 503 during a reload).
-            # websockets answers 503 to a handshake that completes once the listener is closed;
-            # one already under way is served instead until the drain ends (then closed 1001
-            # with the others), so it still counts as serving meanwhile.
+            # websockets answers 503 to a handshake that completes once the listener is closed:
+            # one already under way still counts as serving until the drain ends.
             self.ws_server.is_serving = lambda: True  # type: ignore[method-assign]
             self.ws_server.server.close()
-        await self.node.drain(timeout)
-        if self._heartbeat is not None:
-            self._heartbeat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._heartbeat
-        if self.ws_server is not None:
-            del self.ws_server.is_serving  # websockets' own again: refuse what comes now
-            self.ws_server.close(close_connections=True)
-            try:
-                async with asyncio.timeout(CLOSE_TIMEOUT + 0.5):
-                    await self.ws_server.wait_closed()
-            except TimeoutError:
-                # websockets starts a connection's close_timeout only once its socket has
-                # drained, which a terminal that stopped reading never lets happen: cut those.
-                for ws in list(self.ws_server.all_connections):
-                    ws.transport.abort()
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(timeout):
-                        await self.ws_server.wait_closed()
-        await self.node.stop()
 
-
-async def run(
-    settings: Settings, sock: socket.socket | None = None, worker: int | None = None
-) -> None:
-    """Run one worker until SIGTERM/SIGINT, then drain and stop.
-
-    `worker` is the supervisor's index of this worker (None: the only one). METRICS_PORT is
-    served by one process of the node, worker 0: every worker's answer is the whole node's, and
-    only a worker has the terminal directory that terminal_status comes from.
-    """
-    node = Node.create(settings)
-    await node.start()
-    server = Server(settings, node)
-    await server.start(sock)
-    if settings.metrics_port is not None and settings.ws_enable_metrics and not worker:
-        await server.start_metrics(settings.metrics_port)
-    log.info(
-        "chefia-rt listening on %s:%d%s (storage %s, bus %s, auth %s)",
-        settings.ws_host,
-        server.port(),
-        settings.ws_path,
-        node.store.kind,
-        node.bus.kind,
-        "jwt" if settings.auth_enabled else "OPEN",
-    )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    channel = _supervisor_channel()
-    if channel is None:
-        sd_notify(f"READY=1\nSTATUS=serving on port {server.port()}")
-    else:
-        # Ctrl-C reaches the whole process group: the supervisor decides, and sends SIGTERM.
-        loop.add_signal_handler(signal.SIGINT, lambda: None)
-        loop.add_signal_handler(signal.SIGHUP, lambda: None)
-        channel.sendall(b"ready\n")
-        loop.add_reader(channel.fileno(), _watch_supervisor, channel, stop)
-    try:
-        await stop.wait()
-    finally:
-        log.info("shutting down: draining writes, closing connections with 1001")
-        if channel is None:
-            sd_notify("STOPPING=1")
-        await server.shutdown()
-
-
-def _supervisor_channel() -> socket.socket | None:
-    """This worker's end of the supervisor's socket pair, when a supervisor started it."""
-    fd = os.environ.pop(SUPERVISOR_FD_ENV, None)
-    if fd is None:
-        return None
-    channel = socket.socket(fileno=int(fd))
-    channel.setblocking(False)
-    return channel
-
-
-def _watch_supervisor(channel: socket.socket, stop: asyncio.Event) -> None:
-    """The supervisor's end closed: it died (even by SIGKILL), so this worker drains and exits."""
-    try:
-        if channel.recv(64):
+    async def _close_connections(self, timeout: float) -> None:
+        if self.ws_server is None:
             return
-    except BlockingIOError:
-        return
-    except OSError:
-        pass
-    asyncio.get_running_loop().remove_reader(channel.fileno())
-    log.warning("supervisor gone; draining and exiting")
-    stop.set()
-
-
-def _ponged(session: Session, pong: asyncio.Future[float]) -> None:
-    if not pong.cancelled() and pong.exception() is None:
-        session.last_seen = time.monotonic()
-
-
-def _operation_id(raw: dict[str, Any]) -> str | None:
-    """The operation a message is about, for the log context."""
-    op = raw.get("operation")
-    if isinstance(op, dict) and isinstance(op.get("id"), str):
-        return str(op["id"])[:128]
-    conflict_id = raw.get("conflict_id")
-    return conflict_id[:128] if isinstance(conflict_id, str) else None
+        del self.ws_server.is_serving  # websockets' own again: refuse what comes now
+        self.ws_server.close(close_connections=True)
+        try:
+            async with asyncio.timeout(CLOSE_TIMEOUT + 0.5):
+                await self.ws_server.wait_closed()
+        except TimeoutError:
+            # websockets starts a connection's close_timeout only once its socket has drained,
+            # which a terminal that stopped reading never lets happen: cut those.
+            for ws in list(self.ws_server.all_connections):
+                ws.transport.abort()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await self.ws_server.wait_closed()

@@ -24,9 +24,9 @@ from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
 from chefia_rt.config import Settings, load_settings
+from chefia_rt.gateway import Gateway, make_server
 from chefia_rt.node import Node
 from chefia_rt.protocol.codec import COMPRESSED_PREFIX
-from chefia_rt.server import Server
 
 DEFAULT_TIMEOUT = 5.0
 REPOSITORY = Path(__file__).resolve().parent.parent
@@ -210,7 +210,7 @@ def op(
 class RunningServer:
     """A server running in this event loop, on a free port, with its own SQLite file."""
 
-    def __init__(self, settings: Settings, server: Server) -> None:
+    def __init__(self, settings: Settings, server: Gateway) -> None:
         self.settings = settings
         self.server = server
         self.node = server.node
@@ -275,7 +275,7 @@ async def running_server(tmp_path: Path, **overrides: Any) -> AsyncIterator[Runn
     settings = load_settings(**overrides)
     node = Node.create(settings)
     await node.start()
-    server = Server(settings, node)
+    server = make_server(settings, node)
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
