@@ -270,12 +270,14 @@ class RedactTokens(logging.Filter):
         return True
 
 
-# websockets logs request lines and headers on these; ours never log tokens, but a future line
-# that did would be caught too.
+# websockets (and picows, at its debug level) log request lines and headers on these; ours never
+# log tokens, but a future line that did would be caught too.
 REDACTED_LOGGERS = (
     "websockets",
     "websockets.server",
     "websockets.client",
+    "picows",
+    "picows.server",
     "chefia_rt",
     "chefia_rt.server",
     "chefia_rt.http",

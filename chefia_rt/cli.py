@@ -24,6 +24,7 @@ GC_THRESHOLDS = (10_000, 20, 20)
 def _describe(settings: Settings) -> dict[str, object]:
     return {
         "listen": f"{settings.ws_host}:{settings.ws_port}{settings.ws_path}/{{terminal_id}}",
+        "transport": settings.ws_transport,
         "storage": settings.storage_kind,
         "database": settings.sqlite_path if settings.storage_kind == "sqlite" else "postgresql",
         "bus": settings.bus_kind,

@@ -18,6 +18,9 @@ DEFAULT_DATABASE_URL = "sqlite:///chefia-rt.db"
 MAX_CACHE_TTL = 3600.0
 # Never repeated in an error message.
 SECRET_SETTINGS = frozenset({"JWT_SECRET_KEY"})
+# WS_TRANSPORT: the WebSocket front ends, the default first.
+Transport = Literal["websockets", "picows"]
+TRANSPORTS: tuple[Transport, ...] = ("websockets", "picows")
 
 
 def _default_workers() -> int:
@@ -38,6 +41,8 @@ class Settings(BaseSettings):
     ws_host: str = "0.0.0.0"
     ws_port: int = Field(8001, ge=0, le=65535)
     ws_path: str = "/ws"
+    # The WebSocket library that speaks the protocol (chefia_rt/server.py, picows_server.py).
+    ws_transport: Transport = "websockets"
     max_ws_connections: int = Field(1000, ge=1)
     max_ws_message_size: int = Field(1_048_576, ge=1024)
     ws_connection_timeout: float = Field(300.0, gt=0)

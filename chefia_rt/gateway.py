@@ -68,7 +68,6 @@ CLOSE_TIMEOUT = 5.0  # seconds a closing handshake may take before the TCP conne
 # Locust run of 1000 terminals): the kernel dropped or reset the rest of the handshakes.
 LISTEN_BACKLOG = 4096
 HEARTBEAT_SLICE = 256  # connections pinged before the heartbeat lets the loop run others
-TRANSPORTS = ("websockets", "picows")
 
 
 class HandshakeRejected(Exception):
@@ -160,6 +159,9 @@ class Gateway:
         )
         # Sessions found abusive (4005), closed once what they sent before is answered.
         self._abusers: set[Session] = set()
+        # Upgrades accepted whose session open_session has not registered yet: they count
+        # against MAX_WS_CONNECTIONS (a front end whose upgrade and session start apart).
+        self.opening = 0
 
     # ---- what a front end implements ---------------------------------------------------------
 
@@ -202,9 +204,8 @@ class Gateway:
                 return json_response(400, {"error": "more than one Origin header"})
             if sent and sent[0] not in origins:
                 return json_response(403, {"error": f"origin {sent[0]!r} is not allowed"})
-        if len(self.node.hub) >= self.settings.max_ws_connections and not self._is_takeover(
-            request
-        ):
+        held = len(self.node.hub) + self.opening
+        if held >= self.settings.max_ws_connections and not self._is_takeover(request):
             return json_response(
                 503, {"error": "too many connections on this worker"}, {"Retry-After": "5"}
             )
@@ -297,9 +298,15 @@ class Gateway:
 
     # ---- the connection ---------------------------------------------------------------------
 
-    async def serve(self, link: Link, request: Request, subprotocol: str | None) -> None:
+    async def serve(
+        self, link: Link, request: Request, subprotocol: str | None, opening: bool = False
+    ) -> None:
         """Serve an upgraded connection until it ends. The front end keeps no reference to the
-        handshake's `request`: its headers are let go once the session is made."""
+        handshake's `request`: its headers are let go once the session is made. `opening`: the
+        front end counted the connection in `opening` when it accepted the upgrade."""
+        if opening:
+            # open_session registers the session in its first step, in this same step.
+            self.opening -= 1
         try:
             session, since, epoch = self._session_for(link, request, subprotocol)
         except HandshakeRejected as exc:
@@ -636,7 +643,11 @@ class Gateway:
 
 
 def make_server(settings: Settings, node: Node) -> Gateway:
-    """The front end serving `node`."""
+    """The front end WS_TRANSPORT names, serving `node`."""
+    if settings.ws_transport == "picows":
+        from chefia_rt.picows_server import PicowsServer
+
+        return PicowsServer(settings, node)
     from chefia_rt.server import Server
 
     return Server(settings, node)
@@ -662,7 +673,7 @@ async def run(
         settings.ws_host,
         server.port(),
         settings.ws_path,
-        "websockets",
+        settings.ws_transport,
         node.store.kind,
         node.bus.kind,
         "jwt" if settings.auth_enabled else "OPEN",

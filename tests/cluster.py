@@ -42,7 +42,7 @@ import websockets
 from redis.exceptions import RedisError
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
-from tests.helpers import Terminal, free_port
+from tests.helpers import Terminal, free_port, server_transport
 from tests.services import REDIS_URL, drop_pg_schema, new_pg_schema, service_missing
 
 READY_TIMEOUT = 20.0
@@ -225,6 +225,7 @@ class Cluster:
             WS_HOST="127.0.0.1",
             WS_PORT=str(node.port),
             WS_LOG_LEVEL="INFO",
+            WS_TRANSPORT=server_transport(),
             # 4 workers x the default pool of 8 would crowd a PostgreSQL shared by other tests.
             DATABASE_POOL_SIZE="4",
             PYTHONUNBUFFERED="1",

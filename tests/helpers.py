@@ -63,6 +63,16 @@ def free_port() -> int:
     raise RuntimeError("no free port in this test worker's range")
 
 
+# The WebSocket front end (WS_TRANSPORT) of the servers tests start: tests/e2e/conftest.py runs
+# the end-to-end tests on each.
+TEST_TRANSPORT_ENV = "CHEFIA_TEST_TRANSPORT"
+
+
+def server_transport() -> str:
+    """The WS_TRANSPORT the servers of the running test use."""
+    return os.environ.get(TEST_TRANSPORT_ENV, "websockets")
+
+
 def _http_get(url: str, headers: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
     request = urllib.request.Request(url, headers=headers)
     try:
@@ -272,6 +282,7 @@ async def running_server(tmp_path: Path, **overrides: Any) -> AsyncIterator[Runn
     overrides.setdefault("database_url", f"sqlite:///{tmp_path / 'chefia.db'}")
     overrides.setdefault("ws_host", "127.0.0.1")
     overrides.setdefault("ws_port", 0)
+    overrides.setdefault("ws_transport", server_transport())
     settings = load_settings(**overrides)
     node = Node.create(settings)
     await node.start()

@@ -116,6 +116,7 @@ def test_check_config_defaults(tmp_path: Path) -> None:
     assert described["workers"] == 1
     assert described["auth"].startswith("open")
     assert described["listen"] == "0.0.0.0:8001/ws/{terminal_id}"
+    assert described["transport"] == "websockets"
     assert not (tmp_path / "chefia-rt.db").exists(), "check-config must not create anything"
 
 
@@ -126,6 +127,7 @@ def test_check_config_production_shape(tmp_path: Path) -> None:
         WS_WORKER_THREADS="3",
         JWT_SECRET_KEY="s3cret-s3cret-s3cret-s3cret-s3cret",
         WS_PORT="9001",
+        WS_TRANSPORT="picows",
     )
     result = run("check-config", cwd=tmp_path, env=env, entry="script")
     assert result.returncode == 0, result.stderr
@@ -135,6 +137,7 @@ def test_check_config_production_shape(tmp_path: Path) -> None:
     assert described["workers"] == 3  # WS_WORKER_THREADS is an alias of WS_WORKERS
     assert described["auth"] == "jwt"
     assert described["listen"].endswith(":9001/ws/{terminal_id}")
+    assert described["transport"] == "picows"
     assert "s3cret-s3cret-s3cret-s3cret-s3cret" not in result.stdout
     assert "s3cret-s3cret-s3cret-s3cret-s3cret" not in result.stderr
 

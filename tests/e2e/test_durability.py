@@ -20,7 +20,7 @@ import pytest
 import websockets
 from websockets.exceptions import ConnectionClosed
 
-from tests.helpers import Terminal, free_port, op
+from tests.helpers import Terminal, free_port, op, server_transport
 
 pytestmark = pytest.mark.asyncio
 
@@ -57,6 +57,7 @@ class ServerProcess:
             WS_HOST="127.0.0.1",
             WS_PORT=str(self.port),
             WS_LOG_LEVEL="INFO",
+            WS_TRANSPORT=server_transport(),
         )
         self._spawn(env)
         await self.wait_ready()

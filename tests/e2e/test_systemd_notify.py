@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import free_port
+from tests.helpers import free_port, server_transport
 from tests.services import REDIS_URL, service_missing
 
 
@@ -53,6 +53,7 @@ def test_ready_then_stopping_reach_the_notify_socket(tmp_path: Path, workers: in
         WS_HOST="127.0.0.1",
         WS_PORT=str(free_port()),
         WS_WORKERS=str(workers),
+        WS_TRANSPORT=server_transport(),
         REDIS_URL=REDIS_URL if workers > 1 else "",
         REDIS_PREFIX=f"notify-{uuid.uuid4().hex[:8]}",
     )
