@@ -2,6 +2,7 @@
 
     python -m loadtest.bench [--mode embedded|pg] [--stores 100] [--terminals 10] [--rate 2]
                              [--duration 10] [--scenario rush|sweep|idle|flat] [--server both]
+                             [--transport websockets|picows|both]
 
 Prints ONE JSON line. S stores x T terminals (msgpack) each send UPDATEs of their own `tables`
 entities (no lock needed) at an open-loop rate R per terminal; every operation is confirmed to
@@ -13,6 +14,10 @@ process (uvloop, raw `websockets` clients); the servers are separate processes i
   unique REDIS_PREFIX) + `--workers` (2) workers under the supervisor; both cleaned up after;
 - baseline (loadtest/baseline_server.py): bare websockets on uvloop that only acknowledges and
   forwards (no storage, validation or batching), under the same load, in the same invocation.
+
+`--transport` is our server's WS_TRANSPORT; `both` runs ours once on each WebSocket front end, then
+the baseline, and reports each (`ours_websockets`, `ours_picows`) with its own ratios to the
+baseline (`ratio_websockets`, `ratio_picows`); with one transport the keys are `ours` and `ratio`.
 
 Latencies start at the operation's *scheduled* send time (open loop, so a stalled generator or
 server shows up as latency instead of hiding as a lower rate): ack = its confirmation arrived,
@@ -68,6 +73,7 @@ import websockets
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
+from chefia_rt.config import TRANSPORTS
 from loadtest.bench_store import (
     DEFAULT_DSN,
     _positive,
@@ -230,8 +236,11 @@ async def baseline_server(workdir: Path) -> AsyncIterator[ServerProcess]:
 
 
 @contextlib.asynccontextmanager
-async def our_server(args: argparse.Namespace, workdir: Path) -> AsyncIterator[ServerProcess]:
-    """`chefia-rt serve` in the chosen mode, with its own storage, cleaned up afterwards."""
+async def our_server(
+    args: argparse.Namespace, workdir: Path, transport: str
+) -> AsyncIterator[ServerProcess]:
+    """`chefia-rt serve` in the chosen mode on `transport`, with its own storage, cleaned up
+    afterwards."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(SERVER_ENV_PREFIXES)}
     env.update(
@@ -245,8 +254,9 @@ async def our_server(args: argparse.Namespace, workdir: Path) -> AsyncIterator[S
             + max(1000, args.idle_connections, args.terminals * max(args.stores, *args.flat_stores))
         ),
         PYTHONUNBUFFERED="1",
-        **{k: v for k, v in (kv.split("=", 1) for kv in args.server_env)},
+        WS_TRANSPORT=transport,
     )
+    env.update(kv.split("=", 1) for kv in args.server_env)
     schema = prefix = None
     if args.mode == "pg":
         schema = f"bench_{uuid.uuid4().hex[:12]}"
@@ -265,7 +275,7 @@ async def our_server(args: argparse.Namespace, workdir: Path) -> AsyncIterator[S
     else:
         env.update(DATABASE_URL=f"sqlite:///{workdir / 'bench.db'}", WS_WORKERS="1")
     argv = [sys.executable, "-m", "chefia_rt", "serve"]
-    server = spawn(f"ours-{args.mode}", argv, env, workdir, "/ws", port)
+    server = spawn(f"ours-{args.mode}-{transport}", argv, env, workdir, "/ws", port)
     try:
         await wait_ready(server)
         if args.mode == "pg":
@@ -646,8 +656,20 @@ async def server_of(
         async with baseline_server(workdir) as server:
             yield server
     else:
-        async with our_server(args, workdir) as server:
+        async with our_server(args, workdir, transport_of(kind, args.transport)) as server:
             yield server
+
+
+def transport_of(kind: str, default: str) -> str:
+    """Our server's WS_TRANSPORT in the run named `kind`: "ours_<transport>", or "ours" (the
+    one `--transport`, `default`)."""
+    return kind.removeprefix("ours_") if kind.startswith("ours_") else default
+
+
+def our_kinds(args: argparse.Namespace) -> list[str]:
+    if args.transport != "both":
+        return ["ours"]
+    return [f"ours_{transport}" for transport in TRANSPORTS]
 
 
 async def rush(kind: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
@@ -670,7 +692,7 @@ async def rush(kind: str, args: argparse.Namespace, workdir: Path) -> dict[str, 
         (rss_after - rss_before) / (args.stores * args.terminals), 2
     )
     figures["load_average"] = load_average()
-    if kind == "baseline" or args.mode == "embedded":
+    if not kind.startswith("ours") or args.mode == "embedded":
         figures["pg_cpu_us_per_op"] = None  # it uses no PostgreSQL: only others' work would show
     return figures
 
@@ -822,20 +844,24 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         "terminals_per_store": args.terminals,
         "rate_per_terminal": args.rate,
         "duration_s": args.duration,
+        "transport": args.transport,
         "cores": os.cpu_count(),
         "load_average_before": load_average(),
     }
     try:
-        kinds = ["ours", "baseline"] if args.server == "both" else [args.server]
-        for kind in kinds:
+        ours = our_kinds(args)
+        kinds = {"both": [*ours, "baseline"], "ours": ours, "baseline": ["baseline"]}
+        for kind in kinds[args.server]:
             result[kind] = await SCENARIOS[args.scenario](kind, args, workdir)
             await asyncio.sleep(1.0)
-        if args.scenario in ("rush", "idle") and len(kinds) == 2:
-            result["ratio"] = {
-                key: _ratio(result["ours"].get(key), result["baseline"].get(key))
-                for key in RATIO_KEYS
-                if key in result["ours"]
-            }
+        if args.scenario in ("rush", "idle") and args.server == "both":
+            for kind in ours:
+                name = "ratio" + kind.removeprefix("ours")
+                result[name] = {
+                    key: _ratio(result[kind].get(key), result["baseline"].get(key))
+                    for key in RATIO_KEYS
+                    if key in result[kind]
+                }
     finally:
         if args.keep_logs:
             result["logs"] = str(workdir)
@@ -870,6 +896,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--scenario", choices=sorted(SCENARIOS), default="rush")
     parser.add_argument("--mode", choices=("embedded", "pg"), default="embedded")
     parser.add_argument("--server", choices=("both", "ours", "baseline"), default="both")
+    parser.add_argument(
+        "--transport",
+        choices=(*TRANSPORTS, "both"),
+        default=TRANSPORTS[0],
+        help="our server's WS_TRANSPORT; both: a run on each",
+    )
     parser.add_argument("--stores", type=_positive, default=100)
     parser.add_argument("--terminals", type=_positive, default=10, help="per store")
     parser.add_argument("--rate", type=_positive_float, default=2.0, help="ops/s per terminal")
@@ -922,15 +954,19 @@ def table(result: dict[str, Any]) -> str:
         "| worst loop lag ms per worker | load average |"
     )
     rows = [head, "|" + "---|" * head.count(" | ") + "---|"]
-    for kind in ("ours", "baseline"):
+    for kind in ("ours", *(f"ours_{t}" for t in TRANSPORTS), "baseline"):
         f = result.get(kind)
         if not isinstance(f, dict) or "ack_p99_ms" not in f:
             continue
+        if kind == "baseline":
+            label = "baseline relay"
+        else:
+            label = f"ours {result['mode']} ({transport_of(kind, result['transport'])})"
         lag = f.get("loop_lag_max_ms_by_worker")
         lags = ", ".join(_ms(v) for v in lag.values()) if lag else "-"
         pg = f" (+{_ms(f['pg_cpu_us_per_op'])})" if f.get("pg_cpu_us_per_op") is not None else ""
         rows.append(
-            f"| {kind} {result['mode'] if kind == 'ours' else 'relay'} | {_ms(f['offered_ops_s'])} "
+            f"| {label} | {_ms(f['offered_ops_s'])} "
             f"| {_ms(f['ack_p50_ms'])} / {_ms(f['ack_p99_ms'])} "
             f"| {_ms(f['ack_worst_window_p99_ms'])} ({_ms(f['ack_worst_window_ratio'])}x) "
             f"| {_ms(f['propagation_p99_ms'])} "

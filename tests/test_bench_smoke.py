@@ -53,12 +53,15 @@ async def test_bench_prints_one_json_line_and_loses_nothing() -> None:
     result = await run_bench(
         "loadtest.bench",
         *("--stores", "2", "--terminals", "3", "--rate", "4", "--duration", "2"),
-        timeout=120,
+        *("--transport", "both"),
+        timeout=150,
     )
     print(f"bench smoke run took {time.monotonic() - started:.1f}s")
     assert result["bench"] == "rush_hour" and result["mode"] == "embedded"
-    assert set(result["ratio"]) == set(RATIO_KEYS)
-    for kind in ("ours", "baseline"):
+    # Ours on each WebSocket front end, then the relay; each with its ratios to the relay.
+    assert result["transport"] == "both"
+    assert set(result["ratio_websockets"]) == set(result["ratio_picows"]) == set(RATIO_KEYS)
+    for kind in ("ours_websockets", "ours_picows", "baseline"):
         figures = result[kind]
         assert set(figures) == FIGURES, kind
         assert figures["connections"] == 6
@@ -76,10 +79,11 @@ async def test_bench_prints_one_json_line_and_loses_nothing() -> None:
         assert figures["ack_worst_window_p99_ms"] == max(figures["ack_window_p99_ms"])
         assert figures["propagation_worst_window_ratio"] is not None
     # The worst event-loop lag of our one worker during the run, read from /ws/stats.
-    lags = result["ours"]["loop_lag_max_ms_by_worker"]
-    assert len(lags) == 1 and all(isinstance(ms, float) for ms in lags.values()), lags
-    assert result["ours"]["loop_lag_max_ms"] == max(lags.values())
-    assert set(result["ours"]["loop_lag_ms_by_second"]) == set(lags)
+    for kind in ("ours_websockets", "ours_picows"):
+        lags = result[kind]["loop_lag_max_ms_by_worker"]
+        assert len(lags) == 1 and all(isinstance(ms, float) for ms in lags.values()), lags
+        assert result[kind]["loop_lag_max_ms"] == max(lags.values())
+        assert set(result[kind]["loop_lag_ms_by_second"]) == set(lags)
     assert result["baseline"]["loop_lag_max_ms_by_worker"] is None
 
 
