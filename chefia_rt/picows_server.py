@@ -79,6 +79,26 @@ class PicowsLink(WSListener):
     """One upgraded connection: picows calls it with every frame; the Gateway reads its data
     messages (`recv`) and writes the hub's frames to it (hub.Transport, Gateway's Link)."""
 
+    __slots__ = (
+        "_close_timeout",
+        "_drained",
+        "_ending",
+        "_fragments",
+        "_fragments_text",
+        "_frames",
+        "_front",
+        "_lost",
+        "_peer_code",
+        "_reading_paused",
+        "_request",
+        "_session",
+        "_subprotocol",
+        "_waiter",
+        "_write_paused",
+        "transport",
+        "ws",
+    )
+
     def __init__(self, front: PicowsServer, request: Request, subprotocol: str | None) -> None:
         super().__init__()
         self._front = front
@@ -292,6 +312,8 @@ class PicowsLink(WSListener):
 
 class _Gate(asyncio.Protocol):
     """A new connection until its HTTP request head has come (see the module's docstring)."""
+
+    __slots__ = ("_buffer", "_done", "_front", "_metrics_only", "_timer", "_transport")
 
     def __init__(self, front: PicowsServer, metrics_only: bool) -> None:
         self._front = front
