@@ -54,7 +54,7 @@ OPEN_TIMEOUT = 10.0  # seconds for a new connection to send its request head (we
 MAX_QUEUE = 64
 # picows' read buffer of a connection starts this small (it doubles when a frame needs more): an
 # idle terminal holds little memory.
-READ_BUFFER = 4096
+READ_BUFFER = 2048
 PROTOCOL_ERROR = 1002  # close codes of RFC 6455 that websockets sends itself
 INVALID_DATA = 1007
 _DATA = (WSMsgType.TEXT, WSMsgType.BINARY)
@@ -106,7 +106,7 @@ class PicowsLink(WSListener):
         self._subprotocol = subprotocol
         self.ws: WSTransport | None = None
         self.transport: asyncio.Transport | None = None
-        self._frames: deque[str | bytes] = deque()
+        self._frames: deque[str | bytes] | None = None  # until a message comes
         self._waiter: asyncio.Future[None] | None = None
         self._reading_paused = False
         self._write_paused = False
@@ -124,6 +124,9 @@ class PicowsLink(WSListener):
     def on_ws_connected(self, transport: WSTransport) -> None:
         self.ws = transport
         self.transport = transport.underlying_transport
+        # picows keeps the handshake for the connection's lifetime; ours was parsed by the gate.
+        transport.request.headers.clear()
+        transport.response.headers.clear()
         front = self._front
         front.limit_send_buffer(self.transport.get_extra_info("socket"))
         request, self._request = self._request, None
@@ -176,9 +179,12 @@ class PicowsLink(WSListener):
                 return
         else:
             data = frame.get_payload_as_bytes() if joined is None else joined
-        self._frames.append(data)
+        frames = self._frames
+        if frames is None:
+            frames = self._frames = deque()
+        frames.append(data)
         self._wake()
-        if len(self._frames) >= MAX_QUEUE and not self._reading_paused:
+        if len(frames) >= MAX_QUEUE and not self._reading_paused:
             assert self.transport is not None
             self._reading_paused = True
             self.transport.pause_reading()
@@ -233,12 +239,12 @@ class PicowsLink(WSListener):
         return self._peer_code if self._peer_code is not None else 1006
 
     async def recv(self) -> str | bytes | None:
-        frames = self._frames
-        while not frames:
+        while not self._frames:
             if self._ending:
                 return None
             self._waiter = asyncio.get_running_loop().create_future()
             await self._waiter
+        frames = self._frames
         data = frames.popleft()
         if self._reading_paused and len(frames) <= MAX_QUEUE // 4:
             assert self.transport is not None
@@ -259,7 +265,7 @@ class PicowsLink(WSListener):
     async def linger(self) -> None:
         """Nothing to wait for: what the peer still sends is dropped (`_message`), and the
         reading goes on so that its close frame is read."""
-        self._frames.clear()
+        self._frames = None
         self._ending = True
         if self._reading_paused and self.transport is not None and not self._lost:
             self._reading_paused = False
