@@ -1,6 +1,7 @@
 """The small HTTP side on the WebSocket port: health, stats and the monitor page (SPEC §6).
 
-websockets hands every request to `process_request` before the upgrade; a request without
+Both WebSocket front ends hand every request here before an upgrade (websockets through
+`process_request`, picows through the gate of chefia_rt/picows_server.py); a request without
 `Upgrade: websocket` is answered here and never becomes a connection.
 """
 
