@@ -1,8 +1,8 @@
 """Every end-to-end test runs on each WebSocket front end (WS_TRANSPORT), with two exceptions
 that keep the suite's time in bounds: PostgreSQL storage (the `server` fixture's `postgresql`)
 is exercised on the default front end only, the storage being the same code whatever speaks the
-protocol; and the multi-node files (ONE_TRANSPORT) start whole clusters, so only their tests
-marked `both_transports` run on picows too."""
+protocol; and the multi-node files (ONE_TRANSPORT), each test of which starts a cluster of
+supervised nodes, run on the default only too."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def _runs(item: pytest.Item) -> bool:
         return True
     if params.get("server") == "postgresql":
         return False
-    return item.path.name not in ONE_TRANSPORT or item.get_closest_marker("both_transports")
+    return item.path.name not in ONE_TRANSPORT
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -785,7 +785,6 @@ async def test_sighup_replaces_workers_one_by_one_without_refusing(cluster: Clus
 
 
 @pytest.mark.slow
-@pytest.mark.both_transports
 async def test_reload_refuses_no_connection_while_a_worker_drains_writes(
     cluster: Cluster,
 ) -> None:
