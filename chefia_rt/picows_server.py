@@ -60,6 +60,17 @@ INVALID_DATA = 1007
 _DATA = (WSMsgType.TEXT, WSMsgType.BINARY)
 
 
+class _PicowsLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """picows' log of our connections. A frame that breaks the protocol or MAX_WS_MESSAGE_SIZE is
+    the client's fault, answered with its close code: logged at INFO, as websockets does, not as
+    an error of the server (picows logs it at ERROR)."""
+
+    def log(self, level: int, msg: object, *args: Any, **kwargs: Any) -> None:
+        if level == logging.ERROR and isinstance(msg, str) and msg.startswith("WS parser error"):
+            level = logging.INFO
+        super().log(level, msg, *args, **kwargs)
+
+
 def parse_request(head: bytes) -> Request:
     """A whole request head (up to its blank line) as websockets' Request; ValueError (and the
     parser's own errors) for anything else."""
@@ -376,7 +387,7 @@ class PicowsServer(Gateway):
         picows_log = logging.getLogger("picows.server")
         if picows_log.level == logging.NOTSET:
             picows_log.setLevel(logging.WARNING)
-        self._picows_log = logging.LoggerAdapter(picows_log)
+        self._picows_log = _PicowsLog(picows_log)
 
     # ---- tasks -----------------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import os
 import struct
 from pathlib import Path
@@ -46,6 +47,22 @@ async def test_a_fragmented_message_over_the_limit_closes_1009(tmp_path: Path) -
         message = json.dumps({"type": "ping", "pad": "x" * 6000})
         await terminal.ws.send([message[:3000], message[3000:]])
         assert await closed_with(terminal) == 1009
+
+
+async def test_a_client_breaking_the_protocol_is_no_server_error(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An oversized frame is the client's fault: closed 1009, and no ERROR line in the server's
+    log (alerts watch for those)."""
+    with caplog.at_level(logging.INFO):
+        async with (
+            running_server(tmp_path, max_ws_message_size=4096) as server,
+            server.terminal("pos-1") as terminal,
+        ):
+            await terminal.ws.send(json.dumps({"type": "ping", "pad": "x" * 5000}))
+            assert await closed_with(terminal) == 1009
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not errors, [r.getMessage() for r in errors]
 
 
 async def test_invalid_utf8_in_a_text_frame_closes_1007(server: RunningServer) -> None:
