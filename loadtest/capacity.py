@@ -46,6 +46,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import asyncpg
 import redis
 
+from loadtest.bench import cpu_ticks, free_port
 from loadtest.bench_store import DEFAULT_DSN
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,19 +56,8 @@ BENCH_WARMUP_MAX_S = 2.0  # loadtest/bench.py's rush warm-up: min(2, duration / 
 
 
 def process_cpu_s(pid: int) -> float | None:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) * CLOCK_TICK_S
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    ticks = cpu_ticks([pid]).get(pid)
+    return None if ticks is None else ticks * CLOCK_TICK_S
 
 
 def _per_op(value: float, ops: int, scale: float = 1.0) -> float | None:
@@ -211,6 +201,7 @@ async def services(args: argparse.Namespace, bench_args: list[str]) -> dict[str,
         "achieved_ops_s": ours["achieved_ops_s"],
         "ack_p99_ms": ours["ack_p99_ms"],
         "errors": ours["errors"],
+        "error_samples": ours.get("error_samples", []),
         "server_cpu_us_per_op": ours["server_cpu_us_per_op"],
         "pg_cpu_us_per_op_all_postgres": ours["pg_cpu_us_per_op"],
         "pg_backends_cpu_us_per_op": _per_op(backends.total_s, ops, 1e6),

@@ -46,6 +46,7 @@ from typing import Any
 import asyncpg
 import redis
 
+from loadtest.bench import SERVER_ENV_PREFIXES, child_pids, cpu_ticks, free_port
 from loadtest.bench_store import DEFAULT_DSN, cpu_used_us, postgres_cpu, with_search_path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,7 +57,6 @@ DEFAULT_REDIS = os.environ.get(
 CLOCK_TICK_S = 1 / os.sysconf("SC_CLK_TCK")
 READY_TIMEOUT = 30.0
 STOP_TIMEOUT = 30.0
-SERVER_ENV_PREFIXES = ("WS_", "MAX_WS_", "DATABASE_", "REDIS_", "JWT_", "SYNC_", "METRICS_")
 REQUESTS = ("connect", "ack", "push", "connection", "generator")
 STATS_COLUMNS = (
     "Request Count",
@@ -71,31 +71,14 @@ STATS_COLUMNS = (
 # ---- processes ------------------------------------------------------------------------------
 
 
-def _stat(pid: int) -> list[str] | None:
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return text.rsplit(")", 1)[1].split()  # from the state (field 3) on
-
-
 def family(pid: int) -> list[int]:
     """`pid` and its living children (the supervisor and its workers)."""
-    found = [pid]
-    for entry in Path("/proc").iterdir():
-        fields = _stat(int(entry.name)) if entry.name.isdigit() else None
-        if fields is not None and int(fields[1]) == pid and fields[0] != "Z":
-            found.append(int(entry.name))
-    return found
+    return [pid, *child_pids(pid)]
 
 
 def cpu_seconds(pids: Sequence[int]) -> dict[int, float]:
     """pid -> utime + stime in seconds, for each that still exists."""
-    found = {}
-    for pid in pids:
-        if (fields := _stat(pid)) is not None:
-            found[pid] = (int(fields[11]) + int(fields[12])) * CLOCK_TICK_S
-    return found
+    return {pid: ticks * CLOCK_TICK_S for pid, ticks in cpu_ticks(pids).items()}
 
 
 class Sampler(threading.Thread):
@@ -140,10 +123,9 @@ def stop(proc: subprocess.Popen[bytes], pids: Sequence[int], timeout: float) -> 
         proc.send_signal(signal.SIGTERM)
     with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(timeout)
-    for pid in pids:
-        if _stat(pid) is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+    for pid in cpu_ticks(pids):  # the ones still alive
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(5)
 
@@ -155,14 +137,6 @@ def raise_fd_limit(needed: int) -> int:
     if hard < needed:
         print(f"warning: descriptor limit {hard} < {needed} this run needs", file=sys.stderr)
     return hard
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def load_average() -> str:
