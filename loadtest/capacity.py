@@ -186,7 +186,9 @@ async def services(args: argparse.Namespace, bench_args: list[str]) -> dict[str,
     if bench.returncode != 0:
         raise SystemExit(f"the bench failed ({bench.returncode}): {out.decode()[-2000:]}")
     result: dict[str, Any] = json.loads(out.decode().strip().splitlines()[-1])
-    ours = result["ours"]
+    ours = result.get("ours")
+    if not isinstance(ours, dict):
+        raise SystemExit("capacity services measures one server: no --transport both")
     rate, seconds = result["rate_per_terminal"], result["duration_s"]
     terminals = result["stores"] * result["terminals_per_store"]
     warmup = int(rate * terminals * min(BENCH_WARMUP_MAX_S, seconds / 2))

@@ -228,6 +228,7 @@ def server(args: argparse.Namespace, storage: Storage, workdir: Path) -> Iterato
         PYTHONUNBUFFERED="1",
         **storage.env(),
     )
+    env.update(item.split("=", 1) for item in args.server_env)
     log_path = workdir / "server.log"
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
@@ -598,6 +599,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--dsn", default=DEFAULT_DSN, help="PostgreSQL DSN (pg mode)")
     parser.add_argument("--redis-url", default=DEFAULT_REDIS, help="Redis URL (pg mode)")
+    parser.add_argument(
+        "--server-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="for the server (e.g. WS_TRANSPORT=picows)",
+    )
     parser.add_argument("--keep", metavar="DIR", help="copy the logs and Locust's CSVs into DIR")
     parser.add_argument("--json", metavar="FILE", help="write the figures as JSON to FILE")
     parser.add_argument(
@@ -608,6 +616,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("--users, --workers, --run-time and --processes must be at least 1")
     if min(args.spawn_rate, args.op_rate, args.ack_timeout) <= 0:
         parser.error("--spawn-rate, --op-rate and --ack-timeout must be positive")
+    for item in args.server_env:
+        if "=" not in item:
+            parser.error(f"--server-env {item!r}: NAME=VALUE")
     return args
 
 
