@@ -10,13 +10,14 @@ deleted after), MAX_WS_CONNECTIONS above the whole run on every worker (SO_REUSE
 split evenly) and the soft descriptor limit raised to the hard one (inherited by both sides).
 
 It starts the server on a free port, waits for /health and for every worker, runs Locust
-headless on loadtest/locustfile.py, and prints: Locust's own summary, a table of connect / ack /
-push (count, failures, p50, p95, p99, max), Locust's failures, and the totals checked against
-the server: operations in the operation log, operations the server counted as answered (its
-`sync_operations_total`), acks Locust counted, the server log's warnings and errors by message,
-the CPU seconds of the server, the generator, PostgreSQL and Redis over the run, and the load
-average before and after. Every step has a deadline; whatever it started is stopped, by pid, on
-the way out. Exit status: Locust's (1 when anything failed).
+headless on loadtest/locustfile.py, and prints: Locust's own summary; a table of connect, ack,
+push and generator lag (count, failures, p50, p95, p99, max); the failures by reason; the
+terminals' own counts (the locustfile's --totals-dir) against the operation log and the server's
+`sync_operations_total`; the server's receive-to-answer histogram; the CPU seconds of the server
+(per process), the generator, PostgreSQL and Redis; the load average; the server log's warnings
+and errors by message. `--json FILE` writes the same figures. Every step has a deadline;
+whatever it started is stopped, by pid, on the way out. Exit status: Locust's (1 when anything
+failed).
 """
 
 from __future__ import annotations
