@@ -126,6 +126,31 @@ def _chunks(items: Sequence[Any]) -> list[Sequence[Any]]:
     return [items[i : i + _CHUNK] for i in range(0, len(items), _CHUNK)]
 
 
+def _by_keys(
+    db: sqlite3.Connection,
+    columns: str,
+    table: str,
+    key_columns: Sequence[str],
+    keys: Sequence[Sequence[Any]],
+) -> list[Any]:
+    """The rows of `table` whose primary key is one of `keys`, a few hundred per statement.
+
+    The keys drive the join (CROSS JOIN keeps them the outer loop), so each costs one search of
+    the primary key's index. A `(a, b) IN (VALUES ...)` filter instead made SQLite scan the
+    whole table, which grows with the operation log.
+    """
+    rows: list[Any] = []
+    on = " AND ".join(f"t.{c} = k.column{i}" for i, c in enumerate(key_columns, 1))
+    width = len(key_columns)
+    for chunk in _chunks(keys):
+        marks = ",".join(["(" + ",".join("?" * width) + ")"] * len(chunk))
+        rows += db.execute(
+            f"SELECT {columns} FROM (VALUES {marks}) AS k CROSS JOIN {table} AS t ON {on}",
+            [part for key in chunk for part in key],
+        )
+    return rows
+
+
 class SQLiteStore:
     """The Store port on one SQLite file."""
 
@@ -290,42 +315,32 @@ class SQLiteStore:
     @staticmethod
     def _read_batch(db: sqlite3.Connection, request: BatchRequest) -> BatchState:
         known: dict[OpKey, OpRecord] = {}
-        for chunk in _chunks(request.operation_keys):
-            marks = ",".join("(?, ?)" for _ in chunk)
-            for row in db.execute(
-                f"SELECT {OP_COLUMNS} FROM sync_operations WHERE (store_id, id) IN "
-                f"(VALUES {marks})",
-                [part for key in chunk for part in key],
-            ):
-                record = op_record_from_row(row)
-                known[record.op_key] = record
+        for row in _by_keys(
+            db, OP_COLUMNS, "sync_operations", ("store_id", "id"), request.operation_keys
+        ):
+            record = op_record_from_row(row)
+            known[record.op_key] = record
         conflicts: dict[ConflictKey, Conflict] = {}
-        for chunk in _chunks(request.conflict_keys):
-            marks = ",".join("(?, ?)" for _ in chunk)
-            for row in db.execute(
-                "SELECT id, operation, server_version, server_data, created_at "
-                f"FROM conflicts WHERE (store_id, id) IN (VALUES {marks})",
-                [part for key in chunk for part in key],
-            ):
-                conflict = conflict_from_row(row)
-                conflicts[conflict.key] = conflict
+        columns = "id, operation, server_version, server_data, created_at"
+        for row in _by_keys(db, columns, "conflicts", ("store_id", "id"), request.conflict_keys):
+            conflict = conflict_from_row(row)
+            conflicts[conflict.key] = conflict
         keys = set(request.entity_keys) | {c.operation.key for c in conflicts.values()}
         entities: dict[EntityKey, Entity] = {}
-        for key in keys:
-            row = db.execute(
-                f"SELECT {ENTITY_COLUMNS} FROM entities "
-                "WHERE store_id = ? AND entity_type = ? AND entity_id = ?",
-                (key.store_id, key.entity_type, key.entity_id),
-            ).fetchone()
-            if row is not None:
-                entities[key] = entity_from_row(row)
-        stores = set(request.store_ids) | {k.store_id for k in keys}
-        last_seqs = {}
-        for store_id in stores:
-            row = db.execute(
-                "SELECT last_seq FROM store_seqs WHERE store_id = ?", (store_id,)
-            ).fetchone()
-            last_seqs[store_id] = row[0] if row else 0
+        entity_key_columns = ("store_id", "entity_type", "entity_id")
+        triples = [(k.store_id, k.entity_type, k.entity_id) for k in keys]
+        for row in _by_keys(db, ENTITY_COLUMNS, "entities", entity_key_columns, triples):
+            entity = entity_from_row(row)
+            entities[entity.key] = entity
+        stores = sorted(set(request.store_ids) | {k.store_id for k in keys})
+        last_seqs = dict.fromkeys(stores, 0)
+        for chunk in _chunks(stores):
+            marks = ",".join("?" * len(chunk))
+            last_seqs.update(
+                db.execute(
+                    f"SELECT store_id, last_seq FROM store_seqs WHERE store_id IN ({marks})", chunk
+                )
+            )
         return BatchState(known, entities, conflicts, last_seqs)
 
     @staticmethod

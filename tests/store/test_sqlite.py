@@ -258,6 +258,45 @@ async def test_hot_queries_use_indexes(opened: SQLiteStore) -> None:
     assert "sync_operations_store_seq" in oldest
 
 
+async def test_a_batch_reads_by_index_never_by_scanning_a_table(opened: SQLiteStore) -> None:
+    """What a commit reads for its batch (known operations, conflicts, entities, seqs) costs
+    one index search per key, however long the operation log is: no statement of the commit
+    scans a table."""
+    await sync(opened, [make_op(f"seed{i}", f"T{i}", {"n": i}) for i in range(5)])
+    statements: list[str] = []
+    assert opened._db is not None
+    opened._db.set_trace_callback(statements.append)
+    try:
+        batch = [
+            make_op("seed1", "T1", {"n": 1}),  # a retry: found in the log
+            make_op("new1", "T2", {"n": 9}, version=2),
+            make_op("new2", "T9", {"n": 9}, store_id="s2"),
+            make_op("new3", "T3", {"n": 9}, entity_type="cashier_operations"),
+        ]
+        outcomes = await sync(opened, batch)
+    finally:
+        opened._db.set_trace_callback(None)
+    assert [o.status for o in outcomes] == ["duplicate", "applied", "applied", "applied"]
+
+    def plans(db: sqlite3.Connection) -> dict[str, list[str]]:
+        selects = [s for s in statements if s.lstrip().upper().startswith(("SELECT", "WITH"))]
+        return {s: [str(row[-1]) for row in db.execute("EXPLAIN QUERY PLAN " + s)] for s in selects}
+
+    read = await opened._run(plans)
+    tables = ("sync_operations", "conflicts", "entities", "store_seqs")
+    assert {t for t in tables if any(t in s for s in read)} == set(tables)
+    # Only the list of keys itself may be scanned ("SCAN k", "SCAN 4 CONSTANT ROWS").
+    scans = {
+        s: [
+            line
+            for line in p
+            if line.startswith("SCAN ") and line.split()[1] != "k" and "CONSTANT ROW" not in line
+        ]
+        for s, p in read.items()
+    }
+    assert {s: p for s, p in scans.items() if p} == {}
+
+
 async def test_maintain_logs_how_many_rows_it_pruned(
     db_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
