@@ -167,7 +167,7 @@ def batch_request(items: Sequence[Operation | Resolution]) -> BatchRequest:
     return request
 
 
-def confirmation_msg(outcome: Outcome) -> dict[str, Any]:
+def confirmation_msg(outcome: Outcome, server_time: str) -> dict[str, Any]:
     record = outcome.record
     assert record is not None
     return {
@@ -179,7 +179,7 @@ def confirmation_msg(outcome: Outcome) -> dict[str, Any]:
         "conflict_resolved": record.conflict_resolved,
         "entity_type": record.entity_type,
         "entity_id": record.entity_id,
-        "server_time": utc_now_iso(),
+        "server_time": server_time,
     }
 
 
@@ -818,6 +818,7 @@ class Node:
 
     def _answer(self, batch: list[Pending], outcomes: list[Outcome]) -> None:
         done = time.monotonic()
+        server_time = utc_now_iso()
         for pending, outcome in zip(batch, outcomes, strict=True):
             session = pending.session
             record = outcome.record
@@ -844,7 +845,7 @@ class Node:
                 self.monitor.count(session.store_id, done - pending.received, conflict=True)
                 self.monitor.note_conflict(outcome.conflict.operation, "pending", policy)
                 continue
-            session.send(confirmation_msg(outcome))
+            session.send(confirmation_msg(outcome, server_time))
             if outcome.status != "duplicate":
                 conflict = outcome.record is not None and outcome.record.conflict_resolved
                 self.stats.operation(done - pending.received, conflict=conflict)

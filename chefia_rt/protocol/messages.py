@@ -8,6 +8,7 @@ server-to-client models, so the wire stays what the models document.
 from __future__ import annotations
 
 import re
+import time
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Annotated, Any, Literal, get_args
@@ -63,6 +64,10 @@ def utc_now_iso() -> str:
     return format_timestamp(datetime.now(UTC))
 
 
+# The latest upper bound client_time computed: (max_skew, wall clock then, the bound's text).
+_latest_bound: tuple[float, float, str] = (-1.0, 0.0, "")
+
+
 def client_time(timestamp: str | None, max_skew: float) -> str:
     """The time a client's write counts as in conflict decisions: its own canonical timestamp,
     or server time when it sent none or one later than server time + `max_skew` seconds.
@@ -71,8 +76,22 @@ def client_time(timestamp: str | None, max_skew: float) -> str:
     beyond the bound is not trusted at all, so the write counts as made when it arrived (it is
     still applied). Canonical timestamps compare as text.
     """
-    now = datetime.now(UTC)
-    if timestamp is None or timestamp > format_timestamp(now + timedelta(seconds=max_skew)):
+    global _latest_bound
+    skew, computed_at, bound = _latest_bound
+    # A bound computed earlier is lower than now's (unless the clock stepped back since): a
+    # timestamp within it is within now's too, without formatting the time again.
+    if (
+        timestamp is not None
+        and skew == max_skew
+        and timestamp <= bound
+        and time.time() >= computed_at
+    ):
+        return timestamp
+    moment = time.time()
+    now = datetime.fromtimestamp(moment, UTC)
+    bound = format_timestamp(now + timedelta(seconds=max_skew))
+    _latest_bound = (max_skew, moment, bound)
+    if timestamp is None or timestamp > bound:
         return format_timestamp(now)
     return timestamp
 
@@ -82,9 +101,13 @@ def format_timestamp(moment: datetime) -> str:
 
     A naive `moment` is taken as UTC. (strftime's %Y does not zero-pad years below 1000.)
     """
-    if moment.tzinfo is not None:
-        moment = moment.astimezone(UTC).replace(tzinfo=None)
-    return moment.isoformat(timespec="microseconds") + "Z"
+    if moment.tzinfo is None:
+        text = moment.isoformat()
+    else:
+        moment = moment.astimezone(UTC)
+        text = moment.isoformat()[:-6]  # "+00:00"
+    # isoformat() leaves out a zero fraction (and is much cheaper than with `timespec`).
+    return text + "Z" if moment.microsecond else text + ".000000Z"
 
 
 def normalize_timestamp(value: str) -> str:

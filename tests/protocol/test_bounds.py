@@ -3,7 +3,10 @@ bounds are added below as they come)."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+import time
+from datetime import UTC, datetime, timedelta, timezone
+
+import pytest
 
 from chefia_rt.protocol.messages import client_time, format_timestamp, utc_now_iso
 
@@ -28,3 +31,46 @@ def test_client_time_takes_server_time_for_a_timestamp_beyond_the_skew() -> None
 def test_client_time_without_a_timestamp_is_server_time() -> None:
     before = utc_now_iso()
     assert before <= client_time(None, 300) <= utc_now_iso()
+
+
+def test_client_time_bounds_each_skew_by_its_own_value() -> None:
+    """A timestamp accepted under a wide skew is not accepted under a narrower one after it
+    (client_time remembers its last bound)."""
+    ahead = format_timestamp(datetime.now(UTC) + timedelta(seconds=200))
+    assert client_time(ahead, 300) == ahead
+    before = utc_now_iso()
+    assert before <= client_time(ahead, 100) <= utc_now_iso()
+    assert client_time(ahead, 300) == ahead
+
+
+def test_client_time_bounds_by_the_clock_after_it_stepped_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The bound remembered from before the wall clock stepped back is not trusted after."""
+    ahead = format_timestamp(datetime.now(UTC) + timedelta(seconds=250))
+    assert client_time(ahead, 300) == ahead
+    stepped = time.time() - 120
+    monkeypatch.setattr(time, "time", lambda: stepped)
+    clamped = client_time(ahead, 300)
+    assert clamped == format_timestamp(datetime.fromtimestamp(stepped, UTC))
+
+
+def test_format_timestamp_is_fixed_width_for_any_fraction_and_offset() -> None:
+    for moment, text in [
+        (datetime(2024, 1, 15, 10, 30), "2024-01-15T10:30:00.000000Z"),
+        (datetime(2024, 1, 15, 10, 30, 0, 5), "2024-01-15T10:30:00.000005Z"),
+        (datetime(1, 1, 1, tzinfo=UTC), "0001-01-01T00:00:00.000000Z"),
+        (
+            datetime(2024, 1, 1, 0, 0, 0, 999_999, tzinfo=timezone(timedelta(microseconds=1))),
+            "2024-01-01T00:00:00.999998Z",
+        ),
+        (
+            datetime(2024, 1, 1, 0, 0, 0, 1, tzinfo=timezone(-timedelta(microseconds=999_999))),
+            "2024-01-01T00:00:01.000000Z",
+        ),
+        (
+            datetime(2024, 1, 1, 5, 30, tzinfo=timezone(timedelta(hours=5, minutes=30))),
+            "2024-01-01T00:00:00.000000Z",
+        ),
+    ]:
+        assert format_timestamp(moment) == text
