@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -52,7 +51,7 @@ from chefia_rt.bus.base import Bus, CacheEntry, CacheSlot
 from chefia_rt.domain import Entity, EntityKey
 from chefia_rt.errors import StorageUnavailable
 from chefia_rt.store.base import Store
-from chefia_rt.sync.engine import wire_data
+from chefia_rt.sync.engine import compact_json, wire_data
 
 log = logging.getLogger("chefia_rt.cache")
 
@@ -94,8 +93,19 @@ def entity_fields(entity: Entity) -> dict[str, Any]:
 
 
 def entity_body(entity: Entity) -> bytes:
-    """The JSON body of `GET /api/v1/entities/{type}/{id}`, encoded once per version."""
-    return json.dumps(entity_fields(entity), separators=(",", ":"), ensure_ascii=False).encode()
+    """The JSON body of `GET /api/v1/entities/{type}/{id}`, encoded once per version: the
+    compact JSON of `entity_fields`, around the state's own text when that is known."""
+    data = "{}" if entity.deleted else entity.data_json
+    if data is None:
+        return compact_json(entity_fields(entity)).encode()
+    key = entity.key
+    return (
+        f'{{"entity_type":{compact_json(key.entity_type)},'
+        f'"entity_id":{compact_json(key.entity_id)},"version":{entity.version:d},'
+        f'"data":{data},"deleted":{"true" if entity.deleted else "false"},'
+        f'"updated_at":{compact_json(entity.updated_at)},'
+        f'"updated_by":{compact_json(entity.updated_by)}}}'
+    ).encode()
 
 
 @dataclass(slots=True)

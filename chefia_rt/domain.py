@@ -44,6 +44,10 @@ class Entity:
     updated_by: str = ""
     field_versions: dict[str, list[Any]] = field(default_factory=dict)
     updated_at: str = field(default="", compare=False)
+    # `data` as compact JSON text, when known already (the engine measured it, or storage held
+    # it): encoded once for the size bound, storage, the audit and the cache. Never changes
+    # what the entity is, only what writing it costs.
+    data_json: str | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(slots=True)
@@ -137,6 +141,9 @@ class OpRecord:
     timestamp: str
     server_time: str
     deleted: bool = False
+    # `data` as compact JSON text when known already (see Entity.data_json); not part of the
+    # record, and not sent over the bus.
+    data_json: str | None = field(default=None, compare=False, repr=False)
 
     @property
     def op_key(self) -> OpKey:
@@ -160,6 +167,9 @@ class AuditRecord:
     conflict_resolved: bool
     timestamp: str
     claimed_user_id: str | None = None
+    # `before` and `after` as compact JSON text when known already (see Entity.data_json).
+    before_json: str | None = field(default=None, compare=False, repr=False)
+    after_json: str | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(slots=True)

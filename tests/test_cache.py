@@ -6,6 +6,7 @@ unreachable or restarted in between)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -15,7 +16,7 @@ import pytest
 from chefia_rt.bus.base import Bus
 from chefia_rt.bus.memory import MemoryBus
 from chefia_rt.bus.redis import RedisBus
-from chefia_rt.cache import CachedEntity, RequestCache
+from chefia_rt.cache import CachedEntity, RequestCache, entity_body, entity_fields
 from chefia_rt.domain import BatchWrite, Entity, EntityKey
 from chefia_rt.store.base import BatchRequest
 from chefia_rt.store.sqlite import SQLiteStore
@@ -215,3 +216,18 @@ async def test_redis_unreachable_then_restarted_keeps_the_rule(
         finally:
             await cache.close()
             await bus.close()
+
+
+def test_the_body_around_a_known_state_text_is_the_encoded_body() -> None:
+    """entity_body builds the body around the state's own JSON text (the engine's, or the row's
+    in SQLite): byte for byte what encoding the whole entity gives."""
+    for entity in [
+        Entity(KEY, 3, {"status": "pronto", "obs": 'sem "cebola" 🍧\n', "n": [1.5, None]}),
+        Entity(EntityKey("s1", "orders", 'id "ç" 🍧'), 9, {}, updated_by="pós-1"),
+        Entity(KEY, 4, {"kept": "on a tombstone"}, deleted=True, updated_by="pos-1"),
+    ]:
+        entity.updated_at = "2024-01-15T10:30:00.000000Z"
+        encoded = entity_body(entity)
+        assert json.loads(encoded) == entity_fields(entity)
+        entity.data_json = json.dumps(entity.data, separators=(",", ":"), ensure_ascii=False)
+        assert entity_body(entity) == encoded

@@ -197,7 +197,8 @@ def _json_parts(*parts: str) -> str:
     return json.dumps(list(parts))
 
 
-_RECORD_FIELDS = tuple(f.name for f in fields(OpRecord))
+# What a record is (its data's JSON text, a writing aid, stays home).
+_RECORD_FIELDS = tuple(f.name for f in fields(OpRecord) if f.name != "data_json")
 
 
 def _record_to_wire(record: OpRecord) -> dict[str, Any]:

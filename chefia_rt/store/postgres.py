@@ -33,7 +33,7 @@ from chefia_rt.store.base import (
 from chefia_rt.store.rows import (
     ENTITY_COLUMNS,
     OP_COLUMNS,
-    audit_changes,
+    audit_changes_json,
     conflict_from_row,
     entity_from_row,
     migrations,
@@ -41,6 +41,7 @@ from chefia_rt.store.rows import (
     op_values,
     session_upsert,
 )
+from chefia_rt.sync.engine import compact_json
 
 log = logging.getLogger("chefia_rt.store.postgres")
 T = TypeVar("T")
@@ -79,8 +80,20 @@ _SETTLE = (
 )
 
 
+class JSONText(str):
+    """JSON that is text already (a state the engine encoded): a jsonb value as it is."""
+
+    __slots__ = ()
+
+
+def _jsonb(data: Any, text: str | None) -> Any:
+    """What the jsonb codec takes for `data`: its text when known, else the object."""
+    return data if text is None else JSONText(text)
+
+
 def _jsonb_encode(value: Any) -> bytes:
-    return b"\x01" + json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+    text = value if type(value) is JSONText else compact_json(value)
+    return b"\x01" + text.encode()
 
 
 def _jsonb_decode(data: bytes) -> Any:
@@ -384,7 +397,7 @@ class PostgresStore:
                 [e.key.entity_type for e in write.entities],
                 [e.key.entity_id for e in write.entities],
                 [e.version for e in write.entities],
-                [e.data for e in write.entities],
+                [_jsonb(e.data, e.data_json) for e in write.entities],
                 [e.deleted for e in write.entities],
                 [e.timestamp for e in write.entities],
                 [e.updated_by for e in write.entities],
@@ -402,7 +415,7 @@ class PostgresStore:
             await conn.copy_records_to_table(
                 "sync_operations_in",
                 columns=_OP_FIELDS,
-                records=[op_values(r) for r in write.op_records],
+                records=[op_values(r, _jsonb) for r in write.op_records],
             )
             await conn.execute(
                 f"INSERT INTO sync_operations ({OP_COLUMNS}) "
@@ -410,7 +423,7 @@ class PostgresStore:
             )
         for r in write.settled_records:
             # A resolution replaces the row its pending conflict left, and nothing else.
-            status = await conn.execute(_SETTLE, *op_values(r))
+            status = await conn.execute(_SETTLE, *op_values(r, _jsonb))
             if status != "UPDATE 1":
                 raise StorageUnavailable(
                     f"operation {r.id!r} of {r.store_id} is no pending conflict any more; retry"
@@ -440,7 +453,7 @@ class PostgresStore:
                         a.operation,
                         a.terminal_id,
                         a.user_id,
-                        audit_changes(a.before, a.after, a.claimed_user_id),
+                        JSONText(audit_changes_json(a)),
                         a.sync_status,
                         a.conflict_resolved,
                         _parse_time(a.timestamp),

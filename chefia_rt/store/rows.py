@@ -7,8 +7,9 @@ from collections.abc import Callable, Sequence
 from importlib import resources
 from typing import Any
 
-from chefia_rt.domain import Conflict, Entity, EntityKey, Operation, OpRecord
+from chefia_rt.domain import AuditRecord, Conflict, Entity, EntityKey, Operation, OpRecord
 from chefia_rt.protocol.messages import format_timestamp
+from chefia_rt.sync.engine import compact_json
 
 OP_COLUMNS = (
     "id, store_id, entity_type, entity_id, operation, data, version, seq, status, "
@@ -63,22 +64,36 @@ def op_record_from_row(row: Sequence[Any]) -> OpRecord:
 
 
 def entity_from_row(row: Sequence[Any]) -> Entity:
-    """A row selected with ENTITY_COLUMNS."""
+    """A row selected with ENTITY_COLUMNS (SQLite's text of the data is kept with it)."""
+    data = row[4]
     return Entity(
         key=EntityKey(row[0], row[1], row[2]),
         version=row[3],
-        data=_json(row[4]),
+        data=_json(data),
         deleted=bool(row[5]),
         timestamp=row[6],
         updated_by=row[7],
         field_versions=_json(row[8]),
         updated_at=_time_text(row[9]),
+        data_json=data if isinstance(data, str) else None,
     )
 
 
 def conflict_from_row(row: Sequence[Any]) -> Conflict:
     """Row: id, operation (JSON of the Operation), server_version, server_data, created_at."""
     return Conflict(row[0], Operation(**_json(row[1])), row[2], _json(row[3]), row[4])
+
+
+def audit_changes_json(audit: AuditRecord) -> str:
+    """The audit row's `changes` as compact JSON text: built from the states' text where it is
+    known (as it is for every change the engine decided), encoded otherwise."""
+    before, after = audit.before_json, audit.after_json
+    if (before is None) != (audit.before is None) or (after is None) != (audit.after is None):
+        return compact_json(audit_changes(audit.before, audit.after, audit.claimed_user_id))
+    text = f'{{"before":{before or "null"},"after":{after or "null"}'
+    if audit.claimed_user_id is not None:
+        text += f',"claimed_user_id":{compact_json(audit.claimed_user_id)}'
+    return text + "}"
 
 
 def audit_changes(before: Any, after: Any, claimed_user_id: str | None) -> dict[str, Any]:
@@ -100,16 +115,16 @@ def session_upsert(columns: list[str], marks: list[str]) -> str:
     )
 
 
-def op_values(r: OpRecord, encode: Callable[[Any], Any] = lambda data: data) -> tuple[Any, ...]:
-    """An OpRecord as the values of OP_COLUMNS, in order; `encode` turns its data into what the
-    backend's driver takes (JSON text for SQLite, the object itself for asyncpg's jsonb codec)."""
+def op_values(r: OpRecord, encode: Callable[[Any, str | None], Any]) -> tuple[Any, ...]:
+    """An OpRecord as the values of OP_COLUMNS, in order; `encode(data, text)` turns its data
+    (with its compact JSON text when known) into what the backend's driver takes."""
     return (
         r.id,
         r.store_id,
         r.entity_type,
         r.entity_id,
         r.operation,
-        encode(r.data),
+        encode(r.data, r.data_json),
         r.version,
         r.seq,
         r.status,

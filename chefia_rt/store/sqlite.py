@@ -43,7 +43,7 @@ from chefia_rt.store.base import (
 from chefia_rt.store.rows import (
     ENTITY_COLUMNS,
     OP_COLUMNS,
-    audit_changes,
+    audit_changes_json,
     conflict_from_row,
     entity_from_row,
     migrations,
@@ -51,6 +51,7 @@ from chefia_rt.store.rows import (
     op_values,
     session_upsert,
 )
+from chefia_rt.sync.engine import compact_json
 
 T = TypeVar("T")
 log = logging.getLogger("chefia_rt.store.sqlite")
@@ -73,8 +74,9 @@ CHECKPOINT_INTERVAL = 1.0
 _CHUNK = 500
 
 
-def _dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+def _text(data: Any, text: str | None) -> str:
+    """JSON text of `data`: `text` when it is known already."""
+    return text if text is not None else compact_json(data)
 
 
 def _statements(sql: str) -> list[str]:
@@ -119,7 +121,7 @@ def _rollback(db: sqlite3.Connection) -> None:
 
 
 def conflict_to_json(conflict: Conflict) -> str:
-    return _dumps(asdict(conflict.operation))
+    return compact_json(asdict(conflict.operation))
 
 
 def _chunks(items: Sequence[Any]) -> list[Sequence[Any]]:
@@ -361,11 +363,11 @@ class SQLiteStore:
                     e.key.entity_type,
                     e.key.entity_id,
                     e.version,
-                    _dumps(e.data),
+                    _text(e.data, e.data_json),
                     int(e.deleted),
                     e.timestamp,
                     e.updated_by,
-                    _dumps(e.field_versions),
+                    compact_json(e.field_versions),
                     e.updated_at,
                 )
                 for e in write.entities
@@ -376,11 +378,11 @@ class SQLiteStore:
         db.executemany(
             f"INSERT INTO sync_operations ({OP_COLUMNS}) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [op_values(r, _dumps) for r in write.op_records],
+            [op_values(r, _text) for r in write.op_records],
         )
         for r in write.settled_records:
             # A resolution replaces the row its pending conflict left, and nothing else.
-            row = op_values(r, _dumps)
+            row = op_values(r, _text)
             cursor = db.execute(_SETTLE, (*row[2:], r.id, r.store_id))
             if cursor.rowcount != 1:
                 raise StorageUnavailable(
@@ -399,7 +401,7 @@ class SQLiteStore:
                     a.operation,
                     a.terminal_id,
                     a.user_id,
-                    _dumps(audit_changes(a.before, a.after, a.claimed_user_id)),
+                    audit_changes_json(a),
                     a.sync_status,
                     int(a.conflict_resolved),
                     a.timestamp,
@@ -417,7 +419,7 @@ class SQLiteStore:
                     c.operation.id,
                     conflict_to_json(c),
                     c.server_version,
-                    _dumps(c.server_data),
+                    compact_json(c.server_data),
                     c.created_at,
                 )
                 for c in write.new_conflicts
@@ -547,7 +549,7 @@ class SQLiteStore:
         def write(db: sqlite3.Connection) -> int:
             cursor = db.execute(
                 "INSERT INTO server_events (kind, created_at, payload) VALUES (?, ?, ?)",
-                (kind, created_at, _dumps(payload)),
+                (kind, created_at, compact_json(payload)),
             )
             assert cursor.lastrowid is not None
             return cursor.lastrowid

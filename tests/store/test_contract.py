@@ -252,6 +252,7 @@ async def test_audit_record_fields_round_trip(store: Store, peek: Peek) -> None:
     await store.commit(BatchRequest(), writes(BatchWrite(audit=[audit])))
     (row,) = await peek.rows("audit_logs_master", operation_id="op-a")
     expected = asdict(audit)
+    del expected["before_json"], expected["after_json"]  # writing aids, not columns
     expected["changes"] = {
         "before": expected.pop("before"),
         "after": expected.pop("after"),

@@ -6,14 +6,18 @@ terminal claimed beside it."""
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from chefia_rt.config import load_settings
 from chefia_rt.domain import BatchState, BatchWrite, Operation, Resolution
 from chefia_rt.errors import Code, ConfigError
-from chefia_rt.sync.engine import Engine, Outcome, state_bytes
+from chefia_rt.store.rows import audit_changes, audit_changes_json
+from chefia_rt.sync.engine import Engine, Outcome, compact_json, state_bytes
 from tests.sync.test_engine import (
     NOW,
     STORE,
@@ -27,6 +31,15 @@ from tests.sync.test_engine import (
 )
 
 LIMIT = 2_000
+JSON_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**63 - 1)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(st.characters(exclude_categories=["Cs"])),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=12,
+)
 
 
 def run(
@@ -192,3 +205,67 @@ def test_entity_max_bytes_must_leave_room_in_a_message() -> None:
     assert load_settings(entity_max_bytes=600_000, max_ws_message_size=2_000_000)
     # Lowering only MAX_WS_MESSAGE_SIZE lowers the default with it.
     assert load_settings(max_ws_message_size=4096).entity_max_bytes == 2048
+
+
+# ---- the text measured is the text written --------------------------------------------------
+
+
+def dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+@settings(max_examples=200, deadline=None)
+@given(JSON_VALUES)
+def test_compact_json_is_json_dumps_compact(value: Any) -> None:
+    assert compact_json(value) == dumps(value)
+    assert state_bytes({"v": value}) == len(dumps({"v": value}).encode())
+
+
+def assert_texts_are_the_encodings(write: BatchWrite) -> int:
+    """Every JSON text the engine hands storage is exactly the encoding of what it stands for
+    (storage writes the text instead of encoding again); returns how many texts there were."""
+    texts = 0
+    for entity in write.entities:
+        if entity.data_json is not None:
+            assert entity.data_json == dumps(entity.data)
+            texts += 1
+    for record in [*write.op_records, *write.settled_records]:
+        if record.data_json is not None:
+            assert record.data_json == dumps(record.data)
+            texts += 1
+    for audit in write.audit:
+        for text, value in ((audit.before_json, audit.before), (audit.after_json, audit.after)):
+            if text is not None:
+                assert text == dumps(value)
+                texts += 1
+        assert audit_changes_json(audit) == dumps(
+            audit_changes(audit.before, audit.after, audit.claimed_user_id)
+        )
+    return texts
+
+
+def test_every_change_carries_the_text_of_its_state() -> None:
+    unicode = {"nome": "Açaí 🍧", "obs": 'sem "cebola"\n', "n": 1.5, "l": [None, True]}
+    before = state(seqs={STORE: 0})
+    batches: list[list[Operation | Resolution]] = [
+        [op("c1", "CREATE", unicode), op("c2", "CREATE", {"a": 1}, entity_id="e2")],
+        [op("u1", "UPDATE", {"nome": "Pão"}, 2), op("u2", "UPDATE", {"b": [1]}, 2, entity_id="e2")],
+        [bulk("b1", [("e1", {"x": "ç"}, 3), ("e2", {"y": {}}, 3)])],
+        [op("d1", "DELETE", {}, 4, entity_id="e2")],
+        [op("r1", "UPDATE", {"back": True}, 5, entity_id="e2", user="someone")],
+    ]
+    texts = 0
+    for items in batches:
+        outcomes, write = run(items, before, 100_000)
+        assert all(o.status != "error" for o in outcomes), outcomes
+        texts += assert_texts_are_the_encodings(write)
+        before = carry(before, write)
+    assert texts >= 15  # the texts are there, not only checked when present
+
+
+def test_a_resolution_carries_the_text_of_its_state() -> None:
+    for kind, resolved in (("merge", {"amount": 7, "nota": "ç"}), ("accept_local", None)):
+        before = conflicted()
+        (out,), write = run([resolution("conflict:op1", kind, resolved)], before)
+        assert out.status == "resolved"
+        assert assert_texts_are_the_encodings(write) >= 2
