@@ -653,16 +653,33 @@ class Node:
                 self._refuse(pending, code, reason)
             return [p for p in batch if not isinstance(p.item, Operation)]
         now = time.time()
-        admitted = []
-        for pending in batch:
+        refused: dict[int, Locked] = {}
+        for index, pending in enumerate(batch):
             item = pending.item
             if isinstance(item, Operation):
                 try:
                     self._check_leases(item, pending.session.terminal_id, leases, now)
                 except Locked as exc:
-                    if not await self._logged_already(pending, exc):
-                        continue
-            admitted.append(pending)
+                    refused[index] = exc
+        if not refused:
+            return batch
+        # A terminal retries when it lost the confirmation, typically with the connection,
+        # and that also released its locks. An operation already in the log must still be
+        # answered `duplicate` (SPEC §3 idempotency), never 4009: one read for all of them.
+        try:
+            logged = await self.store.logged([_operation(batch[i]).op_key for i in refused])
+        except Exception as exc:
+            code, reason = _retry_later(exc, "reading the operation log")
+            for index in refused:
+                self._refuse(batch[index], code, reason)
+            return [p for i, p in enumerate(batch) if i not in refused]
+        admitted = []
+        for index, pending in enumerate(batch):
+            locked = refused.get(index)
+            if locked is None or _operation(pending).op_key in logged:
+                admitted.append(pending)  # a logged one is answered `duplicate` by the batch
+            else:
+                self._refuse(pending, locked.code, locked.reason)
         return admitted
 
     def _check_leases(
@@ -673,22 +690,6 @@ class Node:
         )
         for key in op.touched_keys():
             check_write(key, leases[key], writer, needs_lock, now)
-
-    async def _logged_already(self, pending: Pending, locked: Locked) -> bool:
-        """A locked operation that is in the log already goes on (the batch answers it
-        `duplicate`); any other is answered 4009 (or 1013 when the log cannot be read)."""
-        op = _operation(pending)
-        # A terminal retries when it lost the confirmation, typically with the connection,
-        # and that also released its locks. An operation already in the log must still be
-        # answered `duplicate` (SPEC §3 idempotency), never 4009.
-        try:
-            if await self.store.get_operation(op.store_id, op.id) is not None:
-                return True
-        except Exception as exc:
-            self._refuse(pending, *_retry_later(exc, "reading the operation log"))
-            return False
-        self._refuse(pending, locked.code, locked.reason)
-        return False
 
     def _refuse(self, pending: Pending, code: int, reason: str) -> None:
         """Answer an operation that does not join the batch."""

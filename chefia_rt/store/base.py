@@ -122,6 +122,10 @@ class Store(Protocol):
     async def get_operation(self, store_id: str, operation_id: str) -> OpRecord | None:
         """The operation log's record of a store's operation id (applied or not), if any."""
 
+    async def logged(self, keys: Sequence[OpKey]) -> set[OpKey]:
+        """Which of these (store_id, operation id) the operation log holds (applied or not),
+        in one read."""
+
     async def log_bounds(self, store_id: str) -> LogBounds:
         """The range of seqs the operation log can still replay for a store, and its epoch
         (created, with the stream, when the store has none yet)."""

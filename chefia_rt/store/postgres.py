@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 import asyncpg
 
-from chefia_rt.domain import BatchState, BatchWrite, Entity, EntityKey, OpRecord
+from chefia_rt.domain import BatchState, BatchWrite, Entity, EntityKey, OpKey, OpRecord
 from chefia_rt.errors import StorageUnavailable
 from chefia_rt.protocol.messages import format_timestamp
 from chefia_rt.store.base import (
@@ -519,6 +519,20 @@ class PostgresStore:
             read_only=True,
         )
         return op_record_from_row(row) if row is not None else None
+
+    async def logged(self, keys: Sequence[OpKey]) -> set[OpKey]:
+        if not keys:
+            return set()
+        rows = await self._with(
+            lambda c: c.fetch(
+                "SELECT o.store_id, o.id FROM sync_operations o "
+                "JOIN unnest($1::text[], $2::text[]) AS k(s, i) ON o.store_id = k.s AND o.id = k.i",
+                [k[0] for k in keys],
+                [k[1] for k in keys],
+            ),
+            read_only=True,
+        )
+        return {(r[0], r[1]) for r in rows}
 
     async def log_bounds(self, store_id: str) -> LogBounds:
         async def read(conn: asyncpg.Connection) -> LogBounds:

@@ -455,6 +455,13 @@ class SQLiteStore:
 
         return await self._run(read)
 
+    async def logged(self, keys: Sequence[OpKey]) -> set[OpKey]:
+        def read(db: sqlite3.Connection) -> set[OpKey]:
+            rows = _by_keys(db, "t.store_id, t.id", "sync_operations", ("store_id", "id"), keys)
+            return {(r[0], r[1]) for r in rows}
+
+        return await self._run(read) if keys else set()
+
     async def log_bounds(self, store_id: str) -> LogBounds:
         def read(db: sqlite3.Connection) -> LogBounds:
             select = "SELECT last_seq, epoch FROM store_seqs WHERE store_id = ?"

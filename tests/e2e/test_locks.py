@@ -310,3 +310,56 @@ async def test_a_lock_granted_while_a_write_waits_in_the_queue_stops_it(tmp_path
             assert "locked by pos-b" in error["error"], error
             await b.expect("data_sync")  # c2 only
             await quiet(a, b)
+
+
+async def test_locked_writes_of_one_batch_are_told_apart_in_one_log_read(tmp_path: Path) -> None:
+    """Several writes of one batch that a lock forbids: those already in the log (retries of
+    confirmed ones) are answered `duplicate`, the others 4009, in their order, after one read
+    of the log for all of them."""
+    async with running_server(tmp_path) as server:
+        node = server.node
+        reads: list[int] = []
+        logged = node.store.logged
+
+        async def counted(keys: Any) -> set[tuple[str, str]]:
+            reads.append(len(keys))
+            return await logged(keys)
+
+        node.store.logged = counted  # type: ignore[method-assign]
+        async with server.terminal("pos-a") as a, server.terminal("pos-b") as b:
+            for i in (1, 2):
+                await sync(a, [b], op(f"c{i}", f"o{i}", {"n": i}, operation="CREATE"))
+            await b.send(acquire("o1", "tables"))
+            await b.expect("lock_acquired")
+            await b.send(acquire("o2", "tables"))
+            await b.expect("lock_acquired")
+            blocker = sqlite3.connect(tmp_path / "chefia.db", isolation_level=None)
+            try:
+                blocker.execute("BEGIN IMMEDIATE")  # the writer's next commit waits
+                await a.send(op("c3", "o3", {"n": 3}, operation="CREATE"))
+                await a.send({"type": "ping", "timestamp": 0})
+                await a.expect("pong")  # c3 is queued
+                await eventually(node._queue.empty, what="the writer takes c3")
+                for message in (
+                    op("u1", "o1", {"n": 9}, version=2),  # locked: 4009
+                    op("c1", "o1", {"n": 1}, operation="CREATE"),  # a retry: duplicate
+                    op("u2", "o2", {"n": 9}, version=2),  # locked: 4009
+                    op("c2", "o2", {"n": 2}, operation="CREATE"),  # a retry: duplicate
+                ):
+                    await a.send(message)
+                await a.send({"type": "ping", "timestamp": 1})
+                await a.expect("pong")  # all four wait in the queue: one batch
+            finally:
+                blocker.execute("ROLLBACK")
+                blocker.close()
+            await confirmed(a, "c3")
+            answers = [await a.expect("sync_error"), await a.expect("sync_error")]
+            assert [(e["operation_id"], e["code"]) for e in answers] == [
+                ("u1", Code.LOCKED),
+                ("u2", Code.LOCKED),
+            ]
+            await confirmed(a, "c1", "duplicate")
+            await confirmed(a, "c2", "duplicate")
+            assert reads == [4]
+            await b.expect("data_sync")  # c3 only
+            await quiet(a, b)

@@ -1108,6 +1108,18 @@ async def test_get_operation_finds_applied_and_unapplied_records(store: Store) -
     assert await store.get_operation("s2", "w1") is None  # ids are per store
 
 
+async def test_logged_names_the_logged_keys_among_many(store: Store) -> None:
+    await sync(store, [make_op("w1", "T1", {"n": 1}, timestamp=STAMPS[2])])
+    await sync(store, [make_op("l1", "T1", {"n": 0}, version=1, timestamp=STAMPS[0])])
+    await sync(store, [make_op("w1", "T9", {"n": 1}, store_id="s2")])
+    keys = [("s1", "w1"), ("s1", "l1"), ("s1", "nope"), ("s2", "l1"), ("s2", "w1"), ("s1", "w1")]
+    assert await store.logged(keys) == {("s1", "w1"), ("s1", "l1"), ("s2", "w1")}
+    assert await store.logged([("s3", "w1")]) == set()
+    assert await store.logged([]) == set()
+    many = [("s1", f"x{i}") for i in range(1200)] + [("s1", "l1")]  # past one statement's keys
+    assert await store.logged(many) == {("s1", "l1")}
+
+
 # ---- server events (the monitor's backups and restores) ---------------------------------------
 
 
