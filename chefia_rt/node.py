@@ -692,7 +692,9 @@ class Node:
             check_write(key, leases[key], writer, needs_lock, now)
 
     def _refuse(self, pending: Pending, code: int, reason: str) -> None:
-        """Answer an operation that does not join the batch."""
+        """Answer an operation that does not join the batch (counted like any answer)."""
+        status = "retry" if code == Code.TRY_AGAIN_LATER else "error"
+        self.metrics.answered(*_item_labels(pending.item), status, None)
         pending.session.own_ops.discard(_own_op_id(pending.item))
         pending.session.send(
             sync_error_msg(_item_id(pending.item), code, reason, *_item_entity(pending.item))

@@ -169,3 +169,25 @@ async def test_terminal_status_keeps_stores_apart(tmp_path: Path) -> None:
                 break
             await asyncio.sleep(0.05)
         assert states == [1.0, 0.0], states
+
+
+async def test_writes_refused_before_the_commit_are_counted(tmp_path: Path) -> None:
+    """A write a lock refuses (4009) never reaches the batch's commit; it is answered, so it
+    counts in sync_operations_total like any other answer."""
+    async with (
+        running_server(tmp_path) as server,
+        server.terminal("pos-a") as a,
+        server.terminal("pos-b") as b,
+    ):
+        await a.send(op("c1", "t1", {"n": 1}, operation="CREATE"))
+        await a.until("sync_confirmation")
+        await b.send({"type": "acquire_lock", "entity_type": "tables", "entity_id": "t1"})
+        await b.until("lock_acquired")
+        for i in range(3):
+            await a.send(op(f"u{i}", "t1", {"n": 2}, version=2))
+            assert (await a.until("sync_error"))["code"] == 4009
+        text = await scrape(server.http + "/metrics")
+        refused = dict(entity_type="tables", operation="UPDATE", status="error")
+        assert value(text, "sync_operations_total", **refused) == 3
+        # Answers that are no new work have no latency: only the CREATE has one.
+        assert value(text, "websocket_message_duration_seconds_count") == 1
