@@ -2,10 +2,11 @@
 
 `Node.create(settings)` builds the store, the bus, the engine and the hub. Operations from every
 connection of this worker meet in one bounded queue; one writer task takes whatever is waiting (up
-to SYNC_BATCH_MAX_OPS), commits it as one transaction with the engine deciding inside it, answers
-each sender, and only then publishes the applied operations to every worker's hub. Group commit
-comes from the queue itself: while one transaction is on disk the next batch gathers, so a busy
-server commits large batches and an idle one commits at once.
+to SYNC_BATCH_MAX_OPS), commits it as one transaction with the engine deciding inside it, then
+answers each sender and publishes the applied operations to every worker's hub (a slice of the
+batch at a time, senders first). Group commit comes from the queue itself: while one transaction
+is on disk the next batch gathers, so a busy server commits large batches and an idle one
+commits at once.
 """
 
 from __future__ import annotations
@@ -54,6 +55,9 @@ from chefia_rt.terminals import (
 log = logging.getLogger("chefia_rt.node")
 
 HEALTH_PING_TIMEOUT = 2.0
+# Operations of a committed batch answered and published before the writer lets the event
+# loop run again (a few milliseconds of work at most).
+ANSWER_SLICE = 64
 
 
 @dataclass(slots=True)
@@ -793,8 +797,14 @@ class Node:
         # timed-out commit that landed since goes too: a retry of its ops is answered
         # `duplicate` in this batch, perhaps before its own write-through has run.
         await self.cache.written([*self._late_written, *written])
-        self._answer(batch, outcomes)
-        await self._publish(batch, outcomes)
+        # Answered and published a slice at a time, letting the loop run in between: a large
+        # batch would otherwise hold every other connection up until all of it is done.
+        for start in range(0, len(batch), ANSWER_SLICE):
+            if start:
+                await asyncio.sleep(0)
+            end = start + ANSWER_SLICE
+            self._answer(batch[start:end], outcomes[start:end])
+            await self._publish(batch[start:end], outcomes[start:end])
         await self.monitor.flush()  # the batch's conflicts, after its operations
 
     def _late_commit(self, commit: asyncio.Future[list[Outcome]], written: list[Entity]) -> None:
