@@ -113,6 +113,58 @@ def _check_value(value: Any, depth: int, text: bool) -> None:
         raise _Rejected(f"unsupported value of type {kind.__name__}")
 
 
+def _storable(container: dict[Any, Any] | list[Any], depth: int, text: bool) -> bool:
+    """Whether `_check_value` accepts `container`, without its bookkeeping for a reason (it
+    is asked only when this says no): the common, valid message in one pass."""
+    if depth >= MAX_DEPTH:
+        return False
+    if type(container) is dict:
+        for key in container:
+            if type(key) is not str or "\x00" in key or (text and not _utf8(key)):
+                return False
+        items: Any = container.values()
+    else:
+        items = container
+    for value in items:
+        kind = type(value)
+        if kind is str:
+            if "\x00" in value or (text and not _utf8(value)):
+                return False
+        elif kind is int:
+            if not _INT_MIN <= value <= _INT_MAX:
+                return False
+        elif kind is dict or kind is list:
+            if not _storable(value, depth + 1, text):
+                return False
+        elif kind is float:
+            if not math.isfinite(value):
+                return False
+        elif not (value is None or kind is bool):
+            return False
+    return True
+
+
+def _utf8(text: str) -> bool:
+    """`text` encodes as UTF-8 (JSON can smuggle in lone surrogates; ASCII always does)."""
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _check_message(message: dict[str, Any], text: bool, where: str = "") -> None:
+    """Raise InvalidMessage when `message` holds what storage cannot (see `_check_value`)."""
+    if _storable(message, 0, text):
+        return
+    try:
+        _check_value(message, 0, text)
+    except _Rejected as exc:
+        raise exc.as_invalid(where) from None
+
+
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
@@ -179,10 +231,7 @@ def decode_frame(frame: str | bytes, max_size: int) -> list[dict[str, Any]]:
     if type(decoded) is not dict:
         raise InvalidMessage("a frame must hold one object (map)")
     if decoded.get("type") != BATCH_TYPE:
-        try:
-            _check_value(decoded, 0, text)
-        except _Rejected as exc:
-            raise exc.as_invalid() from None
+        _check_message(decoded, text)
         return [decoded]
     return _unpack_batch(decoded, text)
 
@@ -206,10 +255,7 @@ def _unpack_batch(batch: dict[Any, Any], text: bool) -> list[dict[str, Any]]:
             raise InvalidMessage(f"{where} must be an object (map)")
         if message.get("type") == BATCH_TYPE:
             raise InvalidMessage(f"message_batch may not nest (at {where})")
-        try:
-            _check_value(message, 0, text)
-        except _Rejected as exc:
-            raise exc.as_invalid(where) from None
+        _check_message(message, text, where)
     return messages
 
 

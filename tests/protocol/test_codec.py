@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from websockets.frames import Frame, Opcode
 
 from chefia_rt.errors import ChefiaError, Code, InvalidMessage, MessageTooBig
+from chefia_rt.protocol import codec
 from chefia_rt.protocol.codec import (
     COMPRESSED_PREFIX,
     MAX_DEPTH,
@@ -669,3 +670,61 @@ def test_ws_frame_is_the_frame_websockets_sends(size: int, text: bool) -> None:
     frame = ws_frame(payload, text)
     assert frame == expected
     assert ws_payload_size(frame) == size
+
+
+# ---- the one-pass check agrees with the one that names what is wrong ------------------------
+
+STORABLE_EDGES = st.sampled_from(
+    [
+        "",
+        "a\x00b",
+        "\ud800",
+        "açaí 🍧",
+        2**63 - 1,
+        2**63,
+        -(2**63),
+        -(2**63) - 1,
+        math.nan,
+        math.inf,
+        1.5,
+        True,
+        None,
+        b"bytes",
+        (1, 2),
+        msgpack.ExtType(1, b"x"),
+    ]
+)
+LOOSE_VALUES = st.recursive(
+    STORABLE_EDGES | st.integers() | st.floats() | st.text(max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.dictionaries(st.text(max_size=3) | STORABLE_EDGES, inner, max_size=3)
+    ),
+    max_leaves=20,
+)
+
+
+def check_value_accepts(message: dict[Any, Any], from_json: bool) -> bool:
+    try:
+        codec._check_value(message, 0, from_json)
+    except codec._Rejected:
+        return False
+    return True
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.dictionaries(st.text(max_size=3) | STORABLE_EDGES, LOOSE_VALUES, max_size=4), st.booleans()
+)
+def test_storable_says_exactly_what_check_value_accepts(
+    message: dict[Any, Any], from_json: bool
+) -> None:
+    assert codec._storable(message, 0, from_json) is check_value_accepts(message, from_json)
+
+
+@pytest.mark.parametrize("depth", [MAX_DEPTH - 1, MAX_DEPTH, MAX_DEPTH + 1])
+@pytest.mark.parametrize("kind", ["dict", "list"])
+def test_storable_draws_the_depth_line_where_check_value_does(depth: int, kind: str) -> None:
+    for leaf in (1, {}, [], "\x00"):
+        message = nested(depth, leaf, kind)
+        assert codec._storable(message, 0, False) is check_value_accepts(message, False)
