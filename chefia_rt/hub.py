@@ -88,6 +88,8 @@ class OutFrame:
 
     def size(self, encoding: str) -> int:
         """Bytes of the message in `encoding` (encodes it if need be)."""
+        if encoding == "msgpack" and self._msgpack is not None:
+            return len(self._msgpack)
         return len(self.encoded(encoding))
 
     def encoded(self, encoding: str) -> bytes:
@@ -305,6 +307,19 @@ class Session:
         if self.closed:
             return
         size = frame.size(self.encoding)
+        pushes = self._pushes
+        limits = self.limits
+        if (0 if pushes is None else len(pushes)) < limits.queue_size and (
+            not self._bytes or self._bytes + size <= limits.max_bytes
+        ):
+            # The common case, `_has_room` and `_push` in one: there is room.
+            if pushes is None:
+                pushes = self._pushes = deque()
+            pushes.append(frame)
+            self._bytes += size
+            if self._drain is None and self._flush_at is None:
+                self._schedule(False)
+            return
         if not self._has_room(1, size) and self._drain is None:
             # A delivery of more pushes than the queue holds (one large batch) fills it before
             # any scheduled flush runs: only a peer whose socket takes no more is too slow.
@@ -418,6 +433,18 @@ class Session:
     def _take(self) -> list[OutFrame]:
         """The next frame's messages: at most WS_BATCH_MAX_MESSAGES, and no more bytes than a
         frame may hold (a message alone larger than that still goes, alone)."""
+        urgent, pushes = self._urgent, self._pushes
+        lone = (
+            (pushes if pushes is not None and len(pushes) == 1 else None)
+            if not urgent
+            else (urgent if not pushes and len(urgent) == 1 else None)
+        )
+        if lone is not None:  # one message queued, as a connection mostly has: it goes alone
+            frame = lone.popleft()
+            self._bytes -= frame.size(self.encoding)
+            if self._room is not None:
+                self._made_room()
+            return [frame]
         frames: list[OutFrame] = []
         limit = self.limits.batch_max if self.encoding == "msgpack" else 1
         room = self.limits.frame_max - BATCH_OVERHEAD
@@ -661,6 +688,7 @@ class Hub:
         sessions = self._stores.get(store_id)
         if not sessions:
             return
+        receivers = list(sessions.values())
         for push in pushes:
             seq = push.record.seq
             if seq is None:
@@ -668,6 +696,6 @@ class Hub:
             # The push is also what invalidates the entity in the receivers' own caches.
             frame = OutFrame(push_message(push.record))
             op_id, origin = push.record.id, push.origin
-            for session in list(sessions.values()):
+            for session in receivers:
                 if not session.offer(seq, op_id, frame, session.terminal_id == origin):
                     self.resume(session, session.next_seq - 1)
