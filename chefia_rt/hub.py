@@ -47,6 +47,7 @@ BATCH_OVERHEAD = 64  # bytes a message_batch adds around its messages, at most
 SNAPSHOT_PAGE_OVERHEAD = 256  # bytes of a snapshot page besides its entities (store_id aside)
 CATCH_UP_RETRY = (0.2, 5.0)  # first and longest wait after a failed storage read
 CATCH_UP_PATIENCE = 30.0  # seconds of failing reads before the terminal is told to reconnect
+GAP_WAIT = 0.1  # seconds a push that came before one it follows waits for it (Hub)
 
 
 class Transport(Protocol):
@@ -632,15 +633,33 @@ class Session:
                 page = max(1, min(most, half * len(records) // max(1, sizes)))
 
 
+class _Early:
+    """Pushes of a store that came before one they follow, waiting for it."""
+
+    __slots__ = ("pushes", "timer")
+
+    def __init__(self, timer: asyncio.TimerHandle) -> None:
+        self.pushes: dict[int, Push] = {}
+        self.timer = timer
+
+
 class Hub:
-    """The sessions of this worker, by store and terminal."""
+    """The sessions of this worker, by store and terminal.
 
-    __slots__ = ("_heads", "_read_ops", "_stores")
+    A store's pushes come from every worker that commits its operations, each publishing after
+    its own commit: a later seq may arrive first. Such a push waits (up to `gap_wait` seconds)
+    for the ones before it, instead of sending every live session of the store to storage for
+    them; when they do not come in time, it goes on and the sessions fill the gap from storage.
+    """
 
-    def __init__(self, read_ops: ReadOps) -> None:
+    __slots__ = ("_early", "_gap_wait", "_heads", "_read_ops", "_stores")
+
+    def __init__(self, read_ops: ReadOps, gap_wait: float = GAP_WAIT) -> None:
         self._stores: dict[str, dict[str, Session]] = {}
         self._heads: dict[str, int] = {}
         self._read_ops = read_ops
+        self._gap_wait = gap_wait
+        self._early: dict[str, _Early] = {}
 
     def __len__(self) -> int:
         return sum(len(s) for s in self._stores.values())
@@ -681,13 +700,55 @@ class Hub:
         session.resume_from(since, self._read_ops, lambda: self.head(session.store_id), first)
 
     def deliver(self, store_id: str, pushes: Sequence[Push]) -> None:
-        """Hand a store's committed operations to its sessions, each encoded once."""
+        """Hand a store's committed operations to its sessions in seq order, each encoded once
+        (a push ahead of the next one expected waits for it, see the class)."""
         if pushes:
             last = pushes[-1].record.seq or 0
             self._heads[store_id] = max(self._heads.get(store_id, 0), last)
         sessions = self._stores.get(store_id)
         if not sessions:
             return
+        # The next seq every live session of the store wants (they move together).
+        expected = min(
+            (s.next_seq for s in sessions.values() if s.live and not s.closed), default=0
+        )
+        early = self._early.get(store_id)
+        if not expected:
+            # No live session to order for (all catching up): as they come.
+            ready = [p for p in pushes if p.record.seq is not None]
+        else:
+            ready = []
+            for push in pushes:
+                seq = push.record.seq
+                if seq is None or seq < expected:
+                    continue  # every live session has it already
+                if seq > expected:
+                    if early is None:
+                        timer = asyncio.get_running_loop().call_later(
+                            self._gap_wait, self._gap_expired, store_id
+                        )
+                        early = self._early[store_id] = _Early(timer)
+                    early.pushes[seq] = push
+                    continue
+                ready.append(push)
+                expected += 1
+                while early is not None and expected in early.pushes:
+                    ready.append(early.pushes.pop(expected))
+                    expected += 1
+            if early is not None and not early.pushes:
+                early.timer.cancel()
+                del self._early[store_id]
+        self._offer(sessions, ready)
+
+    def _gap_expired(self, store_id: str) -> None:
+        """The pushes before a store's early ones did not come: the early ones go on (the
+        sessions see the gap and fill it from storage)."""
+        early = self._early.pop(store_id, None)
+        sessions = self._stores.get(store_id)
+        if early is not None and sessions:
+            self._offer(sessions, [early.pushes[seq] for seq in sorted(early.pushes)])
+
+    def _offer(self, sessions: dict[str, Session], pushes: Sequence[Push]) -> None:
         receivers = list(sessions.values())
         for push in pushes:
             seq = push.record.seq

@@ -10,7 +10,7 @@ from websockets.streams import StreamReader
 
 from chefia_rt.bus.base import Push
 from chefia_rt.domain import OpRecord
-from chefia_rt.hub import Hub, Outbound, Session
+from chefia_rt.hub import Hub, Outbound, ReadOps, Session
 from tests.helpers import decode_server_frame
 
 
@@ -92,6 +92,17 @@ def session(transport: FakeTransport) -> Session:
     return Session("me", "pos", "s1", "sid", "json", None, transport, limits)
 
 
+def started(read: ReadOps, gap_wait: float) -> tuple[FakeTransport, Hub, Session]:
+    """A session attached to a new hub, started, with storage holding op 1."""
+    transport = FakeTransport()
+    hub = Hub(read, gap_wait=gap_wait)
+    s = session(transport)
+    hub.attach(s)
+    s.start()
+    COMMITTED[:] = LOG[:1]
+    return transport, hub, s
+
+
 async def settle(s: Session) -> None:
     for _ in range(50):
         await asyncio.sleep(0.005)
@@ -101,19 +112,16 @@ async def settle(s: Session) -> None:
 
 async def test_a_gap_fill_never_echoes_the_sessions_own_op() -> None:
     # Live at seq 1; our own op 3 is committed, and its local publish overtakes another
-    # worker's op 2: the gap is filled from storage, which holds 2, 3 and 4.
-    transport = FakeTransport()
-    hub = Hub(read_ops)
-    s = session(transport)
-    hub.attach(s)
-    s.start()
-    COMMITTED[:] = LOG[:1]
+    # worker's op 2, which does not come in time: the gap is filled from storage, which
+    # holds 2, 3 and 4.
+    transport, hub, s = started(read_ops, gap_wait=0.01)
     hub.deliver("s1", [Push(LOG[0], "other")])  # head 1
     hub.resume(s, 1)
     await settle(s)
     COMMITTED[:] = LOG[:3]
     s.own_ops.add("op3")  # submitted by this session (node.submit)
     hub.deliver("s1", [Push(LOG[2], "me")])  # seq 3 before 2: a gap
+    await asyncio.sleep(0.02)  # 2 did not come within the wait
     await settle(s)
     COMMITTED[:] = LOG
     hub.deliver("s1", [Push(LOG[1], "other"), Push(LOG[3], "other")])
@@ -122,6 +130,34 @@ async def test_a_gap_fill_never_echoes_the_sessions_own_op() -> None:
     assert seqs == [2, 4]
     assert s.next_seq == 5
     assert not s.own_ops
+    await s.stop()
+
+
+async def test_a_push_that_overtook_the_one_before_it_waits_for_it() -> None:
+    """Another worker's op 2 comes after this worker's op 3 (each publishes after its own
+    commit): 3 waits for 2 instead of sending the session to storage, and both go in order."""
+    reads: list[int] = []
+
+    async def counted(store_id: str, after: int, limit: int) -> list[OpRecord]:
+        reads.append(after)
+        return await read_ops(store_id, after, limit)
+
+    transport, hub, s = started(counted, gap_wait=30)
+    hub.resume(s, 0)
+    await settle(s)
+    reads.clear()
+    COMMITTED[:] = LOG
+    s.own_ops.add("op3")
+    hub.deliver("s1", [Push(LOG[2], "me")])
+    hub.deliver("s1", [Push(LOG[3], "other")])
+    await settle(s)
+    assert [m for m in transport.messages() if m["type"] == "data_sync"][1:] == []
+    hub.deliver("s1", [Push(LOG[1], "other")])
+    await settle(s)
+    seqs = [m["operation"]["seq"] for m in transport.messages() if m["type"] == "data_sync"]
+    assert seqs == [1, 2, 4]  # 3 is the session's own
+    assert (s.next_seq, s.own_ops, reads) == (5, set(), [])
+    assert not hub._early  # nothing left waiting, no timer
     await s.stop()
 
 
