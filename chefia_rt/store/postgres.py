@@ -31,9 +31,10 @@ from chefia_rt.store.base import (
     SessionRecord,
 )
 from chefia_rt.store.rows import (
+    AUDIT_COLUMNS,
     ENTITY_COLUMNS,
     OP_COLUMNS,
-    audit_changes_json,
+    audit_values,
     conflict_from_row,
     entity_from_row,
     migrations,
@@ -84,6 +85,55 @@ class JSONText(str):
     """JSON that is text already (a state the engine encoded): a jsonb value as it is."""
 
     __slots__ = ()
+
+
+_OP_TYPES = [
+    "text", "text", "text", "text", "text", "jsonb", "bigint", "bigint", "text", "boolean",
+    "text", "text", "text", "text", "text", "boolean",
+]  # fmt: skip
+_AUDIT_TYPES = [
+    "text", "text", "text", "text", "text", "text", "text", "jsonb", "text", "boolean",
+    "timestamptz",
+]  # fmt: skip
+
+
+def _unnest(first: int, types: list[str]) -> str:
+    return ", ".join(f"${first + i}::{kind}[]" for i, kind in enumerate(types))
+
+
+_LOG_FIRST = 11  # the parameters of the entities come first, then the log's, the audit's, seqs'
+_AUDIT_FIRST = _LOG_FIRST + len(_OP_TYPES)
+_SEQS_FIRST = _AUDIT_FIRST + len(_AUDIT_TYPES)
+
+
+# A batch's writes but for the rare ones (settled conflicts): data-modifying CTEs, each its own
+# table, run as one statement; an empty array writes nothing.
+_WRITE = (
+    "WITH entity_rows AS ("
+    f"INSERT INTO entities ({ENTITY_COLUMNS}) "
+    # The engine's server time of the write (what the cache and the HTTP read show); an
+    # entity written without one (tests, tools) gets the database's.
+    "SELECT s, t, i, v, d, x, ts, ub, fv, coalesce(ua, now()) "
+    "FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::jsonb[], "
+    "$6::boolean[], $7::text[], $8::text[], $9::jsonb[], $10::timestamptz[]) "
+    "AS w(s, t, i, v, d, x, ts, ub, fv, ua) "
+    "ON CONFLICT (store_id, entity_type, entity_id) DO UPDATE SET "
+    "version = excluded.version, data = excluded.data, deleted = excluded.deleted, "
+    "timestamp = excluded.timestamp, updated_by = excluded.updated_by, "
+    "field_versions = excluded.field_versions, updated_at = excluded.updated_at), "
+    f"log_rows AS (INSERT INTO sync_operations ({OP_COLUMNS}) "
+    f"SELECT * FROM unnest({_unnest(_LOG_FIRST, _OP_TYPES)})), "
+    f"audit_rows AS (INSERT INTO audit_logs_master ({AUDIT_COLUMNS}) "
+    f"SELECT * FROM unnest({_unnest(_AUDIT_FIRST, _AUDIT_TYPES)})) "
+    "INSERT INTO store_seqs (store_id, last_seq) "
+    f"SELECT * FROM unnest({_unnest(_SEQS_FIRST, ['text', 'bigint'])}) "
+    "ON CONFLICT (store_id) DO UPDATE SET last_seq = excluded.last_seq"
+)
+
+
+def _columns(rows: list[tuple[Any, ...]], width: int) -> list[list[Any]]:
+    """Rows as `width` columns (the arrays an unnest takes)."""
+    return [list(column) for column in zip(*rows, strict=True)] if rows else [[]] * width
 
 
 def _jsonb(data: Any, text: str | None) -> Any:
@@ -380,19 +430,14 @@ class PostgresStore:
 
     @staticmethod
     async def _write_batch(conn: asyncpg.Connection, write: BatchWrite) -> None:
-        if write.entities:
+        # Entities, the log, the audit and the seqs in one statement (one round trip). The
+        # log is append-only: an id the store already logged fails the transaction, never
+        # overwrites (the retry then reads it and is answered `duplicate`).
+        if write.entities or write.op_records or write.audit or write.last_seqs:
+            ops = [op_values(r, _jsonb) for r in write.op_records]
+            audit = [audit_values(a, JSONText, _parse_time) for a in write.audit]
             await conn.execute(
-                f"INSERT INTO entities ({ENTITY_COLUMNS}) "
-                # The engine's server time of the write (what the cache and the HTTP read
-                # show); an entity written without one (tests, tools) gets the database's.
-                "SELECT s, t, i, v, d, x, ts, ub, fv, coalesce(ua, now()) "
-                "FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], "
-                "$5::jsonb[], $6::boolean[], $7::text[], $8::text[], $9::jsonb[], "
-                "$10::timestamptz[]) AS w(s, t, i, v, d, x, ts, ub, fv, ua) "
-                "ON CONFLICT (store_id, entity_type, entity_id) DO UPDATE SET "
-                "version = excluded.version, data = excluded.data, deleted = excluded.deleted, "
-                "timestamp = excluded.timestamp, updated_by = excluded.updated_by, "
-                "field_versions = excluded.field_versions, updated_at = excluded.updated_at",
+                _WRITE,
                 [e.key.store_id for e in write.entities],
                 [e.key.entity_type for e in write.entities],
                 [e.key.entity_id for e in write.entities],
@@ -403,23 +448,10 @@ class PostgresStore:
                 [e.updated_by for e in write.entities],
                 [e.field_versions for e in write.entities],
                 [_parse_time(e.updated_at) if e.updated_at else None for e in write.entities],
-            )
-        if write.op_records:
-            # COPY into a per-transaction staging table, then one INSERT. The log is
-            # append-only: an id the store already logged fails the transaction, never
-            # overwrites (the retry then reads it and is answered `duplicate`).
-            await conn.execute(
-                "CREATE TEMP TABLE IF NOT EXISTS sync_operations_in "
-                "(LIKE sync_operations INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
-            )
-            await conn.copy_records_to_table(
-                "sync_operations_in",
-                columns=_OP_FIELDS,
-                records=[op_values(r, _jsonb) for r in write.op_records],
-            )
-            await conn.execute(
-                f"INSERT INTO sync_operations ({OP_COLUMNS}) "
-                f"SELECT {OP_COLUMNS} FROM sync_operations_in"
+                *_columns(ops, len(_OP_FIELDS)),
+                *_columns(audit, len(_AUDIT_TYPES)),
+                list(write.last_seqs),
+                list(write.last_seqs.values()),
             )
         for r in write.settled_records:
             # A resolution replaces the row its pending conflict left, and nothing else.
@@ -428,39 +460,6 @@ class PostgresStore:
                 raise StorageUnavailable(
                     f"operation {r.id!r} of {r.store_id} is no pending conflict any more; retry"
                 )
-        if write.audit:
-            await conn.copy_records_to_table(
-                "audit_logs_master",
-                columns=[
-                    "operation_id",
-                    "store_id",
-                    "entity_type",
-                    "entity_id",
-                    "operation",
-                    "terminal_id",
-                    "user_id",
-                    "changes",
-                    "sync_status",
-                    "conflict_resolved",
-                    "timestamp",
-                ],
-                records=[
-                    (
-                        a.operation_id,
-                        a.store_id,
-                        a.entity_type,
-                        a.entity_id,
-                        a.operation,
-                        a.terminal_id,
-                        a.user_id,
-                        JSONText(audit_changes_json(a)),
-                        a.sync_status,
-                        a.conflict_resolved,
-                        _parse_time(a.timestamp),
-                    )
-                    for a in write.audit
-                ],
-            )
         if write.new_conflicts:
             await conn.executemany(
                 "INSERT INTO conflicts (id, store_id, operation_id, operation, server_version, "
@@ -484,14 +483,6 @@ class PostgresStore:
                 "WHERE (store_id, id) IN (SELECT * FROM unnest($1::text[], $2::text[]))",
                 [k[0] for k in write.settled_conflicts],
                 [k[1] for k in write.settled_conflicts],
-            )
-        if write.last_seqs:
-            await conn.execute(
-                "INSERT INTO store_seqs (store_id, last_seq) "
-                "SELECT * FROM unnest($1::text[], $2::bigint[]) "
-                "ON CONFLICT (store_id) DO UPDATE SET last_seq = excluded.last_seq",
-                list(write.last_seqs),
-                list(write.last_seqs.values()),
             )
 
     # ---- reads ------------------------------------------------------------------------------

@@ -15,6 +15,10 @@ OP_COLUMNS = (
     "id, store_id, entity_type, entity_id, operation, data, version, seq, status, "
     "conflict_resolved, terminal_id, user_id, priority, timestamp, server_time, deleted"
 )
+AUDIT_COLUMNS = (
+    "operation_id, store_id, entity_type, entity_id, operation, terminal_id, user_id, changes, "
+    "sync_status, conflict_resolved, timestamp"
+)
 ENTITY_COLUMNS = (
     "store_id, entity_type, entity_id, version, data, deleted, timestamp, updated_by, "
     "field_versions, updated_at"
@@ -94,6 +98,26 @@ def audit_changes_json(audit: AuditRecord) -> str:
     if audit.claimed_user_id is not None:
         text += f',"claimed_user_id":{compact_json(audit.claimed_user_id)}'
     return text + "}"
+
+
+def audit_values(
+    a: AuditRecord, changes: Callable[[str], Any], timestamp: Callable[[str], Any]
+) -> tuple[Any, ...]:
+    """An AuditRecord as the values of AUDIT_COLUMNS, in order; `changes` and `timestamp` turn
+    the changes' JSON text and the time text into what the backend's driver takes."""
+    return (
+        a.operation_id,
+        a.store_id,
+        a.entity_type,
+        a.entity_id,
+        a.operation,
+        a.terminal_id,
+        a.user_id,
+        changes(audit_changes_json(a)),
+        a.sync_status,
+        a.conflict_resolved,
+        timestamp(a.timestamp),
+    )
 
 
 def audit_changes(before: Any, after: Any, claimed_user_id: str | None) -> dict[str, Any]:

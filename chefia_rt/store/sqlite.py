@@ -41,9 +41,10 @@ from chefia_rt.store.base import (
     SessionRecord,
 )
 from chefia_rt.store.rows import (
+    AUDIT_COLUMNS,
     ENTITY_COLUMNS,
     OP_COLUMNS,
-    audit_changes_json,
+    audit_values,
     conflict_from_row,
     entity_from_row,
     migrations,
@@ -389,25 +390,9 @@ class SQLiteStore:
                     f"operation {r.id!r} of {r.store_id} is no pending conflict any more; retry"
                 )
         db.executemany(
-            "INSERT INTO audit_logs_master (operation_id, store_id, entity_type, entity_id, "
-            "operation, terminal_id, user_id, changes, sync_status, conflict_resolved, timestamp) "
+            f"INSERT INTO audit_logs_master ({AUDIT_COLUMNS}) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [
-                (
-                    a.operation_id,
-                    a.store_id,
-                    a.entity_type,
-                    a.entity_id,
-                    a.operation,
-                    a.terminal_id,
-                    a.user_id,
-                    audit_changes_json(a),
-                    a.sync_status,
-                    int(a.conflict_resolved),
-                    a.timestamp,
-                )
-                for a in write.audit
-            ],
+            [audit_values(a, str, str) for a in write.audit],
         )
         db.executemany(
             "INSERT INTO conflicts (id, store_id, operation_id, operation, server_version, "
