@@ -163,9 +163,9 @@ def batch_request(items: Sequence[Operation | Resolution]) -> BatchRequest:
         if isinstance(item, Resolution):
             request.conflict_keys.append((item.store_id, item.conflict_id))
         else:
+            # A retry of an op that raised a manual conflict repeats that conflict: the store
+            # reads it with the op's log record.
             request.operation_keys.append(item.op_key)
-            # A retry of an op that raised a manual conflict repeats that conflict.
-            request.conflict_keys.append((item.store_id, conflict_id_for(item.id)))
             request.entity_keys.extend(item.touched_keys())
     request.store_ids = sorted(stores)
     return request

@@ -101,9 +101,11 @@ class Store(Protocol):
         """Read the request's rows under lock, call `decide`, write its BatchWrite, commit.
 
         The BatchState holds the requested operation records (with or without a seq), the
-        requested conflicts, the entities of the requested keys and of those conflicts'
-        operations, and the last seq (0 if none) of the requested stores and of every store of
-        those entities. Operation records and conflicts are keyed by (store_id, id).
+        requested conflicts and the pending conflict of every requested operation logged as
+        one (`rows.conflicts_to_read`), the entities of the requested keys and of those
+        conflicts' operations, and the last seq (0 if none) of the requested stores and of
+        every store of those entities. Operation records and conflicts are keyed by
+        (store_id, id).
 
         The log is append-only: a BatchWrite.op_records row whose (store_id, id) is already
         logged, or a seq another operation holds, fails the whole transaction

@@ -36,6 +36,7 @@ from chefia_rt.store.rows import (
     OP_COLUMNS,
     audit_values,
     conflict_from_row,
+    conflicts_to_read,
     entity_from_row,
     migrations,
     op_record_from_row,
@@ -383,15 +384,27 @@ class PostgresStore:
                 stores,
             )
         }
-        conflicts = {}
+        known = {}
         for row in await conn.fetch(
-            "SELECT id, operation, server_version, server_data, created_at FROM conflicts "
-            "WHERE (store_id, id) IN (SELECT * FROM unnest($1::text[], $2::text[])) FOR UPDATE",
-            [k[0] for k in request.conflict_keys],
-            [k[1] for k in request.conflict_keys],
+            f"SELECT {OP_COLUMNS} FROM sync_operations "
+            "WHERE (store_id, id) IN (SELECT * FROM unnest($1::text[], $2::text[]))",
+            [k[0] for k in request.operation_keys],
+            [k[1] for k in request.operation_keys],
         ):
-            conflict = conflict_from_row(row)
-            conflicts[conflict.key] = conflict
+            record = op_record_from_row(row)
+            known[record.op_key] = record
+        conflicts = {}
+        conflict_keys = conflicts_to_read(request, known)
+        if conflict_keys:
+            for row in await conn.fetch(
+                "SELECT id, operation, server_version, server_data, created_at FROM conflicts "
+                "WHERE (store_id, id) IN (SELECT * FROM unnest($1::text[], $2::text[])) "
+                "FOR UPDATE",
+                [k[0] for k in conflict_keys],
+                [k[1] for k in conflict_keys],
+            ):
+                conflict = conflict_from_row(row)
+                conflicts[conflict.key] = conflict
         keys = sorted(set(request.entity_keys) | {c.operation.key for c in conflicts.values()})
         for store_id in {k.store_id for k in keys} - set(last_seqs):
             # A conflict of a store the request did not name (the engine refuses to settle it
@@ -402,15 +415,6 @@ class PostgresStore:
                 )
                 or 0
             )
-        known = {}
-        for row in await conn.fetch(
-            f"SELECT {OP_COLUMNS} FROM sync_operations "
-            "WHERE (store_id, id) IN (SELECT * FROM unnest($1::text[], $2::text[]))",
-            [k[0] for k in request.operation_keys],
-            [k[1] for k in request.operation_keys],
-        ):
-            record = op_record_from_row(row)
-            known[record.op_key] = record
         entities: dict[EntityKey, Entity] = {}
         if keys:
             rows = await conn.fetch(

@@ -7,9 +7,19 @@ from collections.abc import Callable, Sequence
 from importlib import resources
 from typing import Any
 
-from chefia_rt.domain import AuditRecord, Conflict, Entity, EntityKey, Operation, OpRecord
+from chefia_rt.domain import (
+    AuditRecord,
+    Conflict,
+    ConflictKey,
+    Entity,
+    EntityKey,
+    Operation,
+    OpKey,
+    OpRecord,
+)
 from chefia_rt.protocol.messages import format_timestamp
-from chefia_rt.sync.engine import compact_json
+from chefia_rt.store.base import BatchRequest
+from chefia_rt.sync.engine import compact_json, conflict_id_for
 
 OP_COLUMNS = (
     "id, store_id, entity_type, entity_id, operation, data, version, seq, status, "
@@ -86,6 +96,14 @@ def entity_from_row(row: Sequence[Any]) -> Entity:
 def conflict_from_row(row: Sequence[Any]) -> Conflict:
     """Row: id, operation (JSON of the Operation), server_version, server_data, created_at."""
     return Conflict(row[0], Operation(**_json(row[1])), row[2], _json(row[3]), row[4])
+
+
+def conflicts_to_read(request: BatchRequest, known: dict[OpKey, OpRecord]) -> list[ConflictKey]:
+    """The conflicts a batch reads: the ones it names (resolutions) and the pending conflict of
+    each of its operations the log holds as one (a retry is answered that conflict again)."""
+    keys = list(request.conflict_keys)
+    keys += [(r.store_id, conflict_id_for(r.id)) for r in known.values() if r.status == "conflict"]
+    return list(dict.fromkeys(keys))
 
 
 def audit_changes_json(audit: AuditRecord) -> str:

@@ -46,6 +46,7 @@ from chefia_rt.store.rows import (
     OP_COLUMNS,
     audit_values,
     conflict_from_row,
+    conflicts_to_read,
     entity_from_row,
     migrations,
     op_record_from_row,
@@ -325,7 +326,8 @@ class SQLiteStore:
             known[record.op_key] = record
         conflicts: dict[ConflictKey, Conflict] = {}
         columns = "id, operation, server_version, server_data, created_at"
-        for row in _by_keys(db, columns, "conflicts", ("store_id", "id"), request.conflict_keys):
+        conflict_keys = conflicts_to_read(request, known)
+        for row in _by_keys(db, columns, "conflicts", ("store_id", "id"), conflict_keys):
             conflict = conflict_from_row(row)
             conflicts[conflict.key] = conflict
         keys = set(request.entity_keys) | {c.operation.key for c in conflicts.values()}

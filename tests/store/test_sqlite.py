@@ -263,6 +263,10 @@ async def test_a_batch_reads_by_index_never_by_scanning_a_table(opened: SQLiteSt
     one index search per key, however long the operation log is: no statement of the commit
     scans a table."""
     await sync(opened, [make_op(f"seed{i}", f"T{i}", {"n": i}) for i in range(5)])
+    cash = {"entity_type": "cashier_operations"}
+    await sync(opened, [make_op("cash1", "C1", {"a": 1}, operation="CREATE", **cash)])
+    stale = make_op("cash2", "C1", {"a": 2}, **cash)  # version 1 again: a manual conflict
+    assert [o.status for o in await sync(opened, [stale])] == ["conflict"]
     statements: list[str] = []
     assert opened._db is not None
     opened._db.set_trace_callback(statements.append)
@@ -272,11 +276,13 @@ async def test_a_batch_reads_by_index_never_by_scanning_a_table(opened: SQLiteSt
             make_op("new1", "T2", {"n": 9}, version=2),
             make_op("new2", "T9", {"n": 9}, store_id="s2"),
             make_op("new3", "T3", {"n": 9}, entity_type="cashier_operations"),
+            stale,  # a retry of the conflict: its conflict is read too
         ]
         outcomes = await sync(opened, batch)
     finally:
         opened._db.set_trace_callback(None)
-    assert [o.status for o in outcomes] == ["duplicate", "applied", "applied", "applied"]
+    statuses = [o.status for o in outcomes]
+    assert statuses == ["duplicate", "applied", "applied", "applied", "conflict"]
 
     def plans(db: sqlite3.Connection) -> dict[str, list[str]]:
         selects = [s for s in statements if s.lstrip().upper().startswith(("SELECT", "WITH"))]
