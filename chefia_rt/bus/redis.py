@@ -222,6 +222,9 @@ class RedisBus:
         self.prefix = prefix
         self.lock_max = lock_max
         self.worker_id = worker_id or uuid.uuid4().hex
+        # What every message this worker publishes starts with, after the map's one-byte
+        # header: its "w" entry (the first key of each).
+        self._own_mark = msgpack.packb("w") + msgpack.packb(self.worker_id)
         self._redis: aioredis.Redis | None = None
         self._subscriber: aioredis.Redis | None = None
         self._deliver: Deliver | None = None
@@ -397,6 +400,8 @@ class RedisBus:
                 pinged = now
 
     def _on_message(self, channel: bytes, data: bytes) -> None:
+        if data.startswith(self._own_mark, 1):
+            return  # our own (a map whose first entry is "w": this worker): not even unpacked
         try:
             message = msgpack.unpackb(data, raw=False)
             if message.get("w") == self.worker_id:

@@ -13,8 +13,16 @@ from typing import Any
 import pytest
 
 from chefia_rt.bus.base import CacheEntry, Push
+from chefia_rt.bus.redis import RedisBus
 from chefia_rt.domain import EntityKey, OpRecord
-from tests.bus.conftest import Worker, eventually
+from tests.bus.conftest import (
+    Worker,
+    drop_prefix,
+    eventually,
+    redis_reachable,
+    unique_prefix,
+)
+from tests.services import REDIS_URL
 
 UNICODE_DATA = {"nome": "Açaí com paçoca 🍧", "obs": 'sem cebola — "já"', "zh": "牛肉面"}
 
@@ -520,3 +528,32 @@ async def test_cache_is_shared_by_the_workers(workers: tuple[Worker, Worker]) ->
     await a.bus.cache_clear()
     assert (await b.bus.cache_get(KEY, 5.0)).version == 0
     assert await b.bus.cache_sizes() == {"orders": 1}  # still kept (stale epoch) until expiry
+
+
+async def test_workers_whose_ids_share_a_prefix_hear_each_other_once() -> None:
+    """A worker drops its own messages without unpacking them, by their start (its id): a
+    worker whose id begins with another's is still heard, once, pushes and signals alike."""
+    await redis_reachable(REDIS_URL)
+    prefix = unique_prefix()
+    buses = [RedisBus(REDIS_URL, prefix=prefix, worker_id=w) for w in ("w1", "w10")]
+    short, long = Worker(buses[0]), Worker(buses[1])
+    heard: dict[str, list[Any]] = {"w1": [], "w10": []}
+    try:
+        for bus, one in zip(buses, (short, long), strict=True):
+            bus.on_signal("t", heard[bus.worker_id].append)
+            await one.start()
+        await short.bus.publish("s1", pushes(1, 2))
+        await long.bus.publish("s1", pushes(3, 2))
+        await short.bus.signal("t", {"from": "w1"})
+        await long.bus.signal("t", {"from": "w10"})
+        await eventually(lambda: len(short.seqs()) == 4 and len(long.seqs()) == 4)
+        await eventually(lambda: len(heard["w1"]) == 2 and len(heard["w10"]) == 2)
+        await asyncio.sleep(0.3)  # anything heard twice would be here by now
+        assert short.seqs() == [1, 2, 3, 4]  # its own at once, the other's from Redis
+        assert long.seqs() == [3, 4, 1, 2]
+        for signals in heard.values():
+            assert sorted(s["from"] for s in signals) == ["w1", "w10"]
+    finally:
+        await short.bus.close()
+        await long.bus.close()
+        await drop_prefix(REDIS_URL, prefix)
