@@ -13,7 +13,8 @@ import json
 import logging
 import sqlite3
 import time
-from collections.abc import Callable, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
@@ -74,6 +75,10 @@ _WRITER_AUTOCHECKPOINT = 16384
 CHECKPOINT_INTERVAL = 1.0
 # SQLite's default limit of host parameters per statement is 32766; stay well under it.
 _CHUNK = 500
+# What the writer remembers of the entities it committed (see `_Written`): at most this many,
+# holding at most this much JSON text.
+WRITTEN_MAX_ENTITIES = 50_000
+WRITTEN_MAX_BYTES = 32 * 1024 * 1024
 
 
 def _text(data: Any, text: str | None) -> str:
@@ -155,6 +160,81 @@ def _by_keys(
     return rows
 
 
+class _Written:
+    """The entities and store seqs the writer's connection committed last, so that a batch reads
+    from the file only the ones it did not write itself.
+
+    They are what the file holds for as long as no other connection committed, which SQLite
+    tells by `PRAGMA data_version` (asked inside the batch's transaction, under the write lock);
+    when it changed, everything remembered is forgotten. The least recently used entities go
+    first past `max_entities` or `max_bytes` of their JSON text.
+    """
+
+    def __init__(self, max_entities: int, max_bytes: int) -> None:
+        self.max_entities = max_entities
+        self.max_bytes = max_bytes
+        self._entities: OrderedDict[EntityKey, tuple[Entity, int]] = OrderedDict()
+        self._seqs: dict[str, int] = {}
+        self._bytes = 0
+        self._version: int | None = None
+
+    def check(self, db: sqlite3.Connection) -> None:
+        """Forget everything when another connection committed since the last batch."""
+        version = db.execute("PRAGMA data_version").fetchone()[0]
+        if version != self._version:
+            self.clear()
+            self._version = version
+
+    def clear(self) -> None:
+        self._entities.clear()
+        self._seqs.clear()
+        self._bytes = 0
+
+    def entities(
+        self, keys: Iterable[EntityKey]
+    ) -> tuple[dict[EntityKey, Entity], list[EntityKey]]:
+        """The remembered entities of `keys`, and the keys that must be read."""
+        found: dict[EntityKey, Entity] = {}
+        missing: list[EntityKey] = []
+        for key in keys:
+            held = self._entities.get(key)
+            if held is None:
+                missing.append(key)
+            else:
+                self._entities.move_to_end(key)
+                found[key] = held[0]
+        return found, missing
+
+    def seqs(self, stores: Iterable[str]) -> tuple[dict[str, int], list[str]]:
+        """The remembered last seqs of `stores`, and the stores whose seq must be read."""
+        found: dict[str, int] = {}
+        missing: list[str] = []
+        for store in stores:
+            seq = self._seqs.get(store)
+            if seq is None:
+                missing.append(store)
+            else:
+                found[store] = seq
+        return found, missing
+
+    def keep(self, write: BatchWrite) -> None:
+        """Remember what a committed batch wrote."""
+        for entity in write.entities:
+            size = len(entity.data_json) if entity.data_json is not None else self.max_bytes
+            old = self._entities.pop(entity.key, None)
+            if old is not None:
+                self._bytes -= old[1]
+            if size > self.max_bytes // 64:  # a few huge entities would push out all others
+                continue
+            self._entities[entity.key] = (entity, size)
+            self._bytes += size
+        while self._entities and (
+            len(self._entities) > self.max_entities or self._bytes > self.max_bytes
+        ):
+            self._bytes -= self._entities.popitem(last=False)[1][1]
+        self._seqs.update(write.last_seqs)
+
+
 class SQLiteStore:
     """The Store port on one SQLite file."""
 
@@ -169,6 +249,7 @@ class SQLiteStore:
         self._sessions = Coalesced(self._record_sessions)
         self._checkpointer: asyncio.Task[None] | None = None
         self._commits = 0  # commits since the last checkpoint began
+        self._written = _Written(WRITTEN_MAX_ENTITIES, WRITTEN_MAX_BYTES)
 
     async def _submit(self, fn: Callable[[], T]) -> T:
         """Run `fn` on the connection's thread; every failure of storage is StorageUnavailable."""
@@ -304,20 +385,23 @@ class SQLiteStore:
             # on cannot change under it, even with another process on the file.
             db.execute("BEGIN IMMEDIATE")
             try:
-                state = self._read_batch(db, request)
+                self._written.check(db)
+                state = self._read_batch(db, request, self._written)
                 result, write = decide(state)
                 self._write_batch(db, write)
                 db.execute("COMMIT")
             except BaseException:
+                self._written.clear()
                 _rollback(db)
                 raise
+            self._written.keep(write)
             self._commits += 1
             return result
 
         return await self._run(work)
 
     @staticmethod
-    def _read_batch(db: sqlite3.Connection, request: BatchRequest) -> BatchState:
+    def _read_batch(db: sqlite3.Connection, request: BatchRequest, written: _Written) -> BatchState:
         known: dict[OpKey, OpRecord] = {}
         for row in _by_keys(
             db, OP_COLUMNS, "sync_operations", ("store_id", "id"), request.operation_keys
@@ -331,15 +415,16 @@ class SQLiteStore:
             conflict = conflict_from_row(row)
             conflicts[conflict.key] = conflict
         keys = set(request.entity_keys) | {c.operation.key for c in conflicts.values()}
-        entities: dict[EntityKey, Entity] = {}
+        entities, missing = written.entities(keys)
         entity_key_columns = ("store_id", "entity_type", "entity_id")
-        triples = [(k.store_id, k.entity_type, k.entity_id) for k in keys]
+        triples = [(k.store_id, k.entity_type, k.entity_id) for k in missing]
         for row in _by_keys(db, ENTITY_COLUMNS, "entities", entity_key_columns, triples):
             entity = entity_from_row(row)
             entities[entity.key] = entity
-        stores = sorted(set(request.store_ids) | {k.store_id for k in keys})
+        known_seqs, stores = written.seqs(set(request.store_ids) | {k.store_id for k in keys})
         last_seqs = dict.fromkeys(stores, 0)
-        for chunk in _chunks(stores):
+        last_seqs.update(known_seqs)
+        for chunk in _chunks(sorted(stores)):
             marks = ",".join("?" * len(chunk))
             last_seqs.update(
                 db.execute(

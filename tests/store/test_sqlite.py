@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from chefia_rt.domain import BatchState, BatchWrite, EntityKey
+from chefia_rt.domain import BatchState, BatchWrite, Entity, EntityKey
 from chefia_rt.errors import StorageUnavailable
 from chefia_rt.store import sqlite as sqlite_module
 from chefia_rt.store.base import BatchRequest
@@ -371,3 +371,35 @@ async def write_big(store: SQLiteStore, count: int) -> None:
 def sizes(db_path: Path) -> tuple[int, int]:
     """(bytes of the WAL, bytes of the database file)."""
     return Path(f"{db_path}-wal").stat().st_size, db_path.stat().st_size
+
+
+async def test_a_batch_sees_what_another_connection_committed(
+    opened: SQLiteStore, db_path: Path
+) -> None:
+    """The writer remembers what it committed, and forgets it once another connection (a
+    restore, a second process) committed anything."""
+    await sync(opened, [make_op("op1", "T1", {"a": 1}, operation="CREATE")])
+    outside = sqlite3.connect(db_path, isolation_level=None)
+    try:
+        outside.execute(
+            "UPDATE entities SET version = 7, data = '{\"a\":7}' WHERE entity_id = 'T1'"
+        )
+        outside.execute("UPDATE store_seqs SET last_seq = 40 WHERE store_id = 's1'")
+    finally:
+        outside.close()
+    (done,) = await sync(opened, [make_op("op2", "T1", {"b": 2}, version=7)])
+    assert done.status == "applied" and done.record is not None
+    assert (done.record.version, done.record.seq) == (8, 41)
+
+
+async def test_the_writer_remembers_a_bounded_number_of_entities() -> None:
+    written = sqlite_module._Written(max_entities=2, max_bytes=64 * 100)
+    keys = [EntityKey("s1", "tables", f"T{n}") for n in range(4)]
+    entities = [Entity(k, 1, {"n": 1}, data_json='{"n":1}') for k in keys]
+    written.keep(BatchWrite(entities=entities[:3], last_seqs={"s1": 3}))
+    found, missing = written.entities(keys)
+    assert list(found) == keys[1:3] and missing == [keys[0], keys[3]]
+    # Past its share of the bytes an entity is not kept at all, and an older version of it goes.
+    written.keep(BatchWrite(entities=[Entity(keys[1], 2, {}, data_json="x" * 101)]))
+    assert written.entities(keys[1:3]) == ({keys[2]: entities[2]}, [keys[1]])
+    assert written.seqs(["s1", "s2"]) == ({"s1": 3}, ["s2"])
