@@ -7,7 +7,7 @@ pure engine and the storage backends can speak about the same things without imp
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 JSON = dict[str, Any]
 # Operation ids (and the conflicts named after them) are unique per store, never across stores:
@@ -16,9 +16,11 @@ OpKey = tuple[str, str]  # (store_id, operation id)
 ConflictKey = tuple[str, str]  # (store_id, conflict id)
 
 
-@dataclass(frozen=True, slots=True, order=True)
-class EntityKey:
-    """One entity of one store: the unit of versioning, locking and conflict resolution."""
+class EntityKey(NamedTuple):
+    """One entity of one store: the unit of versioning, locking and conflict resolution.
+
+    A named tuple, so that hashing and comparing one (every dict of the write path is keyed by
+    them) runs in C."""
 
     store_id: str
     entity_type: str
