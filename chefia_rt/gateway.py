@@ -50,7 +50,7 @@ from chefia_rt.errors import (
 )
 from chefia_rt.http import json_response
 from chefia_rt.hub import Outbound, OutFrame, Session, Transport
-from chefia_rt.logs import MessageLog, bind, bound
+from chefia_rt.logs import MessageLog, bind, bound, operation_bound
 from chefia_rt.node import Node
 from chefia_rt.protocol import messages as m
 from chefia_rt.protocol.codec import decode_frame
@@ -478,7 +478,7 @@ class Gateway:
         for raw in raws:
             session.messages_in += 1
             try:
-                with bound(operation_id=_operation_id(raw)):
+                with operation_bound(_operation_id(raw)):
                     if self._messages is not None:
                         self._messages.incoming(raw)
                     await self._dispatch(session, raw, received)

@@ -32,6 +32,10 @@ _NOTHING: Mapping[str, str] = MappingProxyType({})
 _CONTEXT: contextvars.ContextVar[Mapping[str, str]] = contextvars.ContextVar(
     "chefia_log_context", default=_NOTHING
 )
+# The operation the current message is about, apart: it changes with every message.
+_OPERATION: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "chefia_log_operation", default=None
+)
 _SUMMARY_KEYS = (
     "operation_id",
     "conflict_id",
@@ -62,10 +66,29 @@ def bound(**ids: str | None) -> Iterator[None]:
         _CONTEXT.reset(token)
 
 
+class operation_bound:
+    """Attach an operation id to the records logged inside the block: `bound(operation_id=...)`
+    for the one id every incoming message sets, at a fraction of its cost."""
+
+    __slots__ = ("_operation_id", "_token")
+
+    def __init__(self, operation_id: str | None) -> None:
+        self._operation_id = operation_id
+
+    def __enter__(self) -> None:
+        self._token = _OPERATION.set(self._operation_id)
+
+    def __exit__(self, *exc_info: object) -> None:
+        _OPERATION.reset(self._token)
+
+
 class ContextFields(logging.Filter):
     """Copies the bound ids onto each record, unless the line passed its own with `extra=`."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        operation_id = _OPERATION.get()
+        if operation_id is not None and not hasattr(record, "operation_id"):
+            record.operation_id = operation_id
         for name, value in _CONTEXT.get().items():
             if not hasattr(record, name):
                 setattr(record, name, value)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
+import logging
 import os
 import pty
 import subprocess
@@ -18,6 +20,7 @@ import pytest
 import websockets
 
 from chefia_rt.auth import issue_token
+from chefia_rt.logs import bind, operation_bound, setup_logging
 from tests.cluster import _SERVER_ENV_PREFIXES, STOP_TIMEOUT
 from tests.helpers import Terminal, free_port, op
 from tests.observability.promtext import http_get, scrape, value
@@ -172,3 +175,26 @@ def test_plain_text_on_a_tty() -> None:
     assert "INFO chefia_rt.test hello" in line and "[terminal_id=pos-7 store_id=s9]" in line
     assert "secret123" not in line and "secret456" not in line
     assert "GET /ws/p?store_id=s&token=[REDACTED]" in line
+
+
+def test_an_operation_id_is_on_the_lines_of_its_block_only() -> None:
+    stream = io.StringIO()
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    setup_logging("INFO", stream, json_lines=True)
+    try:
+        logger = logging.getLogger("chefia_rt.test")
+
+        async def handle() -> None:  # a connection's task: its own context
+            bind(terminal_id="pos-1", operation_id="from-bind")
+            with operation_bound("op-7"):
+                logger.info("inside")
+                logger.info("own", extra={"operation_id": "passed"})
+            logger.info("after")
+
+        asyncio.run(handle())
+    finally:
+        root.handlers[:], root.level = handlers, level
+    inside, own, after = (json.loads(line) for line in stream.getvalue().splitlines())
+    assert (inside["operation_id"], inside["terminal_id"]) == ("op-7", "pos-1")
+    assert own["operation_id"] == "passed" and after["operation_id"] == "from-bind"
