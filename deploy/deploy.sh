@@ -2,7 +2,7 @@
 # Install and run chefia-rt on a bare-metal Ubuntu/Debian host.
 #
 #   deploy.sh deploy   [--source DIR | --wheel FILE] [--wheelhouse DIR] [--label TEXT]
-#                      [--system-site-packages]
+#                      [--system-site-packages] [--no-backup]
 #   deploy.sh rollback
 #   deploy.sh verify   [--url http://127.0.0.1:8001]
 #   deploy.sh tune     [--no-apply]
@@ -12,9 +12,16 @@
 #   PREFIX/releases/<UTC time>-<version>[-label]/venv/bin/chefia-rt
 #   PREFIX/releases/<...>/deploy/            this script, health-check.sh and the unit files
 #   PREFIX/current -> releases/<...>         what systemd runs, switched atomically
-# `deploy` builds the new release beside the running one, runs `chefia-rt check-config` and
-# `chefia-rt migrate` from it, and only then switches `current` and restarts the service. A
-# release that fails any step is never switched to: the old one keeps serving.
+# `deploy` first checks the host (Python 3.11+, free disk for a release and a backup), builds the
+# new release beside the running one, runs `chefia-rt check-config` from it, takes a backup with
+# the running release (`chefia-rt backup`, then `backup --verify` of that archive; --no-backup
+# skips it, the first deploy has nothing to back up) and runs `chefia-rt migrate`; only then it
+# switches `current`, restarts the service and runs `verify`. A release that fails a step before
+# the switch is never switched to: the old one keeps serving. A release that fails its restart
+# or `verify` is rolled back by itself: `current` goes back to the release before it, which is
+# restarted and verified again, the failed release is removed, and deploy exits 1 saying so.
+# Migrations only add, so the previous release runs on the migrated schema; the backup taken
+# before them is named in the output should the data itself need restoring.
 # Every release installs its dependencies exactly as uv.lock pins them (hash-checked), from the
 # lock of --source DIR or else of the checkout this script is in, with the uv that lock pins
 # (kept in PREFIX/tools); the project itself goes in without dependencies of its own. The lock
@@ -29,7 +36,12 @@
 # (/etc/chefia-rt/env), CHEFIA_DATA_DIR (/var/lib/chefia-rt: the service's working directory,
 # where check-config and migrate run too), CHEFIA_USER (chefia), CHEFIA_DEPLOY_NO_SYSTEMCTL=1,
 # CHEFIA_SERVICE (chefia-rt.service), CHEFIA_KEEP_RELEASES (5), CHEFIA_PYTHON (python3),
-# CHEFIA_DEPLOY_ROOT (prefix of the /etc paths written by `tune` and the unit installation).
+# CHEFIA_DEPLOY_ROOT (prefix of the /etc paths written by `tune` and the unit installation),
+# CHEFIA_DEPLOY_RESERVE_MB (100: free space left over after a release and a backup),
+# CHEFIA_RESTART_COMMAND (with --no-systemctl: the command, run by sh -c, that restarts the service
+# on a host without systemd; like `systemctl restart` of the Type=notify unit it must return once
+# the server is ready and fail when it does not come up. Without it, --no-systemctl neither
+# restarts nor verifies).
 # Run as root, `deploy` also creates the service user and its directories when missing.
 #
 # Exit codes: 0 done, 1 a step failed (the message says which), 2 usage.
@@ -52,6 +64,10 @@ LABEL=""
 BUILDING=""
 SYSTEM_SITE=0
 APPLY=1
+BACKUP=1
+BACKUP_ARCHIVE=""
+RESERVE_MB="${CHEFIA_DEPLOY_RESERVE_MB:-100}"
+RESTART_COMMAND="${CHEFIA_RESTART_COMMAND:-}"
 URL=""
 
 say() { printf 'deploy.sh: %s\n' "$*" >&2; }
@@ -143,17 +159,30 @@ switch_to() {
   say "current -> releases/$name"
 }
 
+# Restart the service on the current release. Returns 1 (with the reason said) when it does
+# not come up; 0 also when nothing restarts it (--no-systemctl without CHEFIA_RESTART_COMMAND).
 restart_service() {
   if ! systemctl_enabled; then
-    say "systemctl skipped (--no-systemctl): restart $SERVICE yourself"
+    if [ -z "$RESTART_COMMAND" ]; then
+      say "systemctl skipped (--no-systemctl): restart $SERVICE yourself, then run verify"
+      return 0
+    fi
+    say "restarting with CHEFIA_RESTART_COMMAND"
+    sh -c "$RESTART_COMMAND" || { say "CHEFIA_RESTART_COMMAND failed"; return 1; }
     return 0
   fi
   command -v systemctl >/dev/null || die "systemctl not found (use --no-systemctl to skip it)"
   install_units
   say "restarting $SERVICE"
-  systemctl restart "$SERVICE" || die "systemctl restart $SERVICE failed: journalctl -u $SERVICE"
-  systemctl is-active --quiet "$SERVICE" || die "$SERVICE is not active after the restart"
+  systemctl restart "$SERVICE" || {
+    say "systemctl restart $SERVICE failed: journalctl -u $SERVICE"
+    return 1
+  }
+  systemctl is-active --quiet "$SERVICE" || { say "$SERVICE is not active after the restart"; return 1; }
 }
+
+# Something restarts the service (so `verify` after a restart judges the new release).
+restarts_service() { systemctl_enabled || [ -n "$RESTART_COMMAND" ]; }
 
 # The unit files of the current release into /etc/systemd/system (only when they changed).
 install_units() {
@@ -189,8 +218,7 @@ cmd_deploy() {
     [ -f "$SOURCE/pyproject.toml" ] || die "no pyproject.toml in $SOURCE (give --source DIR)"
     SOURCE="$(cd "$SOURCE" && pwd)"
   fi
-  "$PYTHON" -c 'import sys; raise SystemExit(sys.version_info < (3, 11))' 2>/dev/null ||
-    die "$PYTHON is not Python 3.11 or newer (set CHEFIA_PYTHON)"
+  check_prerequisites
 
   case "$LABEL" in *[!A-Za-z0-9._-]*) die "--label may hold only [A-Za-z0-9._-] (got $LABEL)" ;; esac
   if [ -n "$WHEEL" ]; then
@@ -247,14 +275,130 @@ cmd_deploy() {
   say "checking the configuration with the new release"
   as_service "$dir/venv/bin/chefia-rt" check-config >/dev/null ||
     die "the new release refuses the configuration in $ENV_FILE (the line above says why)"
+  local previous
+  previous="$(current_release)"
+  backup_before_migrating "$previous"
   say "applying migrations"
   as_service "$dir/venv/bin/chefia-rt" migrate || die "migrations failed (the lines above say why)"
   BUILDING=""
 
   switch_to "$RELEASE"
-  restart_service
+  local failed=""
+  if ! restart_service; then
+    failed="it did not start"
+  elif restarts_service && ! verify_current; then
+    failed="it failed verify"
+  fi
+  [ -z "$failed" ] || roll_back_failed "$RELEASE" "$previous" "$failed"
   prune
-  say "deployed $RELEASE ($(cat "$dir/VERSION"))"
+  if restarts_service; then
+    say "deployed $RELEASE ($(cat "$dir/VERSION")): restarted and verified"
+  else
+    say "deployed $RELEASE ($(cat "$dir/VERSION")): not restarted, so not verified yet"
+  fi
+}
+
+# Before anything is built: a Python the releases can run on, and room for a release and a backup.
+check_prerequisites() {
+  command -v "$PYTHON" >/dev/null || die "prerequisite: no $PYTHON on this host (set CHEFIA_PYTHON)"
+  "$PYTHON" -c 'import sys; raise SystemExit(sys.version_info < (3, 11))' 2>/dev/null ||
+    die "prerequisite: $PYTHON is $("$PYTHON" --version 2>&1); chefia-rt needs Python 3.11 or newer (set CHEFIA_PYTHON)"
+  local release_kb backup_kb=0 backup_dir db
+  # A release takes what the current one takes (a first one about 300 MiB: venv and uv cache).
+  if [ -d "$PREFIX/current/" ]; then
+    release_kb="$(du -sk "$PREFIX/current/" | cut -f1)"
+  else
+    release_kb=$((300 * 1024))
+  fi
+  # A backup takes about what the newest archive took, or the SQLite file when there is none.
+  backup_dir="$(env_value BACKUP_DIR)"
+  backup_dir="$(in_data_dir "${backup_dir:-./backups}")"
+  if [ -d "$backup_dir" ]; then
+    backup_kb="$(find "$backup_dir" -maxdepth 1 -type f -name '*.tar*' -printf '%T@ %k\n' |
+      sort -n | tail -n 1 | cut -d' ' -f2)"
+    backup_kb="${backup_kb:-0}"
+  fi
+  db="$(env_value DATABASE_URL)"
+  if [ "$backup_kb" = 0 ] && [ "${db#sqlite:///}" != "$db" ]; then
+    db="$(in_data_dir "${db#sqlite:///}")"
+    [ -f "$db" ] && backup_kb="$(du -sk "$db" | cut -f1)"
+  fi
+  [ "$BACKUP" = 1 ] || backup_kb=0
+  local reserve_kb=$((RESERVE_MB * 1024)) on="$DATA_DIR"
+  mkdir -p "$PREFIX"
+  need_space "$PREFIX" $((release_kb + reserve_kb)) "a release ($((release_kb / 1024)) MiB)"
+  [ -d "$backup_dir" ] && on="$backup_dir"
+  if [ -d "$on" ] && [ "$backup_kb" -gt 0 ]; then
+    if [ "$(stat -c %d "$on")" = "$(stat -c %d "$PREFIX")" ]; then
+      need_space "$on" $((release_kb + backup_kb + reserve_kb)) \
+        "a release and a backup ($(((release_kb + backup_kb) / 1024)) MiB)"
+    else
+      need_space "$on" $((backup_kb + reserve_kb)) "a backup ($((backup_kb / 1024)) MiB)"
+    fi
+  fi
+}
+
+in_data_dir() { case "$1" in /*) printf '%s' "$1" ;; *) printf '%s/%s' "$DATA_DIR" "${1#./}" ;; esac; }
+
+need_space() {  # directory, KiB needed (reserve included), what for
+  local free_kb
+  free_kb="$(df -Pk "$1" | awk 'NR == 2 { print $4 }')"
+  [ "$free_kb" -ge "$2" ] ||
+    die "prerequisite: not enough disk space on $1 for $3 and ${RESERVE_MB} MiB to spare (CHEFIA_DEPLOY_RESERVE_MB): $((free_kb / 1024)) MiB free, $(($2 / 1024)) MiB needed"
+}
+
+# One value of ENV_FILE (KEY=VALUE, optional quotes), empty when unset.
+env_value() {
+  [ -r "$ENV_FILE" ] || return 0
+  sed -n "s/^[[:space:]]*$1=//p" "$ENV_FILE" | tail -n 1 |
+    sed 's/^"\(.*\)"$/\1/; s/^'"'"'\(.*\)'"'"'$/\1/'
+}
+
+# A verified backup of the data as it is before the migrations, made by the release that runs
+# on it now. The first deploy (no current release) has no data of a release to keep.
+backup_before_migrating() {
+  local running="$1" archive
+  if [ "$BACKUP" = 0 ]; then
+    say "no backup before migrating (--no-backup)"
+    return 0
+  fi
+  if [ -z "$running" ]; then
+    say "first deploy: no backup before migrating (no release ran on this data yet)"
+    return 0
+  fi
+  local cli="$PREFIX/releases/$running/venv/bin/chefia-rt"
+  say "backing up the data with $running before migrating"
+  archive="$(as_service "$cli" backup)" ||
+    die "the backup before migrating failed (the lines above say why; --no-backup skips it)"
+  archive="$(in_data_dir "$(printf '%s\n' "$archive" | tail -n 1)")"
+  as_service "$cli" backup --verify "$archive" >&2 ||
+    die "the backup before migrating, $archive, does not verify (the lines above say why)"
+  BACKUP_ARCHIVE="$archive"
+  say "backup verified: $archive"
+}
+
+verify_current() {
+  say "verifying $(current_release)"
+  cmd_verify
+}
+
+# The release just switched to failed: back to the one before it, restarted and verified.
+roll_back_failed() {
+  local failed="$1" previous="$2" why="$3" note=""
+  [ -n "$BACKUP_ARCHIVE" ] && note="; the backup taken before migrating is $BACKUP_ARCHIVE"
+  if [ -z "$previous" ]; then
+    die "release $failed: $why, and there is no earlier release to roll back to: $failed stays current; fix it and deploy again$note"
+  fi
+  say "release $failed: $why; rolling back to $previous by itself"
+  switch_to "$previous"
+  rm -rf "${PREFIX:?}/releases/$failed"
+  say "removed the failed release $failed"
+  restart_service ||
+    die "release $failed: $why; rolled back to $previous, but it did not start either: the service is DOWN$note"
+  if restarts_service && ! verify_current; then
+    die "release $failed: $why; rolled back to $previous, but it fails verify too: the service is NOT HEALTHY$note"
+  fi
+  die "release $failed: $why; rolled back to $previous, which is serving and verified$note"
 }
 
 # The uv that LOCK pins, hash-checked, in PREFIX/tools/uv-VERSION (made once, shared by releases).
@@ -311,17 +455,18 @@ cmd_rollback() {
   as_service "$PREFIX/releases/$previous/venv/bin/chefia-rt" check-config >/dev/null ||
     die "release $previous refuses the configuration in $ENV_FILE (the line above says why)"
   switch_to "$previous"
-  restart_service
+  restart_service || die "$previous did not start after the rollback"
   say "rolled back to $previous"
 }
 
+# Returns 1 (never exits) when the current release does not pass: deploy rolls back then.
 cmd_verify() {
-  [ -x "$PREFIX/current/venv/bin/python" ] || die "nothing deployed in $PREFIX"
+  [ -x "$PREFIX/current/venv/bin/python" ] || { say "error: nothing deployed in $PREFIX"; return 1; }
   local -a args=(--python "$PREFIX/current/venv/bin/python")
   [ -n "$URL" ] && args+=(--url "$URL")
   [ -r "$ENV_FILE" ] && args+=(--env-file "$ENV_FILE")
   if systemctl_enabled && command -v systemctl >/dev/null; then
-    systemctl is-active --quiet "$SERVICE" || die "$SERVICE is not active"
+    systemctl is-active --quiet "$SERVICE" || { say "error: $SERVICE is not active"; return 1; }
   fi
   "$PREFIX/current/deploy/health-check.sh" "${args[@]}"
 }
@@ -364,11 +509,15 @@ while [ $# -gt 0 ]; do
     --system-site-packages) SYSTEM_SITE=1; shift ;;
     --no-systemctl) NO_SYSTEMCTL=1; shift ;;
     --no-apply) APPLY=0; shift ;;
+    --no-backup) BACKUP=0; shift ;;
     -h | --help) usage ;;
     *) say "unknown option: $1"; usage ;;
   esac
 done
 case "$KEEP" in '' | *[!0-9]* | 0 | 1) die "--keep must be a number of at least 2 (got $KEEP)" ;; esac
+case "$RESERVE_MB" in
+  '' | *[!0-9]*) die "CHEFIA_DEPLOY_RESERVE_MB must be a whole number of MiB (got $RESERVE_MB)" ;;
+esac
 # Commands run from DATA_DIR: relative paths given here mean relative to where we were started.
 absolute() { case "$1" in /*) printf '%s' "$1" ;; *) printf '%s/%s' "$PWD" "$1" ;; esac; }
 PREFIX="$(absolute "${PREFIX%/}")"

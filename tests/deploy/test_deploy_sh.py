@@ -4,9 +4,12 @@ token, a WebSocket round trip), a rollback, and deploys that fail without touchi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
+import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -57,11 +60,13 @@ class Site:
             or key.endswith("_PROXY")
         }
 
-    def run(self, *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    def run(
+        self, *args: str, timeout: float = 180, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
         started = time.monotonic()
         done = subprocess.run(
             [str(DEPLOY), *args, "--no-systemctl"],
-            env=self.env,
+            env=self.env | (env or {}),
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -90,11 +95,11 @@ class Site:
             yield
 
 
-def build_wheel(tmp_path: Path) -> Path:
+def build_wheel(tmp_path: Path, source: Path = ROOT) -> Path:
     """This checkout as a wheel, once: both releases install it (no source build per release)."""
     out = tmp_path / "wheels"
     built = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", str(out), str(ROOT)],
+        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", str(out), str(source)],
         capture_output=True,
         text=True,
         timeout=300,
@@ -198,3 +203,70 @@ def test_tune_stages_sysctl_and_limits(tmp_path: Path) -> None:
     assert installed.read_bytes() == (ROOT / "deploy/sysctl.d/60-chefia-rt.conf").read_bytes()
     limits = (tmp_path / "etc/security/limits.d/60-chefia-rt.conf").read_text()
     assert "chefia soft nofile 65536" in limits and "chefia hard nofile 65536" in limits
+
+
+def broken_wheel(tmp_path: Path) -> Path:
+    """This checkout as a wheel whose server starts (READY=1) but whose /health always answers
+    503: a release that passes check-config and migrate and only `verify` can catch."""
+    source = tmp_path / "broken-source"
+    ignore = shutil.ignore_patterns(".*", "tests", "loadtest", "docs", "__pycache__", "*.egg-info")
+    shutil.copytree(ROOT, source, ignore=ignore)
+    http = source / "chefia_rt/http.py"
+    healthy = "return json_response(200 if ok else 503, body)"
+    assert healthy in http.read_text()
+    http.write_text(http.read_text().replace(healthy, "return json_response(503, body)"))
+    return build_wheel(tmp_path / "broken", source)
+
+
+def test_failing_release_is_rolled_back_by_itself(tmp_path: Path) -> None:
+    site = Site(tmp_path)
+    restart = f"{sys.executable} {ROOT / 'tests/deploy/notify_restart.py'}"
+    site.env["CHEFIA_RESTART_COMMAND"] = restart
+    wheel = build_wheel(tmp_path)
+
+    # Prerequisites are checked before anything is built, each with its reason.
+    full = site.run("deploy", "--wheel", str(wheel), env={"CHEFIA_DEPLOY_RESERVE_MB": "999999999"})
+    assert full.returncode == 1
+    assert "not enough disk space" in full.stderr and "MiB free" in full.stderr, full.stderr
+    old = site.run("deploy", "--wheel", str(wheel), env={"CHEFIA_PYTHON": "/bin/false"})
+    assert old.returncode == 1
+    assert "needs Python 3.11 or newer" in old.stderr, old.stderr
+    assert not (site.prefix / "releases").exists() or site.releases() == []
+
+    try:
+        first = site.run("deploy", "--wheel", str(wheel))
+        assert first.returncode == 0, first.stderr
+        assert "first deploy: no backup" in first.stderr
+        assert "restarted and verified" in first.stderr, first.stderr
+        (release1,) = site.releases()
+
+        broken = broken_wheel(tmp_path)
+        failed = site.run("deploy", "--wheel", str(broken), "--label", "broken")
+        print(failed.stderr)
+        assert failed.returncode == 1
+        # The backup came first, made and verified by the running release.
+        assert f"backing up the data with {release1}" in failed.stderr
+        (archive,) = (site.data / "backups").iterdir()
+        assert f"backup verified: {archive}" in failed.stderr
+        assert failed.stderr.index("backup verified") < failed.stderr.index("applying migrations")
+        # The broken release was switched to, failed verify, and was replaced by the old one.
+        assert "FAIL health: HTTP 503" in failed.stderr
+        assert f"rolled back to {release1}, which is serving and verified" in failed.stderr
+        assert str(archive) in failed.stderr.splitlines()[-1]
+        assert site.current() == f"releases/{release1}"
+        assert site.releases() == [release1]
+        again = site.run("verify")
+        assert again.returncode == 0, again.stderr
+    finally:
+        stop_restarted_server(site.data)
+
+
+def stop_restarted_server(data: Path) -> None:
+    pidfile = data / "server.pid"
+    if pidfile.exists():
+        pid = int(pidfile.read_text())
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
