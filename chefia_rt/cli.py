@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 
 from chefia_rt import __version__
 from chefia_rt.auth import TERMINAL_TYPES, issue_token, parse_duration
-from chefia_rt.config import Settings, load_settings
+from chefia_rt.config import Settings, load_settings, setting_warnings
 from chefia_rt.errors import ConfigError
 from chefia_rt.protocol.messages import TERMINAL_ID_RE
 
@@ -31,12 +31,17 @@ def _describe(settings: Settings) -> dict[str, object]:
         "workers": settings.workers,
         "auth": "jwt" if settings.auth_enabled else "open (JWT_SECRET_KEY not set)",
         "max_connections_per_worker": settings.max_ws_connections,
+        "log_level": settings.ws_log_level,
+        "scheduled_backups": settings.backup_schedule if settings.backup_enabled else "off",
     }
 
 
 def cmd_check_config(args: argparse.Namespace, settings: Settings) -> int:
-    print(json.dumps(_describe(settings), indent=2))
-    return 0
+    warnings = setting_warnings()
+    for warning in warnings:
+        print(f"chefia-rt: warning: {warning}", file=sys.stderr)
+    print(json.dumps(_describe(settings) | {"warnings": warnings}, indent=2))
+    return 1 if warnings and args.strict else 0
 
 
 def settle_gc() -> None:
@@ -56,6 +61,9 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     from chefia_rt.logs import setup_logging
 
     setup_logging(settings.ws_log_level)
+    if args.worker is None:
+        for warning in setting_warnings():
+            log.warning("configuration: %s", warning)
     if not settings.auth_enabled and args.worker is None:
         log.warning(
             "OPEN MODE: JWT_SECRET_KEY is not set; any client can connect as any terminal "
@@ -233,6 +241,12 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
         if name == "token":
             _token_arguments(p)
+        if name == "check-config":
+            p.add_argument(
+                "--strict",
+                action="store_true",
+                help="exit 1 when a name is unknown, unused or shadowed (the warnings)",
+            )
         if name == "backup":
             _backup_arguments(p)
         if name == "restore":

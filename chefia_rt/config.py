@@ -43,7 +43,12 @@ class Settings(BaseSettings):
     ws_path: str = "/ws"
     # The WebSocket library that speaks the protocol (chefia_rt/server.py, picows_server.py).
     ws_transport: Transport = "websockets"
-    max_ws_connections: int = Field(1000, ge=1)
+    # Each alias below is read when the project's own name is not set (see ALIASES).
+    max_ws_connections: int = Field(
+        1000,
+        ge=1,
+        validation_alias=AliasChoices("max_ws_connections", "ws_max_connections"),
+    )
     max_ws_message_size: int = Field(1_048_576, ge=1024)
     ws_connection_timeout: float = Field(300.0, gt=0)
     ws_heartbeat_interval: float = Field(30.0, gt=0)
@@ -63,8 +68,9 @@ class Settings(BaseSettings):
     ws_allowed_origins: str = "*"
     ws_enable_compression: bool = True
     ws_enable_metrics: bool = True
-    ws_metrics_interval: float = Field(60.0, gt=0)
-    ws_log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    ws_log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(
+        "INFO", validation_alias=AliasChoices("ws_log_level", "log_level")
+    )
     ws_log_messages: bool = False
     # Batching of msgpack pushes: flush at this many messages or after this window.
     ws_batch_max_messages: int = Field(100, ge=1, le=1000)
@@ -139,6 +145,9 @@ class Settings(BaseSettings):
     backup_dir: str = "./backups"
     backup_retention_days: int = Field(30, ge=1)
     backup_schedule: str = "0 2 * * *"
+    # Scheduled backups (the systemd timer deploy.sh installs, compose's backup service); a
+    # `chefia-rt backup` run by hand, and deploy.sh's backup before migrating, run regardless.
+    backup_enabled: bool = True
 
     @field_validator("ws_path")
     @classmethod
@@ -285,6 +294,84 @@ class Settings(BaseSettings):
         """None when every origin is allowed."""
         origins = [o.strip() for o in self.ws_allowed_origins.split(",") if o.strip()]
         return None if not origins or "*" in origins else origins
+
+
+# Other names for settings, each read only when the project's own name is not set: the project's
+# name wins over its alias (and, as for every setting, the environment wins over .env).
+ALIASES = {
+    "WS_MAX_CONNECTIONS": "MAX_WS_CONNECTIONS",
+    "LOG_LEVEL": "WS_LOG_LEVEL",
+    "WS_WORKER_THREADS": "WS_WORKERS",
+}
+# Names a deployment may carry that the server accepts but does not use, and why.
+UNUSED = {
+    "WS_METRICS_INTERVAL": (
+        "monitors get the server's figures every WS_STATS_INTERVAL seconds and /metrics is "
+        "computed when it is scraped"
+    ),
+}
+# Read by other parts of a deployment (deploy/health-check.sh), not by the server.
+ELSEWHERE = frozenset({"PROMETHEUS_URL", "GRAFANA_URL", "ALERTMANAGER_URL"})
+# Environment names that look like this server's: an unknown one among them is most likely a
+# misspelt or outdated setting, reported by check-config and at start-up.
+FAMILY = (
+    "WS_",
+    "MAX_WS_",
+    "SYNC_",
+    "BACKUP_",
+    "MONITOR_",
+    "CACHE_",
+    "TERMINAL_",
+    "DATABASE_",
+    "REDIS_",
+    "JWT_",
+    "METRICS_",
+    "PROMETHEUS_",
+    "COMPRESSION_",
+    "ENTITY_",
+    "CLOCK_",
+    "LOCKS_",
+    "LOG_",
+    "ENCRYPTION_",
+)
+
+
+def setting_names() -> set[str]:
+    """Every environment name the server reads, aliases included, in upper case."""
+    names: set[str] = set()
+    for field, info in Settings.model_fields.items():
+        names.add(field.upper())
+        if isinstance(info.validation_alias, AliasChoices):
+            names.update(str(choice).upper() for choice in info.validation_alias.choices)
+    return names
+
+
+def setting_warnings(
+    environ: dict[str, str] | None = None, env_file: str | None = ".env"
+) -> list[str]:
+    """What in the environment (and .env) the server ignores, or reads other than it looks:
+    unknown names of the server's family, names it does not use, an alias beside its name."""
+    from dotenv import dotenv_values
+
+    given: dict[str, str] = {}
+    if env_file is not None and os.path.isfile(env_file):
+        given |= {k.upper(): v or "" for k, v in dotenv_values(env_file).items()}
+    given |= {k.upper(): v for k, v in (os.environ if environ is None else environ).items()}
+    known = setting_names()
+    warnings = []
+    for name in sorted(given):
+        if name in UNUSED:
+            warnings.append(f"{name} is not used: {UNUSED[name]}")
+        elif name in ALIASES:
+            own = ALIASES[name]
+            if own in given and given[own] != given[name]:
+                warnings.append(f"{own} and its alias {name} are both set and differ: {own} wins")
+        elif name.startswith(FAMILY) and name not in known and name not in ELSEWHERE:
+            warnings.append(
+                f"{name} is not a chefia-rt setting and is ignored (config/.env.example "
+                "lists every setting)"
+            )
+    return warnings
 
 
 def _env_name(field: str) -> str:

@@ -184,6 +184,65 @@ def test_log_level_is_case_insensitive(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
 
 
+def test_plan_names_are_aliases_and_the_project_name_wins(tmp_path: Path) -> None:
+    env = clean_env(WS_MAX_CONNECTIONS="5", LOG_LEVEL="debug")
+    result = run("check-config", cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr
+    described = json.loads(result.stdout)
+    assert described["max_connections_per_worker"] == 5
+    assert described["log_level"] == "DEBUG"
+    assert described["warnings"] == [] and result.stderr == ""
+    # Both names set: the project's own wins, and the disagreement is reported.
+    env = clean_env(WS_MAX_CONNECTIONS="5", MAX_WS_CONNECTIONS="700", LOG_LEVEL="ERROR")
+    result = run("check-config", "--strict", cwd=tmp_path, env=env | {"WS_LOG_LEVEL": "INFO"})
+    assert result.returncode == 1
+    described = json.loads(result.stdout)
+    assert described["max_connections_per_worker"] == 700
+    assert described["log_level"] == "INFO"
+    assert described["warnings"] == [
+        "WS_LOG_LEVEL and its alias LOG_LEVEL are both set and differ: WS_LOG_LEVEL wins",
+        "MAX_WS_CONNECTIONS and its alias WS_MAX_CONNECTIONS are both set and differ: "
+        "MAX_WS_CONNECTIONS wins",
+    ]
+    assert "warning: WS_LOG_LEVEL and its alias LOG_LEVEL" in result.stderr
+    # An alias is checked like its name.
+    bad = run("check-config", cwd=tmp_path, env=clean_env(WS_MAX_CONNECTIONS="0"))
+    assert bad.returncode == 1 and "MAX_WS_CONNECTIONS (or WS_MAX_CONNECTIONS)" in bad.stderr
+
+
+def test_unknown_and_unused_names_are_reported(tmp_path: Path) -> None:
+    (tmp_path / ".env").write_text("WS_HEARTBEAT_INTERVALL=10\nBACKUP_ENABLED=false\n")
+    env = clean_env(WS_METRICS_INTERVAL="60", SYNC_BATCH_SIZE="9", PROMETHEUS_URL="http://p")
+    result = run("check-config", cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr  # warnings only fail with --strict
+    described = json.loads(result.stdout)
+    assert described["scheduled_backups"] == "off"
+    warned = described["warnings"]
+    assert len(warned) == 3, warned
+    assert warned[0].startswith("SYNC_BATCH_SIZE is not a chefia-rt setting and is ignored")
+    assert warned[1].startswith("WS_HEARTBEAT_INTERVALL is not a chefia-rt setting")  # .env
+    assert warned[2].startswith("WS_METRICS_INTERVAL is not used: monitors get")
+    assert result.stderr.count("chefia-rt: warning: ") == 3
+    assert run("check-config", "--strict", cwd=tmp_path, env=env).returncode == 1
+
+
+def test_serve_reports_unknown_names_at_start_up(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as busy:  # the server stops right after start-up: the port is taken
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        env = clean_env(
+            WS_HOST="127.0.0.1",
+            WS_PORT=str(busy.getsockname()[1]),
+            DATABASE_URL=f"sqlite:///{tmp_path / 'rt.db'}",
+            WS_MAX_CONECTIONS="5",
+        )
+        result = run("serve", cwd=tmp_path, env=env)
+    assert result.returncode == 1
+    assert "configuration: WS_MAX_CONECTIONS is not a chefia-rt setting" in result.stderr
+
+
 BAD_VALUES = [
     ("WS_PORT", "abc"),
     ("WS_PORT", "70000"),
@@ -310,3 +369,12 @@ def test_serve_freezes_start_up_objects_and_raises_gc_thresholds(tmp_path: Path)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["True", "True"]
     assert GC_THRESHOLDS[0] > 700  # Python's default first generation
+
+
+def test_every_setting_is_of_the_reported_family() -> None:
+    """An unknown name is reported when it looks like a setting: every real one must look so."""
+    from chefia_rt.config import ALIASES, FAMILY, UNUSED, setting_names
+
+    assert all(name.startswith(FAMILY) for name in setting_names())
+    assert set(ALIASES) <= setting_names() and set(ALIASES.values()) <= setting_names()
+    assert not set(UNUSED) & setting_names()
