@@ -4,6 +4,7 @@
 #   deploy.sh deploy   [--source DIR | --wheel FILE] [--wheelhouse DIR] [--label TEXT]
 #                      [--system-site-packages] [--no-backup]
 #   deploy.sh rollback
+#   deploy.sh backup-timer
 #   deploy.sh verify   [--url http://127.0.0.1:8001]
 #   deploy.sh tune     [--no-apply]
 #   common options:    [--prefix DIR] [--env-file FILE] [--no-systemctl] [--keep N]
@@ -31,6 +32,10 @@
 # `pip download --no-deps -d DIR "$(python scripts/lock_pin.py uv | cut -d' ' -f1)"` and
 # `uv build --wheel -o DIR`.
 # `rollback` switches `current` back to the release deployed before it and restarts.
+# `backup-timer` (also run at every restart) writes chefia-rt-backup.timer's schedule from
+# BACKUP_SCHEDULE of the env file, as the drop-in chefia-rt-backup.timer.d/schedule.conf
+# (OnCalendar= from `chefia-rt backup --print-oncalendar`), and enables the timer, or disables
+# it with BACKUP_ENABLED=false. Run it after changing either in the env file.
 #
 # Environment (the options win): CHEFIA_PREFIX (/opt/chefia-rt), CHEFIA_ENV_FILE
 # (/etc/chefia-rt/env), CHEFIA_DATA_DIR (/var/lib/chefia-rt: the service's working directory,
@@ -193,10 +198,64 @@ install_units() {
       changed=1
     fi
   done
+  write_backup_schedule && changed=1
   if [ "$changed" = 1 ]; then
     systemctl daemon-reload
-    systemctl enable --quiet chefia-rt.service chefia-rt-backup.timer
+    systemctl enable --quiet chefia-rt.service
   fi
+  apply_backup_enabled
+}
+
+# The timer's OnCalendar= from BACKUP_SCHEDULE (as the current release reads the env file).
+# Returns 0 when the drop-in changed.
+write_backup_schedule() {
+  local dropin="$ROOT_DIR/etc/systemd/system/chefia-rt-backup.timer.d" schedule lines
+  schedule="$(env_value BACKUP_SCHEDULE)"
+  lines="$(as_service "$PREFIX/current/venv/bin/chefia-rt" backup --print-oncalendar)" ||
+    die "BACKUP_SCHEDULE in $ENV_FILE has no systemd equivalent (the line above says why)"
+  mkdir -p "$dropin"
+  {
+    printf '# Written by deploy.sh from BACKUP_SCHEDULE="%s" of %s.\n' "${schedule:-0 2 * * *}" "$ENV_FILE"
+    printf '[Timer]\nOnCalendar=\n'
+    printf 'OnCalendar=%s\n' "$lines"
+  } >"$dropin/schedule.conf.new"
+  if cmp -s "$dropin/schedule.conf.new" "$dropin/schedule.conf"; then
+    rm -f "$dropin/schedule.conf.new"
+    return 1
+  fi
+  mv "$dropin/schedule.conf.new" "$dropin/schedule.conf"
+  say "backup schedule: $(printf '%s' "$lines" | paste -sd';') ($dropin/schedule.conf)"
+}
+
+# BACKUP_ENABLED: the timer on or off (as the current release reads it, so any spelling of a
+# boolean the server accepts works the same here).
+apply_backup_enabled() {
+  local state
+  state="$(as_service "$PREFIX/current/venv/bin/chefia-rt" check-config 2>/dev/null |
+    "$PREFIX/current/venv/bin/python" -c 'import json, sys; print(json.load(sys.stdin)["scheduled_backups"])')" ||
+    die "could not read BACKUP_ENABLED from $ENV_FILE with the current release"
+  if [ "$state" = off ]; then
+    if systemctl_enabled; then
+      systemctl disable --now --quiet chefia-rt-backup.timer
+    fi
+    say "scheduled backups are off (BACKUP_ENABLED=false): chefia-rt-backup.timer disabled"
+  else
+    if systemctl_enabled; then
+      systemctl enable --now --quiet chefia-rt-backup.timer
+    fi
+    say "scheduled backups are on: chefia-rt-backup.timer enabled"
+  fi
+}
+
+cmd_backup_timer() {
+  [ -x "$PREFIX/current/venv/bin/chefia-rt" ] || die "nothing deployed in $PREFIX"
+  if [ -z "$ROOT_DIR" ] && [ "$(id -u)" != 0 ]; then
+    die "backup-timer writes /etc: run it as root (or set CHEFIA_DEPLOY_ROOT to stage the files)"
+  fi
+  if write_backup_schedule && systemctl_enabled; then
+    systemctl daemon-reload
+  fi
+  apply_backup_enabled
 }
 
 cmd_deploy() {
@@ -527,6 +586,7 @@ DATA_DIR="$(absolute "$DATA_DIR")"
 case "$COMMAND" in
   deploy) cmd_deploy ;;
   rollback) cmd_rollback ;;
+  backup-timer) cmd_backup_timer ;;
   verify) cmd_verify ;;
   tune) cmd_tune ;;
   -h | --help | help) usage ;;

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from tests.deploy.serving import server_process
 from tests.helpers import free_port
+from tests.services import service_missing
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy/deploy.sh"
@@ -239,6 +240,7 @@ def test_failing_release_is_rolled_back_by_itself(tmp_path: Path) -> None:
         assert "first deploy: no backup" in first.stderr
         assert "restarted and verified" in first.stderr, first.stderr
         (release1,) = site.releases()
+        check_backup_timer(site, tmp_path / "root")
 
         broken = broken_wheel(tmp_path)
         failed = site.run("deploy", "--wheel", str(broken), "--label", "broken")
@@ -270,3 +272,54 @@ def stop_restarted_server(data: Path) -> None:
         deadline = time.monotonic() + 30
         while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
             time.sleep(0.1)
+
+
+def check_backup_timer(site: Site, root: Path) -> None:
+    """`deploy.sh backup-timer` writes the timer's schedule from BACKUP_SCHEDULE ("0 3 * * *" in
+    the env file) and follows BACKUP_ENABLED; systemd itself reads the result."""
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        service_missing("systemd-analyze", "not installed (apt-get install systemd)")
+    assert analyze is not None
+    staged = {"CHEFIA_DEPLOY_ROOT": str(root)}
+    timer = site.run("backup-timer", env=staged)
+    assert timer.returncode == 0, timer.stderr
+    assert "scheduled backups are on" in timer.stderr
+    dropin = root / "etc/systemd/system/chefia-rt-backup.timer.d/schedule.conf"
+    text = dropin.read_text()
+    calendars = [line.split("=", 1)[1] for line in text.splitlines() if line.startswith("OnCal")]
+    assert calendars == ["", "*-*-* 03:00:00"], text  # the unit's 02:00 cleared first
+    normalized = subprocess.run(
+        [analyze, "calendar", calendars[1]], capture_output=True, text=True, check=False
+    )
+    assert normalized.returncode == 0, normalized.stderr
+    assert "Normalized form: *-*-* 03:00:00" in normalized.stdout
+    # The timer with its drop-in, as systemd loads it.
+    units = root / "units"
+    units.mkdir()
+    script = Path(sys.executable).parent / "chefia-rt"
+    for name in ("chefia-rt-backup.service", "chefia-rt-backup.timer"):
+        unit = (ROOT / "deploy" / name).read_text()
+        (units / name).write_text(
+            unit.replace("/opt/chefia-rt/current/venv/bin/chefia-rt", str(script))
+        )
+    shutil.copytree(dropin.parent, units / dropin.parent.name)
+    verified = subprocess.run(
+        [analyze, "verify", "chefia-rt-backup.timer"],
+        cwd=units,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert verified.returncode == 0 and verified.stderr.strip() == "", verified.stderr
+
+    # Turned off in the env file: the timer is disabled; an unchanged schedule is not rewritten.
+    good_env = site.env_file.read_text()
+    site.env_file.write_text(good_env + "BACKUP_ENABLED=false\n")
+    off = site.run("backup-timer", env=staged)
+    assert off.returncode == 0, off.stderr
+    assert "scheduled backups are off" in off.stderr and "backup schedule:" not in off.stderr
+    site.env_file.write_text(good_env + 'BACKUP_SCHEDULE="61 * * * *"\n')
+    bad = site.run("backup-timer", env=staged)
+    assert bad.returncode == 1 and "BACKUP_SCHEDULE" in bad.stderr, bad.stderr
+    site.env_file.write_text(good_env)
