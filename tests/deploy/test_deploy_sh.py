@@ -149,7 +149,8 @@ def test_deploy_verify_second_release_and_rollback(tmp_path: Path) -> None:
         lines = verified.stdout.splitlines()
         assert lines[0].startswith("ok health: status=ok") and "auth=jwt" in lines[0]
         assert lines[1].startswith("ok stats: total_connections=")
-        assert lines[2].startswith("ok websocket: store seq ")
+        assert lines[2].startswith("ok monitor: ")
+        assert lines[3].startswith("ok websocket: store seq ")
 
         second = site.run("deploy", "--wheel", str(wheel), "--label", "second")
         assert second.returncode == 0, second.stderr
