@@ -165,9 +165,57 @@ def is_upgrade(request: Request) -> bool:
     return any("websocket" in value.lower() for value in request.headers.get_all("Upgrade"))
 
 
+# CORS for the HTTP API (/api/v1/...): a page of an origin in WS_ALLOWED_ORIGINS (any origin with
+# `*`) may call it from a browser, with a token in the Authorization header (hence the
+# preflight); a page of any other origin gets answers without CORS headers, which the browser
+# keeps from it. Credentials are tokens, never cookies: no Allow-Credentials.
+API_PREFIX = "/api/v1/"
+CORS_METHODS = "GET, OPTIONS"
+CORS_REQUEST_HEADERS = "Authorization, If-None-Match"
+CORS_EXPOSED = "ETag, Retry-After, WWW-Authenticate"
+CORS_MAX_AGE = "600"  # seconds a browser may reuse a preflight's answer
+
+
+def cors_origin(allowed: list[str] | None, request: Request) -> str | None:
+    """The request's Origin when it may read the API's answers; None otherwise."""
+    origins = request.headers.get_all("Origin")
+    if len(origins) != 1 or origins[0] == "null":
+        return None
+    origin = origins[0]
+    return origin if allowed is None or origin in allowed else None
+
+
+def _preflight(origin: str | None, request: Request) -> Response:
+    if request.headers.get_all("Access-Control-Request-Method") and origin is None:
+        return json_response(403, {"error": "origin not allowed (WS_ALLOWED_ORIGINS)"})
+    headers = {"Allow": CORS_METHODS, "Vary": "Origin", "Cache-Control": "no-store"}
+    if origin is not None:
+        headers |= {
+            "Access-Control-Allow-Origin": origin,
+            "Access-Control-Allow-Methods": CORS_METHODS,
+            "Access-Control-Allow-Headers": CORS_REQUEST_HEADERS,
+            "Access-Control-Max-Age": CORS_MAX_AGE,
+        }
+    return Response(204, "No Content", Headers(headers), b"")
+
+
 async def handle_http(node: Node, request: Request) -> Response:
-    """Answer a plain HTTP request."""
+    """Answer a plain HTTP request (with CORS headers for the API, see above)."""
     path = urlsplit(request.path).path
+    if not path.startswith(API_PREFIX):
+        return await _handle_http(node, request, path)
+    origin = cors_origin(node.settings.allowed_origins, request)
+    if request.method == "OPTIONS":
+        return _preflight(origin, request)
+    response = await _handle_http(node, request, path)
+    response.headers["Vary"] = "Origin"
+    if origin is not None:
+        response.headers["Access-Control-Allow-Origin"] = origin
+        response.headers["Access-Control-Expose-Headers"] = CORS_EXPOSED
+    return response
+
+
+async def _handle_http(node: Node, request: Request, path: str) -> Response:
     if entity_api.is_entity_path(path):
         return await entity_api.handle(node, request)
     route = ROUTES.get(path)
