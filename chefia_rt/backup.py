@@ -19,6 +19,10 @@ every table from one snapshot); SQLite is first copied with the online backup AP
 one snapshot, and the copy is read. Writers are never blocked. Every operation with a seq up to
 a store's watermark is in the archive's log, and no later one.
 
+With ENCRYPTION_KEY set, every table member is stored encrypted (AES-256-GCM, the key derived
+with scrypt) and the manifest, in format 2, says how under `encryption`; verify and restore need
+the key (chefia_rt/archive_crypto.py). An archive without `encryption` needs no key.
+
 Restore verifies the whole archive first, so a damaged one is refused before the target database
 is even opened; then it loads everything in one transaction into an empty database (or one
 emptied in that same transaction with --force).
@@ -48,12 +52,22 @@ from pathlib import Path
 from typing import IO, Any, TextIO
 
 from chefia_rt import __version__
+from chefia_rt.archive_crypto import (
+    ALGORITHM,
+    ArchiveKey,
+    DecryptingReader,
+    EncryptingWriter,
+    WrongKey,
+)
 from chefia_rt.config import Settings
 from chefia_rt.errors import StorageUnavailable
 from chefia_rt.protocol.messages import format_timestamp
 from chefia_rt.store.rows import migrations
 
-FORMAT_VERSION = 1
+# The newest format this version reads; a plain archive is still written as 1 (older releases
+# read it), an encrypted one as 2.
+FORMAT_VERSION = 2
+PLAIN_FORMAT_VERSION = 1
 FORMAT_NAME = "chefia-rt-backup"
 MANIFEST = "manifest.json"
 ARCHIVE_PREFIX = "chefia-rt-backup-"
@@ -354,14 +368,26 @@ class MemberInfo:
 class _MemberWriter:
     """JSON lines of one table into `<staging>/<table>.jsonl.gz`, hashed as they are written."""
 
-    def __init__(self, staging: Path, table: Table, progress: Progress) -> None:
+    def __init__(
+        self, staging: Path, table: Table, progress: Progress, key: ArchiveKey | None = None
+    ) -> None:
         self.table = table
         self.path = staging / table.member
         self._raw = self.path.open("wb")
         self._hashing = _HashingWriter(self._raw)
+        # Encrypted: gzip -> chunks -> hash; the hash is of the stored bytes either way.
+        self._encrypting = (
+            None
+            if key is None
+            else EncryptingWriter(key, member_number(table.member), table.member, self._hashing)
+        )
         # mtime=0 and no file name: the same rows always compress to the same bytes.
         self._gz = gzip.GzipFile(
-            filename="", mode="wb", fileobj=self._hashing, compresslevel=6, mtime=0
+            filename="",
+            mode="wb",
+            fileobj=self._encrypting or self._hashing,
+            compresslevel=6,
+            mtime=0,
         )
         self._buffer = bytearray()
         self._progress = progress
@@ -379,6 +405,8 @@ class _MemberWriter:
         if self._buffer:
             self._gz.write(self._buffer)
         self._gz.close()
+        if self._encrypting is not None:
+            self._encrypting.close()
         self._raw.close()  # a staging file: only the finished archive is fsynced
         return MemberInfo(
             table=self.table.name,
@@ -410,10 +438,12 @@ def _manifest_checksum(manifest: dict[str, Any]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def _manifest(snapshot: _Snapshot, created: datetime) -> dict[str, Any]:
+def _manifest(
+    snapshot: _Snapshot, created: datetime, key: ArchiveKey | None = None
+) -> dict[str, Any]:
     manifest: dict[str, Any] = {
         "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
+        "format_version": PLAIN_FORMAT_VERSION if key is None else FORMAT_VERSION,
         "created_at": format_timestamp(created),
         "chefia_rt_version": __version__,
         "source": {"kind": snapshot.kind, "schema_version": snapshot.schema_version},
@@ -422,6 +452,8 @@ def _manifest(snapshot: _Snapshot, created: datetime) -> dict[str, Any]:
             TABLES_BY_NAME[info.table].member: info.as_json() for info in snapshot.members.values()
         },
     }
+    if key is not None:
+        manifest["encryption"] = key.description
     manifest["checksum"] = _manifest_checksum(manifest)
     return manifest
 
@@ -523,7 +555,14 @@ def _latest_schema(kind: str) -> int:
     return max((version for version, _ in found), default=0)
 
 
-def _snapshot_sqlite(path: str, staging: Path, progress: Progress) -> _Snapshot:
+def member_number(member: str) -> int:
+    """A member's number in the archive (its nonces start with it when encrypted)."""
+    return next(i for i, table in enumerate(TABLES) if table.member == member)
+
+
+def _snapshot_sqlite(
+    path: str, staging: Path, progress: Progress, key: ArchiveKey | None = None
+) -> _Snapshot:
     """Copy the file with the online backup API (one read snapshot; writers go on), read the
     copy. Runs in a thread."""
     if path == ":memory:" or not Path(path).is_file():
@@ -558,7 +597,7 @@ def _snapshot_sqlite(path: str, staging: Path, progress: Progress) -> _Snapshot:
             if progress.tty:
                 total = db.execute(f"SELECT count(*) FROM {table.name}").fetchone()[0]
             progress.start(table.name, total)
-            writer = _MemberWriter(staging, table, progress)
+            writer = _MemberWriter(staging, table, progress, key)
             order = ", ".join(table.order)
             cursor = db.execute(
                 f"SELECT {', '.join(table.columns)} FROM {table.name} ORDER BY {order}"
@@ -601,7 +640,9 @@ class _CopySink:
             raise BackupError("COPY output ended inside a row")
 
 
-async def _snapshot_postgres(dsn: str, staging: Path, progress: Progress) -> _Snapshot:
+async def _snapshot_postgres(
+    dsn: str, staging: Path, progress: Progress, key: ArchiveKey | None = None
+) -> _Snapshot:
     import asyncpg
 
     try:
@@ -628,7 +669,7 @@ async def _snapshot_postgres(dsn: str, staging: Path, progress: Progress) -> _Sn
                 if progress.tty:
                     total = await conn.fetchval(f"SELECT count(*) FROM {table.name}")
                 progress.start(table.name, total)
-                writer = _MemberWriter(staging, table, progress)
+                writer = _MemberWriter(staging, table, progress, key)
                 sink = _CopySink(writer)
                 await conn.copy_from_query(_pg_select(table), output=sink.feed)
                 sink.finish()
@@ -763,13 +804,16 @@ async def _create_backup(
     started = time.monotonic()
     created = clock().astimezone(UTC)
     try:
+        key = None
+        if settings.encryption_key is not None:
+            key = await asyncio.to_thread(ArchiveKey.new, settings.encryption_key)
         if settings.storage_kind == "sqlite":
             snapshot = await asyncio.to_thread(
-                _snapshot_sqlite, settings.sqlite_path, staging, progress
+                _snapshot_sqlite, settings.sqlite_path, staging, progress, key
             )
         else:
-            snapshot = await _snapshot_postgres(settings.database_url, staging, progress)
-        manifest = _manifest(snapshot, created)
+            snapshot = await _snapshot_postgres(settings.database_url, staging, progress, key)
+        manifest = _manifest(snapshot, created, key)
         path = await asyncio.to_thread(_write_archive, directory, staging, manifest, created)
     except OSError as exc:
         raise ArchiveWriteError(f"cannot write the backup into {directory}: {exc}") from exc
@@ -784,8 +828,9 @@ async def _create_backup(
         progress.summary(f"chefia-rt: warning: pruning {directory} failed: {exc}")
         pruned = []
     result = BackupResult(path, manifest, pruned, time.monotonic() - started)
+    sealed = f", encrypted {ALGORITHM}" if "encryption" in manifest else ""
     progress.summary(
-        f"backup {path.name}: {len(manifest['members'])} tables, {result.rows:,} rows, "
+        f"backup {path.name}{sealed}: {len(manifest['members'])} tables, {result.rows:,} rows, "
         f"{_human_bytes(path.stat().st_size)} in {result.seconds:.1f}s from {snapshot.kind}; "
         f"watermarks {_watermarks(manifest['watermarks'])}; pruned {len(pruned)} old archive(s)"
     )
@@ -811,6 +856,11 @@ class Manifest:
     def rows(self) -> int:
         return sum(m.rows for m in self.members.values())
 
+    @property
+    def encryption(self) -> dict[str, Any] | None:
+        found = self.raw.get("encryption")
+        return found if isinstance(found, dict) else None
+
 
 @dataclass(slots=True)
 class VerifiedArchive:
@@ -819,11 +869,13 @@ class VerifiedArchive:
     path: Path
     manifest: Manifest
     audit_months: set[tuple[int, int]] = field(default_factory=set)
+    key: ArchiveKey | None = None
 
     def describe(self) -> str:
         m = self.manifest
+        sealed = f"encrypted {m.encryption['algorithm']}, " if m.encryption else ""
         return (
-            f"{self.path}: ok (format {m.format_version}, {m.source_kind} schema "
+            f"{self.path}: ok ({sealed}format {m.format_version}, {m.source_kind} schema "
             f"{m.schema_version}, created {m.created_at}, {len(m.members)} tables, "
             f"{m.rows:,} rows, watermarks {_watermarks(m.watermarks)})"
         )
@@ -873,6 +925,8 @@ def _parse_manifest(path: Path, body: bytes) -> Manifest:
             )
             for name, m in members_raw.items()
         }
+        assert isinstance(raw.get("encryption", {}), dict)
+        assert (version >= 2) == ("encryption" in raw)
     except (KeyError, TypeError, ValueError, AssertionError):
         raise _damaged(path, "manifest.json lacks a field or has a wrong one") from None
     latest = _latest_schema(kind)
@@ -969,9 +1023,14 @@ class _MemberRows:
     """
 
     def __init__(
-        self, path: Path, tar: tarfile.TarFile, entry: tarfile.TarInfo, info: MemberInfo
+        self,
+        path: Path,
+        tar: tarfile.TarFile,
+        entry: tarfile.TarInfo,
+        info: MemberInfo,
+        key: ArchiveKey | None = None,
     ) -> None:
-        self.path, self.name, self.info = path, entry.name, info
+        self.path, self.name, self.info, self._key = path, entry.name, info, key
         if entry.size != info.bytes:
             raise _damaged(
                 path, f"{self.name} is {entry.size} bytes, the manifest says {info.bytes} (damaged)"
@@ -984,7 +1043,11 @@ class _MemberRows:
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         try:
-            with gzip.GzipFile(filename="", mode="rb", fileobj=self._reader) as lines:
+            stored: Any = self._reader
+            if self._key is not None:
+                number = member_number(self.name)
+                stored = DecryptingReader(self._key, number, self.name, self._reader)
+            with gzip.GzipFile(filename="", mode="rb", fileobj=stored) as lines:
                 for number, line in enumerate(lines, 1):
                     row = json.loads(line)
                     if not isinstance(row, dict) or row.keys() != self._columns:
@@ -1105,15 +1168,40 @@ class _ArchiveReader:
         return _parse_manifest(self.path, body)
 
 
-def verify_archive(path: Path, progress: Progress | None = None) -> VerifiedArchive:
+def _archive_key(path: Path, manifest: Manifest, passphrase: str | None) -> ArchiveKey | None:
+    """The key of an encrypted archive from ENCRYPTION_KEY (None for a plain one)."""
+    if manifest.encryption is None:
+        return None
+    algorithm = manifest.encryption.get("algorithm")
+    if passphrase is None:
+        raise BackupError(
+            f"{path}: the archive is encrypted ({algorithm}): set ENCRYPTION_KEY to the key it "
+            "was made with"
+        )
+    try:
+        return ArchiveKey.from_manifest(manifest.encryption, passphrase)
+    except WrongKey:
+        raise BackupError(
+            f"{path}: ENCRYPTION_KEY is not the key this archive was encrypted with "
+            "(nothing was read or restored)"
+        ) from None
+    except ValueError as exc:
+        raise _damaged(path, f"manifest.json: {exc}") from None
+
+
+def verify_archive(
+    path: Path, progress: Progress | None = None, encryption_key: str | None = None
+) -> VerifiedArchive:
     """Check an archive without restoring it: the manifest, its format version, every member
-    present once with its sha256 and row count, nothing extra, the tar whole. Raises
-    BackupError with a one-line reason."""
+    present once with its sha256 and row count, nothing extra, the tar whole; an encrypted one
+    with `encryption_key` (ENCRYPTION_KEY), every chunk authenticated. Raises BackupError with a
+    one-line reason."""
     progress = progress or Progress(tty=False)
     with _ArchiveReader(path) as archive:
         entries = archive.entries()
         manifest = archive.manifest(next(entries, None))
-        verified = VerifiedArchive(path, manifest)
+        key = _archive_key(path, manifest, encryption_key)
+        verified = VerifiedArchive(path, manifest, key=key)
         seen: set[str] = set()
         for entry in entries:
             name = entry.name
@@ -1126,7 +1214,7 @@ def verify_archive(path: Path, progress: Progress | None = None) -> VerifiedArch
             checker = _RowChecker(path, manifest, name)
             progress.start(f"verify {info.table}", info.rows)
             count = 0
-            rows = _MemberRows(path, archive.tar, entry, info)
+            rows = _MemberRows(path, archive.tar, entry, info, key)
             with rows.loading():
                 for row in rows:
                     checker.check(row)
@@ -1180,7 +1268,7 @@ def _table_rows(
         yield (
             TABLES_BY_MEMBER[entry.name],
             info,
-            _MemberRows(verified.path, archive.tar, entry, info),
+            _MemberRows(verified.path, archive.tar, entry, info, verified.key),
         )
 
 
@@ -1327,7 +1415,7 @@ async def restore_archive(
     from chefia_rt.node import make_store
 
     progress = progress or Progress()
-    verified = await asyncio.to_thread(verify_archive, path, progress)
+    verified = await asyncio.to_thread(verify_archive, path, progress, settings.encryption_key)
     store = make_store(settings)
     try:
         await store.open()  # applies pending migrations

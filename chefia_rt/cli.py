@@ -33,6 +33,7 @@ def _describe(settings: Settings) -> dict[str, object]:
         "max_connections_per_worker": settings.max_ws_connections,
         "log_level": settings.ws_log_level,
         "scheduled_backups": settings.backup_schedule if settings.backup_enabled else "off",
+        "backup_encryption": "AES-256-GCM" if settings.encryption_key else "none",
     }
 
 
@@ -161,7 +162,8 @@ def cmd_backup(args: argparse.Namespace, settings: Settings) -> int:
             print("\n".join(cron_to_oncalendar(settings.backup_schedule)))
             return 0
         if args.verify is not None:
-            print(verify_archive(Path(args.verify), Progress()).describe())
+            verified = verify_archive(Path(args.verify), Progress(), settings.encryption_key)
+            print(verified.describe())
             return 0
         output = Path(args.output) if args.output is not None else None
         result = asyncio.run(create_backup(settings, output_dir=output, progress=Progress()))

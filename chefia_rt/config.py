@@ -17,7 +17,9 @@ from chefia_rt.sync.policies import PolicyTable
 DEFAULT_DATABASE_URL = "sqlite:///chefia-rt.db"
 MAX_CACHE_TTL = 3600.0
 # Never repeated in an error message.
-SECRET_SETTINGS = frozenset({"JWT_SECRET_KEY"})
+SECRET_SETTINGS = frozenset({"JWT_SECRET_KEY", "ENCRYPTION_KEY"})
+# ENCRYPTION_KEY: a passphrase (scrypt makes the archive key of it); shorter ones are guessable.
+MIN_ENCRYPTION_KEY = 16
 # WS_TRANSPORT: the WebSocket front ends, the default first.
 Transport = Literal["websockets", "picows"]
 TRANSPORTS: tuple[Transport, ...] = ("websockets", "picows")
@@ -148,6 +150,9 @@ class Settings(BaseSettings):
     # Scheduled backups (the systemd timer deploy.sh installs, compose's backup service); a
     # `chefia-rt backup` run by hand, and deploy.sh's backup before migrating, run regardless.
     backup_enabled: bool = True
+    # Backup archives encrypted with this passphrase (AES-256-GCM); unset: archives in clear.
+    # verify and restore of an encrypted archive need the same key.
+    encryption_key: str | None = None
 
     @field_validator("ws_path")
     @classmethod
@@ -178,7 +183,12 @@ class Settings(BaseSettings):
         return value.strip().upper() if isinstance(value, str) else value
 
     @field_validator(
-        "redis_url", "jwt_secret_key", "metrics_port", "prometheus_multiproc_dir", mode="before"
+        "redis_url",
+        "jwt_secret_key",
+        "metrics_port",
+        "prometheus_multiproc_dir",
+        "encryption_key",
+        mode="before",
     )
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
@@ -196,6 +206,16 @@ class Settings(BaseSettings):
     def _jwt_keys(cls, value: str | None) -> str | None:
         if value is not None:
             parse_keys(value)  # ValueError naming which key is short, never the key itself
+        return value
+
+    @field_validator("encryption_key")
+    @classmethod
+    def _encryption_key(cls, value: str | None) -> str | None:
+        if value is not None and len(value) < MIN_ENCRYPTION_KEY:
+            raise ValueError(
+                f"must be at least {MIN_ENCRYPTION_KEY} characters (openssl rand -hex 32), "
+                f"got {len(value)}"
+            )
         return value
 
     @field_validator("cache_ttls")

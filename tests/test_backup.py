@@ -641,13 +641,13 @@ async def test_a_future_format_is_refused_with_upgrade_advice(
     archive: Path, databases: Databases
 ) -> None:
     def future(manifest: dict[str, Any]) -> None:
-        manifest["format_version"] = 2
+        manifest["format_version"] = 3
         manifest["members"]["orders_v2.cbor"] = {}
 
     rewrite(archive, manifest=future)
     await assert_refused(
         archive,
-        "archive format 2 is newer than this chefia-rt supports (1); upgrade",
+        "archive format 3 is newer than this chefia-rt supports (2); upgrade",
         databases,
     )
 
@@ -747,9 +747,12 @@ async def test_an_archive_changed_after_verification_rolls_back(
     for offset in positions:
 
         def verify_then_damage(
-            path: Path, progress: Progress | None = None, offset: int = offset
+            path: Path,
+            progress: Progress | None = None,
+            key: str | None = None,
+            offset: int = offset,
         ) -> Any:
-            verified = verify(path, progress)
+            verified = verify(path, progress, key)
             flip(path, offset)
             return verified
 
@@ -1059,7 +1062,7 @@ async def test_cli_backup_verify_restore(tmp_path: Path, databases: Databases) -
     [
         ("flip", "checksum mismatch in entities.jsonl.gz"),
         ("truncate", "the archive is truncated"),
-        ("future", "archive format 2 is newer than this chefia-rt supports (1); upgrade"),
+        ("future", "archive format 3 is newer than this chefia-rt supports (2); upgrade"),
         ("missing", "no such file"),
     ],
 )
@@ -1073,7 +1076,7 @@ async def test_cli_verify_refuses_with_one_line(
     elif damage == "truncate":
         truncate(archive)
     elif damage == "future":
-        rewrite(archive, manifest=lambda m: m.update(format_version=2))
+        rewrite(archive, manifest=lambda m: m.update(format_version=3))
     else:
         target = tmp_path / "gone.tar"
     result = await asyncio.to_thread(cli, "backup", "--verify", str(target), cwd=tmp_path)
