@@ -161,6 +161,8 @@ def cmd_backup(args: argparse.Namespace, settings: Settings) -> int:
         if args.print_oncalendar:
             print("\n".join(cron_to_oncalendar(settings.backup_schedule)))
             return 0
+        if args.schedule:
+            return _scheduled_backups(settings)
         if args.verify is not None:
             verified = verify_archive(Path(args.verify), Progress(), settings.encryption_key)
             print(verified.describe())
@@ -172,6 +174,30 @@ def cmd_backup(args: argparse.Namespace, settings: Settings) -> int:
         return 1
     print(result.path)
     return 0
+
+
+def _scheduled_backups(settings: Settings) -> int:
+    """A backup at every BACKUP_SCHEDULE moment (local time), for ever; a failed one is said
+    and the next one still runs. BACKUP_ENABLED=false: says so and exits 0."""
+    import time
+    from datetime import datetime
+
+    from chefia_rt.backup import BackupError, Progress, create_backup
+    from chefia_rt.schedule import next_run
+
+    if not settings.backup_enabled:
+        print("chefia-rt: scheduled backups are off (BACKUP_ENABLED=false)", file=sys.stderr)
+        return 0
+    while True:
+        due = next_run(settings.backup_schedule, datetime.now().astimezone())
+        print(f"chefia-rt: next backup at {due.isoformat()}", file=sys.stderr, flush=True)
+        while (wait := (due - datetime.now().astimezone()).total_seconds()) > 0:
+            time.sleep(min(wait, 60.0))  # a clock that jumps is noticed within a minute
+        try:
+            result = asyncio.run(create_backup(settings, progress=Progress()))
+            print(result.path, flush=True)
+        except BackupError as exc:
+            print(f"chefia-rt: scheduled backup failed: {exc}", file=sys.stderr, flush=True)
 
 
 def cmd_restore(args: argparse.Namespace, settings: Settings) -> int:
@@ -199,6 +225,12 @@ def _backup_arguments(parser: argparse.ArgumentParser) -> None:
     )
     what.add_argument(
         "--output", metavar="DIR", help="write the archive here instead of BACKUP_DIR"
+    )
+    what.add_argument(
+        "--schedule",
+        action="store_true",
+        help="stay running and back up at every BACKUP_SCHEDULE time (containers; systemd "
+        "hosts use chefia-rt-backup.timer); exits at once with BACKUP_ENABLED=false",
     )
     what.add_argument(
         "--print-oncalendar",

@@ -13,6 +13,9 @@ OnCalendar needs both to match, so that case becomes two expressions (a timer ma
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta
+from datetime import time as dt_time
+
 _MACROS = {
     "@yearly": "0 0 1 1 *",
     "@annually": "0 0 1 1 *",
@@ -136,3 +139,37 @@ def cron_to_oncalendar(expression: str) -> list[str]:
         return [f"*-{month}-{dom} {time}", f"{weekdays} *-{month}-* {time}"]
     prefix = f"{weekdays} " if weekdays else ""
     return [f"{prefix}*-{month}-{dom} {time}"]
+
+
+def _parse(expression: str) -> tuple[list[set[int]], bool]:
+    """The five fields' values, and whether the day fields combine with OR (both restricted)."""
+    text = " ".join(expression.split())
+    text = _MACROS.get(text.lower(), text)
+    fields = text.split(" ")
+    if text.startswith("@") or len(fields) != 5:
+        cron_to_oncalendar(expression)  # raises the error that names the problem
+    values = [_values(field, i) for i, field in enumerate(fields)]
+    return values, not fields[2].startswith("*") and not fields[4].startswith("*")
+
+
+def next_run(expression: str, after: datetime) -> datetime:
+    """The first moment after `after` (a whole minute, in after's time zone) when the cron
+    expression fires, as cron and the timer deploy.sh writes from it do. `chefia-rt backup
+    --schedule` (docker-compose.yml's backup service) waits for it."""
+    values, either_day = _parse(expression)
+    minutes, hours, days, months, weekdays = values
+    iso_weekdays = {7 if v in (0, 7) else v for v in weekdays}
+    start = after.replace(second=0, microsecond=0) + timedelta(minutes=1)
+    day = start.date()
+    for _ in range(366 * 8 + 1):  # Feb 29 on a given weekday comes back within 28 years
+        by_month_day = day.day in days
+        by_weekday = day.isoweekday() in iso_weekdays
+        matches = (by_month_day or by_weekday) if either_day else (by_month_day and by_weekday)
+        if day.month in months and matches:
+            for hour in sorted(hours):
+                for minute in sorted(minutes):
+                    moment = datetime.combine(day, dt_time(hour, minute), after.tzinfo)
+                    if moment >= start:
+                        return moment
+        day += timedelta(days=1)
+    raise ValueError(f"{expression!r} never fires (no such day)")

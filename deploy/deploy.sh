@@ -32,6 +32,8 @@
 # `pip download --no-deps -d DIR "$(python scripts/lock_pin.py uv | cut -d' ' -f1)"` and
 # `uv build --wheel -o DIR`.
 # `rollback` switches `current` back to the release deployed before it and restarts.
+# `tune` installs the kernel settings (sysctl.d), the descriptor limits of the service user and,
+# when nginx is installed, sizes it for the connections (deploy/nginx/60-chefia-rt-limits.conf).
 # `backup-timer` (also run at every restart) writes chefia-rt-backup.timer's schedule from
 # BACKUP_SCHEDULE of the env file, as the drop-in chefia-rt-backup.timer.d/schedule.conf
 # (OnCalendar= from `chefia-rt backup --print-oncalendar`), and enables the timer, or disables
@@ -530,6 +532,29 @@ cmd_verify() {
   "$PREFIX/current/deploy/health-check.sh" "${args[@]}"
 }
 
+# nginx sized for the connections chefia-rt takes (deploy/nginx/60-chefia-rt-limits.conf says
+# how): the main-context snippet, and worker_connections in nginx.conf (kept as .chefia-rt.bak).
+NGINX_WORKER_CONNECTIONS=16384
+tune_nginx() {
+  local nginx_dir="$ROOT_DIR/etc/nginx"
+  if [ ! -f "$nginx_dir/nginx.conf" ]; then
+    say "no $nginx_dir/nginx.conf: nginx not tuned (run tune again after installing nginx)"
+    return 0
+  fi
+  mkdir -p "$nginx_dir/modules-enabled"
+  install -m 0644 "$SCRIPT_DIR/nginx/60-chefia-rt-limits.conf" \
+    "$nginx_dir/modules-enabled/60-chefia-rt-limits.conf"
+  grep -q '^[[:space:]]*worker_connections[[:space:]]' "$nginx_dir/nginx.conf" ||
+    die "$nginx_dir/nginx.conf has no worker_connections line to set: set it to $NGINX_WORKER_CONNECTIONS in events {} yourself"
+  [ -e "$nginx_dir/nginx.conf.chefia-rt.bak" ] || cp -p "$nginx_dir/nginx.conf" "$nginx_dir/nginx.conf.chefia-rt.bak"
+  sed -i -E "s/^([[:space:]]*worker_connections[[:space:]]+)[0-9]+;/\1$NGINX_WORKER_CONNECTIONS;/" \
+    "$nginx_dir/nginx.conf"
+  say "nginx: worker_connections $NGINX_WORKER_CONNECTIONS, worker_rlimit_nofile 65536 (reload nginx after nginx -t)"
+  if [ "$APPLY" = 1 ] && command -v nginx >/dev/null; then
+    nginx -t -q || die "nginx -t refuses the tuned configuration (nginx.conf.chefia-rt.bak is the old one)"
+  fi
+}
+
 cmd_tune() {
   local sysctl_dir="$ROOT_DIR/etc/sysctl.d" limits_dir="$ROOT_DIR/etc/security/limits.d"
   if [ -z "$ROOT_DIR" ] && [ "$(id -u)" != 0 ]; then
@@ -546,6 +571,7 @@ chefia hard nofile 65536
 LIMITS
   chmod 0644 "$limits_dir/60-chefia-rt.conf"
   say "installed $sysctl_dir/60-chefia-rt.conf and $limits_dir/60-chefia-rt.conf"
+  tune_nginx
   if [ "$APPLY" = 1 ]; then
     sysctl -q -p "$sysctl_dir/60-chefia-rt.conf" || die "sysctl could not apply the settings"
     say "kernel settings applied"

@@ -306,8 +306,9 @@ def test_nginx_site_proxies_tls_websocket_and_guards_metrics(tmp_path: Path) -> 
 
     nginx = tool("nginx", "nginx")
     tls = self_signed(tmp_path)
-    upstream, https, http = free_port(), free_port(), free_port()
+    upstream, https, http, status = free_port(), free_port(), free_port(), free_port()
     site = site_for_test(tmp_path, tls)
+    site = site.replace("listen 127.0.0.1:8080;", f"listen 127.0.0.1:{status};")
     site = site.replace("server 127.0.0.1:8001", f"server 127.0.0.1:{upstream}")
     site = site.replace("listen 443 ssl;", f"listen 127.0.0.1:{https} ssl;")
     site = site.replace("listen 80;", f"listen 127.0.0.1:{http};")
@@ -371,6 +372,9 @@ def test_nginx_site_proxies_tls_websocket_and_guards_metrics(tmp_path: Path) -> 
                 capture_output=True, text=True, timeout=30, check=False,
             )  # fmt: skip
             assert allowed.stdout != "403", allowed.stdout
+            # What the nginx exporter reads.
+            with urllib.request.urlopen(f"http://127.0.0.1:{status}/stub_status", timeout=5) as r:
+                assert r.read().startswith(b"Active connections: ")
             log = (tmp_path / "logs/chefia-rt.access.log").read_text()
             assert 'GET /ws/pos-nginx HTTP/1.1" 101' in log, log
             assert "store_id" not in log  # $uri only: no query string (tokens) in the log

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -191,6 +192,12 @@ def test_deploy_verify_second_release_and_rollback(tmp_path: Path) -> None:
 
 
 def test_tune_stages_sysctl_and_limits(tmp_path: Path) -> None:
+    nginx = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin")
+    if nginx is None or not Path("/etc/nginx/nginx.conf").exists():
+        service_missing("nginx", "not installed (apt-get install nginx-light)")
+    assert nginx is not None
+    # This host's own (Debian) nginx configuration, staged: tune sizes it.
+    shutil.copytree("/etc/nginx", tmp_path / "etc/nginx", symlinks=True)
     env = {"PATH": os.environ["PATH"], "CHEFIA_DEPLOY_ROOT": str(tmp_path)}
     tuned = subprocess.run(
         [str(DEPLOY), "tune", "--no-apply"],
@@ -205,6 +212,27 @@ def test_tune_stages_sysctl_and_limits(tmp_path: Path) -> None:
     assert installed.read_bytes() == (ROOT / "deploy/sysctl.d/60-chefia-rt.conf").read_bytes()
     limits = (tmp_path / "etc/security/limits.d/60-chefia-rt.conf").read_text()
     assert "chefia soft nofile 65536" in limits and "chefia hard nofile 65536" in limits
+
+    staged = tmp_path / "etc/nginx"
+    assert (staged / "modules-enabled/60-chefia-rt-limits.conf").read_bytes() == (
+        ROOT / "deploy/nginx/60-chefia-rt-limits.conf"
+    ).read_bytes()
+    assert (staged / "nginx.conf.chefia-rt.bak").read_bytes() == Path(
+        "/etc/nginx/nginx.conf"
+    ).read_bytes()
+    # nginx itself reads the result (its includes pointed at the staged copy).
+    main = (staged / "nginx.conf").read_text().replace("/etc/nginx/", f"{staged}/")
+    main = re.sub(r"(?m)^pid .*;$", f"pid {tmp_path}/nginx.pid;", main)
+    (staged / "nginx.conf").write_text(main)
+    checked = subprocess.run(
+        [nginx, "-T", "-c", str(staged / "nginx.conf")],
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert checked.returncode == 0, checked.stderr
+    assert "test is successful" in checked.stderr
+    effective = "\n".join(line.split("#")[0].strip() for line in checked.stdout.splitlines())
+    assert "\nworker_connections 16384;" in effective
+    assert "\nworker_rlimit_nofile 65536;" in effective
 
 
 def broken_wheel(tmp_path: Path) -> Path:
