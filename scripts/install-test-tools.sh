@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install the system tools some tests drive for real (Debian/Ubuntu, as root or with sudo):
 # systemd-analyze (unit files), chromium (the dashboard), prometheus/promtool (metrics, rules,
-# an end-to-end scrape), nginx (the site file), shellcheck (the scripts), docker-compose (the
+# an end-to-end scrape), amtool (the Alertmanager config), nginx (the site file), shellcheck (the scripts), docker-compose (the
 # compose file's schema), openssl, curl and ss (tests/deploy). Only what is missing is
 # installed; nothing is started (the tests run their own instances on free ports).
 set -euo pipefail
@@ -10,6 +10,8 @@ declare -A package_of=(
   [systemd-analyze]=systemd
   [chromium]=chromium
   [promtool]=prometheus
+  # amtool checks config/alertmanager.yml and its routes.
+  [amtool]=prometheus-alertmanager
   [nginx]=nginx-light
   [shellcheck]=shellcheck
   # tests/deploy: compose validation offline, test certificates, health-check.sh, ss.

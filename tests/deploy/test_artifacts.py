@@ -217,6 +217,28 @@ def test_compose_file_is_valid(tmp_path: Path) -> None:
     for service in ("postgres:", "redis:", "server:", "nginx:"):
         assert f"\n  {service}" in resolved.stdout, service
     assert "deploy/nginx/chefia-rt.conf" in resolved.stdout
+    # Every job of the shipped Prometheus config is scraped on localhost: a service in the
+    # server's network namespace listens there, as on a single host.
+    prometheus = (ROOT / "config/prometheus.yml").read_text()
+    jobs = dict(re.findall(r"job_name: (\S+)\n(?:.*\n)*?.*?localhost:(\d+)", prometheus))
+    serving = {
+        "chefia-rt": "server",
+        "postgres": "postgres-exporter",
+        "redis": "redis-exporter",
+        "nginx": "nginx-exporter",
+        "alertmanager": "alertmanager",
+    }
+    assert set(jobs) == set(serving), jobs
+    services = re.split(r"\n  (?=[a-z-]+:\n)", resolved.stdout.split("services:\n", 1)[1])
+    blocks = {block.split(":", 1)[0].strip(): block for block in services}
+    for service in serving.values():
+        if service != "server":
+            assert "network_mode: service:server" in blocks[service], service
+    assert "METRICS_PORT: 9101" in blocks["server"] and jobs["chefia-rt"] == "9101"
+    assert "prometheus" in blocks and "alerts.yml" in blocks["prometheus"]
+    assert "config/alertmanager.yml" in blocks["alertmanager"]
+    # The backup service runs the schedule the systemd timer would.
+    assert "- --schedule" in blocks["backup"] and "BACKUP_SCHEDULE: 0 2 * * *" in blocks["backup"]
 
 
 def dockerfile_instructions(path: Path) -> Iterator[tuple[str, str]]:

@@ -5,10 +5,15 @@ Prometheus in test_cluster_observability)."""
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import subprocess
+
+import pytest
 
 from tests.observability.prometheus import CONFIG_DIR
 from tests.observability.promtext import promtool
+from tests.services import service_missing
 
 
 def run_promtool(*args: str) -> str:
@@ -37,6 +42,43 @@ def test_every_alert_rule_has_a_passing_unit_test() -> None:
     for name in names:
         assert f"alertname: {name}" in tests, f"{name} has no unit test"
     assert "SUCCESS" in run_promtool("test", "rules", "alerts_test.yml")
+
+
+def amtool(*args: str) -> str:
+    found = shutil.which("amtool")
+    if found is None:
+        service_missing("amtool", "not installed (apt-get install prometheus-alertmanager)")
+    assert found is not None
+    result = subprocess.run(
+        [found, *args], cwd=CONFIG_DIR, capture_output=True, timeout=60, check=False
+    )
+    output = (result.stdout + result.stderr).decode()
+    assert result.returncode == 0, output
+    return output
+
+
+def test_alertmanager_config_is_valid() -> None:
+    assert "SUCCESS" in amtool("check-config", "alertmanager.yml")
+
+
+@pytest.mark.parametrize(
+    ("labels", "receiver"),
+    [
+        (["alertname=ChefiaStorageDown", "severity=critical", "instance=n1"], "on-call"),
+        (["alertname=ChefiaNodeDown", "severity=critical"], "on-call"),
+        (["alertname=ChefiaHighLatencyP95", "severity=warning"], "operations"),
+        (["alertname=ChefiaTerminalOffline", "severity=warning", "store_id=s1"], "operations"),
+    ],
+)
+def test_alertmanager_routes_every_alert_somewhere(labels: list[str], receiver: str) -> None:
+    """Each severity the rules give (config/alerts.yml) reaches the receiver meant for it."""
+    routed = amtool("config", "routes", "test", "--config.file=alertmanager.yml", *labels)
+    assert routed.splitlines()[0] == receiver, routed
+
+
+def test_every_alert_has_a_routed_severity() -> None:
+    rules = (CONFIG_DIR / "alerts.yml").read_text()
+    assert set(re.findall(r"severity: (\w+)", rules)) == {"warning", "critical"}
 
 
 def test_grafana_dashboard_panels() -> None:
