@@ -102,5 +102,15 @@ def test_grafana_dashboard_panels() -> None:
         "histogram_quantile(0.95",
         "histogram_quantile(0.99",
     ]
+    # The capacity thresholds of the plan: 800 warning, 950 critical, on each node's line.
+    connections = titles["Connections"]
+    steps = connections["fieldConfig"]["defaults"]["thresholds"]["steps"]
+    assert [(step["color"], step["value"]) for step in steps] == [
+        ("green", None),
+        ("orange", 800),
+        ("red", 950),
+    ]
+    assert connections["fieldConfig"]["defaults"]["custom"]["thresholdsStyle"]["mode"] != "off"
+    assert any("by (instance)" in t["expr"] for t in connections["targets"])
     ids = [panel["id"] for panel in dashboard["panels"]]
     assert len(ids) == len(set(ids))
