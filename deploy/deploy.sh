@@ -212,14 +212,17 @@ install_units() {
 # Returns 0 when the drop-in changed.
 write_backup_schedule() {
   local dropin="$ROOT_DIR/etc/systemd/system/chefia-rt-backup.timer.d" schedule lines
+  local -a calendars=()
   schedule="$(env_value BACKUP_SCHEDULE)"
   lines="$(as_service "$PREFIX/current/venv/bin/chefia-rt" backup --print-oncalendar)" ||
     die "BACKUP_SCHEDULE in $ENV_FILE has no systemd equivalent (the line above says why)"
+  # One expression, or two when cron's day-of-month OR day-of-week needs both.
+  mapfile -t calendars <<<"$lines"
   mkdir -p "$dropin"
   {
     printf '# Written by deploy.sh from BACKUP_SCHEDULE="%s" of %s.\n' "${schedule:-0 2 * * *}" "$ENV_FILE"
     printf '[Timer]\nOnCalendar=\n'
-    printf 'OnCalendar=%s\n' "$lines"
+    printf 'OnCalendar=%s\n' "${calendars[@]}"
   } >"$dropin/schedule.conf.new"
   if cmp -s "$dropin/schedule.conf.new" "$dropin/schedule.conf"; then
     rm -f "$dropin/schedule.conf.new"

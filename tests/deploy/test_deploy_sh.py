@@ -348,6 +348,15 @@ def check_backup_timer(site: Site, root: Path) -> None:
     off = site.run("backup-timer", env=staged)
     assert off.returncode == 0, off.stderr
     assert "scheduled backups are off" in off.stderr and "backup schedule:" not in off.stderr
+    # Day of month OR day of week (cron) takes two OnCalendar= lines.
+    site.env_file.write_text(good_env + 'BACKUP_SCHEDULE="30 4 1 * mon"\n')
+    either = site.run("backup-timer", env=staged)
+    assert either.returncode == 0, either.stderr
+    assert [line for line in dropin.read_text().splitlines() if line.startswith("OnCal")] == [
+        "OnCalendar=",
+        "OnCalendar=*-*-01 04:30:00",
+        "OnCalendar=Mon *-*-* 04:30:00",
+    ]
     site.env_file.write_text(good_env + 'BACKUP_SCHEDULE="61 * * * *"\n')
     bad = site.run("backup-timer", env=staged)
     assert bad.returncode == 1 and "BACKUP_SCHEDULE" in bad.stderr, bad.stderr
