@@ -57,8 +57,11 @@ class Prometheus:
 
 
 @contextlib.asynccontextmanager
-async def running_prometheus(tmp_path: Path, targets: list[str]) -> AsyncIterator[Prometheus]:
-    """Start Prometheus scraping `targets` (host:port) every second; stop it after."""
+async def running_prometheus(
+    tmp_path: Path, targets: list[str], *, admin_api: bool = False
+) -> AsyncIterator[Prometheus]:
+    """Start Prometheus scraping `targets` (host:port) every second; stop it after. `admin_api`:
+    with --web.enable-admin-api, as docker-compose.yml runs it (deleting series)."""
     binary = shutil.which("prometheus")
     if binary is None:
         service_missing("prometheus", "not installed (apt install prometheus)")
@@ -88,6 +91,7 @@ async def running_prometheus(tmp_path: Path, targets: list[str]) -> AsyncIterato
             f"--storage.tsdb.path={home / 'data'}",
             f"--web.listen-address=127.0.0.1:{port}",
             "--log.level=warn",
+            *(["--web.enable-admin-api"] if admin_api else []),
         ],
         log,
     )
