@@ -29,6 +29,8 @@ from chefia_rt.node import Node
 from chefia_rt.protocol.codec import COMPRESSED_PREFIX
 
 DEFAULT_TIMEOUT = 5.0
+# Timestamps of the pings `Terminal.nothing` sends, unique in the test process.
+_PING_MARKERS = itertools.count(9_000_000_001)
 REPOSITORY = Path(__file__).resolve().parent.parent
 
 
@@ -178,10 +180,26 @@ class Terminal:
                 if message["type"] == kind:
                     return message
 
-    async def nothing(self, wait: float = 0.3) -> None:
-        """Assert that no message arrives within `wait` seconds."""
+    async def nothing(self) -> None:
+        """Assert that nothing is on its way to this terminal, proven by order rather than by
+        waiting: the server answers a ping after everything it queued for the connection before
+        (earlier, or in the same frame, since an answer may go ahead of pushes waiting for their
+        batch), so the pong must be the next message and the last of its frame. A push still on
+        its way from another worker through Redis is not ordered with the pong: there, the push
+        of a later operation of the same store is the marker to wait for."""
+        marker = next(_PING_MARKERS)
+        await self.send({"type": "ping", "timestamp": marker})
+        message = await self.recv()
+        if message.get("type") != "pong" or message.get("timestamp") != marker:
+            raise AssertionError(f"unexpected message {message}")
+        if self._pending:
+            raise AssertionError(f"unexpected message {self._pending[0]}")
+
+    async def silent_for(self, seconds: float) -> None:
+        """Let `seconds` pass and assert that nothing arrived meanwhile: for what only the passing
+        of time can show (a timeout that must not fire)."""
         try:
-            message = await self.recv(wait)
+            message = await self.recv(seconds)
         except TimeoutError:
             return
         raise AssertionError(f"unexpected message {message}")

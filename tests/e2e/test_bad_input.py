@@ -206,7 +206,7 @@ async def test_rejected_operation_is_not_applied_or_pushed(server: RunningServer
     async with server.terminal("pos-1") as writer, server.terminal("pos-2") as reader:
         await writer.send(_with(BASE, version=0))
         await writer.expect("sync_error")
-        await reader.nothing(0.2)
+        await reader.nothing()
         assert await server.node.store.get_entity(EntityKey("s1", "tables", "t1")) is None
         bounds = await server.node.store.log_bounds("s1")
         assert bounds.last_seq == 0
@@ -648,7 +648,7 @@ async def test_client_answering_pings_stays_open_past_the_timeout(tmp_path: Path
         server.terminal("pos-1") as terminal,
     ):
         assert terminal.established["heartbeat_interval"] == 0.3
-        await terminal.nothing(2.0)  # protocol pings are answered by the client library
+        await terminal.silent_for(2.0)  # protocol pings are answered by the client library
         await still_usable(terminal)
 
 

@@ -83,7 +83,7 @@ async def test_reads_never_go_back_behind_a_confirmation_across_nodes(tmp_path: 
             ("burger", 1),
             ("burger", 2),
         ]
-        await watcher.nothing(0.3)  # the push is the invalidation: nothing follows it
+        await watcher.nothing()  # the push is the invalidation: nothing follows it
         await pos.close()
         await watcher.close()
 

@@ -420,7 +420,7 @@ async def test_no_echo_of_own_ops_committed_during_a_catch_up(tmp_path: Path) ->
             await late.send(table_op("pos-late", 0))
             await until("the op committed", lambda: committed(cluster, total + 1))
             messages = [await late.recv() for _ in range(total + 2)]
-            await late.nothing(0.5)
+            await late.nothing()
         finally:
             await late.close()
     assert messages[0]["type"] == "connection_established"
@@ -489,8 +489,8 @@ async def test_takeover_across_nodes_keeps_the_locks(cluster: Cluster) -> None:
                 error = await rival.expect("sync_error")
                 assert error["code"] == Code.LOCKED, error
                 # The watcher saw one terminal's ops, the new connection no echo of its own.
-                await new.nothing(0.3)
-                await watcher.nothing(0.1)
+                await new.nothing()
+                await watcher.nothing()
             finally:
                 await new.close()
         finally:

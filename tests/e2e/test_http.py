@@ -276,7 +276,7 @@ async def test_operations_get_1013_while_storage_is_down(tmp_path: Path) -> None
                 assert error["code"] == 1013
                 assert error["entity_type"] == "tables"
                 assert error["entity_id"] == "t1"
-            await other.nothing(0.2)
+            await other.nothing()
             # Reads that need storage fail the same way, and the connection stays.
             await pos.send({"type": "snapshot_request"})
             assert (await pos.expect("error"))["code"] == 1013

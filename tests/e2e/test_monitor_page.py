@@ -177,8 +177,9 @@ async def test_a_person_watches_terminals_activity_alerts_and_exports(
         waiter = await server.connect("waiter-1", type="waiter")
         other = await server.connect("pos-9", store="s2")  # another store: never on this page
 
-        # The terminals, with their types and status.
-        await row(page, "kds-1").wait_for()
+        # The terminals, with their types and status (each row appears when its update lands).
+        for terminal_id in ("pos-1", "kds-1", "waiter-1"):
+            await row(page, terminal_id).wait_for()
         pos_cells = await cells(row(page, "pos-1"))
         assert pos_cells[:3] == ["pos-1", "pos", "online"]
         assert (await cells(row(page, "kds-1")))[:3] == ["kds-1", "kds", "online"]

@@ -51,7 +51,7 @@ async def test_a_resume_with_the_epoch_of_before_a_restore_is_resync_required(
             assert old.established["epoch"] == new_epoch
             resync = await old.expect("resync_required")
             assert resync["epoch"] == new_epoch and "epoch" in resync["reason"]
-            await old.nothing(0.3)
+            await old.nothing()
             # A resume message with the old epoch is refused the same way...
             await old.send({"type": "resume", "since": watermark, "epoch": epoch})
             assert (await old.expect("resync_required"))["last_seq"] == 7
@@ -60,7 +60,7 @@ async def test_a_resume_with_the_epoch_of_before_a_restore_is_resync_required(
             snapshot = await old.until("snapshot")
             assert (snapshot["seq"], snapshot["epoch"]) == (7, new_epoch)
             await old.send({"type": "resume", "since": 7, "epoch": new_epoch})
-            await old.nothing(0.3)
+            await old.nothing()
         # Without an epoch, seqs alone decide, as before epochs existed.
         async with server.terminal("pos-3", since=watermark) as legacy:
             ops = [await legacy.until("data_sync") for _ in range(2)]

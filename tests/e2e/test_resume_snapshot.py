@@ -102,7 +102,7 @@ async def test_since_every_n_replays_exactly_what_follows(
                 )
                 assert push["seq"] == conf["seq"] == last + 1
                 by_seq.append(live)
-                await quiet(late, b, wait=0.1)
+                await quiet(late, b)
         # The replayed states are the full states after each op.
         assert states[3]["data"] == {"n": 1, "m": 1}
         assert states[5]["deleted"] is True and states[5]["data"] == {}
@@ -324,11 +324,11 @@ async def test_snapshot_requested_during_a_catch_up(server: RunningServer, encod
                 watermark = message["seq"]
                 assert watermark == stored
                 assert before == list(range(1, len(before) + 1))
-                await quiet(late, wait=0.1)
+                await quiet(late)
                 _, push = await sync(a, [late], op(f"live-{attempt}", "l", {"n": attempt}))
                 assert push["seq"] == watermark + 1
                 stored += 1
-                await quiet(late, wait=0.1)
+                await quiet(late)
 
 
 @pytest.mark.parametrize("encoding", ENCODINGS)
@@ -345,10 +345,10 @@ async def test_resume_requested_during_a_catch_up(server: RunningServer, encodin
             # stream then ends the replay with exactly the last ten ops.
             while got[-10:] != list(range(stored - 9, stored + 1)):
                 got += await seqs(late, 1)
-            await quiet(late, wait=0.1)
+            await quiet(late)
             _, push = await sync(a, [late], op("live", "l", {"n": 1}))
             assert push["seq"] == stored + 1
-            await quiet(late, wait=0.1)
+            await quiet(late)
 
 
 async def test_snapshot_answer_delayed_while_a_catch_up_runs(
@@ -390,7 +390,7 @@ async def test_snapshot_answer_delayed_while_a_catch_up_runs(
             assert before == list(range(1, len(before) + 1))
             assert before[-1:] <= [watermark], "ops past the watermark came before the snapshot"
             assert await seqs(late, extra) == list(range(watermark + 1, watermark + extra + 1))
-            await quiet(late, wait=0.1)
+            await quiet(late)
 
 
 async def test_resume_answer_delayed_while_a_catch_up_runs(
@@ -427,7 +427,7 @@ async def test_resume_answer_delayed_while_a_catch_up_runs(
             assert got[-extra - 10 :] == list(range(stored - 9, stored + extra + 1))
             for seq in range(stored + 1, stored + extra + 1):
                 assert got.count(seq) == 1, f"seq {seq} arrived {got.count(seq)} times"
-            await quiet(late, wait=0.1)
+            await quiet(late)
 
 
 async def test_reconcile_delivers_an_op_whose_publish_was_lost(
@@ -442,11 +442,11 @@ async def test_reconcile_delivers_an_op_whose_publish_was_lost(
         monkeypatch.setattr(server.node.bus, "publish", lost)
         await a.send(op("lost-1", "t1", {"n": 1}))
         confirmation = await a.expect("sync_confirmation")
-        await b.nothing(0.3)
+        await b.nothing()
         monkeypatch.setattr(server.node.bus, "publish", real_publish)
         await server.node.reconcile()  # sees the log's head
         await server.node.reconcile()  # b is still behind it: caught up from storage
         pushed = await b.expect("data_sync")
         assert pushed["operation"]["id"] == "lost-1"
         assert pushed["operation"]["seq"] == confirmation["seq"]
-        await a.nothing(0.2)  # never echoed to its sender
+        await a.nothing()  # never echoed to its sender

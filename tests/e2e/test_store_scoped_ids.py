@@ -33,7 +33,7 @@ async def replay(terminal: ClusterTerminal, count: int) -> list[dict[str, Any]]:
         message = await terminal.recv(10)
         if message["type"] == "data_sync":
             ops.append(message["operation"])
-    await terminal.nothing(0.3)
+    await terminal.nothing()
     return ops
 
 

@@ -157,9 +157,9 @@ async def sync(
     return confirmation, pushes[0] if pushes else {}
 
 
-async def quiet(*terminals: Terminal, wait: float = 0.3) -> None:
-    """Assert that none of the terminals receives anything within `wait` seconds."""
-    await asyncio.gather(*(t.nothing(wait) for t in terminals))
+async def quiet(*terminals: Terminal) -> None:
+    """Assert that nothing is on its way to any of the terminals (`Terminal.nothing`)."""
+    await asyncio.gather(*(t.nothing() for t in terminals))
 
 
 # ---- connection ----------------------------------------------------------------------------
