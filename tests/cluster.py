@@ -381,7 +381,7 @@ class Cluster:
         landed: list[str] = []
         for _ in range(tries):
             async with asyncio.timeout(timeout):
-                ws = await websockets.connect(url, max_size=None, open_timeout=timeout)
+                ws = await websockets.connect(url, open_timeout=timeout)
                 terminal = ClusterTerminal(ws, encoding)
                 try:
                     terminal.established = await terminal.expect("connection_established")

@@ -287,7 +287,7 @@ class RunningServer:
         if since is not None:
             params["since"] = str(since)
         qs = "&".join(f"{k}={v}" for k, v in params.items())
-        ws = await websockets.connect(f"{self.url}/{terminal_id}?{qs}", max_size=None)
+        ws = await websockets.connect(f"{self.url}/{terminal_id}?{qs}")
         terminal = Terminal(ws, encoding)
         if greet:
             terminal.established = await terminal.expect("connection_established")

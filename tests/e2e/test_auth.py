@@ -92,9 +92,7 @@ async def connect(
         query["encoding"] = encoding
     qs = "&".join(f"{k}={v}" for k, v in query.items())
     headers = {"Authorization": f"Bearer {bearer}"} if bearer is not None else None
-    ws = await websockets.connect(
-        f"{server.url}/{terminal_id}?{qs}", additional_headers=headers, max_size=None
-    )
+    ws = await websockets.connect(f"{server.url}/{terminal_id}?{qs}", additional_headers=headers)
     return Terminal(ws, encoding)
 
 

@@ -396,7 +396,7 @@ async def test_slow_reader_is_closed_1013_and_others_keep_receiving(tmp_path: Pa
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         sock.connect(("127.0.0.1", server.port))
         slow_ws = await websockets.connect(
-            f"{server.url}/slow-1?store_id=s1", sock=sock, max_size=None, max_queue=1
+            f"{server.url}/slow-1?store_id=s1", sock=sock, max_queue=1
         )
         slow = Terminal(slow_ws, "json")
         try:

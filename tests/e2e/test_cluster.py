@@ -415,7 +415,7 @@ async def test_no_echo_of_own_ops_committed_during_a_catch_up(tmp_path: Path) ->
         sock.setblocking(False)
         await loop.sock_connect(sock, ("127.0.0.1", cluster.nodes[0].port))
         url = f"{cluster.nodes[0].url}/pos-late?store_id={STORE}&since=0"
-        late = ClusterTerminal(await websockets.connect(url, sock=sock, max_size=None), "json")
+        late = ClusterTerminal(await websockets.connect(url, sock=sock), "json")
         try:
             await late.send(table_op("pos-late", 0))
             await until("the op committed", lambda: committed(cluster, total + 1))

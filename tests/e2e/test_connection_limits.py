@@ -143,7 +143,6 @@ async def never_reading(cluster: Cluster, store: str, terminal_id: str) -> Any:
     node = cluster.nodes[0]
     ws = await websockets.connect(
         f"{node.url}/{terminal_id}?store_id={store}&type=pos&encoding=json",
-        max_size=None,
         max_queue=1,
     )
     ws.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)

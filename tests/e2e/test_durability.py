@@ -106,7 +106,7 @@ class ServerProcess:
         query = f"store_id={STORE}&encoding={encoding}"
         if since is not None:
             query += f"&since={since}"
-        ws = await websockets.connect(f"{self.url}/{terminal_id}?{query}", max_size=None)
+        ws = await websockets.connect(f"{self.url}/{terminal_id}?{query}")
         terminal = Terminal(ws, encoding)
         terminal.established = await terminal.expect("connection_established")
         return terminal

@@ -338,7 +338,7 @@ async def fuzz_terminal(
         url = f"{server.url}/fuzz-{index}?store_id=fuzz&type={kind}&encoding={encoding}"
         if rng.random() < 0.3:
             url += f"&since={rng.randrange(0, 100)}"
-        ws = await websockets.connect(url, max_size=None)
+        ws = await websockets.connect(url)
         found.connections += 1
         reader = asyncio.create_task(read_all(ws, found))
         try:
@@ -386,7 +386,7 @@ async def fuzz_handshakes(server: RunningServer, rng: random.Random, found: Find
         paths_.append("".join(rng.choice("ab-_.:%/?&=0123456789") for _ in range(30)))
     for path in paths_:
         try:
-            ws = await websockets.connect(f"{server.url}/{path}", max_size=None)
+            ws = await websockets.connect(f"{server.url}/{path}")
         except (InvalidStatus, InvalidHandshake, OSError) as exc:
             found.refused_handshakes[type(exc).__name__] += 1
             continue

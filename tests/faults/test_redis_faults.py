@@ -401,7 +401,7 @@ class Client:
         if since is not None:
             query += f"&since={since}"
         ws = await websockets.connect(
-            f"{self.cluster.url}/{self.terminal_id}?{query}", max_size=None, open_timeout=10
+            f"{self.cluster.url}/{self.terminal_id}?{query}", open_timeout=10
         )
         terminal = Terminal(ws, "msgpack")
         try:
