@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -127,6 +128,75 @@ async def test_resume_message_mid_connection(server: RunningServer, encoding: st
             conf, push = await sync(a, [b], op(f"live-{n}", f"l{n}", operation="CREATE"))
             assert push["seq"] == conf["seq"] == last
             by_seq.append(f"live-{n}")
+
+
+@pytest.mark.parametrize("encoding", ENCODINGS)
+async def test_a_resume_replays_the_terminals_own_ops_too(
+    server: RunningServer, encoding: str
+) -> None:
+    """The stream a resume replays is the store's, the terminal's own operations included (it
+    may have lost what it sent with its storage): only live pushes skip them."""
+    async with server.terminal("pos-a", encoding=encoding) as a:
+        for n in (1, 2):
+            await a.send(op(f"own-{n}", f"t{n}", operation="CREATE"))
+            assert (await confirmed(a, f"own-{n}", "applied"))["seq"] == n
+        await quiet(a)  # live: no echo
+        await a.send({"type": "resume", "since": 0})
+        replay = [(await a.expect("data_sync"))["operation"] for _ in range(2)]
+        assert [(o["id"], o["seq"]) for o in replay] == [("own-1", 1), ("own-2", 2)]
+        await quiet(a)
+    async with server.terminal("pos-a", encoding=encoding, since=1) as again:
+        assert (await again.expect("data_sync"))["operation"]["id"] == "own-2"
+        await quiet(again)
+
+
+async def test_a_resume_replays_an_own_op_the_catch_up_had_not_reached(tmp_path: Path) -> None:
+    """An own op committed while the terminal still catches up is not echoed by that catch-up,
+    but a resume from before it replays it like any other op of the store. The server's small
+    outbound queue and send buffer keep the first catch-up far behind while the test does not
+    read."""
+    stored = 600
+    async with (
+        running_server(tmp_path, ws_message_queue_size=20, ws_send_buffer=4096) as server,
+        server.terminal("pos-a", encoding="msgpack") as a,
+    ):
+        await fill(a, "old", stored)
+        async with server.terminal("late", encoding="msgpack", since=0) as late:
+            await late.send(op("mine", "m", operation="CREATE"))
+            seen = []
+            while (message := await late.recv())["type"] != "sync_confirmation":
+                seen.append(message["operation"]["seq"])
+            assert message["seq"] == stored + 1 and len(seen) < stored
+            await late.send({"type": "resume", "since": stored - 10})
+            want = list(range(stored - 9, stored + 2))  # the last ten stored ops, then its own
+            got = await seqs(late, len(want))
+            while got[-len(want) :] != want:
+                got += await seqs(late, 1)
+            await quiet(late)
+
+
+async def test_since_older_than_the_pruned_log_requires_resync(tmp_path: Path) -> None:
+    """Past the log's retention the oldest ops are pruned (at start-up and daily): a terminal
+    whose watermark the log no longer reaches is told to resync, one it still reaches resumes."""
+    path = tmp_path / "chefia.db"
+    async with running_server(tmp_path) as server, server.terminal("pos-a") as a:
+        for n in range(1, 6):
+            await a.send(op(f"o{n}", f"t{n}", operation="CREATE"))
+            await confirmed(a, f"o{n}", "applied")
+    # The first three were written 40 days ago (the default retention is 30).
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
+        db.execute(
+            "UPDATE sync_operations SET server_time = '2020-01-01T00:00:00.000Z' WHERE seq <= 3"
+        )
+    async with running_server(tmp_path) as server:  # its start-up maintenance prunes them
+        async with server.terminal("pos-b", since=1) as late:
+            resync = await late.expect("resync_required")
+            assert (resync["since"], resync["oldest_seq"], resync["last_seq"]) == (1, 4, 5)
+            await quiet(late)
+        async with server.terminal("pos-c", since=3) as reached:
+            replay = [(await reached.expect("data_sync"))["operation"] for _ in range(2)]
+            assert [o["seq"] for o in replay] == [4, 5]
+            await quiet(reached)
 
 
 @pytest.mark.parametrize("encoding", ENCODINGS)
