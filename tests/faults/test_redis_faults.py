@@ -29,7 +29,6 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -42,7 +41,6 @@ from chefia_rt.bus import redis as redis_bus
 from chefia_rt.bus.redis import RedisBus
 from chefia_rt.domain import EntityKey
 from chefia_rt.errors import StorageUnavailable
-from chefia_rt.store.postgres import PostgresStore
 from tests.bus.conftest import Worker, eventually, two_workers
 from tests.bus.test_contract import pushes
 from tests.faults.redis import ThrowawayRedis, throwaway_redis
@@ -611,15 +609,6 @@ async def cluster(tmp_path: Path, redis_server: ThrowawayRedis) -> AsyncIterator
     dsn = await new_pg_schema()
     server = ClusterProcess(tmp_path, redis_server.url, dsn)
     try:
-        # Migrated and maintained once before the workers start: workers starting together on a
-        # fresh database race to create the audit partitions (a known store bug, xfailed in
-        # tests/e2e/test_cluster.py), which is not what this test is about.
-        store = PostgresStore(dsn, max_size=2)
-        try:
-            await store.open()
-            await store.maintain(timedelta(days=30))
-        finally:
-            await store.close()
         await server.start()
         yield server
     finally:
