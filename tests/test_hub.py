@@ -104,10 +104,10 @@ def started(read: ReadOps, gap_wait: float) -> tuple[FakeTransport, Hub, Session
 
 
 async def settle(s: Session) -> None:
-    for _ in range(50):
-        await asyncio.sleep(0.005)
-        if s.live and not s.queued:
-            return
+    """Until the session is live with nothing queued; failing, never giving up silently."""
+    async with asyncio.timeout(5):
+        while not (s.live and not s.queued):
+            await asyncio.sleep(0.005)
 
 
 async def test_a_gap_fill_never_echoes_the_sessions_own_op() -> None:
