@@ -161,7 +161,8 @@ async def test_reacquire_renews_and_release_of_a_foreign_lock(server: RunningSer
 async def test_lock_expires_on_its_own(server: RunningServer) -> None:
     async with server.terminal("pos-a") as a, server.terminal("pos-b") as b:
         await sync(a, [b], op("c1", "o1", {"n": 1}, entity_type="orders", operation="CREATE"))
-        await a.send(acquire("o1", timeout=200))
+        # Long enough for another terminal to see it taken on a loaded machine.
+        await a.send(acquire("o1", timeout=1_500))
         lock = await a.expect("lock_acquired")
         await b.send(acquire("o1"))
         await b.expect("lock_failed")
