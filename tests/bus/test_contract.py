@@ -56,6 +56,24 @@ def pushes(first: int, count: int, store_id: str = "s1", origin: str = "pos-1") 
 KEY = EntityKey("s1", "orders", "order-1")
 
 
+async def heard_everything(*pairs: tuple[Worker, Worker]) -> None:
+    """Prove by order, not by waiting, that whatever the senders sent before has reached the
+    receivers it would reach (a duplicate, an echo, a late signal): each sender publishes a
+    marker push, and Redis hands a subscriber its messages in the order it took them, so once
+    a receiver holds its sender's marker, everything sent earlier is there too. The markers
+    are then dropped from what the workers delivered."""
+    for n, (sender, _) in enumerate(pairs):
+        await sender.bus.publish(f"marker-{n}", [Push(record(1, f"marker-{n}"), "marker")])
+    for n, (_, receiver) in enumerate(pairs):
+        await eventually(
+            lambda r=receiver, store=f"marker-{n}": any(s == store for s, _ in r.delivered),
+            what=f"marker {n}",
+        )
+    for pair in pairs:
+        for w in pair:
+            w.delivered[:] = [(s, ps) for s, ps in w.delivered if not s.startswith("marker-")]
+
+
 # ---- pushes ---------------------------------------------------------------------------------
 
 
@@ -89,7 +107,7 @@ async def test_publish_reaches_the_other_worker_once_in_order(
     await b.bus.publish("s2", pushes(1, 5, "s2"))
     await eventually(lambda: len(b.seqs("s1")) >= 200, what="A's pushes at B")
     await eventually(lambda: len(a.seqs("s2")) >= 5, what="B's pushes at A")
-    await asyncio.sleep(0.3)  # anything delivered twice would be here by now
+    await heard_everything((a, b), (b, a))  # anything delivered twice is here by now
     # Exactly once, in order, at both workers; no echo to the publisher's own deliver.
     assert a.seqs("s1") == list(range(1, 201))
     assert b.seqs("s1") == list(range(1, 201))
@@ -122,7 +140,7 @@ async def test_concurrent_publishers_each_stay_in_order(workers: tuple[Worker, W
 
     await asyncio.gather(publish(a, "A"), publish(b, "B"))
     await eventually(lambda: len(a.delivered) == 200 and len(b.delivered) == 200)
-    await asyncio.sleep(0.2)
+    await heard_everything((a, b), (b, a))
     for w in (a, b):
         ids = [p.record.id for _, ps in w.delivered for p in ps]
         assert len(ids) == 200
@@ -167,10 +185,10 @@ async def test_lease_acquire_renew_refuse(worker: Worker) -> None:
 
 async def test_lease_expires_by_ttl(worker: Worker) -> None:
     bus = worker.bus
-    taken, _ = await bus.acquire_lease(KEY, "pos-1", "lock-a", 0.2)
+    taken, _ = await bus.acquire_lease(KEY, "pos-1", "lock-a", 1.0)
     assert taken
     assert (await bus.acquire_lease(KEY, "pos-2", "lock-b", 1))[0] is False
-    await asyncio.sleep(0.3)
+    await asyncio.sleep(1.1)
     assert await bus.get_lease(KEY) is None
     assert await bus.release_lease(KEY, "pos-1") is False  # expired: nothing to release
     taken, lease = await bus.acquire_lease(KEY, "pos-2", "lock-b", 30)
@@ -357,7 +375,7 @@ async def test_takeover_reaches_the_other_worker(workers: tuple[Worker, Worker])
     assert b.takeovers == [("loja:ção", "pos:1", "sess-1", opened)]
     await b.bus.register("s2", "kds-1", "sess-2", opened + 1)
     await eventually(lambda: bool(a.takeovers), what="takeover at A")
-    await asyncio.sleep(0.2)
+    await heard_everything((a, b), (b, a))
     # Each worker hears of the other's sessions only: its own hub already knows its own.
     assert a.takeovers == [("s2", "kds-1", "sess-2", opened + 1)]
     assert b.takeovers == [("loja:ção", "pos:1", "sess-1", opened)]
@@ -423,7 +441,7 @@ async def test_signals_reach_the_other_worker_once_in_order(
         await a.bus.signal("feed", {"from": "a", "i": i})
     await b.bus.signal("feed", {"from": "b", "i": 0})
     await eventually(lambda: len(at_b) == 51 and len(at_a) == 51, what="signals at both")
-    await asyncio.sleep(0.2)
+    await heard_everything((a, b), (b, a))
     for got in (at_a, at_b):
         assert [s["i"] for s in got if s["from"] == "a"] == list(range(50))
         assert [s for s in got if s["from"] == "b"] == [{"from": "b", "i": 0}]
@@ -492,12 +510,12 @@ async def test_cache_batch_put_decides_each_key(worker: Worker) -> None:
 
 async def test_a_stale_entry_stays_a_floor_until_its_keep_time(worker: Worker) -> None:
     bus = worker.bus
-    await bus.cache_put([entry(6, fresh_for=0.05, keep_for=0.6)], None)
+    await bus.cache_put([entry(6, fresh_for=0.05, keep_for=2.0)], None)
     await asyncio.sleep(0.15)
     slot = await bus.cache_get(KEY, 5.0)
     assert (slot.version, slot.body) == (6, None)  # not fresh, but nothing older may go in
     assert await bus.cache_put([entry(5)], slot) == 0
-    await asyncio.sleep(0.6)
+    await asyncio.sleep(2.0)
     assert (await bus.cache_get(KEY, 5.0)).version == 0  # kept no longer
     assert await bus.cache_sizes() == {}
 
@@ -548,7 +566,7 @@ async def test_workers_whose_ids_share_a_prefix_hear_each_other_once() -> None:
         await long.bus.signal("t", {"from": "w10"})
         await eventually(lambda: len(short.seqs()) == 4 and len(long.seqs()) == 4)
         await eventually(lambda: len(heard["w1"]) == 2 and len(heard["w10"]) == 2)
-        await asyncio.sleep(0.3)  # anything heard twice would be here by now
+        await heard_everything((short, long), (long, short))  # anything heard twice is here
         assert short.seqs() == [1, 2, 3, 4]  # its own at once, the other's from Redis
         assert long.seqs() == [3, 4, 1, 2]
         for signals in heard.values():
