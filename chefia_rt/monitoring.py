@@ -79,6 +79,8 @@ def terminal_message(view: TerminalView, change: str, now: str) -> dict[str, Any
         "response_time_ms": view.response_time_ms,
         "memory_mb": view.memory_mb,
         "cache_hit_rate": view.cache_hit_rate,
+        "sent_seq": view.sent_seq,
+        "acked_seq": view.acked_seq,
         "worker": view.worker,
         "server_time": now,
     }

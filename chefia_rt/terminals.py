@@ -57,6 +57,11 @@ class TerminalView:
     memory_mb: float | None
     cache_hit_rate: float | None
     worker: str
+    # The seq of the store's stream the server has sent the terminal up to, and the last one the
+    # terminal said it received (its `sync_confirmation` receipts): a terminal that stays
+    # behind is one whose pushes do not arrive.
+    sent_seq: int = 0
+    acked_seq: int = 0
 
 
 class SessionLike(Protocol):
@@ -73,6 +78,8 @@ class SessionLike(Protocol):
     ops: int
     conflicts: int
     metrics: dict[str, Any] | None
+    next_seq: int
+    acked_seq: int
 
 
 # A change the directory made, for listeners (the monitor feed): what happened and the result.
@@ -122,6 +129,8 @@ def session_entry(session: SessionLike, now: float | None = None) -> dict[str, A
         "conflicts": session.conflicts,
         "bytes_in": session.bytes_in,
         "bytes_out": session.bytes_out,
+        "sent_seq": session.next_seq - 1,
+        "acked_seq": session.acked_seq,
         **reported_figures(session.metrics),
     }
 
@@ -159,6 +168,7 @@ class _Entry:
     """A terminal's mutable record; views are frozen copies."""
 
     __slots__ = (
+        "acked_seq",
         "bytes_in",
         "bytes_out",
         "cache_hit_rate",
@@ -172,6 +182,7 @@ class _Entry:
         "ops",
         "reconnects",
         "response_time_ms",
+        "sent_seq",
         "session_id",
         "status",
         "store_id",
@@ -201,6 +212,8 @@ class _Entry:
         self.response_time_ms: float | None = None
         self.memory_mb: float | None = None
         self.cache_hit_rate: float | None = None
+        self.sent_seq = 0
+        self.acked_seq = 0
         self.worker = ""
 
     def figures(self) -> tuple[Any, ...]:
@@ -212,6 +225,8 @@ class _Entry:
             self.response_time_ms,
             self.memory_mb,
             self.cache_hit_rate,
+            self.sent_seq,
+            self.acked_seq,
         )
 
     def take(self, session: dict[str, Any]) -> None:
@@ -222,6 +237,8 @@ class _Entry:
         self.conflicts = int(session["conflicts"])
         self.bytes_in = int(session["bytes_in"])
         self.bytes_out = int(session["bytes_out"])
+        self.sent_seq = int(session.get("sent_seq", 0))
+        self.acked_seq = int(session.get("acked_seq", 0))
         # A terminal that stopped reporting keeps its last figures.
         if (value := session.get("response_time_ms")) is not None:
             self.response_time_ms = float(value)
@@ -248,6 +265,8 @@ class _Entry:
             memory_mb=self.memory_mb,
             cache_hit_rate=self.cache_hit_rate,
             worker=self.worker,
+            sent_seq=self.sent_seq,
+            acked_seq=self.acked_seq,
         )
 
 

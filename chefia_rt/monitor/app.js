@@ -271,6 +271,7 @@
     [["response_time_ms"], (t) => fmt.unit(t.response_time_ms, "ms", 0)],
     [["memory_mb"], (t) => fmt.unit(t.memory_mb, "MB", 0)],
     [["cache_hit_rate"], (t) => fmt.pct(t.cache_hit_rate)],
+    [["acked_seq", "sent_seq"], (t) => fmt.num(t.acked_seq) + " / " + fmt.num(t.sent_seq)],
   ];
 
   function renderTerminals() {

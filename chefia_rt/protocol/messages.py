@@ -507,6 +507,10 @@ class TerminalStatusUpdate(_ToMonitor):
     response_time_ms: float | None
     memory_mb: float | None
     cache_hit_rate: float | None
+    # The seq the server has sent the terminal up to, and the last one it acknowledged having
+    # received (`sync_confirmation` from the terminal): the gap is what has not arrived.
+    sent_seq: int
+    acked_seq: int
     worker: str
     server_time: str
 

@@ -372,3 +372,41 @@ async def test_two_workers_and_a_worker_that_dies(tmp_path: Path) -> None:
             for terminal in (mon.terminal, *replaced, kds, other):
                 with contextlib.suppress(Exception):
                     await terminal.close()
+
+
+async def test_delivery_receipts_show_what_each_terminal_received(tmp_path: Path) -> None:
+    """A terminal's `sync_confirmation` of a push is its receipt: the monitor shows, per
+    terminal, the seq sent to it and the last one it said it received."""
+    async with (
+        running_server(tmp_path, **FAST) as server,
+        server.terminal("pos-1") as pos,
+        server.terminal("kds-1", type="kds") as kds,
+        server.terminal("waiter-1", type="waiter") as silent,
+    ):
+        mon = await monitor_of(server)
+        for n in (1, 2):
+            await pos.send(op(f"op-{n}", f"table-{n}", {"status": "occupied"}))
+            await pos.until("sync_confirmation")
+        for n in (1, 2):
+            push = await kds.expect("data_sync")
+            operation = push["operation"]
+            await kds.send(
+                {
+                    "type": "sync_confirmation",
+                    "operation_id": operation["id"],
+                    "seq": operation["seq"],
+                }
+            )
+            assert (await silent.expect("data_sync"))["operation"]["seq"] == n  # not confirmed
+
+        def receipts(terminal_id: str, sent: int, acked: int) -> Callable[..., bool]:
+            def check(x: dict[str, Any]) -> bool:
+                return x["type"] == "terminal_list" and any(
+                    (t["terminal_id"], t["sent_seq"], t["acked_seq"]) == (terminal_id, sent, acked)
+                    for t in x["terminals"]
+                )
+
+            return check
+
+        await mon.wait_for(receipts("kds-1", 2, 2), "kds-1 received both")
+        await mon.wait_for(receipts("waiter-1", 2, 0), "waiter-1 sent both, acknowledged none")
