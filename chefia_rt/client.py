@@ -29,6 +29,12 @@ What it guarantees the application (SPEC §3, §4):
   handed over. The application gets a Snapshot and the stream goes on after its seq. Keep
   `watermark` and `epoch` together when persisting them (`since=`, `epoch=`).
 
+**Kept across restarts** with `state_path`: an SQLite file holding the outbox and the stream
+position. An operation is committed there before it goes on the wire and deleted once answered;
+a new client on the same file (after a crash, a restart) sends every unanswered operation again
+with its original id (a repeat is answered `duplicate`) and resumes after the watermark of the
+events the application took, in that epoch. A `since` given explicitly wins over the file's.
+
 Every wait has a timeout, every task belongs to the client and is cancelled by `close()`, and
 every buffer is bounded: the outbox (`send` waits for room), the events not yet taken (the
 client stops reading the socket until the application catches up; the server then closes it as
@@ -40,15 +46,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import random
 import socket
+import sqlite3
 import time
 import uuid
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import quote, urlencode
 
@@ -174,11 +183,60 @@ class ClientStats:
 class _Outgoing:
     message: dict[str, Any]
     encoded: str | bytes  # once: a resend costs no encoding
-    answer: asyncio.Future[Answer]
+    answer: asyncio.Future[Answer] | None  # None: sent by an earlier client on the same state
     queued_at: float
     sent_at: float | None = None  # None: not sent on the current connection yet
     retry_at: float | None = None
     sends: int = 0
+
+
+class ClientState:
+    """The outbox and the stream position of one terminal in an SQLite file (`state_path`).
+
+    An operation is committed (synchronous=FULL) before `send` hands it to the connection;
+    answered ones are deleted and the position written in batches (the client's tick and
+    `close`): lost in a crash, an answered operation is sent again and answered `duplicate`,
+    and the stream resumes a little earlier (what the application took again comes again).
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._db = sqlite3.connect(self.path, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS outbox"
+            " (id TEXT PRIMARY KEY, ord INTEGER NOT NULL, message TEXT NOT NULL)"
+        )
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS position"
+            " (one INTEGER PRIMARY KEY CHECK (one = 1), watermark INTEGER, epoch TEXT)"
+        )
+
+    def load(self) -> tuple[list[dict[str, Any]], int | None, str | None]:
+        """The unanswered `data_sync` messages in send order, the watermark and the epoch."""
+        rows = self._db.execute("SELECT message FROM outbox ORDER BY ord").fetchall()
+        position = self._db.execute("SELECT watermark, epoch FROM position").fetchone()
+        watermark, epoch = position if position is not None else (None, None)
+        return [json.loads(text) for (text,) in rows], watermark, epoch
+
+    def put(self, message: dict[str, Any]) -> None:
+        self._db.execute(
+            "INSERT OR REPLACE INTO outbox (id, ord, message)"
+            " VALUES (?, (SELECT COALESCE(MAX(ord), 0) + 1 FROM outbox), ?)",
+            (message["operation"]["id"], json.dumps(message, separators=(",", ":"))),
+        )
+
+    def forget(self, op_ids: Sequence[str], watermark: int | None, epoch: str | None) -> None:
+        with self._db:  # one transaction
+            self._db.executemany("DELETE FROM outbox WHERE id = ?", [(i,) for i in op_ids])
+            self._db.execute(
+                "INSERT OR REPLACE INTO position (one, watermark, epoch) VALUES (1, ?, ?)",
+                (watermark, epoch),
+            )
+
+    def close(self) -> None:
+        self._db.close()
 
 
 def utc_timestamp(moment: datetime | None = None) -> str:
@@ -216,6 +274,7 @@ class Client:
         max_message_size: int = 1 << 20,
         receive_buffer: int | None = None,
         rand: Callable[[], float] = random.random,
+        state_path: str | Path | None = None,
     ) -> None:
         self.urls = [urls] if isinstance(urls, str) else list(urls)
         if not self.urls:
@@ -265,6 +324,22 @@ class Client:
         self._snapshot_entities: list[dict[str, Any]] = []  # the pages of a snapshot so far
         self._restart: str | None = None  # why the current connection should be started over
         self._runner: asyncio.Task[None] | None = None
+        # The watermark of what the application took (kept in the state file), and the answered
+        # operations the file still holds.
+        self._delivered = since
+        self._answered: list[str] = []
+        self._state_dirty = False
+        self.state = ClientState(state_path) if state_path is not None else None
+        if self.state is not None:
+            messages, watermark, saved_epoch = self.state.load()
+            if since is None:
+                self.watermark = self._delivered = watermark
+                self.epoch = saved_epoch
+            for message in messages:
+                encoded = encode_json(message) if encoding == "json" else encode_msgpack(message)
+                self._outbox[message["operation"]["id"]] = _Outgoing(
+                    message, encoded, None, time.monotonic(), sends=1
+                )
 
     # ---- life cycle -------------------------------------------------------------------------
 
@@ -293,12 +368,22 @@ class Client:
             self._runner.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._runner
+        if self.state is not None:
+            self._save_state()
+            self.state.close()
+
+    def _save_state(self) -> None:
+        """Writes what changed since the last time: answered operations, the position."""
+        if self.state is not None and (self._answered or self._state_dirty):
+            answered, self._answered = self._answered, []
+            self._state_dirty = False
+            self.state.forget(answered, self._delivered, self.epoch)
 
     def _stop(self, reason: ClientStopped) -> None:
         if self.stopped is None:
             self.stopped = reason
         for outgoing in self._outbox.values():
-            if not outgoing.answer.done():
+            if outgoing.answer is not None and not outgoing.answer.done():
                 outgoing.answer.set_exception(reason)
                 outgoing.answer.exception()  # retrieved: an app that dropped it gets no warning
         self._events_changed.set()
@@ -378,6 +463,8 @@ class Client:
         # Encoded now, so that a value the wire cannot carry fails here, in the caller.
         encoded = encode_json(message) if self.encoding == "json" else encode_msgpack(message)
         answer: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
+        if self.state is not None:
+            self.state.put(message)  # committed before it can reach the wire
         self._outbox[op_id] = _Outgoing(message, encoded, answer, time.monotonic())
         self._queue_send(op_id)
         return answer
@@ -391,6 +478,7 @@ class Client:
             while self._events:
                 event = self._events.popleft()
                 self._events_changed.set()  # room again: the reader may go on
+                self._took(event)
                 yield event
             if self.stopped is not None:
                 return
@@ -491,6 +579,9 @@ class Client:
         if self.watermark is None:
             self.watermark = int(first[0]["last_seq"])
             self.epoch = server_epoch
+            if self._delivered is None:
+                self._delivered = self.watermark
+                self._state_dirty = True
         elif self.epoch is None:
             self.epoch = server_epoch  # resumed by seqs alone: the stream is this one from now
         # The stream restarts after the watermark; what is held ahead of a gap may come again
@@ -617,6 +708,7 @@ class Client:
         in the stream does not fill: the server sends everything after the watermark again."""
         while True:
             await asyncio.sleep(TICK)
+            self._save_state()
             now = time.monotonic()
             for op_id, outgoing in self._outbox.items():
                 due = outgoing.retry_at
@@ -633,6 +725,11 @@ class Client:
                 return
 
     # ---- receiving --------------------------------------------------------------------------
+
+    def _took(self, event: Event) -> None:
+        """The application has `event`: a restart resumes after it."""
+        self._delivered = event.seq
+        self._state_dirty = True
 
     @property
     def _next_seq(self) -> int:
@@ -665,6 +762,7 @@ class Client:
         outgoing = self._outbox.pop(op_id, None) if isinstance(op_id, str) else None
         if outgoing is None:
             return  # the answer to a repeat of an operation already answered
+        self._answered.append(outgoing.message["operation"]["id"])
         self._outbox_room.set()
         self.stats.confirmed += 1
         if message.get("status") == "duplicate":
@@ -690,7 +788,9 @@ class Client:
             self.stats.retries += 1
             outgoing.retry_at = time.monotonic() + self.retry_after * (0.5 + self._rand())
             return
-        del self._outbox[outgoing.message["operation"]["id"]]
+        answered_id: str = outgoing.message["operation"]["id"]
+        del self._outbox[answered_id]
+        self._answered.append(answered_id)
         self._outbox_room.set()
         self.stats.rejected += 1
         kind: Literal["conflict", "rejected"] = (
@@ -740,13 +840,15 @@ class Client:
     def _emit(self, event: Event) -> None:
         if self.on_event is not None:
             self.on_event(event)
+            self._took(event)
         else:
             self._events.append(event)
             self._events_changed.set()
 
 
-def _settle(answer: asyncio.Future[Answer], result: Answer) -> None:
+def _settle(answer: asyncio.Future[Answer] | None, result: Answer) -> None:
     # An application may cancel the future it was handed (it stopped waiting): the answer is
     # still counted, and the reader must not fail on it (InvalidStateError ended a connection).
-    if not answer.done():
+    # None: an operation loaded from the state file, whose sender is gone.
+    if answer is not None and not answer.done():
         answer.set_result(result)
