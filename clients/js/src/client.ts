@@ -388,9 +388,15 @@ export class Client {
   async close(): Promise<void> {
     this.stop(new ClientStoppedError("closed by the application"));
     await this.ready?.catch(() => undefined);
+    await this.persisted();
+    await this.storage.close();
+  }
+
+  /** Resolves once everything the client has to write to the storage is written (answered
+   * operations forgotten, the position of the events taken so far). */
+  async persisted(): Promise<void> {
     this.flushPosition();
     while (this.writing) await this.writing;
-    await this.storage.close();
   }
 
   get isConnected(): boolean {
@@ -995,6 +1001,7 @@ export class Client {
     // The position kept is that of what the application took (a reload resumes after it).
     this.delivered = event.seq;
     this.positionDirty = true;
+    this.persist();
     return event;
   }
 
