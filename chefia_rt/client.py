@@ -818,8 +818,10 @@ class Client:
         """Take one seq of the stream: hand over everything that is now contiguous."""
         if self.watermark is None or seq <= self.watermark or seq in self._ahead:
             return  # had it already (a replay after a resume, or a duplicate's confirmation)
-        if len(self._ahead) >= self.events_size:
-            return  # the gap-timeout resume sends it again
+        if len(self._ahead) >= self.events_size and seq != self._next_seq:
+            # The gap-timeout resume sends it again; the seq that fills the gap is always
+            # taken, or a full hold would refuse it on every resume.
+            return
         self._ahead[seq] = event
         if not self._awaiting_snapshot:  # else held: the snapshot says where the stream is
             self._advance()

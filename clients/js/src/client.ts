@@ -742,10 +742,12 @@ export class Client {
     this.retryTimer = null;
   }
 
-  /** Starts the connection over (it resumes from the watermark). */
-  private restart(reason: string): void {
+  /** Starts the connection over (it resumes from the watermark). `deliberate`: not a fault,
+   * so the backoff does not grow (the first delay). */
+  private restart(reason: string, deliberate = false): void {
     const ws = this.ws;
     if (!ws) return;
+    if (deliberate) this.establishedAt = -Infinity; // counts as a stable connection
     ws.close(1000, reason);
     this.closed(ws, 1000, reason); // at once: a close handshake may take seconds
   }
@@ -802,7 +804,7 @@ export class Client {
     }
     if (this.paused && this.queue.length - this.queueHead <= this.eventsSize / 2) {
       this.paused = false;
-      this.restart("resuming after the application caught up");
+      this.restart("resuming after the application caught up", true);
       return;
     }
     this.flush();
@@ -905,7 +907,7 @@ export class Client {
     const seq = message["seq"];
     if (message.type === "sync_confirmation" && typeof seq === "number" && this.watermark !== null && seq > this.watermark) {
       // The confirmation does not carry the entity's state: the stream brings that record again.
-      this.restart("reading a resolved conflict's record");
+      this.restart("reading a resolved conflict's record", true);
     }
   }
 
@@ -949,7 +951,10 @@ export class Client {
 
   private arrive(seq: number, event: StoreEvent): void {
     if (this.watermark === null || seq <= this.watermark || this.ahead.has(seq)) return;
-    if (this.ahead.size >= this.eventsSize) return; // the gap-timeout resume sends it again
+    if (this.paused) return; // the resume after the application caught up sends it again
+    // Held ahead of a gap, at most eventsSize; the seq that fills the gap is always taken (it
+    // moves the stream on), a further one comes again with the gap-timeout resume.
+    if (seq !== this.watermark + 1 && this.ahead.size >= this.eventsSize) return;
     this.ahead.set(seq, event);
     if (!this.awaitingSnapshot) this.advance(); // else held: the snapshot says where it is
   }

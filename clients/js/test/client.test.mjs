@@ -3,11 +3,19 @@
 // killed mid-send, takeover, a 1009 close; and the file storage on its own.
 import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
+import { createHmac } from "node:crypto";
 import { mkdtempSync, readFileSync, appendFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, test } from "node:test";
-import { Client, ClientStoppedError, FileStorage, MemoryStorage, OperationRejectedError } from "../dist/node.js";
+import {
+  Client,
+  ClientStoppedError,
+  FileStorage,
+  LockFailedError,
+  MemoryStorage,
+  OperationRejectedError,
+} from "../dist/node.js";
 import { BOUND, Server, until } from "./server.mjs";
 
 let server;
@@ -201,4 +209,87 @@ test("the file storage keeps operations and the position, and ignores a torn las
   assert.equal(again.epoch, "e1");
   assert.throws(() => new Client({ urls: [], terminalId: "x", storage }), /at least one URL/);
   assert.throws(() => new Client({ urls: "ws://h/ws", terminalId: "bad id", storage }), /invalid terminal id/);
+});
+
+test("locks are taken, refused to another terminal, released; a manual conflict is resolved", async () => {
+  const a = client("pos-a", "locks");
+  const b = client("pos-b", "locks", { encoding: "json" });
+  const seenA = collect(a);
+  const seenB = collect(b);
+  await Promise.all([a.start(), b.start()]);
+  await Promise.all([a.waitConnected(BOUND), b.waitConnected(BOUND)]);
+  const lock = await a.acquireLock("orders", "o1", { timeoutMs: 10_000 });
+  assert.equal(lock.type, "lock_acquired");
+  await assert.rejects(b.acquireLock("orders", "o1"), (err) => err instanceof LockFailedError && err.response.locked_by === "pos-a");
+  assert.equal((await a.releaseLock("orders", "o1", lock.lock_id)).released, true);
+  assert.equal((await b.acquireLock("orders", "o1")).type, "lock_acquired");
+
+  // cashier_operations need a person: a stale version is a sync_conflict, resolved in band.
+  await a.send("cashier_operations", "c1", { amount: 10 }, { operation: "CREATE" });
+  await a.acquireLock("cashier_operations", "c1");
+  const stale = a.send("cashier_operations", "c1", { amount: 20 }, { version: 1 });
+  const conflict = await stale.then(
+    () => assert.fail("a stale version must conflict"),
+    (err) => err,
+  );
+  assert.ok(conflict instanceof OperationRejectedError && conflict.kind === "conflict", String(conflict));
+  const resolved = await a.resolveConflict(conflict.conflictId, "accept_local");
+  assert.equal(resolved.status, "resolved");
+  // The resolved record comes through the stream, to both terminals, in order.
+  await until(() => seenA.some((e) => e.seq === resolved.seq) && seenB.some((e) => e.seq === resolved.seq), "the resolved record");
+  for (const seen of [seenA, seenB]) {
+    assert.deepEqual(seen.map((e) => e.seq), Array.from({ length: resolved.seq }, (_, i) => i + 1));
+    assert.equal(seen.at(-1).operation.data.amount, 20);
+  }
+  await assert.rejects(a.resolveConflict(conflict.conflictId, "accept_local"), (err) => err.code === 4010);
+});
+
+test("events not taken are bounded: the stream pauses and resumes from the watermark", async () => {
+  const writer = client("pos-w", "bounded");
+  const reader = client("kds-r", "bounded", { terminalType: "kds", eventsSize: 5 });
+  await Promise.all([writer.start(), reader.start()]);
+  await Promise.all([writer.waitConnected(BOUND), reader.waitConnected(BOUND)]);
+  await Promise.all(Array.from({ length: 40 }, (_, i) => writer.send("tables", `t${i}`, { n: i })));
+  const seqs = [];
+  for await (const event of reader.events()) {
+    seqs.push(event.seq);
+    if (seqs.length === 40) break;
+  }
+  assert.deepEqual(seqs, Array.from({ length: 40 }, (_, i) => i + 1));
+  assert.ok(reader.stats.connects >= 2, "the reader resumed after pausing");
+});
+
+function jwt(secret, claims) {
+  const part = (value) => Buffer.from(JSON.stringify(value)).toString("base64url");
+  const body = `${part({ alg: "HS256", typ: "JWT" })}.${part(claims)}`;
+  return `${body}.${createHmac("sha256", secret).update(body).digest("base64url")}`;
+}
+
+test("a token opens the connection and is renewed in band; a bad one stops the client", async () => {
+  const secret = "chefia-js-test-key-0123456789abcdef-0123456789";
+  const secured = await Server.start({ JWT_SECRET_KEY: secret });
+  const now = Math.floor(Date.now() / 1000);
+  const token = (exp) => jwt(secret, { sub: "pos-t", store_id: "tokens", terminal_type: "pos", iat: now, exp });
+  const open = (options) =>
+    new Client({ urls: secured.url, terminalId: "pos-t", storage: new MemoryStorage(), backoff: { initial: 0.05 }, ...options });
+  const a = open({ token: token(now + 60) });
+  const b = open({ token: jwt("another key, not the server's one......", { sub: "pos-t", store_id: "tokens", terminal_type: "pos", iat: now, exp: now + 60 }) });
+  try {
+    const messages = [];
+    a.on("message", (m) => messages.push(m));
+    await a.start();
+    await a.waitConnected(BOUND);
+    assert.equal(a.established.store_id, "tokens"); // the token's store
+    assert.equal((await a.send("tables", "t1", { n: 1 })).status, "applied");
+    a.refreshToken(token(now + 3600));
+    await until(() => messages.some((m) => m.type === "token_refreshed"), "token_refreshed");
+    assert.ok(messages.find((m) => m.type === "token_refreshed").expires_at.startsWith(new Date((now + 3600) * 1000).toISOString().slice(0, 16)));
+    await b.start();
+    const stopped = await b.waitStopped(BOUND);
+    assert.equal(stopped.code, 4003);
+  } finally {
+    await a.close();
+    await b.close();
+    await secured.stop();
+  }
 });

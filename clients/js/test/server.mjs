@@ -55,6 +55,17 @@ export class Server {
         ...this.env,
       },
     });
+    // The server is in its own process group: take it down with this process, however it ends.
+    const pid = this.process.pid;
+    const reap = () => {
+      try {
+        process.kill(-pid, "SIGKILL");
+      } catch {
+        // gone already
+      }
+    };
+    process.once("exit", reap);
+    this.process.once("exit", () => process.off("exit", reap));
     const keep = (chunk) => (this.output = (this.output + chunk).slice(-20_000));
     this.process.stdout.on("data", keep);
     this.process.stderr.on("data", keep);
