@@ -647,8 +647,14 @@ export class Client {
       try {
         messages = decodeFrame(ev.data as string | ArrayBuffer, this.maxMessageSize);
       } catch (err) {
-        // The server never sends this: something in between is broken. Start over.
-        ws.close((err as FrameError).tooBig ? 1009 : 1002, "undecodable frame");
+        // The server never sends this. Too big a frame would come again: stop. Anything else
+        // means something in between is broken: start over. (A browser closes only with 1000
+        // or 3000-4999, so the code says nothing to the server; the reason does.)
+        if ((err as FrameError).tooBig) {
+          this.stop(new ClientStoppedError(`a frame from the server was refused: ${(err as Error).message}`, 1009));
+        } else {
+          this.restart(`undecodable frame: ${(err as Error).message}`.slice(0, 120));
+        }
         return;
       }
       for (const message of messages) {

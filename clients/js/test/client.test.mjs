@@ -293,3 +293,30 @@ test("a token opens the connection and is renewed in band; a bad one stops the c
     await secured.stop();
   }
 });
+
+test("a position the log no longer reaches, or another epoch, is answered with a snapshot", async () => {
+  const writer = client("pos-w", "resync");
+  await writer.start();
+  await writer.waitConnected(BOUND);
+  for (let i = 0; i < 3; i++) await writer.send("tables", `t${i}`, { n: i });
+  for (const position of [{ watermark: 500, epoch: null }, { watermark: 1, epoch: "another-epoch" }]) {
+    const head = writer.watermark;
+    const storage = new MemoryStorage();
+    await storage.setPosition(position);
+    const reader = client(`kds-${position.watermark}`, "resync", { terminalType: "kds", storage });
+    const seen = collect(reader);
+    await reader.start();
+    await until(() => seen.length === 1, "the snapshot");
+    assert.equal(seen[0].kind, "snapshot");
+    assert.equal(seen[0].seq, head);
+    const ids = seen[0].entities.map((e) => e.entity_id);
+    assert.ok(["t0", "t1", "t2"].every((id) => ids.includes(id)), ids.join());
+    assert.equal(reader.epoch, writer.epoch);
+    await writer.send("tables", "t9", { n: 9 });
+    await until(() => seen.length === 2, "the stream after the snapshot");
+    assert.equal(seen[1].seq, seen[0].seq + 1);
+    assert.equal(reader.stats.resyncs, 1);
+    await reader.persisted();
+    assert.deepEqual(await storage.load(), { outbox: [], watermark: seen[1].seq, epoch: writer.epoch });
+  }
+});
