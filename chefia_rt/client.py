@@ -139,6 +139,7 @@ class Snapshot:
 
     seq: int
     entities: list[dict[str, Any]]
+    epoch: str | None = None  # the epoch of the stream that goes on after it
 
 
 Event = StoreOp | Snapshot
@@ -327,6 +328,8 @@ class Client:
         # The watermark of what the application took (kept in the state file), and the answered
         # operations the file still holds.
         self._delivered = since
+        # The epoch of `_delivered` (a Snapshot not taken yet may have moved `epoch` on).
+        self._delivered_epoch = epoch
         self._answered: list[str] = []
         self._state_dirty = False
         self.state = ClientState(state_path) if state_path is not None else None
@@ -334,7 +337,7 @@ class Client:
             messages, watermark, saved_epoch = self.state.load()
             if since is None:
                 self.watermark = self._delivered = watermark
-                self.epoch = saved_epoch
+                self.epoch = self._delivered_epoch = saved_epoch
             for message in messages:
                 encoded = encode_json(message) if encoding == "json" else encode_msgpack(message)
                 self._outbox[message["operation"]["id"]] = _Outgoing(
@@ -377,7 +380,7 @@ class Client:
         if self.state is not None and (self._answered or self._state_dirty):
             answered, self._answered = self._answered, []
             self._state_dirty = False
-            self.state.forget(answered, self._delivered, self.epoch)
+            self.state.forget(answered, self._delivered, self._delivered_epoch)
 
     def _stop(self, reason: ClientStopped) -> None:
         if self.stopped is None:
@@ -581,9 +584,12 @@ class Client:
             self.epoch = server_epoch
             if self._delivered is None:
                 self._delivered = self.watermark
+                self._delivered_epoch = server_epoch
                 self._state_dirty = True
         elif self.epoch is None:
             self.epoch = server_epoch  # resumed by seqs alone: the stream is this one from now
+            if self._delivered_epoch is None:
+                self._delivered_epoch = server_epoch
         # The stream restarts after the watermark; what is held ahead of a gap may come again
         # (dropped then as a repeat) and the gap gets a fresh timeout.
         self._stalled_since = time.monotonic() if self._ahead else None
@@ -729,6 +735,8 @@ class Client:
     def _took(self, event: Event) -> None:
         """The application has `event`: a restart resumes after it."""
         self._delivered = event.seq
+        if isinstance(event, Snapshot):
+            self._delivered_epoch = event.epoch
         self._state_dirty = True
 
     @property
@@ -811,7 +819,7 @@ class Client:
         self.watermark = seq
         self.epoch = message.get("epoch") or self.epoch
         self._ahead = {s: e for s, e in self._ahead.items() if s > seq}
-        self._emit(Snapshot(seq, entities))
+        self._emit(Snapshot(seq, entities, self.epoch))
         self._advance()
 
     def _arrive(self, seq: int, event: Event) -> None:

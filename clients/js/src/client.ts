@@ -304,6 +304,8 @@ export class Client {
   private queueHead = 0;
   private paused = false; // the queue was full: the stream resumes once it drains
   private delivered: number | null = null; // the watermark of what the application took
+  private deliveredEpoch: string | null = null; // and its epoch (a snapshot not taken yet may
+  // already have moved `epoch` on)
   private awaitingSnapshot = false;
   private snapshotEntities: Record<string, unknown>[] = [];
   private ws: SocketLike | null = null;
@@ -372,7 +374,7 @@ export class Client {
       this.ready = (async () => {
         const state = await this.storage.load();
         this.watermark = this.delivered = state.watermark;
-        this.epoch = state.epoch;
+        this.epoch = this.deliveredEpoch = state.epoch;
         for (const stored of state.outbox) {
           this.outbox.set(stored.id, { stored, settle: null, sentAt: null, retryAt: null, sends: 1 });
           this.nextOrder = Math.max(this.nextOrder, stored.order + 1);
@@ -681,10 +683,12 @@ export class Client {
       this.epoch = serverEpoch;
       if (this.delivered === null) {
         this.delivered = this.watermark;
+        this.deliveredEpoch = serverEpoch;
         this.positionDirty = true;
       }
     } else if (this.epoch === null) {
       this.epoch = serverEpoch; // resumed by seqs alone: the stream is this one from now
+      if (this.deliveredEpoch === null) this.deliveredEpoch = serverEpoch;
     }
     // The stream restarts after the watermark; what is held ahead may come again.
     this.stalledSince = this.ahead.size ? Date.now() : null;
@@ -1011,6 +1015,7 @@ export class Client {
     }
     // The position kept is that of what the application took (a reload resumes after it).
     this.delivered = event.seq;
+    if (event.kind === "snapshot") this.deliveredEpoch = event.epoch;
     this.positionDirty = true;
     this.persist();
     return event;
@@ -1037,7 +1042,7 @@ export class Client {
           if (ids.length) await this.storage.deleteOperations(ids);
           if (this.positionDirty) {
             this.positionDirty = false;
-            await this.storage.setPosition({ watermark: this.delivered, epoch: this.epoch });
+            await this.storage.setPosition({ watermark: this.delivered, epoch: this.deliveredEpoch });
           }
         }
       } catch (err) {
