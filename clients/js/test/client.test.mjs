@@ -15,8 +15,9 @@ import {
   LockFailedError,
   MemoryStorage,
   OperationRejectedError,
+  OutboxFullError,
 } from "../dist/node.js";
-import { BOUND, Server, until } from "./server.mjs";
+import { BOUND, Server, freePort, until } from "./server.mjs";
 
 let server;
 before(async () => {
@@ -319,4 +320,23 @@ test("a position the log no longer reaches, or another epoch, is answered with a
     await reader.persisted();
     assert.deepEqual(await storage.load(), { outbox: [], watermark: seen[1].seq, epoch: writer.epoch });
   }
+});
+
+test("a dead URL is skipped for the next; the outbox is bounded; the backoff gives up", async () => {
+  const dead = `ws://127.0.0.1:${await freePort()}/ws`; // nothing listens there
+  const both = client("pos-u", "urls", { urls: [dead, server.url] });
+  await both.start();
+  await both.waitConnected(BOUND);
+  assert.equal((await both.send("tables", "t1", { n: 1 })).status, "applied");
+
+  const storage = new MemoryStorage();
+  const alone = client("pos-d", "urls", { urls: dead, storage, outboxSize: 2, backoff: { initial: 0.01, maximum: 0.05, maxAttempts: 3 } });
+  await alone.start();
+  const first = alone.send("tables", "t1", { n: 1 });
+  await alone.enqueue("tables", "t2", { n: 2 });
+  await assert.rejects(alone.enqueue("tables", "t3", { n: 3 }), OutboxFullError);
+  await assert.rejects(first, (err) => err instanceof ClientStoppedError && /gave up after 3 failed attempts/.test(err.message));
+  // Still kept, in order, for the next client on this storage.
+  assert.deepEqual((await storage.load()).outbox.map((op) => op.message.operation.entity_id), ["t1", "t2"]);
+  await assert.rejects(alone.send("tables", "t4", {}), ClientStoppedError);
 });
