@@ -64,8 +64,18 @@ export class Server {
         // gone already
       }
     };
+    const interrupted = (signal) => {
+      reap();
+      process.exit(signal === "SIGINT" ? 130 : 143);
+    };
     process.once("exit", reap);
-    this.process.once("exit", () => process.off("exit", reap));
+    process.once("SIGINT", interrupted);
+    process.once("SIGTERM", interrupted);
+    this.process.once("exit", () => {
+      process.off("exit", reap);
+      process.off("SIGINT", interrupted);
+      process.off("SIGTERM", interrupted);
+    });
     const keep = (chunk) => (this.output = (this.output + chunk).slice(-20_000));
     this.process.stdout.on("data", keep);
     this.process.stderr.on("data", keep);
