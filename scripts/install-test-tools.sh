@@ -2,7 +2,8 @@
 # Install the system tools some tests drive for real (Debian/Ubuntu, as root or with sudo):
 # systemd-analyze (unit files), chromium (the dashboard), prometheus/promtool (metrics, rules,
 # an end-to-end scrape), amtool (the Alertmanager config), nginx (the site file), shellcheck (the scripts), docker-compose (the
-# compose file's schema), openssl, curl and ss (tests/deploy). Only what is missing is
+# compose file's schema), openssl, curl and ss (tests/deploy), node and npm (the JS client,
+# clients/js). Only what is missing is
 # installed; nothing is started (the tests run their own instances on free ports).
 set -euo pipefail
 
@@ -19,6 +20,9 @@ declare -A package_of=(
   [openssl]=openssl
   [curl]=curl
   [ss]=iproute2
+  # clients/js: its install (npm ci), build and tests.
+  [node]=nodejs
+  [npm]=npm
 )
 missing=()
 for tool in "${!package_of[@]}"; do
