@@ -175,6 +175,24 @@ async def test_a_resume_replays_an_own_op_the_catch_up_had_not_reached(tmp_path:
             await quiet(late)
 
 
+async def test_a_catch_up_replays_its_own_stores_ops_only(server: RunningServer) -> None:
+    """Seqs are per store: a resume from 0 in one store never replays another store's ops,
+    although both logs hold seqs 1, 2, ..."""
+    async with server.terminal("pos-a") as a, server.terminal("pos-x", store="s2") as x:
+        for n in (1, 2, 3):
+            await a.send(op(f"a{n}", f"t{n}", operation="CREATE"))
+            await confirmed(a, f"a{n}")
+        await x.send(op("x1", "t1", operation="CREATE"))
+        await confirmed(x, "x1")
+    async with server.terminal("late-x", store="s2", since=0) as late:
+        assert (await late.expect("data_sync"))["operation"]["id"] == "x1"
+        await quiet(late)
+    async with server.terminal("late-a", since=0) as late:
+        replay = [(await late.expect("data_sync"))["operation"] for _ in range(3)]
+        assert [(o["id"], o["seq"]) for o in replay] == [("a1", 1), ("a2", 2), ("a3", 3)]
+        await quiet(late)
+
+
 async def test_since_older_than_the_pruned_log_requires_resync(tmp_path: Path) -> None:
     """Past the log's retention the oldest ops are pruned (at start-up and daily): a terminal
     whose watermark the log no longer reaches is told to resync, one it still reaches resumes."""
