@@ -20,7 +20,8 @@ import pytest
 import websockets
 from websockets.exceptions import ConnectionClosed
 
-from tests.helpers import Terminal, free_port, op, server_transport
+from chefia_rt.store.sqlite import SQLiteStore
+from tests.helpers import Terminal, free_port, op, running_server, server_transport
 
 pytestmark = pytest.mark.asyncio
 
@@ -350,3 +351,40 @@ async def test_sigterm_with_a_terminal_that_stopped_reading(proc: ServerProcess)
         stuck.close()
     # About 6 s: the bounded close of the stuck terminal, then the drain. Bounded, not timed.
     assert elapsed < 20, f"graceful stop took {elapsed:.1f}s"
+
+
+async def test_a_commit_that_fails_is_answered_retry_never_confirmed(tmp_path: Path) -> None:
+    """The disk fills up (SQLite's own page limit on the server's connection, a real SQLITE_FULL):
+    the operations of the failed batch are answered 1013, none is confirmed, stored or pushed;
+    once there is room again, their retries are applied and pushed once."""
+    async with (
+        running_server(tmp_path) as server,
+        server.terminal("pos-a", encoding="msgpack") as a,
+        server.terminal("pos-b") as b,
+    ):
+        await a.send(op("small", "t0", {"n": 0}, operation="CREATE"))
+        assert (await a.expect("sync_confirmation"))["seq"] == 1
+        assert (await b.expect("data_sync"))["operation"]["id"] == "small"
+        store = server.node.store
+        assert isinstance(store, SQLiteStore)
+
+        def cap(db: sqlite3.Connection) -> int:
+            pages = int(db.execute("PRAGMA page_count").fetchone()[0])
+            db.execute(f"PRAGMA max_page_count={pages}")
+            return pages
+
+        pages = await store._run(cap)
+        big = [op(f"big-{n}", f"t{n}", {"blob": "x" * 5000}, operation="CREATE") for n in range(30)]
+        await a.send({"type": "message_batch", "messages": big, "count": len(big)})
+        answers = [await a.recv() for _ in big]
+        assert {(x["type"], x["code"]) for x in answers} == {("sync_error", 1013)}, answers[:3]
+        await b.nothing()
+        assert (await store.log_bounds("s1")).last_seq == 1
+
+        await store._run(lambda db: db.execute(f"PRAGMA max_page_count={pages * 1000}"))
+        await a.send({"type": "message_batch", "messages": big, "count": len(big)})
+        answers = [await a.recv() for _ in big]
+        assert [x["seq"] for x in answers] == list(range(2, 32)), answers[:3]
+        pushed = [(await b.expect("data_sync"))["operation"]["id"] for _ in big]
+        assert pushed == [f"big-{n}" for n in range(30)]
+        await b.nothing()
