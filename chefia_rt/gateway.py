@@ -15,6 +15,7 @@ Everything below this module raises ChefiaError with a wire code; only here do c
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import functools
@@ -119,7 +120,7 @@ def choose_subprotocol(offered: Iterable[str]) -> str | None:
     return None
 
 
-class Gateway:
+class Gateway(abc.ABC):
     """Serves one worker's WebSocket connections for a Node; a front end subclasses it with the
     listening, the upgrade and the wire (`start`, `port`, `connections`, the shutdown hooks)."""
 
@@ -165,31 +166,32 @@ class Gateway:
 
     # ---- what a front end implements ---------------------------------------------------------
 
+    @abc.abstractmethod
     async def start(self, sock: socket.socket | None = None) -> None:
         """Listen (on `sock` when given, else WS_HOST:WS_PORT with SO_REUSEPORT)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     async def start_metrics(self, port: int) -> None:
         """Serve /metrics on METRICS_PORT too (SO_REUSEPORT: a reloading worker's replacement
         binds it before the old one lets go)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def port(self) -> int:
-        raise NotImplementedError
+        """The port it listens on."""
 
+    @abc.abstractmethod
     def connections(self) -> set[Any]:
         """The WebSocket connections this worker holds, closing ones included; each has the
         asyncio transport it runs on as `.transport`."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _stop_listening(self) -> None:
         """Stop accepting (the first step of shutdown); handshakes under way go on."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     async def _close_connections(self, timeout: float) -> None:
         """Close every connection with 1001 (cut the ones whose closing handshake takes longer
         than CLOSE_TIMEOUT, then wait `timeout` at most); refuse handshakes from now on."""
-        raise NotImplementedError
 
     # ---- handshake --------------------------------------------------------------------------
 
