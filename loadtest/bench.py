@@ -145,6 +145,21 @@ def load_average() -> list[float]:
 # ---- servers --------------------------------------------------------------------------------
 
 
+def server_env(port: int, max_connections: int, **settings: str) -> dict[str, str]:
+    """The environment of a benchmarked `chefia-rt serve`: this process's, less any server
+    setting it may carry, on 127.0.0.1:`port`, quiet logs, room for `max_connections`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(SERVER_ENV_PREFIXES)}
+    env.update(
+        WS_HOST="127.0.0.1",
+        WS_PORT=str(port),
+        WS_LOG_LEVEL="WARNING",
+        MAX_WS_CONNECTIONS=str(max_connections),
+        PYTHONUNBUFFERED="1",
+        **settings,
+    )
+    return env
+
+
 def free_port() -> int:
     import socket
 
@@ -242,18 +257,12 @@ async def our_server(
     """`chefia-rt serve` in the chosen mode on `transport`, with its own storage, cleaned up
     afterwards."""
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(SERVER_ENV_PREFIXES)}
-    env.update(
-        WS_HOST="127.0.0.1",
-        WS_PORT=str(port),
-        WS_LOG_LEVEL="WARNING",
+    # Room for every scenario's terminals on one worker (SO_REUSEPORT may not spread evenly).
+    busiest = args.terminals * max(args.stores, *args.flat_stores)
+    env = server_env(
+        port,
+        100 + max(1000, args.idle_connections, busiest),
         WS_STATS_INTERVAL=str(STATS_INTERVAL),
-        # Room for every scenario's terminals on one worker (SO_REUSEPORT may not spread evenly).
-        MAX_WS_CONNECTIONS=str(
-            100
-            + max(1000, args.idle_connections, args.terminals * max(args.stores, *args.flat_stores))
-        ),
-        PYTHONUNBUFFERED="1",
         WS_TRANSPORT=transport,
     )
     env.update(kv.split("=", 1) for kv in args.server_env)

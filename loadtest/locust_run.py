@@ -47,7 +47,7 @@ from typing import Any
 import asyncpg
 import redis
 
-from loadtest.bench import SERVER_ENV_PREFIXES, child_pids, cpu_ticks, free_port
+from loadtest.bench import child_pids, cpu_ticks, free_port, server_env
 from loadtest.bench_store import DEFAULT_DSN, cpu_used_us, postgres_cpu, with_search_path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -220,15 +220,7 @@ def redis_cpu_seconds(url: str) -> float | None:
 @contextlib.contextmanager
 def server(args: argparse.Namespace, storage: Storage, workdir: Path) -> Iterator[Server]:
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(SERVER_ENV_PREFIXES)}
-    env.update(
-        WS_HOST="127.0.0.1",
-        WS_PORT=str(port),
-        WS_LOG_LEVEL="WARNING",
-        MAX_WS_CONNECTIONS=str(args.max_connections or args.users + 100),
-        PYTHONUNBUFFERED="1",
-        **storage.env(),
-    )
+    env = server_env(port, args.max_connections or args.users + 100, **storage.env())
     env.update(item.split("=", 1) for item in args.server_env)
     log_path = workdir / "server.log"
     with open(log_path, "ab") as log:
