@@ -785,10 +785,14 @@ async def test_sighup_replaces_workers_one_by_one_without_refusing(cluster: Clus
 
 
 @pytest.mark.slow
-async def test_reload_refuses_no_connection_while_a_worker_drains_writes(
-    cluster: Cluster,
-) -> None:
-    async with asyncio.timeout(TEST_BUDGET):
+async def test_reload_refuses_no_connection_while_a_worker_drains_writes(tmp_path: Path) -> None:
+    # The test holds the store's seq row until a new worker serves, which on a loaded machine
+    # takes longer than the default commit timeout: the writes must wait, not time out.
+    env = {"SYNC_COMMIT_TIMEOUT": "120"}
+    async with (
+        running_cluster(tmp_path, nodes=1, workers=2, env=env) as cluster,
+        asyncio.timeout(TEST_BUDGET),
+    ):
         node = cluster.nodes[0]
         old = set(node.worker_pids())
         writers = [
