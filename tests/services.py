@@ -6,7 +6,11 @@ Unreachable services skip the test with a reason, or fail it under CHEFIA_REQUIR
 from __future__ import annotations
 
 import os
+import shutil
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
 
 import asyncpg
 import pytest
@@ -54,3 +58,25 @@ async def drop_pg_schema(dsn: str) -> None:
         await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
     finally:
         await conn.close()
+
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+@asynccontextmanager
+async def chromium() -> AsyncIterator[Any]:
+    """A headless Chromium driven by Playwright, closed on leaving (Debian's chromium)."""
+    if shutil.which(CHROMIUM) is None:
+        service_missing("chromium", f"{CHROMIUM} is not installed (apt install chromium)")
+    try:
+        from playwright.async_api import async_playwright
+    except ImportError as exc:
+        service_missing("playwright", f"the Python package is not installed: {exc}")
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(
+            executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"]
+        )
+        try:
+            yield browser
+        finally:
+            await browser.close()

@@ -27,9 +27,8 @@ from chefia_rt.config import load_settings
 from chefia_rt.gateway import make_server
 from chefia_rt.node import Node
 from tests.helpers import free_port, op
-from tests.services import service_missing
+from tests.services import chromium, service_missing
 
-CHROMIUM = "/usr/bin/chromium"
 JS = Path(__file__).resolve().parent.parent / "clients" / "js"
 BUNDLE = JS / "dist" / "chefia-rt-client.browser.js"
 WAIT_MS = 20_000
@@ -122,28 +121,6 @@ async def server_on(port: int, tmp_path: Path) -> AsyncIterator[Node]:
         yield node
     finally:
         await server.shutdown(timeout=5)
-
-
-def require_chromium() -> None:
-    if not Path(CHROMIUM).exists():
-        service_missing("chromium", f"{CHROMIUM} is not installed (apt install chromium)")
-
-
-@asynccontextmanager
-async def chromium() -> AsyncIterator[Any]:
-    require_chromium()
-    try:
-        from playwright.async_api import async_playwright
-    except ImportError as exc:
-        service_missing("playwright", f"the Python package is not installed: {exc}")
-    async with async_playwright() as playwright:
-        browser = await playwright.chromium.launch(
-            executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"]
-        )
-        try:
-            yield browser
-        finally:
-            await browser.close()
 
 
 async def loaded(page: Any) -> None:

@@ -14,9 +14,9 @@ from typing import Any
 
 from chefia_rt.auth import issue_token, parse_keys
 from tests.e2e.test_http import raw_http
-from tests.e2e.test_monitor_page import CHROMIUM, have_chromium, parse_http
+from tests.e2e.test_monitor_page import parse_http
 from tests.helpers import RunningServer, running_server
-from tests.services import service_missing
+from tests.services import chromium
 
 KEY = "chefia-test-key-0123456789abcdef-0123456789"
 FETCH = """async ([url, token]) => {
@@ -44,12 +44,6 @@ def static_site(directory: Path) -> Iterator[int]:
 
 
 async def test_a_page_of_an_allowed_origin_calls_the_api_from_chromium(tmp_path: Path) -> None:
-    if not have_chromium():
-        service_missing("chromium", f"{CHROMIUM} is not installed (apt install chromium)")
-    try:
-        from playwright.async_api import async_playwright
-    except ImportError as exc:
-        service_missing("playwright", f"the Python package is not installed: {exc}")
     site_dir = tmp_path / "site"
     site_dir.mkdir()
     (site_dir / "index.html").write_text("<!doctype html><title>back office</title>")
@@ -58,29 +52,20 @@ async def test_a_page_of_an_allowed_origin_calls_the_api_from_chromium(tmp_path:
         allowed = f"http://127.0.0.1:{site_port}"
         # The same files from http://localhost:PORT are another origin, not listed.
         settings = {"jwt_secret_key": KEY, "ws_allowed_origins": f"https://pos.example, {allowed}"}
-        async with (
-            running_server(tmp_path, **settings) as server,
-            async_playwright() as playwright,
-        ):
-            browser = await playwright.chromium.launch(
-                executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"]
-            )
-            try:
-                page = await browser.new_page()
-                await page.goto(f"{allowed}/index.html")
-                entity = f"{server.http}/api/v1/entities/orders/order-1"
-                answer = await page.evaluate(FETCH, [entity, token])
-                assert answer.get("status") == 404, answer  # read across origins: no such order
-                assert '"code": "not_found"' in answer["body"], answer
-                health = await page.evaluate(FETCH, [f"{server.http}/api/v1/health", token])
-                assert health.get("status") == 200 and '"status":"ok"' in health["body"], health
+        async with running_server(tmp_path, **settings) as server, chromium() as browser:
+            page = await browser.new_page()
+            await page.goto(f"{allowed}/index.html")
+            entity = f"{server.http}/api/v1/entities/orders/order-1"
+            answer = await page.evaluate(FETCH, [entity, token])
+            assert answer.get("status") == 404, answer  # read across origins: no such order
+            assert '"code": "not_found"' in answer["body"], answer
+            health = await page.evaluate(FETCH, [f"{server.http}/api/v1/health", token])
+            assert health.get("status") == 200 and '"status":"ok"' in health["body"], health
 
-                other = await browser.new_page()
-                await other.goto(f"http://localhost:{site_port}/index.html")
-                refused = await other.evaluate(FETCH, [entity, token])
-                assert "Failed to fetch" in refused.get("error", ""), refused
-            finally:
-                await browser.close()
+            other = await browser.new_page()
+            await other.goto(f"http://localhost:{site_port}/index.html")
+            refused = await other.evaluate(FETCH, [entity, token])
+            assert "Failed to fetch" in refused.get("error", ""), refused
 
 
 async def answer(server: RunningServer, method: str, path: str, **headers: str) -> Any:

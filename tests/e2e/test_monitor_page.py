@@ -25,9 +25,8 @@ import pytest_asyncio
 from chefia_rt.auth import issue_token
 from tests.e2e.test_http import raw_http
 from tests.helpers import RunningServer, Terminal, op, running_server
-from tests.services import service_missing
+from tests.services import chromium
 
-CHROMIUM = "/usr/bin/chromium"
 FAST = {
     "terminal_report_interval": 0.2,
     "monitor_alert_offline_after": 1.0,
@@ -98,26 +97,10 @@ async def test_the_page_and_its_assets_are_served_safely(tmp_path: Path) -> None
 # ---- the browser --------------------------------------------------------------------------------
 
 
-def have_chromium() -> bool:
-    return Path(CHROMIUM).exists()
-
-
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def browser() -> AsyncIterator[Any]:
-    if not have_chromium():
-        service_missing("chromium", f"{CHROMIUM} is not installed (apt install chromium)")
-    try:
-        from playwright.async_api import async_playwright
-    except ImportError as exc:
-        service_missing("playwright", f"the Python package is not installed: {exc}")
-    async with async_playwright() as playwright:
-        launched = await playwright.chromium.launch(
-            executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"]
-        )
-        try:
-            yield launched
-        finally:
-            await launched.close()
+    async with chromium() as launched:
+        yield launched
 
 
 class Pages:
