@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -14,8 +16,9 @@ from chefia_rt.errors import StorageUnavailable
 from chefia_rt.store import sqlite as sqlite_module
 from chefia_rt.store.base import BatchRequest
 from chefia_rt.store.sqlite import SQLiteStore
+from chefia_rt.sync.engine import Outcome
 from tests.bus.conftest import eventually
-from tests.store.test_contract import make_op, sync
+from tests.store.test_contract import ENGINE, NOW, make_op, request_for, sync
 
 
 @pytest.fixture
@@ -55,9 +58,65 @@ async def test_durability_pragmas(opened: SQLiteStore, db_path: Path) -> None:
 
     journal, synchronous, busy = await opened._run(pragmas)
     assert journal == "wal"
-    assert synchronous == 2  # FULL: the WAL is synced before a commit returns
+    # NORMAL: COMMIT leaves the WAL to the store's own sync, which every answer waits for
+    # (test_nothing_is_answered_before_its_wal_is_synced).
+    assert synchronous == 1
     assert busy >= 5000  # other processes on the file are waited for, not failed
     assert query(db_path, "PRAGMA journal_mode") == [("wal",)]  # kept in the file
+
+
+async def test_nothing_is_answered_before_its_wal_is_synced(opened: SQLiteStore) -> None:
+    """Commits and reads running together: each commit returns, and each read returns what
+    it saw, only once an fsync begun after that commit has finished. Fewer fsyncs than
+    commits: the commits made while one runs share the next."""
+    wal = opened._wal
+    unsynced: list[str] = []
+
+    async def commit(n: int) -> None:
+        made: list[int] = []
+        items = [make_op(f"op{n}", f"t{n % 7}", {"n": n}, version=0)]
+
+        def decide(state: BatchState) -> tuple[list[Outcome], BatchWrite]:
+            made.append(wal.written + 1)  # this transaction's generation, committed next
+            return ENGINE.decide(items, state, NOW)
+
+        await opened.commit(request_for(items), decide)
+        if wal.synced < made[-1]:
+            unsynced.append(f"commit {n}")
+
+    async def read(n: int) -> None:
+        await asyncio.sleep(0.01)  # among the commits, while the disk is slow
+        seen = wal.written
+        await opened.read_operations("s1", 0, 1000)
+        if wal.synced < seen:
+            unsynced.append(f"read {n}")
+
+    syncs_before = wal.syncs
+    # A slow disk for the first moments: the sync thread is busy for 50 ms.
+    wal._thread.submit(time.sleep, 0.05)
+    await asyncio.gather(*(f(n) for n in range(200) for f in (commit, read)))
+    assert unsynced == []
+    assert wal.written >= 200 and wal.synced == wal.written
+    assert wal.syncs - syncs_before < 200
+    assert len(await opened.read_operations("s1", 0, 1000)) == 200
+
+
+async def test_a_failed_sync_stops_the_store(opened: SQLiteStore, tmp_path: Path) -> None:
+    """After an fsync of the WAL fails, nothing written since the last good one is known to
+    be on disk: no commit is answered and no read is served any more (health says so)."""
+    (done,) = await sync(opened, [make_op("op1", "T1", {"a": 1})])
+    assert done.status == "applied"
+    wal = opened._wal
+    os.close(wal._fd)  # type: ignore[arg-type]
+    wal._fd = None
+    wal._path = str(tmp_path / "gone" / "chefia.db-wal")  # it can no longer be opened
+    with pytest.raises(StorageUnavailable, match="failed to sync"):
+        await sync(opened, [make_op("op2", "T1", {"a": 2}, version=1)])
+    with pytest.raises(StorageUnavailable, match="failed to sync"):
+        await sync(opened, [make_op("op3", "T2", {"a": 3})])
+    with pytest.raises(StorageUnavailable, match="failed to sync"):
+        await opened.read_operations("s1", 0, 10)
+    assert await opened.ping() is False
 
 
 async def test_migrations_are_recorded_and_idempotent(db_path: Path) -> None:
