@@ -92,7 +92,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
-    from chefia_rt.node import make_store
+    from chefia_rt.wiring import make_store
 
     async def migrate() -> None:
         store = make_store(settings)

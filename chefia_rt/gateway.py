@@ -388,7 +388,7 @@ class Gateway(abc.ABC):
         reconnects would meet the same close, again before any answer, forever."""
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self.settings.sync_commit_timeout):
-                await self.node.answered_so_far()
+                await self.node.pipeline.answered_so_far()
         # The answers' flush was scheduled before this task woke up: it has run.
         session.close(Code.RATE_LIMITED, "rate limit exceeded repeatedly")
 
@@ -533,7 +533,7 @@ class Gateway(abc.ABC):
             bulk = op.operation == m.OpKind.BULK_UPDATE
             self._charge(session, len(op.data["updates"]) if bulk else 1, received)
             await node.check_operation(session, op)
-            node.submit(op, session, received)
+            node.pipeline.submit(op, session, received)
         elif isinstance(msg, m.PingIn):
             session.send(m.pong_msg(msg.timestamp))
         elif isinstance(msg, m.SyncConfirmationIn):
@@ -550,7 +550,7 @@ class Gateway(abc.ABC):
                 resolved_data=msg.resolved_data,
                 timestamp=m.client_time(msg.timestamp, self.settings.clock_skew_max),
             )
-            node.submit(resolution, session, received)
+            node.pipeline.submit(resolution, session, received)
         elif isinstance(msg, m.AcquireLockIn):
             self._charge(session, self.settings.ws_rate_cost_lock, received, "an acquire_lock")
             answer = await node.acquire_lock(

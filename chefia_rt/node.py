@@ -1,12 +1,9 @@
-"""The composition root and the write pipeline.
+"""One worker: the composition of storage, bus, engine, hub and write pipeline, its sessions,
+locks, periodic chores and health.
 
-`Node.create(settings)` builds the store, the bus, the engine and the hub. Operations from every
-connection of this worker meet in one bounded queue; one writer task takes whatever is waiting (up
-to SYNC_BATCH_MAX_OPS), commits it as one transaction with the engine deciding inside it, then
-answers each sender and publishes the applied operations to every worker's hub (a slice of the
-batch at a time, senders first). Group commit comes from the queue itself: while one transaction
-is on disk the next batch gathers, so a busy server commits large batches and an idle one
-commits at once.
+`Node.create(settings)` builds the store and the bus (`wiring.py`), the engine and the hub; the
+write pipeline (`pipeline.py`) commits what the connections send, and this class counts its
+answers (`answered`) for the metrics, the worker's stats, the sessions and the monitors.
 """
 
 from __future__ import annotations
@@ -20,30 +17,29 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from chefia_rt import __version__
 from chefia_rt.bus.base import Bus, Push
-from chefia_rt.bus.memory import MemoryBus
 from chefia_rt.cache import RequestCache
 from chefia_rt.config import Settings
-from chefia_rt.domain import BatchState, BatchWrite, Entity, EntityKey, Operation, Resolution
-from chefia_rt.errors import ChefiaError, Code, Locked, Overloaded, StorageUnavailable
+from chefia_rt.domain import EntityKey, Operation
+from chefia_rt.errors import ChefiaError
 from chefia_rt.hub import Hub, Session, snapshot_pages
 from chefia_rt.metrics import Metrics, multiproc_dir_from_env
 from chefia_rt.monitoring import TOPIC as MONITOR_TOPIC
 from chefia_rt.monitoring import MonitorFeed
-from chefia_rt.protocol.messages import format_timestamp, sync_error_msg, utc_now_iso
+from chefia_rt.pipeline import Answer, Limits, WritePipeline
+from chefia_rt.protocol.messages import format_timestamp, utc_now_iso
 from chefia_rt.stats import TOPIC as STATS_TOPIC
 from chefia_rt.stats import ClusterStats, LoopLag
-from chefia_rt.store.base import BatchRequest, LogBounds, SessionRecord, Store
+from chefia_rt.store.base import LogBounds, SessionRecord, Store
 from chefia_rt.supervisor import NODE_ID_ENV
-from chefia_rt.sync.engine import Engine, Outcome, conflict_id_for, wire_data
-from chefia_rt.sync.locks import Lease, TooManyLocks, check_write
+from chefia_rt.sync.engine import Engine, wire_data
+from chefia_rt.sync.locks import TooManyLocks
 from chefia_rt.sync.permissions import Permissions
-from chefia_rt.sync.policies import DEFAULT_POLICY_TABLE, PolicyTable
+from chefia_rt.sync.policies import PolicyTable
 from chefia_rt.terminals import TOPIC as TERMINAL_TOPIC
 from chefia_rt.terminals import (
     TerminalDirectory,
@@ -51,22 +47,12 @@ from chefia_rt.terminals import (
     disconnect_signal,
     figures_signal,
 )
+from chefia_rt.wiring import known_entity_types, make_bus
+from chefia_rt.wiring import make_store as make_store  # backup.py imports it from here
 
 log = logging.getLogger("chefia_rt.node")
 
 HEALTH_PING_TIMEOUT = 2.0
-# Operations of a committed batch answered and published before the writer lets the event
-# loop run again (a few milliseconds of work at most).
-ANSWER_SLICE = 64
-
-
-@dataclass(slots=True)
-class Pending:
-    """An operation or resolution waiting for the next batch, with who to answer."""
-
-    item: Operation | Resolution
-    session: Session
-    received: float
 
 
 class Stats:
@@ -118,93 +104,6 @@ class Stats:
         }
 
 
-def make_store(settings: Settings) -> Store:
-    """The storage backend DATABASE_URL names."""
-    if settings.storage_kind == "sqlite":
-        from chefia_rt.store.sqlite import SQLiteStore
-
-        return SQLiteStore(settings.sqlite_path)
-    from chefia_rt.store.postgres import PostgresStore
-
-    return PostgresStore(
-        settings.database_url,
-        max_size=settings.database_pool_size,
-        command_timeout=settings.sync_commit_timeout,
-    )
-
-
-def make_bus(settings: Settings) -> Bus:
-    """The bus REDIS_URL names (in process without it)."""
-    if settings.redis_url is None:
-        return MemoryBus(lock_max=settings.locks_per_terminal)
-    from chefia_rt.bus.redis import RedisBus
-
-    return RedisBus(
-        settings.redis_url, prefix=settings.redis_prefix, lock_max=settings.locks_per_terminal
-    )
-
-
-def _retry_later(exc: Exception, doing: str) -> tuple[int, str]:
-    """The answer for an operation that could not be checked: the error's own (1013 for storage
-    or Redis down), or 1013 for anything unexpected, logged, so that no operation of a batch is
-    left unanswered."""
-    if isinstance(exc, ChefiaError):
-        return exc.code, exc.reason
-    log.exception("%s failed unexpectedly", doing)
-    return Code.TRY_AGAIN_LATER, f"{doing} failed; retry"
-
-
-def batch_request(items: Sequence[Operation | Resolution]) -> BatchRequest:
-    """What the store must read under lock before the engine can decide these items."""
-    request = BatchRequest()
-    stores: set[str] = set()
-    for item in items:
-        stores.add(item.store_id)
-        if isinstance(item, Resolution):
-            request.conflict_keys.append((item.store_id, item.conflict_id))
-        else:
-            # A retry of an op that raised a manual conflict repeats that conflict: the store
-            # reads it with the op's log record.
-            request.operation_keys.append(item.op_key)
-            request.entity_keys.extend(item.touched_keys())
-    request.store_ids = sorted(stores)
-    return request
-
-
-def confirmation_msg(outcome: Outcome, server_time: str) -> dict[str, Any]:
-    record = outcome.record
-    assert record is not None
-    return {
-        "type": "sync_confirmation",
-        "operation_id": record.id,
-        "seq": record.seq,
-        "version": record.version,
-        "status": outcome.status,
-        "conflict_resolved": record.conflict_resolved,
-        "entity_type": record.entity_type,
-        "entity_id": record.entity_id,
-        "server_time": server_time,
-    }
-
-
-def conflict_msg(outcome: Outcome, policy: str) -> dict[str, Any]:
-    conflict = outcome.conflict
-    assert conflict is not None
-    op = conflict.operation
-    return {
-        "type": "sync_conflict",
-        "operation_id": op.id,
-        "conflict_id": conflict.id,
-        "entity_type": op.entity_type,
-        "entity_id": op.entity_id,
-        "policy": policy,
-        "local_data": op.data,
-        "local_version": op.version,
-        "server_data": conflict.server_data,
-        "server_version": conflict.server_version,
-    }
-
-
 class Node:
     """One worker: storage, bus, engine, hub, and the write pipeline between them."""
 
@@ -226,9 +125,6 @@ class Node:
         self.hub = Hub(store.read_operations)
         self.cache = RequestCache(store, bus, settings.cache_ttls, settings.cache_enabled)
         self.stats = Stats()
-        self.draining = False
-        self._queue: asyncio.Queue[Pending] = asyncio.Queue(settings.sync_queue_size)
-        self._writer: asyncio.Task[None] | None = None
         self._chores: list[asyncio.Task[None]] = []
         self._log_heads: dict[str, int] = {}
         self.worker_name = f"{socket.gethostname()}/{os.getpid()}"
@@ -246,15 +142,17 @@ class Node:
         )
         self.monitor = MonitorFeed(settings, self.terminals, bus, self.worker_name)
         self._background: set[asyncio.Task[Any]] = set()
-        # States of timed-out commits that landed, until their own write-through is done.
-        self._late_written: list[Entity] = []
-        self._idle = asyncio.Event()
-        self._idle.set()
-        # Items queued so far and items the writer is done with (answered, one way or another);
-        # the writer takes them in queue order. Waiters: (items queued then, woken when done).
-        self._queued_count = 0
-        self._done_count = 0
-        self._done_waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self.pipeline = WritePipeline(
+            Limits(
+                settings.sync_batch_max_ops, settings.sync_queue_size, settings.sync_commit_timeout
+            ),
+            store,
+            bus,
+            engine,
+            self.cache,
+            self,
+            self.spawn,
+        )
 
     @classmethod
     def create(cls, settings: Settings) -> Node:
@@ -280,7 +178,7 @@ class Node:
         await self.cache.start()
         # The last backups, so that a monitor sees them even when this worker started after.
         self.monitor.relay_events(await self.store.server_events(None, 20), live=False)
-        self._writer = asyncio.create_task(self._write_loop(), name="writer")
+        self.pipeline.start()
         self._chores = [
             asyncio.create_task(self.loop_lag.run(), name="loop-lag"),
             asyncio.create_task(
@@ -330,7 +228,7 @@ class Node:
     async def report(self) -> None:
         """Every few seconds: sample queue depths and health into the metrics, and tell every
         worker this one's stats (/ws/stats across workers and nodes)."""
-        self.metrics.queues(self._queue.qsize(), [s.queued for s in self.hub.sessions()])
+        self.metrics.queues(self.pipeline.depth(), [s.queued for s in self.hub.sessions()])
         self.metrics.cache(self.cache.stats())
         ok = [False, False]
         for index, ping in enumerate((self.store.ping, self.bus.ping)):
@@ -388,22 +286,20 @@ class Node:
         # earlier round saw (that would delay the catch-up by a round).
         self._log_heads = heads
 
+    @property
+    def draining(self) -> bool:
+        return self.pipeline.draining
+
     async def drain(self, timeout: float) -> None:
         """Stop taking operations and commit what is queued (SIGTERM)."""
-        self.draining = True
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout):
-                await self._idle.wait()
+        await self.pipeline.drain(timeout)
 
     async def stop(self) -> None:
         for chore in self._chores:
             chore.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await chore
-        if self._writer is not None:
-            self._writer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._writer
+        await self.pipeline.stop()
         for session in self.hub.sessions():
             await session.stop()
         if self._background:
@@ -635,273 +531,28 @@ class Node:
             fields = {f for u in op.data["updates"] for f in u.get("data", {})}
         self.permissions.check_write(session.terminal_type, op.entity_type, op.operation, fields)
 
-    async def _admit(self, batch: list[Pending]) -> list[Pending]:
-        """The batch less the operations that the leases of their entities forbid, which are
-        answered 4009 here.
-
-        The leases of the whole batch are read in one call (one round trip to Redis), after
-        the operations left the queue and right before their commit starts: a lock granted
-        before this read stops every operation of the batch, however long it waited in the
-        queue. A lease that cannot be read refuses the operations with 1013 (retry), never
-        lets them past.
-        """
-        ops = [p for p in batch if isinstance(p.item, Operation)]
-        if not ops:
-            return batch
-        keys = list(dict.fromkeys(k for p in ops for k in _operation(p).touched_keys()))
-        try:
-            leases = dict(zip(keys, await self.bus.get_leases(keys), strict=True))
-        except Exception as exc:
-            code, reason = _retry_later(exc, "reading the batch's leases")
-            for pending in ops:
-                self._refuse(pending, code, reason)
-            return [p for p in batch if not isinstance(p.item, Operation)]
-        now = time.time()
-        refused: dict[int, Locked] = {}
-        for index, pending in enumerate(batch):
-            item = pending.item
-            if isinstance(item, Operation):
-                try:
-                    self._check_leases(item, pending.session.terminal_id, leases, now)
-                except Locked as exc:
-                    refused[index] = exc
-        if not refused:
-            return batch
-        # A terminal retries when it lost the confirmation, typically with the connection,
-        # and that also released its locks. An operation already in the log must still be
-        # answered `duplicate` (SPEC §3 idempotency), never 4009: one read for all of them.
-        try:
-            logged = await self.store.logged([_operation(batch[i]).op_key for i in refused])
-        except Exception as exc:
-            code, reason = _retry_later(exc, "reading the operation log")
-            for index in refused:
-                self._refuse(batch[index], code, reason)
-            return [p for i, p in enumerate(batch) if i not in refused]
-        admitted = []
-        for index, pending in enumerate(batch):
-            locked = refused.get(index)
-            if locked is None or _operation(pending).op_key in logged:
-                admitted.append(pending)  # a logged one is answered `duplicate` by the batch
-            else:
-                self._refuse(pending, locked.code, locked.reason)
-        return admitted
-
-    def _check_leases(
-        self, op: Operation, writer: str, leases: dict[EntityKey, Lease | None], now: float
-    ) -> None:
-        needs_lock = op.operation != "CREATE" and (
-            op.requires_lock or self.engine.policies[op.entity_type].requires_lock
+    def answered(self, answer: Answer) -> None:
+        """Count one answer of the write pipeline, everywhere it is counted."""
+        self.metrics.answered(
+            answer.entity_type, answer.operation, answer.status, answer.latency, answer.policy
         )
-        for key in op.touched_keys():
-            check_write(key, leases[key], writer, needs_lock, now)
+        if answer.latency is None:
+            return  # duplicates, errors and refusals are no new work
+        session = answer.session
+        self.stats.operation(answer.latency, answer.conflicted)
+        session.ops += answer.status != "conflict"
+        session.conflicts += answer.conflicted
+        self.monitor.count(session.store_id, answer.latency, answer.conflicted)
+        if answer.noted is not None:
+            status = "pending" if answer.status == "conflict" else answer.status
+            assert answer.policy is not None
+            self.monitor.note_conflict(answer.noted, status, answer.policy)
 
-    def _refuse(self, pending: Pending, code: int, reason: str) -> None:
-        """Answer an operation that does not join the batch (counted like any answer)."""
-        status = "retry" if code == Code.TRY_AGAIN_LATER else "error"
-        self.metrics.answered(*_item_labels(pending.item), status, None)
-        pending.session.own_ops.discard(_own_op_id(pending.item))
-        pending.session.send(
-            sync_error_msg(_item_id(pending.item), code, reason, *_item_entity(pending.item))
-        )
+    def committed(self, operations: int, seconds: float) -> None:
+        self.metrics.committed(operations, seconds)
 
-    def submit(self, item: Operation | Resolution, session: Session, received: float) -> None:
-        """Queue an item for the next batch; Overloaded (1013) when the queue is full."""
-        if self.draining:
-            raise StorageUnavailable("server is shutting down; retry on reconnect")
-        try:
-            self._queue.put_nowait(Pending(item, session, received))
-        except asyncio.QueueFull:
-            raise Overloaded("server busy: write queue full, retry") from None
-        self._idle.clear()  # set again by the writer once the queue is empty
-        self._queued_count += 1
-        # Known as this session's own from now on, so no path of the stream echoes it back.
-        session.own_ops.add(_own_op_id(item))
-
-    async def answered_so_far(self) -> None:
-        """Until the writer is done with every item queued so far (each one answered)."""
-        if self._done_count >= self._queued_count:
-            return
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._done_waiters.append((self._queued_count, done))
-        await done
-
-    def _wake_done_waiters(self) -> None:
-        waiting = []
-        for target, done in self._done_waiters:
-            if target <= self._done_count:
-                if not done.done():
-                    done.set_result(None)
-            elif not done.done():  # a waiter that gave up is forgotten
-                waiting.append((target, done))
-        self._done_waiters = waiting
-
-    async def _write_loop(self) -> None:
-        limit = self.settings.sync_batch_max_ops
-        while True:
-            first = await self._queue.get()
-            batch = [first]
-            while len(batch) < limit and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
-            taken = len(batch)
-            try:
-                batch = await self._admit(batch)
-                if batch:
-                    await self._commit(batch)
-            except Exception:
-                log.exception("batch of %d failed unexpectedly", len(batch))
-            finally:
-                self._done_count += taken
-                self._wake_done_waiters()
-                if self._queue.empty():
-                    self._idle.set()
-
-    async def _commit(self, batch: list[Pending]) -> None:
-        items = [p.item for p in batch]
-        request = batch_request(items)
-        now = utc_now_iso()
-
-        written: list[Entity] = []
-
-        def decide(state: BatchState) -> tuple[list[Outcome], BatchWrite]:
-            outcomes, write = self.engine.decide(items, state, now)
-            written[:] = write.entities  # the last decision is the one committed
-            return outcomes, write
-
-        started = time.monotonic()
-        commit = asyncio.ensure_future(self.store.commit(request, decide))
-        try:
-            async with asyncio.timeout(self.settings.sync_commit_timeout):
-                outcomes = await asyncio.shield(commit)
-            self.metrics.committed(len(batch), time.monotonic() - started)
-        except Exception as exc:
-            if isinstance(exc, TimeoutError):
-                # The transaction may still land: its pushes go out then, and a retry of any
-                # of its operations is answered `duplicate`, so "retry" is always safe.
-                commit.add_done_callback(lambda done: self._late_commit(done, written))
-                reason = "storage did not answer in time; retry"
-            elif isinstance(exc, ChefiaError):
-                reason = exc.reason
-            else:
-                log.exception("commit failed")
-                reason = "storage error; retry"
-            for pending in batch:
-                self.metrics.answered(*_item_labels(pending.item), "retry", None)
-                pending.session.own_ops.discard(_own_op_id(pending.item))
-                pending.session.send(
-                    sync_error_msg(
-                        _item_id(pending.item), 1013, reason, *_item_entity(pending.item)
-                    )
-                )
-            return
-        # Before anyone is answered: a read after a confirmation must find this version. A
-        # timed-out commit that landed since goes too: a retry of its ops is answered
-        # `duplicate` in this batch, perhaps before its own write-through has run.
-        await self.cache.written([*self._late_written, *written])
-        # Answered and published a slice at a time, letting the loop run in between: a large
-        # batch would otherwise hold every other connection up until all of it is done.
-        for start in range(0, len(batch), ANSWER_SLICE):
-            if start:
-                await asyncio.sleep(0)
-            end = start + ANSWER_SLICE
-            self._answer(batch[start:end], outcomes[start:end])
-            await self._publish(batch[start:end], outcomes[start:end])
+    async def flush(self) -> None:
         await self.monitor.flush()  # the batch's conflicts, after its operations
-
-    def _late_commit(self, commit: asyncio.Future[list[Outcome]], written: list[Entity]) -> None:
-        if commit.cancelled() or commit.exception() is not None:
-            return
-        log.warning("a timed-out commit landed late; publishing its operations")
-        self._late_written.extend(written)
-        self.spawn(self._publish_late(commit.result(), written))
-
-    async def _publish_late(self, outcomes: list[Outcome], written: list[Entity]) -> None:
-        # Its senders were answered 1013 and may read: the cache first, as for any commit.
-        try:
-            await self.cache.written(written)
-        finally:
-            late = {id(e) for e in written}
-            self._late_written = [e for e in self._late_written if id(e) not in late]
-        pushes: dict[str, list[Push]] = {}
-        for outcome in outcomes:
-            if outcome.record is not None and outcome.record.seq is not None:
-                origin = outcome.record.terminal_id
-                pushes.setdefault(outcome.record.store_id, []).append(Push(outcome.record, origin))
-        for store_id, store_pushes in pushes.items():
-            await self.bus.publish(store_id, store_pushes)
-
-    def _answer(self, batch: list[Pending], outcomes: list[Outcome]) -> None:
-        done = time.monotonic()
-        server_time = utc_now_iso()
-        for pending, outcome in zip(batch, outcomes, strict=True):
-            session = pending.session
-            record = outcome.record
-            if record is None or record.seq is None or record.seq < session.next_seq:
-                session.own_ops.discard(_own_op_id(pending.item))  # no place ahead in the stream
-            self._count(pending, outcome, done)
-            if outcome.status == "error":
-                assert outcome.error is not None
-                session.send(
-                    sync_error_msg(
-                        outcome.id,
-                        outcome.error.code,
-                        outcome.error.reason,
-                        *_item_entity(pending.item),
-                    )
-                )
-                continue
-            if outcome.status == "conflict":
-                assert outcome.conflict is not None
-                policy = self.engine.policies[outcome.conflict.operation.entity_type].policy
-                session.send(conflict_msg(outcome, policy))
-                self.stats.operation(done - pending.received, conflict=True)
-                session.conflicts += 1
-                self.monitor.count(session.store_id, done - pending.received, conflict=True)
-                self.monitor.note_conflict(outcome.conflict.operation, "pending", policy)
-                continue
-            session.send(confirmation_msg(outcome, server_time))
-            if outcome.status != "duplicate":
-                conflict = outcome.record is not None and outcome.record.conflict_resolved
-                self.stats.operation(done - pending.received, conflict=conflict)
-                session.ops += 1
-                session.conflicts += conflict
-                self.monitor.count(session.store_id, done - pending.received, conflict)
-                if conflict and outcome.record is not None:
-                    policy = self.engine.policies[outcome.record.entity_type].policy
-                    self.monitor.note_conflict(outcome.record, outcome.status, policy)
-
-    def _count(self, pending: Pending, outcome: Outcome, done: float) -> None:
-        """The metrics of one answer: status, latency of new work, and the conflict policy."""
-        record = outcome.record
-        labels: tuple[str | None, str]
-        if record is not None:
-            labels = (record.entity_type, record.operation)
-        elif outcome.conflict is not None:
-            labels = (outcome.conflict.operation.entity_type, outcome.conflict.operation.operation)
-        else:
-            labels = _item_labels(pending.item)
-        fresh = outcome.status not in ("duplicate", "error")
-        policy = None
-        settled = fresh and record is not None and record.conflict_resolved
-        if outcome.status == "conflict" or settled:
-            policy = self.engine.policies[labels[0] or ""].policy
-        latency = done - pending.received if fresh else None
-        self.metrics.answered(labels[0], labels[1], outcome.status, latency, policy)
-
-    async def _publish(self, batch: list[Pending], outcomes: list[Outcome]) -> None:
-        pushes: dict[str, list[Push]] = {}
-        for pending, outcome in zip(batch, outcomes, strict=True):
-            record = outcome.record
-            # A duplicate with a seq is published again: its first commit may have landed without
-            # being published (a connection lost mid-commit). Sessions that have it drop it.
-            if record is None or record.seq is None:
-                continue
-            pushes.setdefault(record.store_id, []).append(Push(record, pending.session.terminal_id))
-        for store_id, store_pushes in pushes.items():
-            try:
-                await self.bus.publish(store_id, store_pushes)
-            except Exception as exc:
-                # Committed and confirmed already; receivers fill the gap from storage.
-                log.warning("publishing to the bus failed: %s", exc)
 
     # ---- health and stats -------------------------------------------------------------------
 
@@ -944,37 +595,3 @@ class Node:
 
 def _iso(epoch: float) -> str:
     return format_timestamp(datetime.fromtimestamp(epoch, UTC))
-
-
-def _own_op_id(item: Operation | Resolution) -> str:
-    """The operation an item writes: a resolution writes its conflict's operation."""
-    if isinstance(item, Operation):
-        return item.id
-    return item.conflict_id.removeprefix(conflict_id_for(""))
-
-
-def known_entity_types(settings: Settings) -> set[str]:
-    """The entity types metrics name (any other counts as "other", so labels stay bounded)."""
-    return set(DEFAULT_POLICY_TABLE) | set(settings.sync_policies)
-
-
-def _item_labels(item: Operation | Resolution) -> tuple[str | None, str]:
-    """(entity_type, operation) of an item with no outcome record to name them."""
-    if isinstance(item, Operation):
-        return item.entity_type, item.operation
-    return None, "RESOLUTION"
-
-
-def _operation(pending: Pending) -> Operation:
-    assert isinstance(pending.item, Operation)
-    return pending.item
-
-
-def _item_id(item: Operation | Resolution) -> str:
-    return item.id if isinstance(item, Operation) else item.conflict_id
-
-
-def _item_entity(item: Operation | Resolution) -> tuple[str | None, str | None]:
-    if isinstance(item, Operation):
-        return item.entity_type, item.entity_id
-    return None, None

@@ -14,7 +14,8 @@ import pytest
 from chefia_rt.config import load_settings
 from chefia_rt.domain import Operation
 from chefia_rt.hub import Outbound, Session
-from chefia_rt.node import ANSWER_SLICE, Node
+from chefia_rt.node import Node
+from chefia_rt.pipeline import ANSWER_SLICE
 from tests.test_hub import FakeTransport
 
 pytestmark = pytest.mark.asyncio
@@ -77,8 +78,8 @@ async def test_a_large_batch_lets_other_connections_go_between_its_slices(node: 
 
     watcher = asyncio.create_task(other_connection())
     for i in range(size):  # all queued before the writer runs: one batch
-        node.submit(update(f"op{i}", f"t{i}"), pos, time.monotonic())
-    await node.answered_so_far()
+        node.pipeline.submit(update(f"op{i}", f"t{i}"), pos, time.monotonic())
+    await node.pipeline.answered_so_far()
     await asyncio.sleep(0.05)
     watcher.cancel()
     confirmations = [m for m in sender.messages() if m["type"] == "sync_confirmation"]

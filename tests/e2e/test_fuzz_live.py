@@ -507,7 +507,7 @@ async def test_live_fuzz(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> No
         while len(server.node.hub) or server.server.connections():
             assert loop.time() < until, f"{context}: sessions left behind"
             await asyncio.sleep(0.05)
-        await asyncio.wait_for(server.node._idle.wait(), 20)
+        await asyncio.wait_for(server.node.pipeline.idle.wait(), 20)
 
         # It still does its job, for a new store.
         async with asyncio.timeout(10):

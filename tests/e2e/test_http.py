@@ -388,8 +388,8 @@ async def test_failed_session_log_write_is_handled(tmp_path: Path) -> None:
 async def test_health_is_503_while_draining_so_balancers_stop_sending(
     server: RunningServer,
 ) -> None:
-    server.node.draining = True
+    server.node.pipeline.draining = True
     status, body = await get(server, "/health")
     assert status == 503
     assert body["status"] == "draining"
-    server.node.draining = False
+    server.node.pipeline.draining = False

@@ -296,7 +296,7 @@ async def test_a_lock_granted_while_a_write_waits_in_the_queue_stops_it(tmp_path
                 await a.send({"type": "ping", "timestamp": 1})
                 await a.expect("pong")
                 # The writer took c2 and waits on the file.
-                await eventually(node._queue.empty, what="the writer takes c2")
+                await eventually(node.pipeline._queue.empty, what="the writer takes c2")
                 await a.send(op("u1", "o1", {"status": "paid"}))
                 await a.send({"type": "ping", "timestamp": 2})
                 await a.expect("pong")  # u1 passed the server's checks and waits in the queue
@@ -340,7 +340,7 @@ async def test_locked_writes_of_one_batch_are_told_apart_in_one_log_read(tmp_pat
                 await a.send(op("c3", "o3", {"n": 3}, operation="CREATE"))
                 await a.send({"type": "ping", "timestamp": 0})
                 await a.expect("pong")  # c3 is queued
-                await eventually(node._queue.empty, what="the writer takes c3")
+                await eventually(node.pipeline._queue.empty, what="the writer takes c3")
                 for message in (
                     op("u1", "o1", {"n": 9}, version=2),  # locked: 4009
                     op("c1", "o1", {"n": 1}, operation="CREATE"),  # a retry: duplicate
