@@ -653,11 +653,11 @@ async def test_a_future_format_is_refused_with_upgrade_advice(
 
 
 async def test_a_future_schema_is_refused(archive: Path, databases: Databases) -> None:
-    from chefia_rt.backup.archive import _manifest_checksum
+    from chefia_rt.backup.format import manifest_checksum
 
     def newer(manifest: dict[str, Any]) -> None:
         manifest["source"]["schema_version"] = 99
-        manifest["checksum"] = _manifest_checksum(manifest)
+        manifest["checksum"] = manifest_checksum(manifest)
 
     rewrite(archive, manifest=newer)
     await assert_refused(archive, "archive schema version 99 is newer", databases, ["sqlite"])
@@ -738,9 +738,9 @@ async def test_an_archive_changed_after_verification_rolls_back(
 ) -> None:
     """Restore checks every member again while loading it: a file that changed between the
     verification and the load fails the restore, and its transaction leaves nothing behind."""
-    import chefia_rt.backup.archive
+    import chefia_rt.backup.commands
 
-    verify = chefia_rt.backup.archive.verify_archive
+    verify = chefia_rt.backup.commands.verify_archive
     original = read(archive)
     audit = members(archive)["audit_logs_master.jsonl.gz"]
     positions = random.Random(3).sample(range(audit.offset_data, audit.offset_data + audit.size), 6)
@@ -757,7 +757,7 @@ async def test_an_archive_changed_after_verification_rolls_back(
             return verified
 
         write(archive, original)
-        monkeypatch.setattr(chefia_rt.backup.archive, "verify_archive", verify_then_damage)
+        monkeypatch.setattr(chefia_rt.backup.commands, "verify_archive", verify_then_damage)
         target = await databases.url(kind)
         with pytest.raises(BackupError, match=r"checksum mismatch in audit_logs_master\.jsonl\.gz"):
             await restore_archive(databases.settings(target), archive, progress=QUIET)
