@@ -13,6 +13,7 @@ from typing import Any
 from chefia_rt import __version__
 from chefia_rt.archive_crypto import ArchiveKey
 from chefia_rt.protocol.messages import format_timestamp
+from chefia_rt.store import schema
 from chefia_rt.store.rows import migrations
 
 # The newest format this version reads; a plain archive is still written as 1 (older releases
@@ -42,70 +43,39 @@ class Table:
     bool_columns: frozenset[str] = frozenset()
     # timestamptz in PostgreSQL, ISO text in SQLite; canonical ISO text in the archive.
     time_columns: frozenset[str] = frozenset()
+    # Sorted as numbers (the others as text, in code-point order).
+    integer_order: frozenset[str] = frozenset()
 
     @property
     def member(self) -> str:
         return f"{self.name}.jsonl.gz"
 
+    @classmethod
+    def of(cls, table: schema.Table) -> Table:
+        """The archive's view of a table of the schema: the columns a backup keeps, rows in
+        the order of the table's key."""
+        columns = [c for c in table.columns if c.backed_up]
 
-def _table(name: str, columns: str, order: str, **kinds: str) -> Table:
-    """A Table from space-separated column names; `kinds` maps json/bools/times to columns."""
-    return Table(
-        name,
-        tuple(columns.split()),
-        tuple(order.split()),
-        json_columns=frozenset(kinds.get("json", "").split()),
-        bool_columns=frozenset(kinds.get("bools", "").split()),
-        time_columns=frozenset(kinds.get("times", "").split()),
-    )
+        def kind(*kinds: schema.Kind) -> frozenset[str]:
+            return frozenset(c.name for c in columns if c.kind in kinds)
 
-
-# The tables of the migrations, in restore order (there are no foreign keys). Operation and
-# conflict ids are unique per store (their keys are (store_id, id)). store_seqs travels without
-# its epoch: a restore always starts a new one (see the restores' _NEW_EPOCH).
-TABLES = (
-    _table("store_seqs", "store_id last_seq", "store_id"),
-    _table(
-        "entities",
-        "store_id entity_type entity_id version data deleted timestamp field_versions "
-        "updated_at updated_by",
-        "store_id entity_type entity_id",
-        json="data field_versions",
-        bools="deleted",
-        times="updated_at",
-    ),
-    _table(
-        "sync_operations",
-        "id store_id seq entity_type entity_id operation data version deleted status "
-        "conflict_resolved terminal_id user_id priority timestamp server_time",
-        "store_id id",
-        json="data",
-        bools="deleted conflict_resolved",
-    ),
-    _table(
-        "audit_logs_master",
-        "id operation_id store_id entity_type entity_id operation terminal_id user_id changes "
-        "sync_status conflict_resolved timestamp",
-        "id",
-        json="changes",
-        bools="conflict_resolved",
-        times="timestamp",
-    ),
-    _table(
-        "conflicts",
-        "id store_id operation_id operation server_version server_data created_at",
-        "store_id id",
-        json="operation server_data",
-    ),
-    _table(
-        "websocket_connections",
-        "session_id terminal_id terminal_type store_id user_id connected_at disconnected_at "
-        "bytes_in bytes_out messages_in messages_out close_code",
-        "session_id",
-    ),
-)
+        keys = [table.column(name) for name in table.key]
+        return cls(
+            table.name,
+            tuple(c.name for c in columns),
+            table.key,
+            json_columns=kind(schema.JSON),
+            bool_columns=kind(schema.FLAG),
+            time_columns=kind(schema.TIME),
+            integer_order=frozenset(
+                c.name for c in keys if c.kind in (schema.BIGINT, schema.INTEGER)
+            ),
+        )
 
 
+# The tables of the store data, in restore order (store/schema.py): operational state
+# (server_events, store_seqs' epoch) stays out.
+TABLES = tuple(Table.of(t) for t in schema.TABLES if t.backed_up)
 TABLES_BY_NAME = {t.name: t for t in TABLES}
 
 

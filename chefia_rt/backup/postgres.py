@@ -20,7 +20,6 @@ from chefia_rt.config import Settings
 # epoch, so that a watermark from before the restore is refused (resync_required), even once
 # new writes have passed it.
 _NEW_EPOCH = "UPDATE store_seqs SET epoch = gen_random_uuid()::text"
-_INTEGER_KEYS = frozenset({("audit_logs_master", "id")})
 
 
 def _pg_select(table: Table) -> str:
@@ -33,9 +32,7 @@ def _pg_select(table: Table) -> str:
             expr = column
         parts.append(f"'{column}', {expr}")
     # Code-point order for text keys, as SQLite's BINARY collation sorts them.
-    order = ", ".join(
-        c if (table.name, c) in _INTEGER_KEYS else f'{c} COLLATE "C"' for c in table.order
-    )
+    order = ", ".join(c if c in table.integer_order else f'{c} COLLATE "C"' for c in table.order)
     return f"SELECT json_build_object({', '.join(parts)}) FROM {table.name} ORDER BY {order}"
 
 

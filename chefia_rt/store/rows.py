@@ -19,20 +19,14 @@ from chefia_rt.domain import (
 )
 from chefia_rt.protocol.messages import format_timestamp
 from chefia_rt.store.base import BatchRequest
+from chefia_rt.store.schema import AUDIT_LOGS, CONFLICTS, ENTITIES, SYNC_OPERATIONS
 from chefia_rt.sync.engine import compact_json, conflict_id_for
 
-OP_COLUMNS = (
-    "id, store_id, entity_type, entity_id, operation, data, version, seq, status, "
-    "conflict_resolved, terminal_id, user_id, priority, timestamp, server_time, deleted"
-)
-AUDIT_COLUMNS = (
-    "operation_id, store_id, entity_type, entity_id, operation, terminal_id, user_id, changes, "
-    "sync_status, conflict_resolved, timestamp"
-)
-ENTITY_COLUMNS = (
-    "store_id, entity_type, entity_id, version, data, deleted, timestamp, updated_by, "
-    "field_versions, updated_at"
-)
+# The columns of each record tuple below, in order (store/schema.py).
+OP_COLUMNS = SYNC_OPERATIONS.record_list()
+AUDIT_COLUMNS = AUDIT_LOGS.record_list()
+ENTITY_COLUMNS = ENTITIES.record_list()
+CONFLICT_COLUMNS = CONFLICTS.record_list()
 
 
 def _json(value: Any) -> Any:
@@ -177,4 +171,42 @@ def op_values(r: OpRecord, encode: Callable[[Any, str | None], Any]) -> tuple[An
         r.timestamp,
         r.server_time,
         r.deleted,
+    )
+
+
+def entity_values(
+    e: Entity,
+    data: Callable[[Any, str | None], Any],
+    field_versions: Callable[[dict[str, list[Any]]], Any],
+    updated_at: Callable[[str], Any],
+) -> tuple[Any, ...]:
+    """An Entity as the values of ENTITY_COLUMNS, in order; `data(data, text)`,
+    `field_versions` and `updated_at` turn those into what the backend's driver takes."""
+    return (
+        e.key.store_id,
+        e.key.entity_type,
+        e.key.entity_id,
+        e.version,
+        data(e.data, e.data_json),
+        e.deleted,
+        e.timestamp,
+        e.updated_by,
+        field_versions(e.field_versions),
+        updated_at(e.updated_at),
+    )
+
+
+def conflict_values(
+    c: Conflict, operation: Callable[[Operation], Any], data: Callable[[Any], Any]
+) -> tuple[Any, ...]:
+    """A Conflict as the values of CONFLICT_COLUMNS, in order; `operation` and `data` turn its
+    operation and the server's data into what the backend's driver takes."""
+    return (
+        c.id,
+        c.operation.store_id,
+        c.operation.id,
+        operation(c.operation),
+        c.server_version,
+        data(c.server_data),
+        c.created_at,
     )
