@@ -23,7 +23,7 @@ from tests.bus.conftest import (
     redis_reachable,
     unique_prefix,
 )
-from tests.bus.test_contract import pushes
+from tests.bus.test_broadcast import pushes
 from tests.services import REDIS_URL
 
 CAP = 5
