@@ -47,7 +47,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from chefia_rt.bus.base import Bus, CacheEntry, CacheSlot
+from chefia_rt.bus.base import CacheEntry, CacheSlot, SharedCache
 from chefia_rt.domain import Entity, EntityKey
 from chefia_rt.errors import StorageUnavailable
 from chefia_rt.store.base import Store
@@ -130,7 +130,7 @@ class RequestCache:
     def __init__(
         self,
         store: Store,
-        bus: Bus,
+        bus: SharedCache,
         ttls: Mapping[str, float] | None = None,
         enabled: bool = True,
         guard: float = READ_GUARD,

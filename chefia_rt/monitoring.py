@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from chefia_rt.bus.base import Bus, Push
+from chefia_rt.bus.base import Push, Signals
 from chefia_rt.config import Settings
 from chefia_rt.domain import Operation, OpRecord
 from chefia_rt.hub import OutFrame, Session
@@ -182,7 +182,7 @@ class MonitorFeed:
         self,
         settings: Settings,
         directory: TerminalDirectory,
-        bus: Bus,
+        bus: Signals,
         worker: str,
         clock: Callable[[], float] = time.time,
     ) -> None:

@@ -1,10 +1,11 @@
-"""The bus port: how a worker reaches every other worker and node.
+"""The bus ports: how a worker reaches every other worker and node.
 
-It carries committed operations to every hub (in store seq order per publisher; a receiver that
-sees a gap fills it from storage) and holds the state that must be shared: entity lock leases.
-It also carries signals: small messages on a named topic to every worker, for what other parts
-share across workers (stats, the monitor's feed, cache invalidations).
-The in-process bus (`memory.py`) serves the embedded single worker; Redis serves many.
+Four narrow ports, each one concern: Broadcast carries committed operations to every hub (in
+store seq order per publisher; a receiver that sees a gap fills it from storage) and, as
+Signals, small messages on a named topic to every worker; Presence knows each terminal's
+current session; Leases holds the entity lock leases; SharedCache the RequestCache's state.
+`Bus` is all four over one connection, as a backend implements them: the in-process bus
+(`memory.py`) serves the embedded single worker, Redis (`redis.py`) serves many.
 """
 
 from __future__ import annotations
@@ -62,21 +63,42 @@ Takeover = Callable[[str, str, str, float], None]
 SignalHandler = Callable[[dict[str, Any]], None]
 
 
-class Bus(Protocol):
-    """Fan-out of committed operations, shared lock leases, and the RequestCache's state."""
+class Signals(Protocol):
+    """Small messages on a named topic to every worker, for what other parts share across
+    workers (stats, the monitor's feed, the terminal directory)."""
 
-    kind: str
+    def on_signal(self, topic: str, handler: SignalHandler) -> None:
+        """Hand every signal on `topic`, from any worker of the deployment (this one included),
+        to `handler`. Call before `start`; one handler per topic."""
 
-    async def start(self, deliver: Deliver, takeover: Takeover, resync: Callable[[], None]) -> None:
-        """Begin delivering every store's pushes (from any worker) to `deliver`, sessions
-        opened on other workers to `takeover`, and call `resync` when pushes may have been
-        missed (the bus reconnected)."""
+    async def signal(self, topic: str, payload: dict[str, Any]) -> None:
+        """Send `payload` (msgpack-able) on `topic` to every worker; this worker's handler runs
+        before this returns. Best effort elsewhere: a signal sent while the bus is unreachable is
+        lost, so signals carry what is refreshed anyway or can be read again from storage."""
 
-    async def close(self) -> None:
-        """Stop delivering and release connections."""
+
+class Broadcast(Signals, Protocol):
+    """Fan-out of committed operations to every worker's hub, beside the signals."""
 
     async def publish(self, store_id: str, pushes: Sequence[Push]) -> None:
         """Send one store's committed operations, in seq order, to every worker."""
+
+
+class Presence(Protocol):
+    """Which session is each terminal's current one, across workers."""
+
+    async def register(
+        self, store_id: str, terminal_id: str, session_id: str, connected_at: float
+    ) -> None:
+        """Make a session its terminal's current one, and tell every worker (takeover, 4004)."""
+
+    async def unregister(self, store_id: str, terminal_id: str, session_id: str) -> None:
+        """A session ended: if it was still its terminal's current one, release its locks (work
+        in proportion to the locks it holds, never to everyone's)."""
+
+
+class Leases(Protocol):
+    """Entity lock leases shared by every worker."""
 
     async def get_lease(self, key: EntityKey) -> Lease | None:
         """The live lease on an entity, if any."""
@@ -96,25 +118,9 @@ class Bus(Protocol):
     async def release_lease(self, key: EntityKey, owner: str) -> bool:
         """Release a lease the owner holds; False when it held none."""
 
-    async def register(
-        self, store_id: str, terminal_id: str, session_id: str, connected_at: float
-    ) -> None:
-        """Make a session its terminal's current one, and tell every worker (takeover, 4004)."""
 
-    async def unregister(self, store_id: str, terminal_id: str, session_id: str) -> None:
-        """A session ended: if it was still its terminal's current one, release its locks (work
-        in proportion to the locks it holds, never to everyone's)."""
-
-    def on_signal(self, topic: str, handler: SignalHandler) -> None:
-        """Hand every signal on `topic`, from any worker of the deployment (this one included),
-        to `handler`. Call before `start`; one handler per topic."""
-
-    async def signal(self, topic: str, payload: dict[str, Any]) -> None:
-        """Send `payload` (msgpack-able) on `topic` to every worker; this worker's handler runs
-        before this returns. Best effort elsewhere: a signal sent while the bus is unreachable is
-        lost, so signals carry what is refreshed anyway or can be read again from storage."""
-
-    # ---- the RequestCache's shared state (see cache.py for why it is shaped so) ----------
+class SharedCache(Protocol):
+    """The RequestCache's shared state (see cache.py for why it is shaped so)."""
 
     async def cache_get(self, key: EntityKey, put_window: float) -> CacheSlot:
         """Read a key's slot; a put made from it is accepted for `put_window` seconds.
@@ -132,6 +138,21 @@ class Bus(Protocol):
 
     async def cache_sizes(self) -> dict[str, int]:
         """Entries held (fresh or kept as floors) per entity type."""
+
+
+class Bus(Broadcast, Presence, Leases, SharedCache, Protocol):
+    """Every port at once, over one connection: what a worker starts, pings and closes. A part
+    of the worker that needs one concern takes that port, not the Bus."""
+
+    kind: str
+
+    async def start(self, deliver: Deliver, takeover: Takeover, resync: Callable[[], None]) -> None:
+        """Begin delivering every store's pushes (from any worker) to `deliver`, sessions
+        opened on other workers to `takeover`, and call `resync` when pushes may have been
+        missed (the bus reconnected)."""
+
+    async def close(self) -> None:
+        """Stop delivering and release connections."""
 
     async def ping(self) -> bool:
         """True when the bus answers."""

@@ -1,4 +1,5 @@
-"""Fixtures of the bus contract suite: every bus backend passes tests/bus/test_contract.py.
+"""Fixtures of the bus contract suite: every bus backend passes the contract of each port
+(test_broadcast.py, test_presence.py, test_leases.py, test_shared_cache.py).
 
 `worker` is a started bus of each backend with a recorder behind its callbacks. `workers` stands
 for two workers of one deployment: two RedisBus instances on the shared Redis with one unique
@@ -14,6 +15,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -22,6 +24,7 @@ from redis.exceptions import RedisError
 from chefia_rt.bus.base import Bus, Push
 from chefia_rt.bus.memory import MemoryBus
 from chefia_rt.bus.redis import RedisBus
+from chefia_rt.domain import EntityKey, OpRecord
 from tests.services import REDIS_URL, service_missing
 
 BACKENDS = ["memory", "redis"]
@@ -139,3 +142,53 @@ async def two_workers(url: str, prefix: str) -> AsyncIterator[tuple[Worker, Work
     finally:
         await a.bus.close()
         await b.bus.close()
+
+
+UNICODE_DATA = {"nome": "Açaí com paçoca 🍧", "obs": 'sem cebola — "já"', "zh": "牛肉面"}
+
+
+def record(seq: int | None, store_id: str = "s1", **fields: Any) -> OpRecord:
+    values: dict[str, Any] = {
+        "id": f"op-{store_id}-{seq}",
+        "store_id": store_id,
+        "entity_type": "tables",
+        "entity_id": f"t{seq}",
+        "operation": "UPDATE",
+        "data": {"seats": 4, "n": seq},
+        "version": 1,
+        "seq": seq,
+        "status": "applied",
+        "conflict_resolved": False,
+        "terminal_id": "pos-1",
+        "user_id": None,
+        "priority": "medium",
+        "timestamp": "2024-01-15T10:30:00.000Z",
+        "server_time": "2024-01-15T10:30:00.123Z",
+    }
+    values.update(fields)
+    return OpRecord(**values)
+
+
+def pushes(first: int, count: int, store_id: str = "s1", origin: str = "pos-1") -> list[Push]:
+    return [Push(record(seq, store_id), origin) for seq in range(first, first + count)]
+
+
+KEY = EntityKey("s1", "orders", "order-1")
+
+
+async def heard_everything(*pairs: tuple[Worker, Worker]) -> None:
+    """Prove by order, not by waiting, that whatever the senders sent before has reached the
+    receivers it would reach (a duplicate, an echo, a late signal): each sender publishes a
+    marker push, and Redis hands a subscriber its messages in the order it took them, so once
+    a receiver holds its sender's marker, everything sent earlier is there too. The markers
+    are then dropped from what the workers delivered."""
+    for n, (sender, _) in enumerate(pairs):
+        await sender.bus.publish(f"marker-{n}", [Push(record(1, f"marker-{n}"), "marker")])
+    for n, (_, receiver) in enumerate(pairs):
+        await eventually(
+            lambda r=receiver, store=f"marker-{n}": any(s == store for s, _ in r.delivered),
+            what=f"marker {n}",
+        )
+    for pair in pairs:
+        for w in pair:
+            w.delivered[:] = [(s, ps) for s, ps in w.delivered if not s.startswith("marker-")]

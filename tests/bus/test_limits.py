@@ -20,10 +20,10 @@ from tests.bus.conftest import (
     Worker,
     drop_prefix,
     eventually,
+    pushes,
     redis_reachable,
     unique_prefix,
 )
-from tests.bus.test_broadcast import pushes
 from tests.services import REDIS_URL
 
 CAP = 5

@@ -41,8 +41,7 @@ from chefia_rt.bus import redis as redis_bus
 from chefia_rt.bus.redis import RedisBus
 from chefia_rt.domain import EntityKey
 from chefia_rt.errors import StorageUnavailable
-from tests.bus.conftest import Worker, eventually, two_workers
-from tests.bus.test_broadcast import pushes
+from tests.bus.conftest import Worker, eventually, pushes, two_workers
 from tests.faults.redis import ThrowawayRedis, throwaway_redis
 from tests.helpers import Terminal, free_port, op
 from tests.services import drop_pg_schema, new_pg_schema
