@@ -25,14 +25,13 @@ import math
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
 from typing import Any
 
 from chefia_rt.bus.base import Push, Signals
 from chefia_rt.config import Settings
 from chefia_rt.domain import Operation, OpRecord
 from chefia_rt.hub import OutFrame, Session
-from chefia_rt.protocol.messages import format_timestamp, utc_now_iso
+from chefia_rt.protocol.messages import format_epoch, utc_now_iso
 from chefia_rt.store.base import ServerEvent
 from chefia_rt.terminals import ChangeKind, TerminalDirectory, TerminalView, reported_figures
 
@@ -52,13 +51,6 @@ MAX_EXTRA_METRICS = 32
 MAX_METRIC_TEXT = 128
 
 
-def iso(epoch: float | None) -> str | None:
-    """Epoch seconds as the protocol's ISO 8601 timestamp."""
-    if epoch is None:
-        return None
-    return format_timestamp(datetime.fromtimestamp(epoch, UTC))
-
-
 def terminal_message(view: TerminalView, change: str, now: str) -> dict[str, Any]:
     """`terminal_status_update` of one terminal."""
     return {
@@ -68,9 +60,9 @@ def terminal_message(view: TerminalView, change: str, now: str) -> dict[str, Any
         "terminal_type": view.terminal_type,
         "status": view.status,
         "change": change,
-        "connected_since": iso(view.connected_since),
-        "last_seen": iso(view.last_seen),
-        "disconnected_at": iso(view.disconnected_at),
+        "connected_since": format_epoch(view.connected_since),
+        "last_seen": format_epoch(view.last_seen),
+        "disconnected_at": format_epoch(view.disconnected_at),
         "ops": view.ops,
         "conflicts": view.conflicts,
         "bytes_in": view.bytes_in,
@@ -579,7 +571,7 @@ class MonitorFeed:
                 **alert,
                 "store_id": store_id,
                 "active": True,
-                "since": iso(since),
+                "since": format_epoch(since),
                 "server_time": stamp,
             }
             active[key] = message
@@ -609,7 +601,7 @@ class MonitorFeed:
                     store_id,
                     str(payload.get("status", "ok")),
                     detail=detail,
-                    server_time=iso(event.created_at),
+                    server_time=format_epoch(event.created_at),
                 )
                 if live:
                     self._activity(message)

@@ -11,7 +11,7 @@ import re
 import time
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args, overload
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
@@ -108,6 +108,20 @@ def format_timestamp(moment: datetime) -> str:
         text = moment.isoformat()[:-6]  # "+00:00"
     # isoformat() leaves out a zero fraction (and is much cheaper than with `timespec`).
     return text + "Z" if moment.microsecond else text + ".000000Z"
+
+
+@overload
+def format_epoch(epoch: float) -> str: ...
+@overload
+def format_epoch(epoch: None) -> None: ...
+@overload
+def format_epoch(epoch: float | None) -> str | None: ...
+
+
+def format_epoch(epoch: float | None) -> str | None:
+    """Epoch seconds (time.time(), a lease's expiry) as the canonical timestamp; None stays None
+    (a moment that has not happened)."""
+    return None if epoch is None else format_timestamp(datetime.fromtimestamp(epoch, UTC))
 
 
 def normalize_timestamp(value: str) -> str:
@@ -586,10 +600,9 @@ def pong_msg(timestamp: Any) -> dict[str, Any]:
 
 def token_refreshed_msg(expires_at: int | None) -> dict[str, Any]:
     latest = 253_402_300_799  # 9999-12-31T23:59:59Z, the last moment a timestamp can name
-    moment = None if expires_at is None else datetime.fromtimestamp(min(expires_at, latest), UTC)
     return {
         "type": "token_refreshed",
-        "expires_at": None if moment is None else format_timestamp(moment),
+        "expires_at": format_epoch(None if expires_at is None else min(expires_at, latest)),
         "server_time": utc_now_iso(),
     }
 

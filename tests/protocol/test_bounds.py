@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
-from chefia_rt.protocol.messages import client_time, format_timestamp, utc_now_iso
+from chefia_rt.protocol.messages import client_time, format_epoch, format_timestamp, utc_now_iso
 
 
 def test_client_time_keeps_a_timestamp_within_the_skew() -> None:
@@ -74,3 +74,10 @@ def test_format_timestamp_is_fixed_width_for_any_fraction_and_offset() -> None:
         ),
     ]:
         assert format_timestamp(moment) == text
+
+
+def test_format_epoch_is_the_canonical_timestamp_of_epoch_seconds() -> None:
+    assert format_epoch(0) == "1970-01-01T00:00:00.000000Z"
+    assert format_epoch(1_705_314_600.25) == "2024-01-15T10:30:00.250000Z"
+    assert format_epoch(253_402_300_799) == "9999-12-31T23:59:59.000000Z"
+    assert format_epoch(None) is None
