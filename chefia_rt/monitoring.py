@@ -32,6 +32,7 @@ from chefia_rt.config import Settings
 from chefia_rt.domain import Operation, OpRecord
 from chefia_rt.hub import OutFrame, Session
 from chefia_rt.protocol.messages import format_epoch, utc_now_iso
+from chefia_rt.stats import PerSecond
 from chefia_rt.store.base import ServerEvent
 from chefia_rt.terminals import ChangeKind, TerminalDirectory, TerminalView, reported_figures
 
@@ -128,45 +129,6 @@ def clean_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
     return clean
 
 
-class _Window:
-    """Per-second buckets of a store's operations: [second, ops, latency ms sum, latency count,
-    conflicts], over the last WINDOW seconds."""
-
-    __slots__ = ("buckets",)
-
-    def __init__(self) -> None:
-        self.buckets: deque[list[float]] = deque()
-
-    def add(
-        self, now: float, ops: float, latency_sum: float, latency_n: float, conflicts: float
-    ) -> None:
-        second = float(int(now))
-        if not self.buckets or self.buckets[-1][0] != second:
-            self.buckets.append([second, 0.0, 0.0, 0.0, 0.0])
-        bucket = self.buckets[-1]
-        bucket[1] += ops
-        bucket[2] += latency_sum
-        bucket[3] += latency_n
-        bucket[4] += conflicts
-        self.trim(now)
-
-    def trim(self, now: float) -> None:
-        while self.buckets and self.buckets[0][0] <= now - WINDOW:
-            self.buckets.popleft()
-
-    def totals(self, now: float, span: float) -> tuple[float, float, float, float]:
-        ops = latency_sum = latency_n = conflicts = 0.0
-        for second, o, s, n, c in self.buckets:
-            if second > now - span:
-                ops, latency_sum, latency_n, conflicts = (
-                    ops + o,
-                    latency_sum + s,
-                    latency_n + n,
-                    conflicts + c,
-                )
-        return ops, latency_sum, latency_n, conflicts
-
-
 class MonitorFeed:
     """This worker's monitors and everything they are sent (see the module doc)."""
 
@@ -187,7 +149,7 @@ class MonitorFeed:
         self._monitors: dict[str, dict[str, Session]] = {}
         self._recent: OrderedDict[str, deque[dict[str, Any]]] = OrderedDict()
         self._last_seq: dict[str, int] = {}
-        self._windows: dict[str, _Window] = {}
+        self._windows: dict[str, PerSecond] = {}
         self._local: dict[str, list[float]] = {}  # this worker's counts since the last tick
         self._queued: list[dict[str, Any]] = []  # activity to signal at the next flush
         self._alerts: dict[str, dict[str, dict[str, Any]]] = {}  # store -> id -> active alert
@@ -370,7 +332,7 @@ class MonitorFeed:
             for store_id, (ops, latency_sum, latency_n, conflicts) in payload["stores"].items():
                 window = self._windows.get(store_id)
                 if window is None:
-                    window = self._windows[store_id] = _Window()
+                    window = self._windows[store_id] = PerSecond(4, WINDOW)
                 window.add(now, ops, latency_sum, latency_n, conflicts)
         elif event == "terminal_metrics":
             store_id, terminal_id = payload["store_id"], payload["terminal_id"]

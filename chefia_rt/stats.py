@@ -102,6 +102,43 @@ class ClusterStats:
         return result
 
 
+class PerSecond:
+    """Figures gathered per second of a clock, over its last `seconds` seconds: each bucket is
+    [second, figure, ...], every figure summed within its second, or with `highest` the highest
+    of the second kept."""
+
+    __slots__ = ("_highest", "buckets", "seconds", "width")
+
+    def __init__(self, width: int, seconds: float, *, highest: bool = False) -> None:
+        self.width = width
+        self.seconds = seconds
+        self._highest = highest
+        self.buckets: deque[list[float]] = deque()
+
+    def add(self, now: float, *figures: float) -> None:
+        second = float(int(now))
+        if not self.buckets or self.buckets[-1][0] != second:
+            self.buckets.append([second, *figures])
+        else:
+            bucket = self.buckets[-1]
+            for i, figure in enumerate(figures, 1):
+                bucket[i] = max(bucket[i], figure) if self._highest else bucket[i] + figure
+        self.trim(now)
+
+    def trim(self, now: float) -> None:
+        while self.buckets and self.buckets[0][0] <= now - self.seconds:
+            self.buckets.popleft()
+
+    def totals(self, now: float, span: float) -> list[float]:
+        """Each figure summed over the buckets of the last `span` seconds."""
+        sums = [0.0] * self.width
+        for second, *figures in self.buckets:
+            if second > now - span:
+                for i, figure in enumerate(figures):
+                    sums[i] += figure
+        return sums
+
+
 class LoopLag:
     """How late this worker's event loop runs: a task sleeps CHECK seconds and records the
     overshoot. Keeps the worst since start and the worst of each of the last SECONDS seconds
@@ -120,17 +157,13 @@ class LoopLag:
         self._observe = observe
         self._wall = wall
         self.worst = 0.0
-        self._seconds: deque[list[float]] = deque(maxlen=self.SECONDS)  # [second, worst lag]
+        self._seconds = PerSecond(1, self.SECONDS, highest=True)
 
     def record(self, lag: float) -> None:
         self.worst = max(self.worst, lag)
         if self._observe is not None:
             self._observe(lag)
-        second = float(int(self._wall()))
-        if self._seconds and self._seconds[-1][0] == second:
-            self._seconds[-1][1] = max(self._seconds[-1][1], lag)
-        else:
-            self._seconds.append([second, lag])
+        self._seconds.add(self._wall(), lag)
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -142,7 +175,9 @@ class LoopLag:
     def snapshot(self) -> dict[str, Any]:
         return {
             "event_loop_lag_max_ms": round(self.worst * 1000, 2),
-            "event_loop_lag_by_second": [[int(at), round(w * 1000, 2)] for at, w in self._seconds],
+            "event_loop_lag_by_second": [
+                [int(at), round(w * 1000, 2)] for at, w in self._seconds.buckets
+            ],
         }
 
 

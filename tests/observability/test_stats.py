@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from chefia_rt.stats import ClusterStats, LoopLag
+from chefia_rt.stats import ClusterStats, LoopLag, PerSecond
 from tests.helpers import http_get, op, running_server
 
 
@@ -60,6 +60,27 @@ def test_counts_stay_integers() -> None:
     for name in ("total_connections", "operations_per_minute", "workers", "nodes"):
         assert type(total[name]) is int, (name, total[name])
     assert all(type(count) is int for count in total["connections_by_type"].values())
+
+
+def test_per_second_sums_each_second_and_forgets_what_left_the_window() -> None:
+    window = PerSecond(2, 60.0)
+    window.add(100.2, 1, 10)
+    window.add(100.9, 2, 20)
+    window.add(130.0, 4, 40)
+    assert list(window.buckets) == [[100.0, 3, 30], [130.0, 4, 40]]
+    assert window.totals(130.5, 60.0) == [7.0, 70.0]
+    assert window.totals(130.5, 10.0) == [4.0, 40.0]  # only the last ten seconds
+    window.add(160.0, 1, 1)  # 100 is now 60 seconds back: gone
+    assert list(window.buckets) == [[130.0, 4, 40], [160.0, 1, 1]]
+    window.trim(190.0)
+    assert list(window.buckets) == [[160.0, 1, 1]]
+
+
+def test_per_second_can_keep_the_highest_of_each_second() -> None:
+    window = PerSecond(1, 60.0, highest=True)
+    for at, figure in ((5.0, 0.3), (5.5, 0.9), (5.9, 0.1), (6.1, 0.2)):
+        window.add(at, figure)
+    assert list(window.buckets) == [[5.0, 0.9], [6.0, 0.2]]
 
 
 def test_loop_lag_keeps_the_worst_of_each_second_and_stats_list_it_per_worker() -> None:
