@@ -27,7 +27,7 @@ from urllib.parse import parse_qs
 import jwt
 
 from chefia_rt.errors import AuthFailed
-from chefia_rt.protocol.messages import TERMINAL_ID_RE, TerminalType
+from chefia_rt.protocol.messages import TERMINAL_ID_RE, TERMINAL_TYPES
 
 ALGORITHM = "HS256"
 MIN_KEY_BYTES = 32
@@ -35,7 +35,6 @@ MAX_TOKEN_CHARS = 4096  # a real token is a few hundred; do not parse megabytes 
 MAX_USER_ID = 128
 # Tokens are issued and checked by servers of the same deployment; allow their clocks to differ.
 CLOCK_SKEW = 10.0
-TERMINAL_TYPES = frozenset(t.value for t in TerminalType)
 _REQUIRED = ("sub", "store_id", "terminal_type", "exp")
 _DURATION = re.compile(r"\A\s*(\d+)\s*([smhd]?)\s*\Z")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}

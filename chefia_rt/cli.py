@@ -11,10 +11,10 @@ import sys
 from collections.abc import Callable, Sequence
 
 from chefia_rt import __version__
-from chefia_rt.auth import TERMINAL_TYPES, issue_token, parse_duration
+from chefia_rt.auth import issue_token, parse_duration
 from chefia_rt.config import Settings, load_settings, setting_warnings
 from chefia_rt.errors import ConfigError
-from chefia_rt.protocol.messages import TERMINAL_ID_RE
+from chefia_rt.protocol.messages import TERMINAL_ID_RE, TERMINAL_TYPES
 
 log = logging.getLogger("chefia_rt")
 # Allocations between first-generation collections, and collections between older ones.

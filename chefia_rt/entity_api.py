@@ -28,7 +28,7 @@ from chefia_rt.auth import authenticate
 from chefia_rt.cache import entity_fields
 from chefia_rt.domain import EntityKey
 from chefia_rt.errors import AuthFailed, StorageUnavailable
-from chefia_rt.protocol.messages import NAME_PATTERN, TERMINAL_ID_RE, TerminalType
+from chefia_rt.protocol.messages import NAME_PATTERN, TERMINAL_ID_RE, TERMINAL_TYPES
 
 if TYPE_CHECKING:
     from chefia_rt.node import Node
@@ -121,7 +121,7 @@ def _reader(
     if not TERMINAL_ID_RE.match(store_id):
         raise ApiError(400, "invalid_store_id", "store_id: 1-64 characters of [A-Za-z0-9._:-]")
     terminal_type = _one_value(query, "type") or "pos"
-    if terminal_type not in TerminalType.__members__.values():
+    if terminal_type not in TERMINAL_TYPES:
         raise ApiError(400, "invalid_terminal_type", f"invalid terminal type {terminal_type!r}")
     return store_id, terminal_type
 

@@ -42,12 +42,13 @@ from prometheus_client import multiprocess as prom_multiprocess
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from chefia_rt.protocol.messages import TERMINAL_TYPES
+
 log = logging.getLogger("chefia_rt.metrics")
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 OTHER = "other"
-TERMINAL_TYPES = ("pos", "kds", "waiter", "monitor")
 
 # Receive → confirmation of one operation: a LAN round trip is ~1 ms, the SPEC alert is 100 ms.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)

@@ -32,6 +32,11 @@ class TerminalType(StrEnum):
     MONITOR = "monitor"
 
 
+# The terminal types, in the enum's order: the one list that tokens, the metrics' labels and the
+# HTTP API check against.
+TERMINAL_TYPES = tuple(t.value for t in TerminalType)
+
+
 class OpKind(StrEnum):
     CREATE = "CREATE"
     UPDATE = "UPDATE"
