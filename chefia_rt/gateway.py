@@ -243,7 +243,7 @@ class Gateway(abc.ABC):
         if not m.TERMINAL_ID_RE.match(terminal_id):
             raise HandshakeRejected(Code.INVALID_TERMINAL_ID, "invalid terminal id")
         requested_type = _query(params, "type")
-        if requested_type is not None and requested_type not in m.TerminalType.__members__.values():
+        if requested_type is not None and requested_type not in m.TERMINAL_TYPES:
             raise HandshakeRejected(
                 Code.INVALID_TERMINAL_TYPE, f"invalid terminal type {requested_type!r}"
             )

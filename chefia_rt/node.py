@@ -15,9 +15,8 @@ import os
 import socket
 import time
 import uuid
-from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 from chefia_rt import __version__
@@ -31,9 +30,9 @@ from chefia_rt.metrics import Metrics, multiproc_dir_from_env
 from chefia_rt.monitoring import TOPIC as MONITOR_TOPIC
 from chefia_rt.monitoring import MonitorFeed
 from chefia_rt.pipeline import Answer, Limits, WritePipeline
-from chefia_rt.protocol.messages import format_timestamp, utc_now_iso
+from chefia_rt.protocol.messages import format_epoch, utc_now_iso
 from chefia_rt.stats import TOPIC as STATS_TOPIC
-from chefia_rt.stats import ClusterStats, LoopLag
+from chefia_rt.stats import ClusterStats, LoopLag, WorkerStats
 from chefia_rt.store.base import LogBounds, SessionRecord, Store
 from chefia_rt.supervisor import NODE_ID_ENV
 from chefia_rt.sync.engine import Engine, wire_data
@@ -47,61 +46,11 @@ from chefia_rt.terminals import (
     disconnect_signal,
     figures_signal,
 )
-from chefia_rt.wiring import known_entity_types, make_bus
-from chefia_rt.wiring import make_store as make_store  # backup.py imports it from here
+from chefia_rt.wiring import known_entity_types, make_bus, make_store
 
 log = logging.getLogger("chefia_rt.node")
 
 HEALTH_PING_TIMEOUT = 2.0
-
-
-class Stats:
-    """This worker's figures for /ws/stats: per-second buckets over the last minute."""
-
-    WINDOW = 60
-
-    def __init__(self) -> None:
-        self.started = time.monotonic()
-        self._buckets: deque[list[float]] = deque(maxlen=self.WINDOW)
-        self._second = -1
-        self.operations = 0
-        self.conflicts = 0
-        self.latency_sum = 0.0
-        self.latency_count = 0
-
-    def _bucket(self) -> list[float]:
-        second = int(time.monotonic())
-        if second != self._second:
-            self._second = second
-            self._buckets.append([0.0, 0.0])  # messages, operations
-        return self._buckets[-1]
-
-    def message(self, count: int = 1) -> None:
-        self._bucket()[0] += count
-
-    def operation(self, latency: float, conflict: bool) -> None:
-        self._bucket()[1] += 1
-        self.operations += 1
-        self.conflicts += conflict
-        self.latency_sum += latency
-        self.latency_count += 1
-
-    def snapshot(self) -> dict[str, float]:
-        """The SPEC §6 figures of this worker, plus the counts that weight them in a sum."""
-        self._bucket()
-        span = max(1, min(self.WINDOW, len(self._buckets)))
-        return {
-            "message_throughput": round(sum(b[0] for b in self._buckets) / span, 3),
-            "operations_per_minute": sum(b[1] for b in self._buckets),
-            "average_latency": round(
-                1000 * self.latency_sum / self.latency_count if self.latency_count else 0.0, 3
-            ),
-            "conflict_rate": round(self.conflicts / self.operations if self.operations else 0, 4),
-            "uptime_seconds": round(time.monotonic() - self.started, 1),
-            "operations": self.operations,
-            "conflicts": self.conflicts,
-            "latency_count": self.latency_count,
-        }
 
 
 class Node:
@@ -124,7 +73,7 @@ class Node:
         self.permissions = permissions
         self.hub = Hub(store.read_operations)
         self.cache = RequestCache(store, bus, settings.cache_ttls, settings.cache_enabled)
-        self.stats = Stats()
+        self.stats = WorkerStats()
         self._chores: list[asyncio.Task[None]] = []
         self._log_heads: dict[str, int] = {}
         self.worker_name = f"{socket.gethostname()}/{os.getpid()}"
@@ -496,7 +445,7 @@ class Node:
                 "lock_id": lease.lock_id,
                 "entity_type": entity_type,
                 "entity_id": entity_id,
-                "expires_at": _iso(lease.expires_at),
+                "expires_at": format_epoch(lease.expires_at),
             }
         return {
             "type": "lock_failed",
@@ -505,7 +454,7 @@ class Node:
             "entity_id": entity_id,
             "reason": "locked by another terminal",
             "locked_by": lease.owner if lease else None,
-            "locked_until": _iso(lease.expires_at) if lease else None,
+            "locked_until": format_epoch(lease.expires_at) if lease else None,
         }
 
     async def release_lock(
@@ -591,7 +540,3 @@ class Node:
             **self.stats.snapshot(),
             **self.loop_lag.snapshot(),
         }
-
-
-def _iso(epoch: float) -> str:
-    return format_timestamp(datetime.fromtimestamp(epoch, UTC))

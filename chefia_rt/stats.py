@@ -139,6 +139,51 @@ class PerSecond:
         return sums
 
 
+class WorkerStats:
+    """This worker's figures for /ws/stats (docs/operations.md): messages and operations per
+    second over the last minute, and the counts since start."""
+
+    WINDOW = 60
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self.started = clock()
+        self._window = PerSecond(2, self.WINDOW)  # messages, operations
+        self.operations = 0
+        self.conflicts = 0
+        self.latency_sum = 0.0
+        self.latency_count = 0
+
+    def message(self, count: int = 1) -> None:
+        self._window.add(self._clock(), count, 0)
+
+    def operation(self, latency: float, conflict: bool) -> None:
+        self._window.add(self._clock(), 0, 1)
+        self.operations += 1
+        self.conflicts += conflict
+        self.latency_sum += latency
+        self.latency_count += 1
+
+    def snapshot(self) -> dict[str, float]:
+        """The figures of this worker, plus the counts that weight them in a sum."""
+        now = self._clock()
+        self._window.add(now, 0, 0)
+        messages, operations = self._window.totals(now, self.WINDOW)
+        span = max(1, min(self.WINDOW, len(self._window.buckets)))
+        return {
+            "message_throughput": round(messages / span, 3),
+            "operations_per_minute": operations,
+            "average_latency": round(
+                1000 * self.latency_sum / self.latency_count if self.latency_count else 0.0, 3
+            ),
+            "conflict_rate": round(self.conflicts / self.operations if self.operations else 0, 4),
+            "uptime_seconds": round(now - self.started, 1),
+            "operations": self.operations,
+            "conflicts": self.conflicts,
+            "latency_count": self.latency_count,
+        }
+
+
 class LoopLag:
     """How late this worker's event loop runs: a task sleeps CHECK seconds and records the
     overshoot. Keeps the worst since start and the worst of each of the last SECONDS seconds

@@ -51,7 +51,7 @@ async def record_event(
     """Tell the running servers' monitors (the `server_events` table every worker polls).
 
     Never fails the command: the backup or restore itself is what matters."""
-    from chefia_rt.node import make_store
+    from chefia_rt.wiring import make_store
 
     store = make_store(settings)
     try:
@@ -191,7 +191,7 @@ async def restore_archive(
     """Verify the whole archive, then load it into DATABASE_URL (migrated first) in one
     transaction. The database must be empty unless `force`, which clears it in that same
     transaction. Stop the server first: it caches what it read from the database."""
-    from chefia_rt.node import make_store
+    from chefia_rt.wiring import make_store
 
     progress = progress or Progress()
     verified = await asyncio.to_thread(verify_archive, path, progress, settings.encryption_key)

@@ -1,7 +1,7 @@
 """The store contract: what every storage backend does, written against the Store protocol only.
 
 The real Engine is the `decide` callback wherever the point is "what the node gets" (built the way
-node.py builds its batches); hand-written callbacks write exact BatchWrites where the point is
+pipeline.py builds its batches); hand-written callbacks write exact BatchWrites where the point is
 what the store keeps of them.
 """
 
@@ -30,7 +30,7 @@ from chefia_rt.domain import (
     Resolution,
 )
 from chefia_rt.errors import ChefiaError, StorageUnavailable
-from chefia_rt.node import batch_request
+from chefia_rt.pipeline import batch_request
 from chefia_rt.protocol.messages import format_timestamp
 from chefia_rt.store.base import BatchRequest, SessionRecord, Store
 from chefia_rt.sync.engine import Engine, Outcome, conflict_id_for
@@ -85,7 +85,7 @@ def make_op(
 
 
 def request_for(items: Sequence[Item]) -> BatchRequest:
-    """The BatchRequest node.py builds for a batch."""
+    """The BatchRequest pipeline.py builds for a batch."""
     return batch_request(items)
 
 
