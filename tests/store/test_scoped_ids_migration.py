@@ -13,7 +13,7 @@ import asyncpg
 import pytest
 
 from chefia_rt.store import postgres as postgres_module
-from chefia_rt.store import sqlite as sqlite_module
+from chefia_rt.store import sqlite_file as sqlite_module
 from chefia_rt.store.base import Store
 from chefia_rt.store.postgres import PostgresStore
 from chefia_rt.store.rows import migrations

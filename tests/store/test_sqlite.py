@@ -13,8 +13,9 @@ import pytest
 
 from chefia_rt.domain import BatchState, BatchWrite, Entity, EntityKey
 from chefia_rt.errors import StorageUnavailable
-from chefia_rt.store import sqlite as sqlite_module
+from chefia_rt.store import sqlite_batch, sqlite_file
 from chefia_rt.store.base import BatchRequest
+from chefia_rt.store.rows import migrations
 from chefia_rt.store.sqlite import SQLiteStore
 from chefia_rt.sync.engine import Outcome
 from tests.bus.conftest import eventually
@@ -45,7 +46,7 @@ def query(path: Path, sql: str) -> list[tuple[object, ...]]:
 
 
 def packaged_versions() -> list[int]:
-    return [version for version, _ in sqlite_module.migrations("sqlite")]
+    return [version for version, _ in migrations("sqlite")]
 
 
 async def test_durability_pragmas(opened: SQLiteStore, db_path: Path) -> None:
@@ -146,7 +147,7 @@ async def test_only_pending_migrations_run_and_a_failing_one_changes_nothing(
     store = SQLiteStore(str(db_path))
     await store.open()
     await store.close()
-    packaged = sqlite_module.migrations("sqlite")
+    packaged = migrations("sqlite")
     latest = packaged[-1][0]
     good_v, bad_v = latest + 1, latest + 2
 
@@ -159,7 +160,7 @@ async def test_only_pending_migrations_run_and_a_failing_one_changes_nothing(
         "END;\n"
         "-- trailing comment\n"
     )
-    monkeypatch.setattr(sqlite_module, "migrations", lambda prefix: [*packaged, (good_v, good)])
+    monkeypatch.setattr(sqlite_file, "migrations", lambda prefix: [*packaged, (good_v, good)])
     store = SQLiteStore(str(db_path))
     await store.open()
     await store.close()
@@ -168,7 +169,7 @@ async def test_only_pending_migrations_run_and_a_failing_one_changes_nothing(
 
     bad = "CREATE TABLE half (id INTEGER);\nCREATE TABLE broken (;\n"
     monkeypatch.setattr(
-        sqlite_module, "migrations", lambda prefix: [*packaged, (good_v, good), (bad_v, bad)]
+        sqlite_file, "migrations", lambda prefix: [*packaged, (good_v, good), (bad_v, bad)]
     )
     store = SQLiteStore(str(db_path))
     with pytest.raises(StorageUnavailable):
@@ -452,7 +453,7 @@ async def test_a_batch_sees_what_another_connection_committed(
 
 
 async def test_the_writer_remembers_a_bounded_number_of_entities() -> None:
-    written = sqlite_module._Written(max_entities=2, max_bytes=64 * 100)
+    written = sqlite_batch.Written(max_entities=2, max_bytes=64 * 100)
     keys = [EntityKey("s1", "tables", f"T{n}") for n in range(4)]
     entities = [Entity(k, 1, {"n": 1}, data_json='{"n":1}') for k in keys]
     written.keep(BatchWrite(entities=entities[:3], last_seqs={"s1": 3}))
