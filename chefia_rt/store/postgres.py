@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 import asyncpg
 
-from chefia_rt.domain import BatchState, BatchWrite, Entity, EntityKey, OpKey, OpRecord
+from chefia_rt.domain import Entity, EntityKey, OpKey, OpRecord
 from chefia_rt.errors import StorageUnavailable
 from chefia_rt.protocol.messages import format_timestamp
 from chefia_rt.store.base import (
@@ -30,20 +30,15 @@ from chefia_rt.store.base import (
     ServerEvent,
     SessionRecord,
 )
+from chefia_rt.store.postgres_batch import jsonb_decode, jsonb_encode, read_batch, write_batch
 from chefia_rt.store.rows import (
-    AUDIT_COLUMNS,
     ENTITY_COLUMNS,
     OP_COLUMNS,
-    audit_values,
-    conflict_from_row,
-    conflicts_to_read,
     entity_from_row,
     migrations,
     op_record_from_row,
-    op_values,
     session_upsert,
 )
-from chefia_rt.sync.engine import compact_json
 
 log = logging.getLogger("chefia_rt.store.postgres")
 T = TypeVar("T")
@@ -74,87 +69,12 @@ _LOST = (
     asyncpg.AdminShutdownError,
     asyncpg.CrashShutdownError,
 )
-_OP_FIELDS = [c.strip() for c in OP_COLUMNS.split(",")]
-_SETTLE = (
-    "UPDATE sync_operations SET "
-    + ", ".join(f"{c} = ${i}" for i, c in enumerate(_OP_FIELDS, 1) if c not in ("id", "store_id"))
-    + " WHERE id = $1 AND store_id = $2 AND status = 'conflict'"
-)
-
-
-class JSONText(str):
-    """JSON that is text already (a state the engine encoded): a jsonb value as it is."""
-
-    __slots__ = ()
-
-
-_OP_TYPES = [
-    "text", "text", "text", "text", "text", "jsonb", "bigint", "bigint", "text", "boolean",
-    "text", "text", "text", "text", "text", "boolean",
-]  # fmt: skip
-_AUDIT_TYPES = [
-    "text", "text", "text", "text", "text", "text", "text", "jsonb", "text", "boolean",
-    "timestamptz",
-]  # fmt: skip
-
-
-def _unnest(first: int, types: list[str]) -> str:
-    return ", ".join(f"${first + i}::{kind}[]" for i, kind in enumerate(types))
-
-
-_LOG_FIRST = 11  # the parameters of the entities come first, then the log's, the audit's, seqs'
-_AUDIT_FIRST = _LOG_FIRST + len(_OP_TYPES)
-_SEQS_FIRST = _AUDIT_FIRST + len(_AUDIT_TYPES)
-
-
-# A batch's writes but for the rare ones (settled conflicts): data-modifying CTEs, each its own
-# table, run as one statement; an empty array writes nothing.
-_WRITE = (
-    "WITH entity_rows AS ("
-    f"INSERT INTO entities ({ENTITY_COLUMNS}) "
-    # The engine's server time of the write (what the cache and the HTTP read show); an
-    # entity written without one (tests, tools) gets the database's.
-    "SELECT s, t, i, v, d, x, ts, ub, fv, coalesce(ua, now()) "
-    "FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::jsonb[], "
-    "$6::boolean[], $7::text[], $8::text[], $9::jsonb[], $10::timestamptz[]) "
-    "AS w(s, t, i, v, d, x, ts, ub, fv, ua) "
-    "ON CONFLICT (store_id, entity_type, entity_id) DO UPDATE SET "
-    "version = excluded.version, data = excluded.data, deleted = excluded.deleted, "
-    "timestamp = excluded.timestamp, updated_by = excluded.updated_by, "
-    "field_versions = excluded.field_versions, updated_at = excluded.updated_at), "
-    f"log_rows AS (INSERT INTO sync_operations ({OP_COLUMNS}) "
-    f"SELECT * FROM unnest({_unnest(_LOG_FIRST, _OP_TYPES)})), "
-    f"audit_rows AS (INSERT INTO audit_logs_master ({AUDIT_COLUMNS}) "
-    f"SELECT * FROM unnest({_unnest(_AUDIT_FIRST, _AUDIT_TYPES)})) "
-    "INSERT INTO store_seqs (store_id, last_seq) "
-    f"SELECT * FROM unnest({_unnest(_SEQS_FIRST, ['text', 'bigint'])}) "
-    "ON CONFLICT (store_id) DO UPDATE SET last_seq = excluded.last_seq"
-)
-
-
-def _columns(rows: list[tuple[Any, ...]], width: int) -> list[list[Any]]:
-    """Rows as `width` columns (the arrays an unnest takes)."""
-    return [list(column) for column in zip(*rows, strict=True)] if rows else [[]] * width
-
-
-def _jsonb(data: Any, text: str | None) -> Any:
-    """What the jsonb codec takes for `data`: its text when known, else the object."""
-    return data if text is None else JSONText(text)
-
-
-def _jsonb_encode(value: Any) -> bytes:
-    text = value if type(value) is JSONText else compact_json(value)
-    return b"\x01" + text.encode()
-
-
-def _jsonb_decode(data: bytes) -> Any:
-    return json.loads(data[1:])
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
     # Binary jsonb (version byte + text) so that COPY, which is binary, can carry it too.
     await conn.set_type_codec(
-        "jsonb", encoder=_jsonb_encode, decoder=_jsonb_decode, schema="pg_catalog", format="binary"
+        "jsonb", encoder=jsonb_encode, decoder=jsonb_decode, schema="pg_catalog", format="binary"
     )
     await conn.set_type_codec("json", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
 
@@ -173,10 +93,6 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
 def _month_start(moment: datetime, months_ahead: int = 0) -> datetime:
     index = moment.year * 12 + moment.month - 1 + months_ahead
     return datetime(index // 12, index % 12 + 1, 1, tzinfo=UTC)
-
-
-def _parse_time(value: str) -> datetime:
-    return datetime.fromisoformat(value)
 
 
 def _unavailable(exc: BaseException) -> StorageUnavailable:
@@ -359,137 +275,12 @@ class PostgresStore:
     async def commit(self, request: BatchRequest, decide: Decide[T]) -> T:
         async def work(conn: asyncpg.Connection) -> T:
             async with conn.transaction():
-                state = await self._read_batch(conn, request)
+                state = await read_batch(conn, request)
                 result, write = decide(state)
-                await self._write_batch(conn, write)
+                await write_batch(conn, write)
             return result
 
         return await self._with(work)
-
-    @staticmethod
-    async def _read_batch(conn: asyncpg.Connection, request: BatchRequest) -> BatchState:
-        # Seq rows first, in sorted order: this serialises writers per store without deadlocks,
-        # and everything read after it (conflicts, entities) cannot change under the batch.
-        stores = sorted(set(request.store_ids) | {k.store_id for k in request.entity_keys})
-        await conn.execute(
-            "INSERT INTO store_seqs (store_id, last_seq) SELECT unnest($1::text[]), 0 "
-            "ON CONFLICT (store_id) DO NOTHING",
-            stores,
-        )
-        last_seqs = {
-            r[0]: r[1]
-            for r in await conn.fetch(
-                "SELECT store_id, last_seq FROM store_seqs WHERE store_id = ANY($1::text[]) "
-                'ORDER BY store_id COLLATE "C" FOR UPDATE',
-                stores,
-            )
-        }
-        known = {}
-        for row in await conn.fetch(
-            f"SELECT {OP_COLUMNS} FROM sync_operations "
-            "WHERE (store_id, id) IN (SELECT * FROM unnest($1::text[], $2::text[]))",
-            [k[0] for k in request.operation_keys],
-            [k[1] for k in request.operation_keys],
-        ):
-            record = op_record_from_row(row)
-            known[record.op_key] = record
-        conflicts = {}
-        conflict_keys = conflicts_to_read(request, known)
-        if conflict_keys:
-            for row in await conn.fetch(
-                "SELECT id, operation, server_version, server_data, created_at FROM conflicts "
-                "WHERE (store_id, id) IN (SELECT * FROM unnest($1::text[], $2::text[])) "
-                "FOR UPDATE",
-                [k[0] for k in conflict_keys],
-                [k[1] for k in conflict_keys],
-            ):
-                conflict = conflict_from_row(row)
-                conflicts[conflict.key] = conflict
-        keys = sorted(set(request.entity_keys) | {c.operation.key for c in conflicts.values()})
-        for store_id in {k.store_id for k in keys} - set(last_seqs):
-            # A conflict of a store the request did not name (the engine refuses to settle it
-            # across stores, but its seq row must still be known).
-            last_seqs[store_id] = (
-                await conn.fetchval(
-                    "SELECT last_seq FROM store_seqs WHERE store_id = $1 FOR UPDATE", store_id
-                )
-                or 0
-            )
-        entities: dict[EntityKey, Entity] = {}
-        if keys:
-            rows = await conn.fetch(
-                f"SELECT {ENTITY_COLUMNS} FROM entities e "
-                "JOIN unnest($1::text[], $2::text[], $3::text[]) AS k(s, t, i) "
-                "ON e.store_id = k.s AND e.entity_type = k.t AND e.entity_id = k.i "
-                'ORDER BY e.store_id COLLATE "C", e.entity_type COLLATE "C", '
-                'e.entity_id COLLATE "C" FOR UPDATE OF e',
-                [k.store_id for k in keys],
-                [k.entity_type for k in keys],
-                [k.entity_id for k in keys],
-            )
-            for row in rows:
-                entity = entity_from_row(row)
-                entities[entity.key] = entity
-        return BatchState(known, entities, conflicts, last_seqs)
-
-    @staticmethod
-    async def _write_batch(conn: asyncpg.Connection, write: BatchWrite) -> None:
-        # Entities, the log, the audit and the seqs in one statement (one round trip). The
-        # log is append-only: an id the store already logged fails the transaction, never
-        # overwrites (the retry then reads it and is answered `duplicate`).
-        if write.entities or write.op_records or write.audit or write.last_seqs:
-            ops = [op_values(r, _jsonb) for r in write.op_records]
-            audit = [audit_values(a, JSONText, _parse_time) for a in write.audit]
-            await conn.execute(
-                _WRITE,
-                [e.key.store_id for e in write.entities],
-                [e.key.entity_type for e in write.entities],
-                [e.key.entity_id for e in write.entities],
-                [e.version for e in write.entities],
-                [_jsonb(e.data, e.data_json) for e in write.entities],
-                [e.deleted for e in write.entities],
-                [e.timestamp for e in write.entities],
-                [e.updated_by for e in write.entities],
-                [e.field_versions for e in write.entities],
-                [_parse_time(e.updated_at) if e.updated_at else None for e in write.entities],
-                *_columns(ops, len(_OP_FIELDS)),
-                *_columns(audit, len(_AUDIT_TYPES)),
-                list(write.last_seqs),
-                list(write.last_seqs.values()),
-            )
-        for r in write.settled_records:
-            # A resolution replaces the row its pending conflict left, and nothing else.
-            status = await conn.execute(_SETTLE, *op_values(r, _jsonb))
-            if status != "UPDATE 1":
-                raise StorageUnavailable(
-                    f"operation {r.id!r} of {r.store_id} is no pending conflict any more; retry"
-                )
-        if write.new_conflicts:
-            await conn.executemany(
-                "INSERT INTO conflicts (id, store_id, operation_id, operation, server_version, "
-                "server_data, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7)",
-                [
-                    (
-                        c.id,
-                        c.operation.store_id,
-                        c.operation.id,
-                        asdict(c.operation),
-                        c.server_version,
-                        c.server_data,
-                        c.created_at,
-                    )
-                    for c in write.new_conflicts
-                ],
-            )
-        if write.settled_conflicts:
-            await conn.execute(
-                "DELETE FROM conflicts "
-                "WHERE (store_id, id) IN (SELECT * FROM unnest($1::text[], $2::text[]))",
-                [k[0] for k in write.settled_conflicts],
-                [k[1] for k in write.settled_conflicts],
-            )
-
-    # ---- reads ------------------------------------------------------------------------------
 
     async def read_operations(self, store_id: str, after_seq: int, limit: int) -> list[OpRecord]:
         rows = await self._with(

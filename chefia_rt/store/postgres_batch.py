@@ -1,0 +1,224 @@
+"""What a batch reads and writes in PostgreSQL: one statement for the rows it locks and
+reads, one for the rows it writes."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from chefia_rt.domain import BatchState, BatchWrite, Entity, EntityKey
+from chefia_rt.errors import StorageUnavailable
+from chefia_rt.store.base import (
+    BatchRequest,
+)
+from chefia_rt.store.rows import (
+    AUDIT_COLUMNS,
+    CONFLICT_COLUMNS,
+    ENTITY_COLUMNS,
+    OP_COLUMNS,
+    audit_values,
+    conflict_from_row,
+    conflict_values,
+    conflicts_to_read,
+    entity_from_row,
+    entity_values,
+    op_record_from_row,
+    op_values,
+)
+from chefia_rt.store.schema import AUDIT_LOGS, CONFLICTS, ENTITIES, SYNC_OPERATIONS
+from chefia_rt.sync.engine import compact_json
+
+_SETTLE = (
+    "UPDATE sync_operations SET "
+    + ", ".join(
+        f"{c} = ${i}"
+        for i, c in enumerate(SYNC_OPERATIONS.record, 1)
+        if c not in ("id", "store_id")
+    )
+    + " WHERE id = $1 AND store_id = $2 AND status = 'conflict'"
+)
+
+
+class JSONText(str):
+    """JSON that is text already (a state the engine encoded): a jsonb value as it is."""
+
+    __slots__ = ()
+
+
+_OP_TYPES = SYNC_OPERATIONS.postgres_types()
+_AUDIT_TYPES = AUDIT_LOGS.postgres_types()
+_ENTITY_TYPES = ENTITIES.postgres_types()
+
+
+def _unnest(first: int, types: list[str]) -> str:
+    return ", ".join(f"${first + i}::{kind}[]" for i, kind in enumerate(types))
+
+
+# The parameters of the entities come first, then the log's, the audit's, the seqs'.
+_LOG_FIRST = 1 + len(_ENTITY_TYPES)
+_AUDIT_FIRST = _LOG_FIRST + len(_OP_TYPES)
+_SEQS_FIRST = _AUDIT_FIRST + len(_AUDIT_TYPES)
+
+
+# A batch's writes but for the rare ones (settled conflicts): data-modifying CTEs, each its own
+# table, run as one statement; an empty array writes nothing.
+_WRITE = (
+    "WITH entity_rows AS ("
+    f"INSERT INTO entities ({ENTITY_COLUMNS}) "
+    # The engine's server time of the write (what the cache and the HTTP read show); an
+    # entity written without one (tests, tools) gets the database's.
+    "SELECT s, t, i, v, d, x, ts, ub, fv, coalesce(ua, now()) "
+    f"FROM unnest({_unnest(1, _ENTITY_TYPES)}) AS w(s, t, i, v, d, x, ts, ub, fv, ua) "
+    "ON CONFLICT (store_id, entity_type, entity_id) DO UPDATE SET "
+    "version = excluded.version, data = excluded.data, deleted = excluded.deleted, "
+    "timestamp = excluded.timestamp, updated_by = excluded.updated_by, "
+    "field_versions = excluded.field_versions, updated_at = excluded.updated_at), "
+    f"log_rows AS (INSERT INTO sync_operations ({OP_COLUMNS}) "
+    f"SELECT * FROM unnest({_unnest(_LOG_FIRST, _OP_TYPES)})), "
+    f"audit_rows AS (INSERT INTO audit_logs_master ({AUDIT_COLUMNS}) "
+    f"SELECT * FROM unnest({_unnest(_AUDIT_FIRST, _AUDIT_TYPES)})) "
+    "INSERT INTO store_seqs (store_id, last_seq) "
+    f"SELECT * FROM unnest({_unnest(_SEQS_FIRST, ['text', 'bigint'])}) "
+    "ON CONFLICT (store_id) DO UPDATE SET last_seq = excluded.last_seq"
+)
+
+
+def _same(value: Any) -> Any:
+    return value
+
+
+def _columns(rows: list[tuple[Any, ...]], width: int) -> list[list[Any]]:
+    """Rows as `width` columns (the arrays an unnest takes)."""
+    return [list(column) for column in zip(*rows, strict=True)] if rows else [[]] * width
+
+
+def _jsonb(data: Any, text: str | None) -> Any:
+    """What the jsonb codec takes for `data`: its text when known, else the object."""
+    return data if text is None else JSONText(text)
+
+
+def jsonb_encode(value: Any) -> bytes:
+    text = value if type(value) is JSONText else compact_json(value)
+    return b"\x01" + text.encode()
+
+
+def jsonb_decode(data: bytes) -> Any:
+    return json.loads(data[1:])
+
+
+def _parse_time(value: str) -> datetime:
+    return datetime.fromisoformat(value)
+
+
+async def read_batch(conn: asyncpg.Connection, request: BatchRequest) -> BatchState:
+    # Seq rows first, in sorted order: this serialises writers per store without deadlocks,
+    # and everything read after it (conflicts, entities) cannot change under the batch.
+    stores = sorted(set(request.store_ids) | {k.store_id for k in request.entity_keys})
+    await conn.execute(
+        "INSERT INTO store_seqs (store_id, last_seq) SELECT unnest($1::text[]), 0 "
+        "ON CONFLICT (store_id) DO NOTHING",
+        stores,
+    )
+    last_seqs = {
+        r[0]: r[1]
+        for r in await conn.fetch(
+            "SELECT store_id, last_seq FROM store_seqs WHERE store_id = ANY($1::text[]) "
+            'ORDER BY store_id COLLATE "C" FOR UPDATE',
+            stores,
+        )
+    }
+    known = {}
+    for row in await conn.fetch(
+        f"SELECT {OP_COLUMNS} FROM sync_operations "
+        "WHERE (store_id, id) IN (SELECT * FROM unnest($1::text[], $2::text[]))",
+        [k[0] for k in request.operation_keys],
+        [k[1] for k in request.operation_keys],
+    ):
+        record = op_record_from_row(row)
+        known[record.op_key] = record
+    conflicts = {}
+    conflict_keys = conflicts_to_read(request, known)
+    if conflict_keys:
+        for row in await conn.fetch(
+            "SELECT id, operation, server_version, server_data, created_at FROM conflicts "
+            "WHERE (store_id, id) IN (SELECT * FROM unnest($1::text[], $2::text[])) "
+            "FOR UPDATE",
+            [k[0] for k in conflict_keys],
+            [k[1] for k in conflict_keys],
+        ):
+            conflict = conflict_from_row(row)
+            conflicts[conflict.key] = conflict
+    keys = sorted(set(request.entity_keys) | {c.operation.key for c in conflicts.values()})
+    for store_id in {k.store_id for k in keys} - set(last_seqs):
+        # A conflict of a store the request did not name (the engine refuses to settle it
+        # across stores, but its seq row must still be known).
+        last_seqs[store_id] = (
+            await conn.fetchval(
+                "SELECT last_seq FROM store_seqs WHERE store_id = $1 FOR UPDATE", store_id
+            )
+            or 0
+        )
+    entities: dict[EntityKey, Entity] = {}
+    if keys:
+        rows = await conn.fetch(
+            f"SELECT {ENTITY_COLUMNS} FROM entities e "
+            "JOIN unnest($1::text[], $2::text[], $3::text[]) AS k(s, t, i) "
+            "ON e.store_id = k.s AND e.entity_type = k.t AND e.entity_id = k.i "
+            'ORDER BY e.store_id COLLATE "C", e.entity_type COLLATE "C", '
+            'e.entity_id COLLATE "C" FOR UPDATE OF e',
+            [k.store_id for k in keys],
+            [k.entity_type for k in keys],
+            [k.entity_id for k in keys],
+        )
+        for row in rows:
+            entity = entity_from_row(row)
+            entities[entity.key] = entity
+    return BatchState(known, entities, conflicts, last_seqs)
+
+
+async def write_batch(conn: asyncpg.Connection, write: BatchWrite) -> None:
+    # Entities, the log, the audit and the seqs in one statement (one round trip). The
+    # log is append-only: an id the store already logged fails the transaction, never
+    # overwrites (the retry then reads it and is answered `duplicate`).
+    if write.entities or write.op_records or write.audit or write.last_seqs:
+        entities = [
+            entity_values(e, _jsonb, _same, lambda t: _parse_time(t) if t else None)
+            for e in write.entities
+        ]
+        ops = [op_values(r, _jsonb) for r in write.op_records]
+        audit = [audit_values(a, JSONText, _parse_time) for a in write.audit]
+        await conn.execute(
+            _WRITE,
+            *_columns(entities, len(_ENTITY_TYPES)),
+            *_columns(ops, len(_OP_TYPES)),
+            *_columns(audit, len(_AUDIT_TYPES)),
+            list(write.last_seqs),
+            list(write.last_seqs.values()),
+        )
+    for r in write.settled_records:
+        # A resolution replaces the row its pending conflict left, and nothing else.
+        status = await conn.execute(_SETTLE, *op_values(r, _jsonb))
+        if status != "UPDATE 1":
+            raise StorageUnavailable(
+                f"operation {r.id!r} of {r.store_id} is no pending conflict any more; retry"
+            )
+    if write.new_conflicts:
+        await conn.executemany(
+            f"INSERT INTO conflicts ({CONFLICT_COLUMNS}) VALUES "
+            f"({', '.join(f'${i}' for i in range(1, len(CONFLICTS.record) + 1))})",
+            [conflict_values(c, asdict, _same) for c in write.new_conflicts],
+        )
+    if write.settled_conflicts:
+        await conn.execute(
+            "DELETE FROM conflicts "
+            "WHERE (store_id, id) IN (SELECT * FROM unnest($1::text[], $2::text[]))",
+            [k[0] for k in write.settled_conflicts],
+            [k[1] for k in write.settled_conflicts],
+        )
+
+
+# ---- reads ------------------------------------------------------------------------------
