@@ -12,9 +12,7 @@ import asyncpg
 
 from chefia_rt.domain import BatchState, BatchWrite, Entity, EntityKey
 from chefia_rt.errors import StorageUnavailable
-from chefia_rt.store.base import (
-    BatchRequest,
-)
+from chefia_rt.store.base import BatchRequest
 from chefia_rt.store.rows import (
     AUDIT_COLUMNS,
     CONFLICT_COLUMNS,

@@ -20,9 +20,7 @@ from chefia_rt.domain import (
     OpRecord,
 )
 from chefia_rt.errors import StorageUnavailable
-from chefia_rt.store.base import (
-    BatchRequest,
-)
+from chefia_rt.store.base import BatchRequest
 from chefia_rt.store.rows import (
     AUDIT_COLUMNS,
     CONFLICT_COLUMNS,
@@ -47,7 +45,7 @@ _SETTLE = (
 )
 # SQLite's default limit of host parameters per statement is 32766; stay well under it.
 _CHUNK = 500
-# What the writer remembers of the entities it committed (see `_Written`): at most this many,
+# What the writer remembers of the entities it committed (see `Written`): at most this many,
 # holding at most this much JSON text.
 WRITTEN_MAX_ENTITIES = 50_000
 WRITTEN_MAX_BYTES = 32 * 1024 * 1024
