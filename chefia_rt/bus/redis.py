@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 import uuid
@@ -41,139 +40,26 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
-from chefia_rt.bus.base import CacheEntry, CacheSlot, Deliver, Push, SignalHandler, Takeover
-from chefia_rt.domain import EntityKey, OpRecord
+from chefia_rt.bus.base import Deliver, Push, SignalHandler, Takeover
+from chefia_rt.bus.redis_scripts import (
+    ACQUIRE,
+    CACHE_GET,
+    CACHE_PUT,
+    READ_LEASES,
+    RELEASE,
+    UNREGISTER,
+)
+from chefia_rt.bus.redis_state import CACHE_TIMEOUT, RedisState, cache_epoch_key
+from chefia_rt.domain import OpRecord
 from chefia_rt.errors import StorageUnavailable
-from chefia_rt.sync.locks import DEFAULT_MAX_PER_OWNER, Lease, TooManyLocks
+from chefia_rt.sync.locks import DEFAULT_MAX_PER_OWNER
 
 log = logging.getLogger("chefia_rt.bus.redis")
 
-# KEYS[2], the owner's set of lock keys, never holds more than ARGV[5] (LOCKS_PER_TERMINAL)
-# members: a new lease is refused (2) when it is full of live ones, after dropping the members
-# that expired or were taken over. So no script ever walks more than that many keys.
-_ACQUIRE = """
-local holder = redis.call('HGET', KEYS[1], 'owner')
-if holder and holder ~= ARGV[1] then
-  return {0, holder, redis.call('HGET', KEYS[1], 'lock_id'), redis.call('HGET', KEYS[1], 'expires')}
-end
-local limit = tonumber(ARGV[5])
-if not holder and redis.call('SISMEMBER', KEYS[2], KEYS[1]) == 0
-    and redis.call('SCARD', KEYS[2]) >= limit then
-  for _, key in ipairs(redis.call('SMEMBERS', KEYS[2])) do
-    if redis.call('HGET', key, 'owner') ~= ARGV[1] then redis.call('SREM', KEYS[2], key) end
-  end
-  if redis.call('SCARD', KEYS[2]) >= limit then return {2, '', '', '0'} end
-end
-redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'lock_id', ARGV[2], 'expires', ARGV[4])
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
-redis.call('SADD', KEYS[2], KEYS[1])
-local keep = math.max(600000, tonumber(ARGV[3]))
-if redis.call('PTTL', KEYS[2]) < keep then redis.call('PEXPIRE', KEYS[2], keep) end
-return {1, ARGV[1], ARGV[2], ARGV[4]}
-"""
-# Many leases in one command: a pipeline of HMGETs still parses (and awaits) each reply in
-# Python, which the rush-hour profile showed; one script reply is parsed at once by hiredis.
-_READ_LEASES = """
-local leases = {}
-for i, key in ipairs(KEYS) do
-  leases[i] = redis.call('HMGET', key, 'owner', 'lock_id', 'expires')
-end
-return leases
-"""
-
-_RELEASE = """
-if redis.call('HGET', KEYS[1], 'owner') == ARGV[1] then
-  redis.call('DEL', KEYS[1])
-  redis.call('SREM', KEYS[2], KEYS[1])
-  return 1
-end
-return 0
-"""
-# Forget a terminal's presence and release its locks (at most LOCKS_PER_TERMINAL keys, see
-# _ACQUIRE), but only if `session` is still current:
-# a terminal that already reconnected elsewhere keeps its locks. No presence at all counts as
-# current: a Redis restart forgets every session's presence, and the terminals connected then
-# would otherwise never release the locks they take afterwards (only their expiry would).
-_UNREGISTER = """
-local current = redis.call('HGET', KEYS[1], ARGV[1])
-if current and current ~= ARGV[2] then return -1 end
-redis.call('HDEL', KEYS[1], ARGV[1])
-local released = 0
-for _, key in ipairs(redis.call('SMEMBERS', KEYS[2])) do
-  if redis.call('HGET', key, 'owner') == ARGV[1] then
-    redis.call('DEL', key)
-    released = released + 1
-  end
-end
-redis.call('DEL', KEYS[2])
-return released
-"""
-
-# The RequestCache (cache.py says why): an entry is a hash {e: epoch, v: version, f: fresh until
-# (ms, Redis clock), d: body} that expires `keep` ms after its put. The epoch key names the
-# cache's generation; a Redis that restarted empty or was flushed has none, so the first caller
-# makes a new one, and puts based on reads of the old generation are refused.
-_REDIS_NOW = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-"""
-_CACHE_GET = (
-    """
-local epoch = redis.call('GET', KEYS[2])
-if not epoch then
-  epoch = ARGV[1]
-  redis.call('SET', KEYS[2], epoch)
-end
-"""
-    + _REDIS_NOW
-    + """
-local put_until = string.format('%.0f', now + tonumber(ARGV[2]))
-local held = redis.call('HMGET', KEYS[1], 'e', 'v', 'f', 'd')
-if held[1] ~= epoch then return {epoch, '0', put_until} end
-if tonumber(held[3]) > now then return {epoch, held[2], put_until, held[4]} end
-return {epoch, held[2], put_until}
-"""
-)
-# Versions compare as decimal text (shorter is smaller): Lua numbers are doubles, exact only up
-# to 2^53, and a version may go beyond that.
-_CACHE_PUT = (
-    """
-local function older(a, b)
-  if #a ~= #b then return #a < #b end
-  return a < b
-end
-local epoch = redis.call('GET', KEYS[1])
-"""
-    + _REDIS_NOW
-    + """
-if ARGV[1] ~= '' then
-  if epoch ~= ARGV[1] or now > tonumber(ARGV[2]) then return 0 end
-elseif not epoch then
-  epoch = ARGV[3]
-  redis.call('SET', KEYS[1], epoch)
-end
-local stored = 0
-for i = 2, #KEYS do
-  local a = 4 * (i - 2) + 4
-  local held = redis.call('HMGET', KEYS[i], 'e', 'v')
-  if held[1] ~= epoch or not older(ARGV[a], held[2]) then
-    local fresh = string.format('%.0f', now + tonumber(ARGV[a + 1]))
-    redis.call('HSET', KEYS[i], 'e', epoch, 'v', ARGV[a], 'f', fresh, 'd', ARGV[a + 3])
-    redis.call('PEXPIRE', KEYS[i], ARGV[a + 2])
-    stored = stored + 1
-  end
-end
-return stored
-"""
-)
-CACHE_TIMEOUT = 1.0  # a cache call waits no longer: a read then goes to storage
-SIZES_SCAN_LIMIT = 200_000  # keys a size count looks at, at most
 
 RECONNECT_DELAY = (0.1, 2.0)  # first and longest wait between subscriber reconnects
 OUTBOX_SIZE = 10_000  # publish payloads waiting for Redis
 PUBLISH_BATCH = 256  # payloads per pipelined round trip
-LEASE_READ_TIMEOUT = 1.0
-LEASE_READ_BATCH = 512  # lease reads per round trip
 # Connections to Redis per worker, and how long a command waits for one when all are busy.
 POOL_SIZE = 64
 POOL_WAIT = 5.0
@@ -182,20 +68,6 @@ POOL_WAIT = 5.0
 # forever on a connection whose peer vanished without closing it (a frozen Redis, a dead host,
 # a cut network).
 LIVENESS = 5.0
-
-
-def _plain(part: str) -> bool:
-    """A string json.dumps writes as itself between quotes (nothing to escape)."""
-    return part.isascii() and part.isprintable() and '"' not in part and "\\" not in part
-
-
-def _json_parts(*parts: str) -> str:
-    """`json.dumps(list(parts))`, byte for byte; every write's lease read builds one, and the
-    usual ids need no escaping, so the encoder (10% of a worker's CPU at rush hour) is skipped."""
-    if all(_plain(part) for part in parts):
-        return '["' + '", "'.join(parts) + '"]'
-    return json.dumps(list(parts))
-
 
 # What a record is (its data's JSON text, a writing aid, stays home).
 _RECORD_FIELDS = tuple(f.name for f in fields(OpRecord) if f.name != "data_json")
@@ -206,7 +78,7 @@ def _record_to_wire(record: OpRecord) -> dict[str, Any]:
     return {name: getattr(record, name) for name in _RECORD_FIELDS}
 
 
-class RedisBus:
+class RedisBus(RedisState):
     """The bus port on Redis (pub/sub for pushes and control, hashes for presence and locks)."""
 
     kind = "redis"
@@ -240,31 +112,6 @@ class RedisBus:
         self._signal_channel = f"{channels}:signal"
         self._signal_handlers: dict[str, SignalHandler] = {}
 
-    # ---- keys -------------------------------------------------------------------------------
-
-    def _lock_key(self, key: EntityKey) -> str:
-        # JSON of the parts: ids may contain ':' and must not collide.
-        return f"{self.prefix}:lock:" + _json_parts(key.store_id, key.entity_type, key.entity_id)
-
-    def _owner_key(self, store_id: str, owner: str) -> str:
-        return f"{self.prefix}:locks-of:" + json.dumps([store_id, owner])
-
-    def _presence_key(self, store_id: str) -> str:
-        return f"{self.prefix}:presence:{store_id}"
-
-    def _cache_key(self, key: EntityKey) -> str:
-        return f"{self.prefix}:cache:" + json.dumps([key.store_id, key.entity_type, key.entity_id])
-
-    @property
-    def _cache_epoch_key(self) -> str:
-        return cache_epoch_key(self.prefix)
-
-    @property
-    def redis(self) -> aioredis.Redis:
-        if self._redis is None:
-            raise StorageUnavailable("the bus is closed")
-        return self._redis
-
     # ---- life cycle -------------------------------------------------------------------------
 
     async def start(self, deliver: Deliver, takeover: Takeover, resync: Callable[[], None]) -> None:
@@ -291,12 +138,12 @@ class RedisBus:
         # The subscriber's own connection, without that retry: redis-py would resubscribe behind
         # our back after a reconnect, and the node would never be told to catch up.
         self._subscriber = aioredis.from_url(self.url, socket_timeout=5, socket_connect_timeout=5)
-        self._acquire = self._redis.register_script(_ACQUIRE)
-        self._release = self._redis.register_script(_RELEASE)
-        self._read_leases = self._redis.register_script(_READ_LEASES)
-        self._unregister = self._redis.register_script(_UNREGISTER)
-        self._cache_get = self._redis.register_script(_CACHE_GET)
-        self._cache_put = self._redis.register_script(_CACHE_PUT)
+        self._acquire = self._redis.register_script(ACQUIRE)
+        self._release = self._redis.register_script(RELEASE)
+        self._read_leases = self._redis.register_script(READ_LEASES)
+        self._unregister = self._redis.register_script(UNREGISTER)
+        self._cache_get = self._redis.register_script(CACHE_GET)
+        self._cache_put = self._redis.register_script(CACHE_PUT)
         subscribed = asyncio.Event()
         self._listener = asyncio.create_task(self._listen(subscribed), name="redis-listener")
         self._publisher = asyncio.create_task(self._publish_loop(), name="redis-publisher")
@@ -508,122 +355,6 @@ class RedisBus:
             args=[terminal_id, session_id],
         )
 
-    # ---- locks ------------------------------------------------------------------------------
-
-    async def get_lease(self, key: EntityKey) -> Lease | None:
-        return (await self.get_leases([key]))[0]
-
-    async def get_leases(self, keys: Sequence[EntityKey]) -> list[Lease | None]:
-        """The leases of many entities in one round trip per LEASE_READ_BATCH keys (one script:
-        a pipeline of HMGETs would parse and await each reply in Python)."""
-        if self._redis is None:
-            raise StorageUnavailable("lock service unavailable: the bus is closed")
-        lock_keys = [self._lock_key(key) for key in keys]
-        replies: list[Any] = []
-        try:
-            # A frozen Redis must cost a quick 1013, not the full socket timeout.
-            async with asyncio.timeout(LEASE_READ_TIMEOUT):
-                for start in range(0, len(lock_keys), LEASE_READ_BATCH):
-                    chunk = lock_keys[start : start + LEASE_READ_BATCH]
-                    replies.extend(await self._read_leases(keys=chunk))
-        except (RedisError, OSError, TimeoutError) as exc:
-            # A timeout's text is empty: say what it was.
-            reason = f"lock service unavailable: {exc or type(exc).__name__}"
-            raise StorageUnavailable(reason) from exc
-        now = time.time()
-        leases: list[Lease | None] = []
-        for key, (owner, lock_id, expires) in zip(keys, replies, strict=True):
-            lease = None
-            if owner is not None and lock_id is not None and expires is not None:
-                lease = Lease(key, _text(owner), _text(lock_id), int(expires) / 1000)
-            leases.append(lease if lease is not None and lease.expires_at > now else None)
-        return leases
-
-    async def acquire_lease(
-        self, key: EntityKey, owner: str, lock_id: str, ttl: float
-    ) -> tuple[bool, Lease | None]:
-        ttl_ms = max(1, int(ttl * 1000))
-        expires_ms = int(time.time() * 1000) + ttl_ms
-        try:
-            taken, holder, held_id, expires = await self._acquire(
-                keys=[self._lock_key(key), self._owner_key(key.store_id, owner)],
-                args=[owner, lock_id, ttl_ms, expires_ms, self.lock_max],
-            )
-        except (RedisError, OSError) as exc:
-            raise StorageUnavailable(f"lock service unavailable: {exc}") from exc
-        if taken == 2:
-            raise TooManyLocks(self.lock_max)
-        lease = Lease(key, _text(holder), _text(held_id), int(expires) / 1000)
-        return bool(taken), lease
-
-    async def release_lease(self, key: EntityKey, owner: str) -> bool:
-        try:
-            released = await self._release(
-                keys=[self._lock_key(key), self._owner_key(key.store_id, owner)], args=[owner]
-            )
-        except (RedisError, OSError) as exc:
-            raise StorageUnavailable(f"lock service unavailable: {exc}") from exc
-        return bool(released)
-
-    # ---- cache ------------------------------------------------------------------------------
-
-    async def cache_get(self, key: EntityKey, put_window: float) -> CacheSlot:
-        try:
-            async with asyncio.timeout(CACHE_TIMEOUT):
-                found = await self._cache_get(
-                    keys=[self._cache_key(key), self._cache_epoch_key],
-                    args=[uuid.uuid4().hex, int(put_window * 1000)],
-                )
-        except (RedisError, OSError, TimeoutError) as exc:
-            raise StorageUnavailable(f"cache unavailable: {exc}") from exc
-        body = found[3] if len(found) > 3 else None
-        return CacheSlot(_text(found[0]), int(found[1]), body, int(found[2]))
-
-    async def cache_put(self, entries: Sequence[CacheEntry], slot: CacheSlot | None) -> int:
-        if not entries:
-            return 0
-        args: list[str | int | bytes] = [
-            "" if slot is None else slot.epoch,
-            "" if slot is None else slot.put_until,
-            uuid.uuid4().hex,
-        ]
-        for entry in entries:
-            args += [
-                entry.version,
-                int(entry.fresh_for * 1000),
-                max(1, int(entry.keep_for * 1000)),
-                entry.body,
-            ]
-        keys = [self._cache_epoch_key, *(self._cache_key(e.key) for e in entries)]
-        try:
-            async with asyncio.timeout(CACHE_TIMEOUT):
-                return int(await self._cache_put(keys=keys, args=args))
-        except (RedisError, OSError, TimeoutError) as exc:
-            raise StorageUnavailable(f"cache unavailable: {exc}") from exc
-
-    async def cache_clear(self) -> None:
-        try:
-            async with asyncio.timeout(CACHE_TIMEOUT):
-                await self.redis.set(self._cache_epoch_key, uuid.uuid4().hex)
-        except (RedisError, OSError, TimeoutError) as exc:
-            raise StorageUnavailable(f"cache unavailable: {exc}") from exc
-
-    async def cache_sizes(self) -> dict[str, int]:
-        sizes: dict[str, int] = {}
-        start = len(self.prefix) + len(":cache:")
-        seen = 0
-        try:
-            async for raw in self.redis.scan_iter(match=f"{self.prefix}:cache:*", count=1000):
-                seen += 1
-                if seen > SIZES_SCAN_LIMIT:
-                    break
-                with contextlib.suppress(ValueError, IndexError, TypeError):
-                    entity_type = json.loads(_text(raw)[start:])[1]
-                    sizes[entity_type] = sizes.get(entity_type, 0) + 1
-        except (RedisError, OSError) as exc:
-            raise StorageUnavailable(f"cache unavailable: {exc}") from exc
-        return sizes
-
     async def ping(self) -> bool:
         try:
             return bool(await self.redis.ping())
@@ -634,10 +365,6 @@ class RedisBus:
 def channel_scope(url: str, prefix: str) -> str:
     """What every channel name of a deployment starts with: its prefix and database number."""
     return f"{prefix}:db{int(parse_url(url).get('db') or 0)}"
-
-
-def cache_epoch_key(prefix: str) -> str:
-    return f"{prefix}:cache-epoch"
 
 
 async def new_cache_epoch(url: str, prefix: str) -> None:
@@ -651,7 +378,3 @@ async def new_cache_epoch(url: str, prefix: str) -> None:
         raise StorageUnavailable(f"cache unavailable: {exc}") from exc
     finally:
         await client.aclose()
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import random
 
-from chefia_rt.bus.redis import _json_parts
+from chefia_rt.bus.redis_state import json_parts
 
 ALPHABET = 'ab"\\\x00\x1f\x7f\u00e9:-. \u725b\U0001f367'
 
@@ -19,4 +19,4 @@ def test_lock_key_parts_are_json_byte_for_byte() -> None:
         for _ in range(20_000)
     ]
     for parts in cases:
-        assert _json_parts(*parts) == json.dumps(list(parts)), parts
+        assert json_parts(*parts) == json.dumps(list(parts)), parts
