@@ -15,15 +15,12 @@ from typing import Any
 
 from chefia_rt.domain import (
     JSON,
-    AuditRecord,
     BatchState,
     BatchWrite,
     Conflict,
-    ConflictKey,
     Entity,
     EntityKey,
     Operation,
-    OpKey,
     OpRecord,
     Resolution,
 )
@@ -32,14 +29,22 @@ from chefia_rt.errors import (
     Code,
     EntityTooLarge,
     InvalidMessage,
-    PermissionDenied,
     ResolutionFailed,
+)
+from chefia_rt.sync.batch import Batch
+from chefia_rt.sync.changes import (
+    CONFLICT,
+    NOT_FOUND,
+    Change,
+    apply_change,
+    bulk_updates,
+    creates_entity,
+    not_existing,
+    resolve,
 )
 from chefia_rt.sync.policies import (
     MANUAL_RESOLUTION,
-    EntityPolicy,
     PolicyTable,
-    latest_change_since,
 )
 
 # How statuses combine in a BULK_UPDATE: the most eventful one is reported.
@@ -117,261 +122,6 @@ class Outcome:
     changed: list[Entity] = field(default_factory=list)
 
 
-@dataclass(slots=True)
-class _Change:
-    """A decided change of one entity: its full data after, and how it came about.
-
-    `fields` are the fields this change stamps in `field_versions` (what a later merge treats as
-    changed on the server since an older base).
-    """
-
-    data: JSON
-    deleted: bool
-    fields: set[str]
-    status: str
-    conflict_resolved: bool
-
-
-_UNCHANGED = "unchanged"
-_CONFLICT = "conflict"
-_NOT_FOUND = "not_found"
-
-
-def _apply(current: Entity | None, kind: str, patch: JSON) -> _Change:
-    """The change an operation makes when it wins (no conflict, or resolved in its favour).
-
-    A tombstone keeps its last data, so an UPDATE that wins over a DELETE brings the entity back
-    as it was plus the patch (an UPDATE is a patch, never a whole state). A CREATE replaces the
-    whole state; every field it drops counts as changed too.
-    """
-    kept = {} if current is None else current.data
-    if kind == "DELETE":
-        return _Change(dict(kept), True, set(), "applied", False)
-    if kind == "CREATE" or current is None:
-        return _Change(dict(patch), False, set(patch) | set(kept), "applied", False)
-    return _Change({**kept, **patch}, False, set(patch), "applied", False)
-
-
-def resolve(
-    current: Entity | None,
-    kind: str,
-    patch: JSON,
-    version: int,
-    timestamp: str,
-    policy: EntityPolicy,
-    table: PolicyTable,
-    entity_type: str,
-) -> _Change | str:
-    """Decide one entity's change, or say it is unchanged, a manual conflict or not found."""
-    if current is None or (current.deleted and kind == "CREATE"):
-        if kind == "DELETE":
-            return _NOT_FOUND
-        return _apply(current, kind, patch)
-    if current.deleted and kind == "DELETE":
-        return _UNCHANGED
-    if not current.deleted and version == current.version + 1:
-        return _apply(current, kind, patch)
-    # A conflict: a stale version, or an UPDATE of a tombstone.
-    if policy.policy == MANUAL_RESOLUTION:
-        return _CONFLICT
-    base = version - 1
-    if kind == "UPDATE" and not current.deleted:
-        verdict = table.resolver(entity_type)(current, patch, base, timestamp)
-        if verdict.wins_whole:  # even an empty patch: the write wins, a new version
-            change = _apply(current, kind, patch)
-        elif verdict.accepted:
-            change = _apply(current, kind, verdict.accepted)
-            change.status = verdict.status
-        else:
-            return _UNCHANGED
-        change.conflict_resolved = True
-        return change
-    # Whole-entity conflicts (CREATE over a live entity, DELETE, UPDATE of a tombstone) have no
-    # fields to merge: every automatic policy settles them by the later client timestamp.
-    if timestamp >= latest_change_since(current, base):
-        change = _apply(current, kind, patch)
-        change.conflict_resolved = True
-        return change
-    return _UNCHANGED
-
-
-def _bulk_updates(data: JSON) -> list[tuple[str, JSON, int]] | str:
-    """The (entity_id, patch, version) items of a BULK_UPDATE, or why they are malformed."""
-    updates: Any = data.get("updates")
-    if not isinstance(updates, list) or not updates:
-        return "BULK_UPDATE needs a non-empty data.updates list"
-    items = []
-    for i, item in enumerate(updates):
-        if not isinstance(item, Mapping):
-            return f"BULK_UPDATE data.updates[{i}] is not an object"
-        entity_id, patch, version = item.get("entity_id"), item.get("data", {}), item.get("version")
-        if not isinstance(entity_id, str) or not entity_id:
-            return f"BULK_UPDATE data.updates[{i}].entity_id must be a non-empty string"
-        if not isinstance(patch, Mapping):
-            return f"BULK_UPDATE data.updates[{i}].data must be an object"
-        if not isinstance(version, int) or isinstance(version, bool):
-            return f"BULK_UPDATE data.updates[{i}].version must be an integer"
-        items.append((entity_id, dict(patch), version))
-    return items
-
-
-def _creates(op: Operation, current: Entity | None) -> bool:
-    """An operation of a terminal that may only change existing entities would create one."""
-    if not op.existing_only or op.operation == "DELETE":
-        return False
-    return op.operation == "CREATE" or current is None or current.deleted
-
-
-def _not_existing(op: Operation, entity_id: str, current: Entity | None) -> PermissionDenied:
-    """A terminal that may only change existing entities tried to create or undelete one."""
-    what = "deleted" if current is not None else "missing"
-    return PermissionDenied(
-        f"{op.terminal_id} may only change existing {op.entity_type}: "
-        f"{op.entity_type}/{entity_id} is {what} (no CREATE, upsert or undelete)"
-    )
-
-
-class _Batch:
-    """The working state of one batch: entities as changed so far, and what it will write."""
-
-    def __init__(self, state: BatchState, now: str) -> None:
-        self.now = now
-        self.entities = dict(state.entities)
-        self.records = dict(state.known_ops)
-        self.conflicts = dict(state.conflicts)
-        self.last_seqs = dict(state.last_seqs)
-        self.write = BatchWrite()
-        self._changed: dict[EntityKey, Entity] = {}
-        self._written: dict[OpKey, OpRecord] = {}
-        self._settled: dict[OpKey, OpRecord] = {}
-        self._new_conflicts: dict[ConflictKey, Conflict] = {}
-
-    def next_seq(self, store_id: str) -> int:
-        seq = self.last_seqs.get(store_id, 0) + 1
-        self.last_seqs[store_id] = seq
-        return seq
-
-    def add_conflict(self, conflict: Conflict) -> None:
-        self.conflicts[conflict.key] = conflict
-        self._new_conflicts[conflict.key] = conflict
-
-    def settle_conflict(self, key: ConflictKey) -> bool:
-        """Settle a pending conflict; True when it was raised in this very batch."""
-        del self.conflicts[key]
-        self.write.settled_conflicts.append(key)
-        # One raised and settled in the same batch is never written as pending at all.
-        return self._new_conflicts.pop(key, None) is not None
-
-    def checkpoint(self) -> tuple[dict[EntityKey, Entity], dict[EntityKey, Entity], int]:
-        """What `change_entity` touches, to undo a BULK_UPDATE refused half way."""
-        return dict(self.entities), dict(self._changed), len(self.write.audit)
-
-    def rollback(self, saved: tuple[dict[EntityKey, Entity], dict[EntityKey, Entity], int]) -> None:
-        self.entities, self._changed = saved[0], saved[1]
-        del self.write.audit[saved[2] :]
-
-    def change_entity(
-        self,
-        key: EntityKey,
-        change: _Change,
-        timestamp: str,
-        op: Operation,
-        terminal_id: str,
-        user_id: str | None,
-        claimed_user_id: str | None = None,
-        data_json: str | None = None,
-    ) -> Entity:
-        """The entity after `change`; `data_json` is the change's data as compact JSON."""
-        current = self.entities.get(key)
-        version = (current.version if current else 0) + 1
-        field_versions = dict(current.field_versions) if current else {}
-        for name in change.fields:
-            field_versions[name] = [version, timestamp]
-        entity = Entity(
-            key=key,
-            version=version,
-            data=change.data,
-            deleted=change.deleted,
-            # The client time of this write (Entity.timestamp), even when older than the last.
-            timestamp=timestamp,
-            updated_by=terminal_id,
-            field_versions=field_versions,
-            updated_at=self.now,
-            data_json=data_json,
-        )
-        self.entities[key] = entity
-        self._changed[key] = entity
-        self.write.audit.append(
-            AuditRecord(
-                operation_id=op.id,
-                store_id=key.store_id,
-                entity_type=key.entity_type,
-                entity_id=key.entity_id,
-                operation=op.operation,
-                terminal_id=terminal_id,
-                user_id=user_id,
-                before=None if current is None or current.deleted else current.data,
-                after=None if entity.deleted else entity.data,
-                sync_status=change.status,
-                conflict_resolved=change.conflict_resolved,
-                timestamp=self.now,
-                claimed_user_id=claimed_user_id,
-                before_json=None if current is None or current.deleted else current.data_json,
-                after_json=None if entity.deleted else data_json,
-            )
-        )
-        return entity
-
-    def record(
-        self,
-        op: Operation,
-        *,
-        data: JSON,
-        version: int | None,
-        seq: int | None,
-        status: str,
-        conflict_resolved: bool,
-        deleted: bool = False,
-        settles: bool = False,
-        data_json: str | None = None,
-    ) -> OpRecord:
-        """Record what was decided for `op`. A new row, or with `settles` the replacement of
-        the row a conflict pending before this batch left in the log."""
-        rec = OpRecord(
-            id=op.id,
-            store_id=op.store_id,
-            entity_type=op.entity_type,
-            entity_id=op.entity_id,
-            operation=op.operation,
-            data=data,
-            version=version,
-            seq=seq,
-            status=status,
-            conflict_resolved=conflict_resolved,
-            terminal_id=op.terminal_id,
-            user_id=op.user_id,
-            priority=op.priority,
-            timestamp=op.timestamp,
-            server_time=self.now,
-            deleted=deleted,
-            data_json=data_json,
-        )
-        self.records[op.op_key] = rec
-        if settles:
-            self._settled[op.op_key] = rec
-        else:
-            self._written[op.op_key] = rec
-        return rec
-
-    def finish(self) -> BatchWrite:
-        self.write.entities = list(self._changed.values())
-        self.write.op_records = list(self._written.values())
-        self.write.settled_records = list(self._settled.values())
-        self.write.new_conflicts = list(self._new_conflicts.values())
-        self.write.last_seqs = self.last_seqs
-        return self.write
-
-
 class Engine:
     """Decides batches of operations against the policy table. Pure; safe to share.
 
@@ -389,7 +139,7 @@ class Engine:
         self.policies = policies if policies is not None else PolicyTable()
         self.entity_max_bytes = entity_max_bytes
 
-    def _state(self, change: _Change, entity_type: str) -> tuple[str | None, EntityTooLarge | None]:
+    def _state(self, change: Change, entity_type: str) -> tuple[str | None, EntityTooLarge | None]:
         """The compact JSON of the state `change` leaves (None for a tombstone, which keeps its
         last state and is never refused), and the refusal of a state over ENTITY_MAX_BYTES."""
         if change.deleted:
@@ -410,7 +160,7 @@ class Engine:
 
         `state` is not modified. Errors are outcomes, never exceptions.
         """
-        batch = _Batch(state, now)
+        batch = Batch(state, now)
         outcomes = []
         for item in items:
             if isinstance(item, Resolution):
@@ -419,7 +169,7 @@ class Engine:
                 outcomes.append(self._operation(item, batch))
         return outcomes, batch.finish()
 
-    def _operation(self, op: Operation, batch: _Batch) -> Outcome:
+    def _operation(self, op: Operation, batch: Batch) -> Outcome:
         known = batch.records.get(op.op_key)
         if known is not None:
             if known.status == "conflict":
@@ -436,8 +186,8 @@ class Engine:
             return Outcome(op.id, "error", error=InvalidMessage("operation data must be an object"))
         policy = self.policies[op.entity_type]
         current = batch.entities.get(op.key)
-        if _creates(op, current):
-            return Outcome(op.id, "error", error=_not_existing(op, op.entity_id, current))
+        if creates_entity(op, current):
+            return Outcome(op.id, "error", error=not_existing(op, op.entity_id, current))
         change = resolve(
             current,
             op.operation,
@@ -448,7 +198,7 @@ class Engine:
             self.policies,
             op.entity_type,
         )
-        if change == _NOT_FOUND:
+        if change == NOT_FOUND:
             return Outcome(
                 op.id,
                 "error",
@@ -456,7 +206,7 @@ class Engine:
                     f"{op.entity_type}/{op.entity_id} does not exist", Code.ENTITY_NOT_FOUND
                 ),
             )
-        if change == _CONFLICT:
+        if change == CONFLICT:
             assert current is not None
             conflict = Conflict(
                 id=conflict_id_for(op.id),
@@ -504,7 +254,7 @@ class Engine:
         )
         return Outcome(op.id, change.status, rec, changed=[entity])
 
-    def _bulk(self, op: Operation, batch: _Batch) -> Outcome:
+    def _bulk(self, op: Operation, batch: Batch) -> Outcome:
         policy = self.policies[op.entity_type]
         if policy.policy == MANUAL_RESOLUTION:
             return Outcome(
@@ -514,7 +264,7 @@ class Engine:
                     f"BULK_UPDATE is not allowed for {op.entity_type} (manual resolution)"
                 ),
             )
-        items = _bulk_updates(op.data)
+        items = bulk_updates(op.data)
         if isinstance(items, str):
             return Outcome(op.id, "error", error=InvalidMessage(items))
         changed: list[Entity] = []
@@ -526,7 +276,7 @@ class Engine:
             current = batch.entities.get(key)
             if op.existing_only and (current is None or current.deleted):
                 batch.rollback(saved)
-                return Outcome(op.id, "error", error=_not_existing(op, entity_id, current))
+                return Outcome(op.id, "error", error=not_existing(op, entity_id, current))
             change = resolve(
                 current,
                 "UPDATE",
@@ -604,7 +354,7 @@ class Engine:
         )
         return Outcome(op.id, status, rec, changed=changed)
 
-    def _resolution(self, res: Resolution, batch: _Batch) -> Outcome:
+    def _resolution(self, res: Resolution, batch: Batch) -> Outcome:
         conflict = batch.conflicts.get((res.store_id, res.conflict_id))
         if conflict is None:
             return Outcome(
@@ -618,13 +368,13 @@ class Engine:
                 op.id, "error", error=ResolutionFailed(f"unknown resolution {res.resolution!r}")
             )
         current = batch.entities.get(op.key)
-        change: _Change | None
+        change: Change | None
         if res.resolution == "merge":
             if not isinstance(res.resolved_data, Mapping):
                 return Outcome(op.id, "error", error=ResolutionFailed("merge needs resolved_data"))
-            change = _apply(current, "CREATE", res.resolved_data)  # replaces the whole state
+            change = apply_change(current, "CREATE", res.resolved_data)  # replaces the whole state
         elif res.resolution == "accept_local":
-            change = _apply(current, op.operation, op.data)
+            change = apply_change(current, op.operation, op.data)
             if change.deleted and (current is None or current.deleted):
                 change = None
         else:  # accept_remote: the server state stands
