@@ -4,7 +4,9 @@ also the receivers' cache invalidation."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import re
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -14,6 +16,7 @@ import pytest
 
 from chefia_rt.auth import issue_token
 from chefia_rt.entity_api import LIST_LIMIT
+from chefia_rt.node import ANSWER_SLICE
 from tests.helpers import RunningServer, http_get, op, running_server
 
 pytestmark = pytest.mark.asyncio
@@ -211,3 +214,41 @@ async def test_a_push_is_the_cache_invalidation(tmp_path: Path, encoding: str) -
         assert 2 <= len(kds.frames) <= 3
         await kds.nothing()
         await sender.nothing()  # the sender has its confirmation: no push
+
+
+async def test_the_confirmed_version_is_read_at_once_even_from_a_large_batch(
+    tmp_path: Path,
+) -> None:
+    """Read-your-writes as a terminal sees it: the moment a confirmation arrives, a read on an
+    HTTP connection opened before returns the confirmed version, not the one the cache held.
+    The confirmation is the first of a batch many answer slices long, whose later slices are
+    still being answered when the read arrives (the cache is written before any of them)."""
+    size = 32 * ANSWER_SLICE  # one frame, one batch: the loop runs between its 32 slices
+    async with (
+        running_server(
+            tmp_path,
+            cache_ttls={"tables": 3600.0},
+            sync_batch_max_ops=size,
+            ws_rate_burst=2 * size,
+        ) as server,
+        server.terminal("pos-a", encoding="msgpack") as pos,
+    ):
+        await pos.send(op("o1", "t-read", {"n": 1}))
+        assert (await pos.expect("sync_confirmation"))["version"] == 1
+        path = "/api/v1/entities/tables/t-read?store_id=s1"
+        assert (await get(server, path))[2]["version"] == 1  # held, fresh for an hour
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        try:
+            fillers = [op(f"f{i}", f"t-fill-{i}") for i in range(size - 1)]
+            update = op("o2", "t-read", {"n": 2}, version=2)
+            await pos.send({"type": "message_batch", "messages": [update, *fillers]})
+            confirmation = await pos.expect("sync_confirmation")
+            assert (confirmation["operation_id"], confirmation["version"]) == ("o2", 2)
+            writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = re.search(rb"(?im)^content-length: *(\d+)", head)
+            assert head.startswith(b"HTTP/1.1 200") and length is not None, head
+            read = json.loads(await reader.readexactly(int(length[1])))
+        finally:
+            writer.close()
+        assert (read["version"], read["data"]) == (2, {"n": 2})
