@@ -728,3 +728,18 @@ def test_storable_draws_the_depth_line_where_check_value_does(depth: int, kind: 
     for leaf in (1, {}, [], "\x00"):
         message = nested(depth, leaf, kind)
         assert codec._storable(message, 0, False) is check_value_accepts(message, False)
+
+
+@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
+def test_a_json_constant_is_named_in_the_reason(constant: str) -> None:
+    with pytest.raises(InvalidMessage) as info:
+        decode_frame(f'{{"a": {constant}}}', 1000)
+    assert info.value.reason == f"undecodable JSON frame: {constant} is not valid JSON"
+
+
+def test_a_parsers_own_message_is_clipped_in_the_reason() -> None:
+    assert codec._detail(ValueError("short")) == "short"
+    assert codec._detail(ValueError()) == "ValueError"  # no text: its kind
+    long = codec._detail(ValueError("x" * 500))
+    assert long == "x" * 117 + "..." and len(long) == 120
+    assert codec._detail(ValueError("y" * 120)) == "y" * 120

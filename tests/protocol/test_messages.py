@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import time
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
@@ -37,12 +38,15 @@ from chefia_rt.protocol.messages import (
     SnapshotRequestIn,
     SyncConfirmationIn,
     SyncError,
+    TokenRefreshed,
+    client_time,
     error_msg,
     format_timestamp,
     normalize_timestamp,
     parse_incoming,
     pong_msg,
     sync_error_msg,
+    token_refreshed_msg,
     utc_now_iso,
 )
 
@@ -512,6 +516,9 @@ def test_bulk_items_bounds() -> None:
     too_many = [*most, {"entity_id": "one-more", "version": 1}]
     assert f"1 to {MAX_BULK_UPDATES}" in bulk_rejected(too_many)
     assert f"1 to {MAX_BULK_UPDATES}" in bulk_rejected([])
+    assert bulk([{"entity_id": "only", "version": 1}]).operation.bulk_items()[0].entity_id == "only"
+    twice = [{"entity_id": "e1", "version": 1}, {"entity_id": "e1", "version": 2}]
+    assert bulk_rejected(twice) == "BULK_UPDATE names an entity twice"
 
 
 @pytest.mark.parametrize(
@@ -751,3 +758,27 @@ def test_valid_operations_always_parse(
     assert message.operation.version == version
     assert message.operation.operation is kind
     assert message.operation.priority is priority
+
+
+def test_token_refreshed_msg_names_the_expiry_in_canonical_time() -> None:
+    message = token_refreshed_msg(1_700_000_000)
+    assert TokenRefreshed.model_validate(message).expires_at == "2023-11-14T22:13:20.000000Z"
+    assert message["type"] == "token_refreshed" and set(message) == set(TokenRefreshed.model_fields)
+    assert CANONICAL.match(message["server_time"])
+    assert token_refreshed_msg(None)["expires_at"] is None  # a token that never expires
+    # Past what a timestamp can name: the last moment it can.
+    assert token_refreshed_msg(10**15)["expires_at"] == "9999-12-31T23:59:59.000000Z"
+
+
+def test_server_time_is_utc_whatever_the_machines_zone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server whose machine runs on local time (a restaurant in Sao Paulo) still stamps UTC."""
+    monkeypatch.setenv("TZ", "America/Sao_Paulo")
+    time.tzset()
+    try:
+        before = format_timestamp(datetime.now(UTC))
+        stamped = [utc_now_iso(), client_time(None, 5.0), client_time("9999-01-01T00:00:00Z", 5.0)]
+        after = format_timestamp(datetime.now(UTC))
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+    assert all(before <= moment <= after for moment in stamped), (before, stamped, after)

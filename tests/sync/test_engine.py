@@ -8,6 +8,7 @@ at the outcomes and the BatchWrite. `carry` plays the store's part between batch
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 from collections import defaultdict
 from collections.abc import Sequence
@@ -1385,3 +1386,31 @@ def test_the_engine_never_raises(start: BatchState, items: list[Operation | Reso
     final = carry(start, write)
     for store, last in final.last_seqs.items():
         assert last >= start.last_seqs.get(store, 0)
+
+
+@pytest.mark.parametrize(("missing", "what"), [(None, "missing"), (True, "deleted")])
+def test_a_restricted_bulk_update_of_an_entity_not_there_changes_nothing(
+    missing: bool | None, what: str
+) -> None:
+    """A terminal that may only change existing entities (a kitchen display) sends a
+    BULK_UPDATE whose second item is missing or deleted: 4008 naming it, none of it written,
+    and the next operation of the batch still sees every entity as it was."""
+    entities = [ent(1, {"s": "new"}), ent(3, {"s": "new"}, entity_id="e3")]
+    if missing:
+        entities.append(ent(2, {}, entity_id="e2", deleted=True))
+    before = state(*entities)
+    restricted = dataclasses.replace(
+        bulk("b1", [("e1", {"s": "cooking"}, 2), ("e2", {"s": "cooking"}, 2)]),
+        terminal_id="kds-1",
+        existing_only=True,
+    )
+    o, w = run([restricted, op("u1", data={"s": "ready"}, version=4, entity_id="e3")], before)
+    assert o[0].status == "error" and o[0].error is not None
+    assert o[0].error.code == Code.PERMISSION_DENIED
+    assert o[0].error.reason == (
+        f"kds-1 may only change existing orders: orders/e2 is {what} "
+        "(no CREATE, upsert or undelete)"
+    )
+    assert o[1].status == "applied" and o[1].record is not None
+    assert [(e.key.entity_id, e.version, e.data) for e in w.entities] == [("e3", 4, {"s": "ready"})]
+    assert [a.operation_id for a in w.audit] == ["u1"]

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from chefia_rt.domain import EntityKey
 from chefia_rt.errors import Code, Locked
-from chefia_rt.sync.locks import Lease, LockTable, check_write, live, may_take
+from chefia_rt.sync.locks import Lease, LockTable, TooManyLocks, check_write, live, may_take
 
 ORDER = EntityKey("s1", "orders", "o1")
 OTHER_ORDER = EntityKey("s1", "orders", "o2")
@@ -144,32 +144,64 @@ def test_release_owner_given_now_reports_only_live_leases() -> None:
     assert table.release_owner("s1", "pos-1", 20.0) == []
 
 
+def test_a_terminal_holds_at_most_its_maximum_of_leases_per_store() -> None:
+    table = LockTable(max_per_owner=2)
+    table.acquire(ORDER, "pos-1", "L1", 30.0, 10.0)
+    table.acquire(OTHER_ORDER, "pos-1", "L2", 5.0, 10.0)
+    third = EntityKey("s1", "tables", "t1")
+    with pytest.raises(TooManyLocks) as info:
+        table.acquire(third, "pos-1", "L3", 30.0, 10.0)
+    assert info.value.limit == 2 and "2 locks" in str(info.value)
+    assert table.get(third, 10.0) is None
+    assert table.acquire(ORDER, "pos-1", "L4", 30.0, 11.0)[0]  # renewing is no new lease
+    assert table.acquire(ORDER_IN_S2, "pos-1", "L5", 30.0, 11.0)[0]  # the other store's count
+    assert table.acquire(third, "pos-1", "L6", 30.0, 15.0)[0]  # OTHER_ORDER expired at 15
+    assert table.release(third, "pos-1", 16.0)
+    assert table.acquire(OTHER_ORDER, "pos-1", "L7", 30.0, 16.0)[0]  # released: room again
+    with pytest.raises(TooManyLocks):
+        table.acquire(EntityKey("s1", "tables", "t2"), "pos-1", "L8", 30.0, 16.0)
+    assert sorted(table.release_owner("s1", "pos-1", 16.0)) == [ORDER, OTHER_ORDER]
+
+
+STORE_KEYS = [ORDER, OTHER_ORDER, EntityKey("s1", "tables", "t1"), ORDER_IN_S2]
 actions = st.lists(
     st.tuples(
         st.sampled_from(["acquire", "release", "release_owner", "wait"]),
         st.sampled_from(["pos-1", "pos-2", "pos-3"]),
-        st.sampled_from([ORDER, OTHER_ORDER]),
+        st.sampled_from(STORE_KEYS),
         st.floats(0.0, 20.0),
     ),
-    max_size=40,
+    max_size=60,
 )
 
 
 @given(actions)
-def test_a_live_lease_has_exactly_one_owner(steps: list[tuple[str, str, EntityKey, float]]) -> None:
-    table = LockTable()
+def test_a_live_lease_has_exactly_one_owner(
+    steps: list[tuple[str, str, EntityKey, float]],
+) -> None:
+    """Against a model of the rules: one owner per live lease, at most 2 live ones per owner
+    and store (a small maximum, so that runs reach it)."""
+    table = LockTable(max_per_owner=2)
     now = 0.0
-    model: dict[EntityKey, Lease] = {}  # the leases as the rules say they are
+    model: dict[EntityKey, Lease] = {}  # the live leases as the rules say they are
     for n, (action, owner, key, amount) in enumerate(steps):
-        holder = live(model.get(key), now)
+        model = {k: v for k, v in model.items() if live(v, now)}
+        holder = model.get(key)
         if action == "acquire":
-            ok, got = table.acquire(key, owner, f"L{n}", amount, now)
-            assert ok == may_take(holder, owner, now)
-            if ok:
-                assert got == Lease(key, owner, f"L{n}", now + amount)
-                model[key] = got
+            held = sum(
+                1 for k, v in model.items() if v.owner == owner and k.store_id == key.store_id
+            )
+            if holder is None and held >= 2:
+                with pytest.raises(TooManyLocks):
+                    table.acquire(key, owner, f"L{n}", amount, now)
             else:
-                assert got == holder
+                ok, got = table.acquire(key, owner, f"L{n}", amount, now)
+                assert ok == may_take(holder, owner, now)
+                if ok:
+                    assert got == Lease(key, owner, f"L{n}", now + amount)
+                    model[key] = got
+                else:
+                    assert got == holder
         elif action == "release":
             released = table.release(key, owner, now)
             assert released == (holder is not None and holder.owner == owner)
@@ -177,10 +209,10 @@ def test_a_live_lease_has_exactly_one_owner(steps: list[tuple[str, str, EntityKe
                 del model[key]
         elif action == "release_owner":
             dropped = table.release_owner(key.store_id, owner, now)
-            expected = [k for k, v in model.items() if v.owner == owner and live(v, now)]
-            assert sorted(dropped) == sorted(expected)
-            model = {k: v for k, v in model.items() if v.owner != owner}
+            mine = [k for k, v in model.items() if v.owner == owner and k.store_id == key.store_id]
+            assert sorted(dropped) == sorted(mine)
+            model = {k: v for k, v in model.items() if k not in mine}
         else:
             now += amount
-        for k in (ORDER, OTHER_ORDER):
+        for k in STORE_KEYS:
             assert table.get(k, now) == live(model.get(k), now)

@@ -103,7 +103,15 @@ def test_unknown_policy_name_is_a_value_error(name: Any) -> None:
 
 @pytest.mark.parametrize(
     ("value", "expected"),
-    [(True, True), (False, False), ("true", True), ("False", False), ("0", False), (1, True)],
+    [
+        (True, True),
+        (False, False),
+        ("true", True),
+        ("False", False),
+        ("0", False),
+        (1, True),
+        (0, False),
+    ],
 )
 def test_requires_lock_accepts_booleans_and_their_spellings(value: Any, expected: bool) -> None:
     assert PolicyTable({"tables": {"requires_lock": value}})["tables"].requires_lock is expected

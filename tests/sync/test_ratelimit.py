@@ -53,9 +53,9 @@ def test_clock_going_backwards_earns_nothing() -> None:
 
 @pytest.mark.parametrize(("rate", "capacity"), [(0, 1), (1, 0), (-1, 5)])
 def test_bucket_refuses_nonsense(rate: float, capacity: float) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"^rate and capacity must be positive$"):
         TokenBucket(rate, capacity, 0.0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"^cost must not be negative$"):
         TokenBucket(1, 1, 0.0).take(-1, 0.0)
 
 
@@ -144,5 +144,21 @@ def test_limiter_state_survives_as_long_as_the_terminal_is_remembered() -> None:
     ],
 )
 def test_limiter_refuses_nonsense(kwargs: dict[str, float]) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(
+        ValueError, match=r"^(rate and burst|strikes, window and max_terminals) must"
+    ):
         RateLimiter(**kwargs)  # type: ignore[arg-type]
+
+
+def test_the_smallest_limiter_settings_are_valid() -> None:
+    limiter = RateLimiter(rate=0.1, burst=0.5, strikes=1, window=0.5, max_terminals=1)
+    assert limiter.check(A, 0.5, 0.0) is Verdict.ALLOW
+    assert limiter.check(A, 0.5, 0.0) is Verdict.ABUSIVE  # one strike is the whole allowance
+
+
+def test_a_strike_exactly_one_window_old_no_longer_counts() -> None:
+    limiter = RateLimiter(rate=0.01, burst=1, strikes=2, window=10)
+    assert limiter.check(A, 1, 0.0) is Verdict.ALLOW
+    assert limiter.check(A, 1, 0.0) is Verdict.LIMITED
+    assert limiter.check(A, 1, 10.0) is Verdict.LIMITED  # the first strike is out of the window
+    assert limiter.check(A, 1, 19.0) is Verdict.ABUSIVE
