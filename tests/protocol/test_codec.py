@@ -743,3 +743,9 @@ def test_a_parsers_own_message_is_clipped_in_the_reason() -> None:
     long = codec._detail(ValueError("x" * 500))
     assert long == "x" * 117 + "..." and len(long) == 120
     assert codec._detail(ValueError("y" * 120)) == "y" * 120
+
+
+def test_a_key_that_cannot_be_printed_is_escaped_in_the_reason() -> None:
+    with pytest.raises(InvalidMessage) as info:
+        decode_frame('{"a\\nb": {"c": "\\u0000"}, "ok": 1}', 1000)
+    assert info.value.reason == "strings may not hold NUL (\\u0000) at a\\nb.c"

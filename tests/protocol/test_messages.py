@@ -782,3 +782,29 @@ def test_server_time_is_utc_whatever_the_machines_zone(monkeypatch: pytest.Monke
         monkeypatch.undo()
         time.tzset()
     assert all(before <= moment <= after for moment in stamped), (before, stamped, after)
+
+
+def test_reasons_name_what_is_wrong_exactly() -> None:
+    assert rejected([1]) == "a message must be an object (map)"
+    # The type is repeated up to 60 characters of its repr.
+    assert rejected({"type": "x" * 58}) == f"unknown message type '{'x' * 58}'"
+    assert rejected({"type": "x" * 59}) == f"unknown message type '{'x' * 56}..."
+    reason = rejected(data_sync(timestamp="yesterday"))
+    assert reason == (
+        "invalid data_sync: data_sync.operation.timestamp: Value error, "
+        "timestamp must be ISO 8601, e.g. 2024-01-15T10:30:00.000Z"
+    )
+
+
+def test_offsets_become_utc_whatever_the_machines_zone(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TZ", "Asia/Tokyo")
+    time.tzset()
+    try:
+        normalized = normalize_timestamp("2024-01-15T07:30:00-03:00")
+        formatted = format_timestamp(
+            datetime(2024, 1, 15, 7, 30, tzinfo=timezone(timedelta(hours=-3)))
+        )
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+    assert normalized == formatted == "2024-01-15T10:30:00.000000Z"
