@@ -749,3 +749,10 @@ def test_a_key_that_cannot_be_printed_is_escaped_in_the_reason() -> None:
     with pytest.raises(InvalidMessage) as info:
         decode_frame('{"a\\nb": {"c": "\\u0000"}, "ok": 1}', 1000)
     assert info.value.reason == "strings may not hold NUL (\\u0000) at a\\nb.c"
+
+
+@pytest.mark.parametrize(("size", "named"), [(40, "k" * 40), (41, "k" * 37 + "...")])
+def test_a_long_key_is_clipped_in_the_reason(size: int, named: str) -> None:
+    with pytest.raises(InvalidMessage) as info:
+        decode_frame(json.dumps({"k" * size: "\u0000"}), 1000)
+    assert info.value.reason == f"strings may not hold NUL (\\u0000) at {named}"

@@ -979,29 +979,47 @@ def test_bulk_update_is_not_allowed_on_manual_resolution_types() -> None:
     before = state(cash())
     o, w = run([bulk("b1", [("e1", {"amount": 1}, 3)], entity_type="cashier_operations")], before)
     out = only(o)
-    assert out.status == "error"
+    assert out.status == "error" and out.id == "b1"
     assert isinstance(out.error, InvalidMessage) and out.error.code == 4006
+    assert (
+        out.error.reason == "BULK_UPDATE is not allowed for cashier_operations (manual resolution)"
+    )
     assert_no_change(w, before)
     assert w.op_records == []
 
 
+EMPTY_BULK = "BULK_UPDATE needs a non-empty data.updates list"
+ITEM = "BULK_UPDATE data.updates[0]"
+
+
 @pytest.mark.parametrize(
-    "data",
+    ("data", "reason"),
     [
-        {},
-        {"updates": []},
-        {"updates": "e1"},
-        {"updates": [{"entity_id": "e1", "data": {}}]},
-        {"updates": [{"entity_id": "e1", "data": [], "version": 1}]},
-        {"updates": [{"data": {}, "version": 1}]},
-        {"updates": [{"entity_id": "e1", "version": True}]},
-        {"updates": [None]},
+        ({}, EMPTY_BULK),
+        ({"updates": []}, EMPTY_BULK),
+        ({"updates": "e1"}, EMPTY_BULK),
+        ({"updates": [{"entity_id": "e1", "data": {}}]}, f"{ITEM}.version must be an integer"),
+        (
+            {"updates": [{"entity_id": "e1", "data": [], "version": 1}]},
+            f"{ITEM}.data must be an object",
+        ),
+        (
+            {"updates": [{"data": {}, "version": 1}]},
+            f"{ITEM}.entity_id must be a non-empty string",
+        ),
+        (
+            {"updates": [{"entity_id": 5, "version": 1}]},
+            f"{ITEM}.entity_id must be a non-empty string",
+        ),
+        ({"updates": [{"entity_id": "e1", "version": True}]}, f"{ITEM}.version must be an integer"),
+        ({"updates": [None]}, f"{ITEM} is not an object"),
     ],
 )
-def test_malformed_bulk_update_is_error_4006(data: dict[str, Any]) -> None:
+def test_malformed_bulk_update_is_error_4006(data: dict[str, Any], reason: str) -> None:
     o, w = run([op("b1", "BULK_UPDATE", data, 1)])
     out = only(o)
     assert out.status == "error" and out.error is not None and out.error.code == 4006
+    assert (out.id, out.error.reason) == ("b1", reason)
     assert w.entities == [] and w.op_records == []
 
 
@@ -1405,7 +1423,7 @@ def test_a_restricted_bulk_update_of_an_entity_not_there_changes_nothing(
         existing_only=True,
     )
     o, w = run([restricted, op("u1", data={"s": "ready"}, version=4, entity_id="e3")], before)
-    assert o[0].status == "error" and o[0].error is not None
+    assert o[0].status == "error" and o[0].error is not None and o[0].id == "b1"
     assert o[0].error.code == Code.PERMISSION_DENIED
     assert o[0].error.reason == (
         f"kds-1 may only change existing orders: orders/e2 is {what} "
