@@ -16,7 +16,7 @@ import pytest
 
 from chefia_rt.auth import issue_token
 from chefia_rt.entity_api import LIST_LIMIT
-from chefia_rt.node import ANSWER_SLICE
+from chefia_rt.pipeline import ANSWER_SLICE
 from tests.helpers import RunningServer, http_get, op, running_server
 
 pytestmark = pytest.mark.asyncio
