@@ -1,4 +1,4 @@
-"""Encryption of backup archives with ENCRYPTION_KEY (README, Backups).
+"""Encryption of backup archives with ENCRYPTION_KEY (docs/operations.md §2.1).
 
 An archive made with a key keeps its tar structure and its manifest in clear (what a restore
 must know before anything else: format, tables, row counts, checksums), and stores every table

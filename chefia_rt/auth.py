@@ -1,4 +1,5 @@
-"""Terminal tokens (SPEC §1): HS256 JWTs naming one terminal of one store, and keeping them secret.
+"""Terminal tokens (docs/protocol.md §2.3, docs/security.md): HS256 JWTs naming one terminal of one
+store, and keeping them secret.
 
 A token carries `sub` (the terminal_id), `store_id`, `terminal_type`, `exp`, `iat` and optionally
 `user_id`. It is the only thing that says which store a connection belongs to when authentication

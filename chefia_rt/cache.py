@@ -1,4 +1,4 @@
-"""The RequestCache: current entity state in front of storage (SPEC §9).
+"""The RequestCache: current entity state in front of storage (docs/architecture.md §5).
 
 Reads of `GET /api/v1/entities/{type}/{id}` come here. The shared state lives in the bus backend
 (Redis with REDIS_URL, this process otherwise), so every worker and node sees one cache. Entries
@@ -55,7 +55,7 @@ from chefia_rt.sync.engine import compact_json, wire_data
 
 log = logging.getLogger("chefia_rt.cache")
 
-# SPEC §9; "*" is every other entity type.
+# docs/configuration.md (CACHE_TTLS); "*" is every other entity type.
 DEFAULT_TTLS: dict[str, float] = {
     "orders": 0.5,
     "cashier_operations": 0.5,

@@ -1,4 +1,4 @@
-"""The `chefia-rt` command line (SPEC §14). Exit codes: 0 ok, 1 failure, 2 usage."""
+"""The `chefia-rt` command line (docs/operations.md §1). Exit codes: 0 ok, 1 failure, 2 usage."""
 
 from __future__ import annotations
 
@@ -255,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="chefia-rt",
         description="Real-time synchronization server of the Chefia restaurant POS. "
-        "Configured by the environment (and a .env file); see the README.",
+        "Configured by the environment (and a .env file); see docs/configuration.md.",
     )
     parser.add_argument("--version", action="version", version=f"chefia-rt {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -5,7 +5,7 @@
         async for event in client.events():   # StoreOp and Snapshot, in seq order, once each
             ...
 
-What it guarantees the application (SPEC §3, §4):
+What it guarantees the application (docs/protocol.md §7, §9; docs/clients.md):
 
 - **Nothing sent is lost.** Every operation waits in a bounded outbox until the server answers
   it. After a reconnect every unanswered one is sent again with its original id (the server

@@ -1,4 +1,5 @@
-"""Settings: the environment names of SPEC §7, validated once at start and passed down."""
+"""Settings: the environment names of docs/configuration.md, validated once at start and passed
+down."""
 
 from __future__ import annotations
 
@@ -118,12 +119,13 @@ class Settings(BaseSettings):
     terminal_report_interval: float = Field(2.0, gt=0, le=60)
     # A terminal offline this long (seconds) is forgotten: gone from the monitor and the metric.
     terminal_retention: float = Field(900.0, gt=0)
-    # RequestCache (SPEC §9): seconds a cached entity answers reads, per entity type, JSON
-    # overrides of the defaults, "*" for every other type: {"orders": 0.25, "*": 2}.
+    # RequestCache (docs/architecture.md §5): seconds a cached entity answers reads, per entity
+    # type, JSON overrides of the defaults, "*" for every other type: {"orders": 0.25, "*": 2}.
     cache_enabled: bool = True
     cache_ttls: dict[str, float] = Field(default_factory=dict)
-    # Terminal Monitor alerts (SPEC §8): average latency over the last minute, a terminal away
-    # this long (seconds), the conflict rate over the last minute, a terminal's reported memory.
+    # Terminal Monitor alerts (docs/operations.md §7): average latency over the last minute, a
+    # terminal away this long (seconds), the conflict rate over the last minute, a terminal's
+    # reported memory.
     monitor_alert_latency_ms: float = Field(100.0, gt=0)
     monitor_alert_offline_after: float = Field(60.0, gt=0)
     monitor_alert_conflict_rate: float = Field(0.05, gt=0, le=1)

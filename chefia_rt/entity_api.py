@@ -1,4 +1,4 @@
-"""The entity read API on the WebSocket port (SPEC §6, §9).
+"""The entity read API on the WebSocket port (docs/protocol.md §12).
 
     GET /api/v1/entities/{entity_type}/{entity_id}    one entity, through the RequestCache
     GET /api/v1/entities/{entity_type}?limit=&cursor= a page of a type's entities, from storage

@@ -7,7 +7,7 @@ from enum import IntEnum
 
 
 class Code(IntEnum):
-    """Close and error codes of SPEC §5."""
+    """Close and error codes (docs/protocol.md §10)."""
 
     NORMAL = 1000
     GOING_AWAY = 1001

@@ -1,4 +1,5 @@
-"""The small HTTP side on the WebSocket port: health, stats and the monitor page (SPEC §6).
+"""The small HTTP side on the WebSocket port: health, stats and the monitor page (docs/protocol.md
+§13, docs/operations.md §3).
 
 Both WebSocket front ends hand every request here before an upgrade (websockets through
 `process_request`, picows through the gate of chefia_rt/picows_server.py); a request without

@@ -1,4 +1,4 @@
-"""Prometheus metrics of one worker, and the exposition of the whole node (SPEC §6).
+"""Prometheus metrics of one worker, and the exposition of the whole node (docs/operations.md §4).
 
 Workers of a node are separate processes, so prometheus_client runs in multiprocess mode: every
 worker writes its values to files in one directory (PROMETHEUS_MULTIPROC_DIR) that the supervisor
@@ -16,7 +16,7 @@ drop a label across processes, so it is built at scrape time from the cluster-wi
 directory (`node.terminals`, when present), and a terminal forgotten there leaves the scrape.
 
 Label values are bounded: entity types outside the configured policy table count as "other",
-terminal types are the four of SPEC §2, statuses and reasons are fixed sets.
+terminal types are the four of docs/protocol.md §1, statuses and reasons are fixed sets.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 OTHER = "other"
 
-# Receive → confirmation of one operation: a LAN round trip is ~1 ms, the SPEC alert is 100 ms.
+# Receive → confirmation of one operation: a LAN round trip is ~1 ms, the alert is at 100 ms.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000)
 LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0)

@@ -1,4 +1,5 @@
-"""The monitor feed: what `monitor` terminals see of their store (SPEC §8; README, Monitor).
+"""The monitor feed: what `monitor` terminals see of their store (docs/protocol.md §6;
+docs/operations.md §7).
 
 A monitor is an ordinary read-only terminal of its store that also receives:
 - on connect, `terminal_list` (every terminal of the store, from the cluster-wide directory), the

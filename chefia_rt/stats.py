@@ -57,9 +57,9 @@ class ClusterStats:
             self._latest[worker] = (self._clock(), payload)
 
     def aggregate(self, own: dict[str, Any]) -> dict[str, Any]:
-        """SPEC §6 figures summed (rates and counts) or weighted (latency, conflict rate) over
-        every worker heard from recently, with `own` (this worker's fresh snapshot) in place of
-        its last signal; says how many workers and nodes it covers."""
+        """The /ws/stats figures (docs/operations.md §3) summed (rates and counts) or weighted
+        (latency, conflict rate) over every worker heard from recently, with `own` (this worker's
+        fresh snapshot) in place of its last signal; says how many workers and nodes it covers."""
         now = self._clock()
         horizon = FORGET_AFTER * self.interval
         for worker in [w for w, (at, _) in self._latest.items() if now - at > horizon]:

@@ -96,7 +96,7 @@ _NOTHING_REPORTED: dict[str, float | None] = dict.fromkeys(REPORTED)
 def reported_figures(metrics: dict[str, Any] | None) -> dict[str, float | None]:
     """The figures a terminal reported (performance_metrics) under the directory's names.
 
-    `response_time` is in milliseconds and `memory_usage` in megabytes (README, monitor section);
+    `response_time` is in milliseconds and `memory_usage` in megabytes (docs/protocol.md §4.9);
     `cache_hit_rate` is a fraction 0..1.
     """
     if not metrics:

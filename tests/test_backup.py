@@ -1,6 +1,6 @@
-"""Backup and restore (SPEC §10): consistent archives under write load, exact round trips between
-SQLite and PostgreSQL, refusal of damaged archives before anything is touched, retention, the
-command line, the systemd units, and what a terminal sees after a restore.
+"""Backup and restore (docs/operations.md §2): consistent archives under write load, exact round
+trips between SQLite and PostgreSQL, refusal of damaged archives before anything is touched,
+retention, the command line, the systemd units, and what a terminal sees after a restore.
 
 The expectations here read the databases and the archives on their own (sqlite3, asyncpg,
 tarfile, gzip), not through chefia_rt.backup, so a bug there cannot hide itself.

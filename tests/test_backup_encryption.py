@@ -1,7 +1,7 @@
 """Encrypted backup archives (ENCRYPTION_KEY): real archives of a populated database, read back
 by chefia-rt with the right key, refused without it or with a wrong one, and decrypted here
-independently (cryptography, tarfile, gzip only) by the format the README and
-chefia_rt/archive_crypto.py describe, so that an archive stays readable without this code."""
+independently (cryptography, tarfile, gzip only) by the format docs/operations.md §2.1
+and chefia_rt/archive_crypto.py describe, so that an archive stays readable without this code."""
 
 from __future__ import annotations
 

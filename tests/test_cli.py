@@ -1,4 +1,5 @@
-"""The command line (SPEC §14) and configuration (SPEC §7), as an operator runs them."""
+"""The command line (docs/operations.md §1) and configuration (docs/configuration.md), as an
+operator runs them."""
 
 from __future__ import annotations
 

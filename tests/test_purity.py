@@ -1,4 +1,4 @@
-"""protocol/ and sync/ stay sans-I/O (ARCHITECTURE.md): checked statically over the source.
+"""protocol/ and sync/ stay sans-I/O (docs/architecture.md §1): checked statically over the source.
 
 Every module under those packages is parsed with `ast`; its imports are followed through every
 `chefia_rt` module they reach (package `__init__`s included, since importing `a.b` runs `a`),

@@ -1,5 +1,5 @@
-"""`chefia-rt token` (SPEC §1, §14): prints a JWT the server accepts; exit 1 without a key, 2 on
-usage errors."""
+"""`chefia-rt token` (docs/security.md §2, docs/operations.md §1): prints a JWT the server accepts;
+exit 1 without a key, 2 on usage errors."""
 
 from __future__ import annotations
 
@@ -153,7 +153,8 @@ def _subprocess_env(**extra: str) -> dict[str, str]:
 
 
 def test_the_installed_command(tmp_path: Path) -> None:
-    """Through a real process: stdout is the token alone, exit codes as SPEC §14 says."""
+    """Through a real process: stdout is the token alone, exit codes as docs/operations.md §1
+    says."""
     args = ["token", "--terminal", "pos-1", "--store", "s1", "--type", "monitor", "--ttl", "1d"]
     ok = subprocess.run(
         [sys.executable, "-m", "chefia_rt", *args],

@@ -1,4 +1,4 @@
-"""Wire encodings (SPEC §1), sans-I/O: bytes in, dicts out, and back.
+"""Wire encodings (docs/protocol.md §3), sans-I/O: bytes in, dicts out, and back.
 
 - JSON: one object per text frame, never batched, never compressed.
 - msgpack: one map per binary frame; several messages may travel as a `message_batch`; a body

@@ -1,4 +1,5 @@
-"""Every message of SPEC §2 as a pydantic model, and the validation of incoming messages.
+"""Every message of docs/protocol.md §4-§6 as a pydantic model, and the validation of incoming
+messages.
 
 Incoming messages are validated here (a schema violation is InvalidMessage, 4006). Outgoing
 messages are built as plain dicts by the `*_msg` helpers below, which the tests check against the
@@ -496,7 +497,7 @@ class MessageBatch(_Strict):
     count: int
 
 
-# ---- to monitors (SPEC §8; README "Terminal Monitor") -----------------------------------------
+# ---- to monitors (docs/protocol.md §6) ------------------------------------------------------
 
 
 class _ToMonitor(_Strict):
@@ -580,7 +581,7 @@ class PerformanceMetrics(_ToMonitor):
 
 class SystemAlert(_ToMonitor):
     """An alert of the monitor's store; the same `alert_id` comes again with `active: false`
-    when its condition is over. Thresholds: README (MONITOR_ALERT_*)."""
+    when its condition is over. Thresholds: docs/configuration.md (MONITOR_ALERT_*)."""
 
     type: Literal["system_alert"]
     alert_id: str

@@ -1,4 +1,4 @@
-"""The pure sync engine: versions, conflicts and idempotency (SPEC §3, §4).
+"""The pure sync engine: versions, conflicts and idempotency (docs/protocol.md §7).
 
 `Engine.decide` takes a batch of operations and conflict resolutions plus what the store read for
 them under lock, and returns one outcome per item and everything the batch writes. It does no I/O

@@ -1,4 +1,4 @@
-"""Entity lock leases (SPEC §3 "Locks"): the rules, with time passed in.
+"""Entity lock leases (docs/protocol.md §8): the rules, with time passed in.
 
 A lease belongs to a terminal, expires on its own, and may be renewed by its owner. A terminal
 holds at most LOCKS_PER_TERMINAL live leases, so releasing its leases when it disconnects costs

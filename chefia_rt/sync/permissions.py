@@ -1,4 +1,4 @@
-"""What each terminal type may do (SPEC §5, 4008), as a table.
+"""What each terminal type may do (docs/protocol.md §7.5, 4008), as a table.
 
 A rule names the entity types a terminal type may write (`*` for any), and optionally the only
 fields it may touch there. The default: monitors only read; kitchen displays only move an order's

@@ -1,4 +1,4 @@
-"""Conflict policies and the entity-type policy table (SPEC §3).
+"""Conflict policies and the entity-type policy table (docs/protocol.md §7.3).
 
 A policy decides what happens when an operation's `version` is not the entity's current + 1.
 The table that maps entity types to policies is data (overridable from configuration); the
@@ -103,7 +103,8 @@ RESOLVERS: dict[str, Resolver] = {
 
 
 class PolicyTable:
-    """Entity type → policy, with the defaults of SPEC §3 and overrides from configuration."""
+    """Entity type → policy, with the defaults of docs/protocol.md §7.3 and overrides from
+    configuration."""
 
     __slots__ = ("_table",)
 

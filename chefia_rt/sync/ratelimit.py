@@ -1,4 +1,4 @@
-"""Per-terminal operation rate (SPEC §5, 4005), pure: the caller passes the time in.
+"""Per-terminal operation rate (docs/protocol.md §11, 4005), pure: the caller passes the time in.
 
 Each terminal (store, terminal_id) has a token bucket: `rate` operations per second on average,
 up to `burst` at once. An operation over the limit is refused (`sync_error` 4005) and counts as a

@@ -1,4 +1,4 @@
-"""SPEC §1 tokens and §5 4003, against a running server with JWT_SECRET_KEY set.
+"""Tokens (docs/protocol.md §2.3) and 4003 (§10), against a running server with JWT_SECRET_KEY set.
 
 Every refusal is an accepted WebSocket closed with 4003 and a reason (never the token); the store
 always comes from the token; stats need a token, /health does not; logs never hold a token.

@@ -1,4 +1,5 @@
-"""SPEC §5 (limits and bad input) and the §1 handshake rules, against a running server.
+"""Limits and bad input (docs/protocol.md §10, §11) and the handshake rules (§2), against a running
+server.
 
 Auth and rate limits are covered elsewhere.
 """

@@ -1,6 +1,6 @@
 """End to end on a real cluster: 2 nodes x 2 workers (SO_REUSEPORT) joined over Redis, on one
-PostgreSQL schema (SPEC §1 takeover, §3 locks across nodes, §4 ordering and durability, §14
-serve; ARCHITECTURE "supervisor": restarts, reload, drain).
+PostgreSQL schema (docs/protocol.md §2.5 takeover, §8 locks across nodes, §9 ordering and
+durability; docs/deployment.md §1: the supervisor's restarts, reload, drain).
 
 Every terminal keeps a replica of what it has applied of its store (its own confirmations plus
 the pushes it got); the checks compare replicas with the operation log in PostgreSQL.
@@ -390,8 +390,8 @@ async def test_every_worker_of_every_node_gets_every_op_once_in_order(cluster: C
 
 @pytest.mark.slow
 async def test_no_echo_of_own_ops_committed_during_a_catch_up(tmp_path: Path) -> None:
-    """A terminal resuming from far back sends an op while its catch-up is still running: it
-    gets the confirmation, and never the op as a push (SPEC §2: "every other terminal")."""
+    """A terminal resuming from far back sends an op while its catch-up is still running: it gets
+    the confirmation, and never the op as a push (docs/protocol.md §7.1: "every other terminal")."""
     # A short push lane and big ops: a terminal that does not read stalls its catch-up for
     # room once the socket buffers are full (4 MB here), deterministically.
     env = {"WS_MESSAGE_QUEUE_SIZE": "20"}

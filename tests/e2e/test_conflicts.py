@@ -1,4 +1,5 @@
-"""End to end: every conflict policy of SPEC §3 over the wire, and manual resolution."""
+"""End to end: every conflict policy of docs/protocol.md §7.3 over the wire, and manual
+resolution."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""SPEC §4 durability against a real server process: `kill -9` loses no confirmed operation,
-retries apply once, and SIGTERM drains and closes with 1001."""
+"""Durability (docs/protocol.md §9.1) against a real server process: `kill -9` loses no confirmed
+operation, retries apply once, and SIGTERM drains and closes with 1001."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""SPEC §6/§9 over a running server: GET /api/v1/entities (one, through the RequestCache, with
-ETag and 304; a paginated list), its authorization and errors, and the pushed operation that is
+"""docs/protocol.md §12 over a running server: GET /api/v1/entities (one, through the RequestCache,
+with ETag and 304; a paginated list), its authorization and errors, and the pushed operation that is
 also the receivers' cache invalidation."""
 
 from __future__ import annotations

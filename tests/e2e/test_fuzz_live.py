@@ -1,5 +1,5 @@
-"""Live fuzzing (SPEC §5): a few thousand hostile frames from several connections at a running
-server, then proof that it still serves a clean pair of terminals.
+"""Live fuzzing (docs/protocol.md §3.2, §10): a few thousand hostile frames from several connections
+at a running server, then proof that it still serves a clean pair of terminals.
 
 The codec and the engine have their own property tests (tests/protocol, tests/sync); this one
 throws the whole stack at once: random bytes and text, mutated valid JSON and msgpack frames (bit

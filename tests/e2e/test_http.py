@@ -1,4 +1,5 @@
-"""SPEC §6 (health and stats on the WebSocket port) and storage failures under a running server."""
+"""Health and stats on the WebSocket port (docs/operations.md §3) and storage failures under a
+running server."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""End to end: entity locks (SPEC §3 "Locks") and what a takeover does to them (§1)."""
+"""End to end: entity locks (docs/protocol.md §8) and what a takeover does to them
+(§2.5)."""
 
 from __future__ import annotations
 

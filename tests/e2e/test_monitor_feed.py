@@ -1,4 +1,5 @@
-"""The monitor feed with real WebSocket terminals (SPEC §8; README "Terminal Monitor").
+"""The monitor feed with real WebSocket terminals (docs/protocol.md §6,
+docs/operations.md §7).
 
 A `monitor` terminal of a store gets the store's terminals, their status changes and figures,
 every operation, conflict and lock as activity, the terminals' and the server's performance
@@ -209,7 +210,8 @@ async def test_monitor_sees_terminals_activity_figures_and_alerts(tmp_path: Path
         )
         await kds.close()
 
-        # A monitor only reads (SPEC §5: 4008), and a new one gets the recent activity.
+        # A monitor only reads (docs/protocol.md §7.5: 4008), and a new one gets the recent
+        # activity.
         await mon.terminal.send(op("op-m", "table-9", {"status": "x"}))
         refused = await mon.wait_for(lambda x: x["type"] == "sync_error", "a refusal")
         assert refused["code"] == Code.PERMISSION_DENIED

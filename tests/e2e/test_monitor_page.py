@@ -1,10 +1,10 @@
-"""The Terminal Monitor page at /monitor, in real headless Chromium (SPEC §8).
+"""The Terminal Monitor page at /monitor, in real headless Chromium (docs/operations.md §7).
 
 The page connects as a monitor terminal; real WebSocket terminals connect and send operations,
 and the tests assert what a person sees: the terminals with their types and status, activity
 lines, an offline terminal, an alert and its acknowledgement, filters and search, a CSV
 download. Screenshots go to the test's tmp_path (set CHEFIA_MONITOR_SCREENSHOT=path to write
-the README's one). First, the files themselves over plain HTTP.
+docs/monitor.png). First, the files themselves over plain HTTP.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""SPEC §5 per-terminal rate limit, against a running server: 4005 answers, a 4005 close for
-sustained abuse, other terminals untouched, and no reset by reconnecting."""
+"""The per-terminal rate limit (docs/protocol.md §11), against a running server: 4005 answers, a
+4005 close for sustained abuse, other terminals untouched, and no reset by reconnecting."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""End to end: resume with `since`, resync_required, snapshots and catch-up (SPEC §4)."""
+"""End to end: resume with `since`, resync_required, snapshots and catch-up (docs/protocol.md
+§9)."""
 
 from __future__ import annotations
 

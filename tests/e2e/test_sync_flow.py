@@ -1,4 +1,4 @@
-"""End to end: the data_sync flow over real WebSocket clients (SPEC §1, §2, §4).
+"""End to end: the data_sync flow over real WebSocket clients (docs/protocol.md §2-§9).
 
 This module also holds the helpers the other e2e modules share: every message a test terminal
 receives is validated against the server-to-client model of chefia_rt/protocol/messages.py, and
@@ -55,8 +55,9 @@ class WireChecks:
 
 
 def check_frame(encoding: str, frame: str | bytes) -> None:
-    """SPEC §1: a JSON client gets one plain object per text frame, never a batch; a msgpack
-    client gets binary frames, maybe lz4 `compressed:`, maybe a well-formed message_batch."""
+    """docs/protocol.md §3.1: a JSON client gets one plain object per text frame, never a batch; a
+    msgpack client gets binary frames, maybe lz4 `compressed:`, maybe a well-formed
+    message_batch."""
     if encoding == "json":
         assert isinstance(frame, str), "a JSON terminal must only get text frames"
         message = json.loads(frame)
@@ -446,7 +447,7 @@ async def test_duplicates_in_one_frame_are_applied_once(server: RunningServer) -
 async def test_locked_op_retried_after_reconnect_is_duplicate(server: RunningServer) -> None:
     """An order UPDATE needs its lock; its lock goes when the terminal disconnects. A retry of
     the applied op after the reconnect must still be answered `duplicate`, not 4009: a terminal
-    retries exactly when it lost the confirmation with the connection (SPEC §3 idempotency)."""
+    retries exactly when it lost the confirmation with the connection (docs/protocol.md §7.4)."""
     async with server.terminal("pos-a") as a, server.terminal("pos-b") as b:
         await sync(
             a, [b], op("c1", "o1", {"status": "open"}, entity_type="orders", operation="CREATE")
@@ -514,7 +515,7 @@ async def test_performance_metrics_reach_the_store_monitors(
         assert report["metrics"]["memory_usage"] == 40
         assert report["metrics"]["cache_hit_rate"] == 0.9
         await quiet(a, b)
-        # The other store's monitor gets its own store's feed only (README, Terminal Monitor).
+        # The other store's monitor gets its own store's feed only (docs/protocol.md §6).
         with contextlib.suppress(TimeoutError):
             while True:
                 message = await mon_other.recv(0.3)

@@ -83,7 +83,7 @@ class LoadTerminal:
 
 @dataclass
 class Report:
-    """One scenario's figures (a row of the README's table)."""
+    """One scenario's figures (a row of docs/benchmarks.md §5's table)."""
 
     scenario: str
     terminals: int
@@ -306,7 +306,8 @@ async def store_heads(dsn: str, stores: list[str]) -> dict[str, int]:
 
 @dataclass
 class Verdict:
-    """What the checker found; `problems` empty means everything SPEC §4 promises held."""
+    """What the checker found; `problems` empty means everything docs/protocol.md §9 promises
+    held."""
 
     operations: int
     confirmations: int

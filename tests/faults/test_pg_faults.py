@@ -1,4 +1,4 @@
-"""PostgreSQL failing under a real server (SPEC §4, §5): what the load scenarios found.
+"""PostgreSQL failing under a real server (docs/protocol.md §9, §10): what the load scenarios found.
 
 PostgreSQL restarted and its connections cut under load, with terminals checked against the
 database, are scenarios of the reliability suite (tests/faults/test_reliability.py, on a 2-node

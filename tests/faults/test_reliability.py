@@ -7,8 +7,8 @@ server recovered by itself (/health 200 on every node).
 One cluster serves every scenario (starting one costs seconds), on a throwaway PostgreSQL and a
 throwaway Redis that the scenarios stop, kill and freeze. Each scenario writes to stores of its
 own, so the checks of one never see another's operations. The figures of every scenario are
-printed as one markdown table at the end and written to `reports/reliability.md` (the README's
-"Reliability" section shows the latest).
+printed as one markdown table at the end and written to `reports/reliability.md` (docs/benchmarks.md
+§5 shows the latest).
 
 Time to recover is measured per terminal from the fault (for outages: from the moment the
 service is back) until the terminal is connected, has all its earlier operations answered,

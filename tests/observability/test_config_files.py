@@ -1,5 +1,5 @@
-"""config/: the Prometheus config, the alert rules and their unit tests pass promtool; the
-Grafana dashboard is well-formed and shows what SPEC §12 asks (its PromQL is run by a real
+"""config/: the Prometheus config, the alert rules and their unit tests pass promtool; the Grafana
+dashboard is well-formed and shows what docs/operations.md §4.2 lists (its PromQL is run by a real
 Prometheus in test_cluster_observability)."""
 
 from __future__ import annotations

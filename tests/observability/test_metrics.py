@@ -1,4 +1,5 @@
-"""SPEC §6 metrics of a running server (one process): names, labels, counts, promtool."""
+"""The metrics of docs/operations.md §4 on a running server (one process): names, labels, counts,
+promtool."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from tests.observability.promtext import (
 
 pytestmark = pytest.mark.asyncio
 
-SPEC_NAMES = (
+DOCUMENTED_NAMES = (
     "websocket_active_connections",
     "websocket_message_duration_seconds_bucket",
     "sync_operations_total",
@@ -53,7 +54,7 @@ async def test_scrape_after_traffic_names_labels_counts_and_promtool(tmp_path: P
 
             text = await scrape(server.http + "/metrics")
             promtool_check_metrics(text)
-            for name in SPEC_NAMES:
+            for name in DOCUMENTED_NAMES:
                 assert name in text, name
             assert value(text, "terminal_status", terminal_id="kds-1", type="kds") == 1
             applied = dict(entity_type="tables", operation="UPDATE", status="applied")

@@ -1,8 +1,7 @@
-"""ChefiaTerminalOffline's memory in a real Prometheus (config/alerts.yml): a terminal seen
-online stays in chefia:terminal_known after it disconnects, and leaves it when an operator
-retires it as the README says (delete_series through the admin API, up to now), to come back
-if it connects again. promtool's unit tests
-(config/alerts_test.yml) cover the alert itself over hours."""
+"""ChefiaTerminalOffline's memory in a real Prometheus (config/alerts.yml): a terminal seen online
+stays in chefia:terminal_known after it disconnects, and leaves it when an operator retires it as
+docs/operations.md §5 says (delete_series through the admin API, up to now), to come back if it
+connects again. promtool's unit tests (config/alerts_test.yml) cover the alert itself over hours."""
 
 from __future__ import annotations
 
@@ -32,7 +31,7 @@ async def until(prometheus: Prometheus, expr: str, count: int) -> list[dict[str,
 
 def delete_series(prometheus: Prometheus, match: str) -> int:
     # Up to now only: without `end` the deletion would also hide the terminal's future samples.
-    # A form body, as the README's `curl --data-urlencode` sends it.
+    # A form body, as docs/operations.md §5's `curl --data-urlencode` sends it.
     form = urllib.parse.urlencode({"match[]": match, "end": f"{time.time():.3f}"}).encode()
     url = f"{prometheus.url}/api/v1/admin/tsdb/delete_series"
     with urllib.request.urlopen(urllib.request.Request(url, data=form), timeout=10) as r:

@@ -1,4 +1,4 @@
-"""The wire codec (SPEC §1, §5), byte-exact and without an event loop."""
+"""The wire codec (docs/protocol.md §3, §11), byte-exact and without an event loop."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Message models and validation (SPEC §2, §3 locks, §5 bad input), without an event loop."""
+"""Message models and validation (docs/protocol.md §4, §8 locks, §10 bad input), without an event
+loop."""
 
 from __future__ import annotations
 
@@ -52,8 +53,8 @@ from chefia_rt.protocol.messages import (
 
 CANONICAL = re.compile(r"\A\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z\Z")
 
-# SPEC §2, verbatim.
-SPEC_DATA_SYNC = """{"type": "data_sync",
+# docs/protocol.md §4.1, verbatim.
+DOC_DATA_SYNC = """{"type": "data_sync",
  "operation": {"id": "op-123456", "entity_type": "orders", "entity_id": "order-789",
    "operation": "UPDATE", "data": {"status": "preparing", "items": []}, "version": 2,
    "timestamp": "2024-01-15T10:30:00.000Z", "terminal_id": "pos-001", "user_id": "u1",
@@ -89,7 +90,7 @@ def rejected(raw: Any) -> str:
     return info.value.reason
 
 
-# ---- every client message of SPEC §2 -----------------------------------------------------
+# ---- every client message of docs/protocol.md §4 -------------------------------------------
 
 
 def test_incoming_types_are_the_client_messages_of_the_spec() -> None:
@@ -108,7 +109,7 @@ def test_incoming_types_are_the_client_messages_of_the_spec() -> None:
     assert spec == INCOMING_TYPES
 
 
-@pytest.mark.parametrize("frame", [SPEC_DATA_SYNC, msgpack.packb(json.loads(SPEC_DATA_SYNC))])
+@pytest.mark.parametrize("frame", [DOC_DATA_SYNC, msgpack.packb(json.loads(DOC_DATA_SYNC))])
 def test_spec_data_sync_example_parses(frame: str | bytes) -> None:
     (raw,) = decode_frame(frame, 1 << 20)
     message = parse_incoming(raw)

@@ -1,4 +1,4 @@
-"""The pure sync engine (SPEC §3, §4): versions, tombstones, conflict policies, manual
+"""The pure sync engine (docs/protocol.md §7): versions, tombstones, conflict policies, manual
 resolution, idempotency, BULK_UPDATE and store sequence numbers.
 
 No event loop and no I/O: every test builds a BatchState by hand, calls `Engine.decide` and looks

@@ -1,4 +1,4 @@
-"""Entity lock leases (SPEC §3 "Locks"): the rules, with time passed in."""
+"""Entity lock leases (docs/protocol.md §8): the rules, with time passed in."""
 
 from __future__ import annotations
 

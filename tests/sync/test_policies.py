@@ -1,4 +1,5 @@
-"""Conflict policies and the entity-type policy table (SPEC §3), as plain functions."""
+"""Conflict policies and the entity-type policy table (docs/protocol.md §7.3), as plain
+functions."""
 
 from __future__ import annotations
 

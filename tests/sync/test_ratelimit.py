@@ -1,4 +1,5 @@
-"""The per-terminal token bucket and its table (SPEC §5, 4005): pure, time passed in."""
+"""The per-terminal token bucket and its table (docs/protocol.md §11, 4005): pure, time passed
+in."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 /**
  * The terminal client: one terminal's WebSocket to chefia-rt, kept alive across faults, with
- * the promises of the Python client (README "Terminal client", "The protocol in brief"):
+ * the promises of the Python client (docs/clients.md, docs/protocol.md):
  *
  * - Nothing sent is lost, across reloads: an operation is written to the Storage before it goes
  *   on the wire and stays there until the server answers it. After every reconnect, and in a

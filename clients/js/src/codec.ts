@@ -1,5 +1,5 @@
 /**
- * The wire encodings (README "The protocol in brief"): JSON text frames, or msgpack binary
+ * The wire encodings (docs/protocol.md §3): JSON text frames, or msgpack binary
  * frames that may hold a `message_batch` and may travel as `compressed:` + an LZ4 frame.
  */
 import { decode, encode } from "@msgpack/msgpack";

@@ -1,6 +1,6 @@
 /**
  * @chefia/rt-client: the terminal client of chefia-rt for browsers (and, from
- * "@chefia/rt-client/node", for Node with a file outbox). See README.md.
+ * "@chefia/rt-client/node", for Node with a file outbox). See ../README.md.
  */
 export {
   Client,
