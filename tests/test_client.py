@@ -154,8 +154,8 @@ async def test_a_duplicate_answer_confirms_and_is_handed_over_once(tmp_path: Pat
 
 async def test_an_answer_the_application_gave_up_on_breaks_nothing(tmp_path: Path) -> None:
     """The application cancels the future it was handed: the confirmation still arrives, is
-    counted and handed over in order, and the connection goes on (an InvalidStateError from
-    answering a cancelled future used to end it)."""
+    counted and handed over in order, and the connection goes on (answering a cancelled future
+    raises InvalidStateError, which must not end it)."""
     seen = Seen()
     async with (
         running_server(tmp_path) as running,

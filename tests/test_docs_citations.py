@@ -10,7 +10,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 # "docs/protocol.md §7.3", and the sections listed after it: "§9, §10", "§2-§9", "§4.1 and §6".
-CITATION = re.compile(r"docs/(\w+)\.md((?:(?:,| and|-|–)? ?§\d+(?:\.\d+)?)+)")
+CITATION = re.compile(r"docs/(\w+)\.md((?:(?:,| and|-|\u2013)? ?§\d+(?:\.\d+)?)+)")
 SECTION = re.compile(r"§(\d+(?:\.\d+)?)")
 HEADING = re.compile(r"^#{2,3} (\d+(?:\.\d+)?)\.? ", re.MULTILINE)
 TEXT_SUFFIXES = {".py", ".md", ".yml", ".yaml", ".json", ".sh", ".ts", ".js", ".html", ".toml"}

@@ -43,8 +43,8 @@ class MemoryBus:
         self._deliver: Deliver | None = None
         self._locks = LockTable(lock_max)
         # (store, terminal) -> its current session, so that the end of a stale session releases
-        # nothing, as the Bus protocol says; relying on the hub to never ask was not enough for
-        # a caller that unregisters a session after its terminal reconnected.
+        # nothing, as the Bus protocol says, even for a caller that unregisters a session after
+        # its terminal reconnected (the hub's own bookkeeping cannot prevent that call).
         self._current: dict[tuple[str, str], str] = {}
         self._signal_handlers: dict[str, SignalHandler] = {}
         self._cache: dict[EntityKey, _Held] = {}

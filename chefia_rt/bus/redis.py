@@ -118,7 +118,7 @@ class RedisBus(RedisState):
         self._deliver, self._takeover, self._resync = deliver, takeover, resync
         # A pool that waits for a free connection: lock calls and cache reads come in bursts,
         # and redis-py's default pool refuses a command outright once 100 are in flight ("Too
-        # many connections"), so a burst of writes from many terminals was answered 1013.
+        # many connections"), which would answer a burst of writes from many terminals 1013.
         pool = aioredis.BlockingConnectionPool.from_url(
             self.url,
             max_connections=POOL_SIZE,

@@ -24,7 +24,7 @@ if redis.call('PTTL', KEYS[2]) < keep then redis.call('PEXPIRE', KEYS[2], keep) 
 return {1, ARGV[1], ARGV[2], ARGV[4]}
 """
 # Many leases in one command: a pipeline of HMGETs still parses (and awaits) each reply in
-# Python, which the rush-hour profile showed; one script reply is parsed at once by hiredis.
+# Python, once per key on the write path; one script reply is parsed at once by hiredis.
 READ_LEASES = """
 local leases = {}
 for i, key in ipairs(KEYS) do

@@ -1,4 +1,4 @@
-"""ENTITY_MAX_BYTES end to end on PostgreSQL (issue 17, finding 2): merged UPDATE patches cannot
+"""ENTITY_MAX_BYTES end to end on PostgreSQL (docs/protocol.md §11): merged UPDATE patches cannot
 grow an entity past it, and what one operation adds to the log stays bounded by it."""
 
 from __future__ import annotations

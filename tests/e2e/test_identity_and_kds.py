@@ -1,4 +1,5 @@
-"""Who wrote what, and what a kitchen display may write (issue 17, finding 8).
+"""Who wrote what, and what a kitchen display may write (docs/security.md §5,
+docs/protocol.md §7.5).
 
 With JWT on, the audit records the token's identity; a user_id the terminal writes into an
 operation is kept beside it as a claim only. A kds may only move the status of orders that

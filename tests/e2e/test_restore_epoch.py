@@ -1,4 +1,4 @@
-"""A restore is visible to resuming terminals (issue 17, finding 7).
+"""A restore is visible to resuming terminals (docs/protocol.md §9.2).
 
 After a restore the store's seqs restart below what terminals hold; once new writes pass a
 terminal's old watermark, seqs alone would make its resume look ordinary and it would mix two

@@ -1,4 +1,4 @@
-"""Operation ids are scoped by store (issue 17, finding 1), on real PostgreSQL with two workers.
+"""Operation ids are scoped by store (docs/protocol.md §7.4), on real PostgreSQL with two workers.
 
 Every restaurant has a "pos-1", and a terminal that builds its op ids from its terminal id and
 a counter sends the same ids as the "pos-1" of every other store. Two such terminals of two

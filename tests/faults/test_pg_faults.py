@@ -1,12 +1,11 @@
-"""PostgreSQL failing under a real server (docs/protocol.md §9, §10): what the load scenarios found.
+"""PostgreSQL failing under a real server (docs/protocol.md §9, §10), one failure at a time.
 
 PostgreSQL restarted and its connections cut under load, with terminals checked against the
 database, are scenarios of the reliability suite (tests/faults/test_reliability.py, on a 2-node
-cluster). The tests here pin down what such scenarios found: the store re-reads on a connection
-that died under a read and never lets a failed connection reset undo a commit (fixed in
-store/postgres.py), and two bugs they found outside the store: a resume or snapshot refused while
-storage is down no longer stops the terminal's stream, and a catch-up that meets a failed storage
-read retries instead of closing the terminal's connection.
+cluster). The tests here hold the single behaviours those scenarios rely on: the store re-reads
+on a connection that died under a read and never lets a failed connection reset undo a commit; a
+resume or snapshot refused while storage is down leaves the terminal's stream going; and a
+catch-up that meets a failed storage read retries instead of closing the terminal's connection.
 """
 
 from __future__ import annotations

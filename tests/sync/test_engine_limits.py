@@ -1,4 +1,4 @@
-"""The engine's bounds on what one operation may do (issue 17, findings 2 and 8): an entity's
+"""The engine's bounds on what one operation may do (docs/protocol.md §7.5, §11): an entity's
 state never passes ENTITY_MAX_BYTES, a terminal that may only change existing entities cannot
 create, upsert or undelete one, and the audit records the connection's identity with what the
 terminal claimed beside it."""
