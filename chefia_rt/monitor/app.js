@@ -1,4 +1,4 @@
-// chefia-rt Terminal Monitor (docs/operations.md §7, docs/protocol.md §6). No build step, no dependencies.
+// chefia-rt Terminal Monitor (docs/operations.md §7). No build step, no dependencies.
 //
 // Messages only update `state`; the DOM is rendered from it on a timer (RENDER_MS), touching
 // only what changed: table rows are updated in place, the feed is capped, so a store with 1000
