@@ -315,7 +315,8 @@ class Node:
     ) -> None:
         """Stream from `since` when the log still reaches it (in the same epoch, when the
         terminal names one); else say resync_required."""
-        session.own_ops.clear()  # a resume replays the terminal's own ops too (SPEC §4)
+        # A resume replays the terminal's own ops too (docs/protocol.md §9.2).
+        session.own_ops.clear()
         if since is None:
             self.hub.resume(session, bounds.last_seq)
             return

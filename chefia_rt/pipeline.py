@@ -278,7 +278,7 @@ class WritePipeline:
             return batch
         # A terminal retries when it lost the confirmation, typically with the connection,
         # and that also released its locks. An operation already in the log must still be
-        # answered `duplicate` (docs/protocol.md, idempotency), never 4009: one read for all.
+        # answered `duplicate` (docs/protocol.md §7.4), never 4009: one read for all of them.
         try:
             logged = await self.store.logged([_operation(batch[i]).op_key for i in refused])
         except Exception as exc:

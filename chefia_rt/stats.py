@@ -140,7 +140,7 @@ class PerSecond:
 
 
 class WorkerStats:
-    """This worker's figures for /ws/stats (docs/operations.md): messages and operations per
+    """This worker's figures for /ws/stats (docs/operations.md §3): messages and operations per
     second over the last minute, and the counts since start."""
 
     WINDOW = 60

@@ -1,4 +1,4 @@
-"""The rush-hour benchmark of SPEC §13: our server against a bare `websockets` baseline.
+"""The rush-hour benchmark (docs/benchmarks.md §3): our server against a bare `websockets` baseline.
 
     python -m loadtest.bench [--mode embedded|pg] [--stores 100] [--terminals 10] [--rate 2]
                              [--duration 10] [--scenario rush|sweep|idle|flat] [--server both]
@@ -899,8 +899,8 @@ def _list(kind: type) -> Any:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m loadtest.bench",
-        description="The rush-hour benchmark (SPEC §13) against a bare websockets baseline; "
-        "prints one JSON line.",
+        description="The rush-hour benchmark (docs/benchmarks.md §3) against a bare "
+        "websockets baseline; prints one JSON line.",
     )
     parser.add_argument("--scenario", choices=sorted(SCENARIOS), default="rush")
     parser.add_argument("--mode", choices=("embedded", "pg"), default="embedded")
@@ -956,7 +956,7 @@ def _ms(value: Any) -> str:
 
 
 def table(result: dict[str, Any]) -> str:
-    """The rush run as a Markdown table (the README's Performance section shows this one)."""
+    """The rush run as a Markdown table (the docs/benchmarks.md §3 shows this one)."""
     head = (
         "| server | offered ops/s | ack p50 / p99 ms | worst 250 ms ack p99 (x run p99) "
         "| propagation p99 ms | worst 250 ms propagation p99 (x) | CPU us/op (+PG) "

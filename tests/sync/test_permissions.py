@@ -1,4 +1,5 @@
-"""What each terminal type may write, lock and resolve (SPEC §5, 4008): the table, pure."""
+"""What each terminal type may write, lock and resolve (docs/protocol.md §7.5, 4008): the
+table, pure."""
 
 from __future__ import annotations
 
