@@ -32,6 +32,7 @@ from chefia_rt.bus.base import Push, Signals
 from chefia_rt.config import Settings
 from chefia_rt.domain import Operation, OpRecord
 from chefia_rt.hub import OutFrame, Session
+from chefia_rt.protocol import messages as m
 from chefia_rt.protocol.messages import format_epoch, utc_now_iso
 from chefia_rt.stats import PerSecond
 from chefia_rt.store.base import ServerEvent
@@ -55,62 +56,28 @@ MAX_METRIC_TEXT = 128
 
 def terminal_message(view: TerminalView, change: str, now: str) -> dict[str, Any]:
     """`terminal_status_update` of one terminal."""
-    return {
-        "type": "terminal_status_update",
-        "store_id": view.store_id,
-        "terminal_id": view.terminal_id,
-        "terminal_type": view.terminal_type,
-        "status": view.status,
-        "change": change,
-        "connected_since": format_epoch(view.connected_since),
-        "last_seen": format_epoch(view.last_seen),
-        "disconnected_at": format_epoch(view.disconnected_at),
-        "ops": view.ops,
-        "conflicts": view.conflicts,
-        "bytes_in": view.bytes_in,
-        "bytes_out": view.bytes_out,
-        "reconnects": view.reconnects,
-        "response_time_ms": view.response_time_ms,
-        "memory_mb": view.memory_mb,
-        "cache_hit_rate": view.cache_hit_rate,
-        "sent_seq": view.sent_seq,
-        "acked_seq": view.acked_seq,
-        "worker": view.worker,
-        "server_time": now,
-    }
-
-
-def activity_message(
-    activity_id: str,
-    kind: str,
-    store_id: str,
-    status: str,
-    *,
-    terminal_id: str | None = None,
-    entity_type: str | None = None,
-    entity_id: str | None = None,
-    operation_id: str | None = None,
-    operation: str | None = None,
-    seq: int | None = None,
-    detail: dict[str, Any] | None = None,
-    server_time: str | None = None,
-) -> dict[str, Any]:
-    """One `sync_activity` line."""
-    return {
-        "type": "sync_activity",
-        "activity_id": activity_id,
-        "kind": kind,
-        "store_id": store_id,
-        "terminal_id": terminal_id,
-        "entity_type": entity_type,
-        "entity_id": entity_id,
-        "operation_id": operation_id,
-        "operation": operation,
-        "seq": seq,
-        "status": status,
-        "detail": detail or {},
-        "server_time": server_time or utc_now_iso(),
-    }
+    return m.terminal_status_update_msg(
+        store_id=view.store_id,
+        terminal_id=view.terminal_id,
+        terminal_type=view.terminal_type,
+        status=view.status,
+        change=change,
+        connected_since=view.connected_since,
+        last_seen=view.last_seen,
+        disconnected_at=view.disconnected_at,
+        ops=view.ops,
+        conflicts=view.conflicts,
+        bytes_in=view.bytes_in,
+        bytes_out=view.bytes_out,
+        reconnects=view.reconnects,
+        response_time_ms=view.response_time_ms,
+        memory_mb=view.memory_mb,
+        cache_hit_rate=view.cache_hit_rate,
+        sent_seq=view.sent_seq,
+        acked_seq=view.acked_seq,
+        worker=view.worker,
+        server_time=now,
+    )
 
 
 def clean_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -169,19 +136,8 @@ class MonitorFeed:
         self._evaluate(store_id)  # alerts of a store nobody watched until now
         self._monitors.setdefault(store_id, {})[session.session_id] = session
         now = utc_now_iso()
-        session.queue_push(
-            OutFrame(
-                {
-                    "type": "terminal_list",
-                    "store_id": store_id,
-                    "full": True,
-                    "terminals": [
-                        terminal_message(v, "listed", now) for v in self.directory.views(store_id)
-                    ],
-                    "server_time": now,
-                }
-            )
-        )
+        terminals = [terminal_message(v, "listed", now) for v in self.directory.views(store_id)]
+        session.queue_push(OutFrame(m.terminal_list_msg(store_id, True, terminals, now)))
         for alert in self._alerts.get(store_id, {}).values():
             session.queue_push(OutFrame(alert))
         for line in self._recent.get(store_id, ()):
@@ -234,7 +190,7 @@ class MonitorFeed:
                 continue  # republished (a duplicate's retry): already shown
             last = record.seq
             self._activity(
-                activity_message(
+                m.sync_activity_msg(
                     f"op:{record.id}",
                     "data_sync",
                     store_id,
@@ -264,7 +220,7 @@ class MonitorFeed:
     def note_conflict(self, op: Operation | OpRecord, status: str, policy: str) -> None:
         """A conflict this worker settled (or left pending); sent at the next `flush`."""
         self._queued.append(
-            activity_message(
+            m.sync_activity_msg(
                 f"conflict:{op.id}",
                 "conflict",
                 op.store_id,
@@ -287,7 +243,7 @@ class MonitorFeed:
             if answer.get(k) is not None
         }
         self._queued.append(
-            activity_message(
+            m.sync_activity_msg(
                 f"lock:{session.session_id}:{time.monotonic_ns()}",
                 "lock",
                 session.store_id,
@@ -341,15 +297,9 @@ class MonitorFeed:
             self.directory.set_reported(store_id, terminal_id, reported_figures(metrics))
             self._send(
                 store_id,
-                {
-                    "type": "performance_metrics",
-                    "scope": "terminal",
-                    "store_id": store_id,
-                    "terminal_id": terminal_id,
-                    "terminal_type": payload["terminal_type"],
-                    "metrics": metrics,
-                    "server_time": utc_now_iso(),
-                },
+                m.performance_metrics_msg(
+                    "terminal", store_id, terminal_id, payload["terminal_type"], metrics
+                ),
             )
         else:
             log.warning("unknown monitor signal %r", event)
@@ -381,18 +331,8 @@ class MonitorFeed:
             changed = self._changed.pop(store_id, None)
             if changed:
                 stamp = utc_now_iso()
-                self._send(
-                    store_id,
-                    {
-                        "type": "terminal_list",
-                        "store_id": store_id,
-                        "full": False,
-                        "terminals": [
-                            terminal_message(v, "figures", stamp) for v in changed.values()
-                        ],
-                        "server_time": stamp,
-                    },
-                )
+                terminals = [terminal_message(v, "figures", stamp) for v in changed.values()]
+                self._send(store_id, m.terminal_list_msg(store_id, False, terminals, stamp))
             self._evaluate(store_id)
             self._send(store_id, self._server_metrics(store_id))
 
@@ -433,15 +373,7 @@ class MonitorFeed:
             else "ok"
         )
         metrics["active_alerts"] = len(alerts)
-        return {
-            "type": "performance_metrics",
-            "scope": "server",
-            "store_id": store_id,
-            "terminal_id": None,
-            "terminal_type": None,
-            "metrics": metrics,
-            "server_time": utc_now_iso(),
-        }
+        return m.performance_metrics_msg("server", store_id, None, None, metrics)
 
     # ---- alerts ----------------------------------------------------------------------------
 
@@ -526,22 +458,20 @@ class MonitorFeed:
             if key in active:
                 continue
             since = alert.pop("since") or now
-            message = {
-                "type": "system_alert",
-                # The same outage has the same id on every worker (a page that reconnects
-                # elsewhere keeps its acknowledgement); a new outage gets a new one.
-                "alert_id": f"{key}:{int(since * 1000)}",
+            # The same outage has the same id on every worker (a page that reconnects elsewhere
+            # keeps its acknowledgement); a new outage gets a new one.
+            message = m.system_alert_msg(
+                alert_id=f"{key}:{int(since * 1000)}",
                 **alert,
-                "store_id": store_id,
-                "active": True,
-                "since": format_epoch(since),
-                "server_time": stamp,
-            }
+                store_id=store_id,
+                active=True,
+                since=since,
+                server_time=stamp,
+            )
             active[key] = message
             self._send(store_id, message)
         for key in [k for k in active if k not in wanted]:
-            cleared = {**active.pop(key), "active": False, "server_time": stamp}
-            self._send(store_id, cleared)
+            self._send(store_id, m.alert_cleared_msg(active.pop(key), stamp))
 
     # ---- server events (backups) -----------------------------------------------------------
 
@@ -558,7 +488,7 @@ class MonitorFeed:
             for store_id in targets:
                 # Each store sees its own watermark only: another store's name is not its business.
                 detail = {**detail_base, "watermark": stores.get(store_id)}
-                message = activity_message(
+                message = m.sync_activity_msg(
                     f"event:{event.id}",
                     event.kind,
                     store_id,

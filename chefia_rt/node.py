@@ -30,7 +30,8 @@ from chefia_rt.metrics import Metrics, multiproc_dir_from_env
 from chefia_rt.monitoring import TOPIC as MONITOR_TOPIC
 from chefia_rt.monitoring import MonitorFeed
 from chefia_rt.pipeline import Answer, Limits, WritePipeline
-from chefia_rt.protocol.messages import format_epoch, utc_now_iso
+from chefia_rt.protocol import messages as m
+from chefia_rt.protocol.messages import utc_now_iso
 from chefia_rt.stats import TOPIC as STATS_TOPIC
 from chefia_rt.stats import ClusterStats, LoopLag, WorkerStats
 from chefia_rt.store.base import LogBounds, SessionRecord, Store
@@ -290,19 +291,17 @@ class Node:
         )
         bounds = await self.store.log_bounds(session.store_id)
         session.send(
-            {
-                "type": "connection_established",
-                "terminal_id": session.terminal_id,
-                "terminal_type": session.terminal_type,
-                "store_id": session.store_id,
-                "session_id": session.session_id,
-                "server_time": utc_now_iso(),
-                "last_seq": bounds.last_seq,
-                "epoch": bounds.epoch,
-                "heartbeat_interval": self.settings.ws_heartbeat_interval,
-                "encoding": session.encoding,
-                "worker": self.worker_name,
-            }
+            m.connection_established_msg(
+                terminal_id=session.terminal_id,
+                terminal_type=session.terminal_type,
+                store_id=session.store_id,
+                session_id=session.session_id,
+                last_seq=bounds.last_seq,
+                epoch=bounds.epoch,
+                heartbeat_interval=self.settings.ws_heartbeat_interval,
+                encoding=session.encoding,
+                worker=self.worker_name,
+            )
         )
         session.start()
         self.position(session, since, bounds, epoch)
@@ -330,14 +329,13 @@ class Node:
         if reason is not None:
             self.metrics.resumed("resync_required")
             session.send(
-                {
-                    "type": "resync_required",
-                    "since": since,
-                    "oldest_seq": bounds.oldest_seq,
-                    "last_seq": bounds.last_seq,
-                    "epoch": bounds.epoch,
-                    "reason": reason + "; send snapshot_request",
-                }
+                m.resync_required_msg(
+                    since,
+                    bounds.oldest_seq,
+                    bounds.last_seq,
+                    bounds.epoch,
+                    reason + "; send snapshot_request",
+                )
             )
             self.hub.resume(session, bounds.last_seq)
             return
@@ -397,13 +395,9 @@ class Node:
             self.hub.resume(session, session.next_seq - 1)  # refused: the stream goes on as it was
             raise
         wire = [
-            {
-                "entity_type": e.key.entity_type,
-                "entity_id": e.key.entity_id,
-                "version": e.version,
-                "data": wire_data(e),
-                "deleted": e.deleted,
-            }
+            m.snapshot_entity(
+                e.key.entity_type, e.key.entity_id, e.version, wire_data(e), e.deleted
+            )
             for e in entities
         ]
         del entities
@@ -431,45 +425,24 @@ class Node:
                 key, session.terminal_id, lock_id, timeout_ms / 1000
             )
         except TooManyLocks as exc:
-            return {
-                "type": "lock_failed",
-                "lock_id": lock_id,
-                "entity_type": entity_type,
-                "entity_id": entity_id,
-                "reason": str(exc),
-                "locked_by": None,
-                "locked_until": None,
-            }
+            return m.lock_failed_msg(lock_id, entity_type, entity_id, str(exc))
         if taken and lease is not None:
-            return {
-                "type": "lock_acquired",
-                "lock_id": lease.lock_id,
-                "entity_type": entity_type,
-                "entity_id": entity_id,
-                "expires_at": format_epoch(lease.expires_at),
-            }
-        return {
-            "type": "lock_failed",
-            "lock_id": lock_id,
-            "entity_type": entity_type,
-            "entity_id": entity_id,
-            "reason": "locked by another terminal",
-            "locked_by": lease.owner if lease else None,
-            "locked_until": format_epoch(lease.expires_at) if lease else None,
-        }
+            return m.lock_acquired_msg(lease.lock_id, entity_type, entity_id, lease.expires_at)
+        return m.lock_failed_msg(
+            lock_id,
+            entity_type,
+            entity_id,
+            "locked by another terminal",
+            lease.owner if lease else None,
+            lease.expires_at if lease else None,
+        )
 
     async def release_lock(
         self, session: Session, entity_type: str, entity_id: str, lock_id: str | None
     ) -> dict[str, Any]:
         key = EntityKey(session.store_id, entity_type, entity_id)
         released = await self.bus.release_lease(key, session.terminal_id)
-        return {
-            "type": "lock_released",
-            "lock_id": lock_id,
-            "entity_type": entity_type,
-            "entity_id": entity_id,
-            "released": released,
-        }
+        return m.lock_released_msg(lock_id, entity_type, entity_id, released)
 
     # ---- writes -----------------------------------------------------------------------------
 

@@ -35,7 +35,12 @@ from chefia_rt.domain import (
 )
 from chefia_rt.errors import ChefiaError, Code, Locked, Overloaded, StorageUnavailable
 from chefia_rt.hub import Session
-from chefia_rt.protocol.messages import sync_error_msg, utc_now_iso
+from chefia_rt.protocol.messages import (
+    sync_confirmation_msg,
+    sync_conflict_msg,
+    sync_error_msg,
+    utc_now_iso,
+)
 from chefia_rt.store.base import BatchRequest, Store
 from chefia_rt.sync.engine import Engine, Outcome, conflict_id_for
 from chefia_rt.sync.locks import Lease, check_write
@@ -109,35 +114,33 @@ def batch_request(items: Sequence[Operation | Resolution]) -> BatchRequest:
 def confirmation_msg(outcome: Outcome, server_time: str) -> dict[str, Any]:
     record = outcome.record
     assert record is not None
-    return {
-        "type": "sync_confirmation",
-        "operation_id": record.id,
-        "seq": record.seq,
-        "version": record.version,
-        "status": outcome.status,
-        "conflict_resolved": record.conflict_resolved,
-        "entity_type": record.entity_type,
-        "entity_id": record.entity_id,
-        "server_time": server_time,
-    }
+    return sync_confirmation_msg(
+        operation_id=record.id,
+        seq=record.seq,
+        version=record.version,
+        status=outcome.status,
+        conflict_resolved=record.conflict_resolved,
+        entity_type=record.entity_type,
+        entity_id=record.entity_id,
+        server_time=server_time,
+    )
 
 
 def conflict_msg(outcome: Outcome, policy: str) -> dict[str, Any]:
     conflict = outcome.conflict
     assert conflict is not None
     op = conflict.operation
-    return {
-        "type": "sync_conflict",
-        "operation_id": op.id,
-        "conflict_id": conflict.id,
-        "entity_type": op.entity_type,
-        "entity_id": op.entity_id,
-        "policy": policy,
-        "local_data": op.data,
-        "local_version": op.version,
-        "server_data": conflict.server_data,
-        "server_version": conflict.server_version,
-    }
+    return sync_conflict_msg(
+        operation_id=op.id,
+        conflict_id=conflict.id,
+        entity_type=op.entity_type,
+        entity_id=op.entity_id,
+        policy=policy,
+        local_data=op.data,
+        local_version=op.version,
+        server_data=conflict.server_data,
+        server_version=conflict.server_version,
+    )
 
 
 class WritePipeline:

@@ -14,9 +14,9 @@ from chefia_rt.monitoring import (
     RECENT_ACTIVITY,
     RECENT_STORES,
     MonitorFeed,
-    activity_message,
     clean_metrics,
 )
+from chefia_rt.protocol.messages import sync_activity_msg
 from chefia_rt.store.base import ServerEvent
 from chefia_rt.terminals import TerminalDirectory
 
@@ -53,11 +53,11 @@ def test_recent_activity_is_bounded_per_store_and_in_stores() -> None:
     monitor = feed()
     for n in range(RECENT_ACTIVITY + 10):
         monitor.handle(
-            {"event": "activity", "items": [activity_message(f"a{n}", "lock", "s0", "ok")]}
+            {"event": "activity", "items": [sync_activity_msg(f"a{n}", "lock", "s0", "ok")]}
         )
     for store in range(1, RECENT_STORES + 5):
         monitor.handle(
-            {"event": "activity", "items": [activity_message("x", "lock", f"s{store}", "ok")]}
+            {"event": "activity", "items": [sync_activity_msg("x", "lock", f"s{store}", "ok")]}
         )
     kept = monitor._recent
     assert len(kept) == RECENT_STORES
