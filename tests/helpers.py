@@ -27,6 +27,7 @@ from chefia_rt.config import Settings, load_settings
 from chefia_rt.gateway import Gateway, make_server
 from chefia_rt.node import Node
 from chefia_rt.protocol.codec import COMPRESSED_PREFIX
+from chefia_rt.protocol.messages import OUTGOING
 
 DEFAULT_TIMEOUT = 5.0
 # Timestamps of the pings `Terminal.nothing` sends, unique in the test process.
@@ -125,6 +126,14 @@ def decode_server_frame(frame: str | bytes) -> list[dict[str, Any]]:
     return [message]
 
 
+def validate(message: dict[str, Any]) -> None:
+    """A server message against its model (chefia_rt/protocol/outgoing.py), extra fields
+    forbidden: what the server sends drifting from the documented contract fails the test."""
+    kind = message.get("type")
+    assert isinstance(kind, str) and kind in OUTGOING, f"undocumented server message {message}"
+    OUTGOING[kind][0].model_validate(message)
+
+
 async def closed_with(terminal: Terminal, timeout: float = 5.0) -> int | None:
     """Read until the server closes the connection; return the close code it sent."""
     with contextlib.suppress(ConnectionClosed):
@@ -143,7 +152,8 @@ async def still_usable(terminal: Terminal) -> None:
 
 
 class Terminal:
-    """One connected test terminal. `recv` yields messages one at a time, batches unpacked."""
+    """One connected test terminal. `recv` yields messages one at a time, batches unpacked,
+    each validated against its model (`validate`)."""
 
     def __init__(self, ws: ClientConnection, encoding: str) -> None:
         self.ws = ws
@@ -163,7 +173,10 @@ class Terminal:
             while not self._pending:
                 frame = await self.ws.recv()
                 self.frames.append(frame)
-                self._pending.extend(decode_server_frame(frame))
+                messages = decode_server_frame(frame)
+                for message in messages:
+                    validate(message)
+                self._pending.extend(messages)
             return self._pending.popleft()
 
     async def expect(self, kind: str, timeout: float = DEFAULT_TIMEOUT) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """End to end: the data_sync flow over real WebSocket clients (docs/protocol.md §2-§9).
 
 This module also holds the helpers the other e2e modules share: every message a test terminal
-receives is validated against the server-to-client model of chefia_rt/protocol/messages.py, and
+receives is validated against its server-to-client model (tests/helpers.py, `Terminal.recv`), and
 every frame against its encoding's rules (`wire_checks`, autouse here and imported there).
 """
 
@@ -10,13 +10,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import Collection, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import lz4.frame
 import msgpack
 import pytest
-from pydantic import BaseModel
 
 from chefia_rt.errors import Code
 from chefia_rt.protocol import messages as m
@@ -24,34 +23,6 @@ from chefia_rt.protocol.codec import COMPRESSED_PREFIX
 from tests.helpers import DEFAULT_TIMEOUT, RunningServer, Terminal, op
 
 ENCODINGS = ("json", "msgpack")
-
-SERVER_MODELS: dict[str, type[BaseModel]] = {
-    "connection_established": m.ConnectionEstablished,
-    "pong": m.Pong,
-    "sync_confirmation": m.SyncConfirmation,
-    "sync_error": m.SyncError,
-    "sync_conflict": m.SyncConflict,
-    "data_sync": m.DataSyncPush,
-    "lock_acquired": m.LockAcquired,
-    "lock_failed": m.LockFailed,
-    "lock_released": m.LockReleased,
-    "snapshot": m.Snapshot,
-    "resync_required": m.ResyncRequired,
-    "error": m.ErrorMessage,
-    "terminal_status_update": m.TerminalStatusUpdate,
-    "sync_activity": m.SyncActivity,
-    "system_alert": m.SystemAlert,
-    "terminal_list": m.TerminalList,
-    "performance_metrics": m.PerformanceMetrics,
-}
-
-
-class WireChecks:
-    """What `wire_checks` verifies; a test may exempt message types from model validation."""
-
-    def __init__(self) -> None:
-        self.unchecked: set[str] = set()
-        self.validated = 0
 
 
 def check_frame(encoding: str, frame: str | bytes) -> None:
@@ -74,17 +45,10 @@ def check_frame(encoding: str, frame: str | bytes) -> None:
         assert batch.count == len(batch.messages) >= 1
 
 
-def validate(message: dict[str, Any], unchecked: Collection[str] = ()) -> None:
-    """Check a server message against its documented model, where one exists."""
-    model = SERVER_MODELS.get(message["type"])
-    if model is not None and message["type"] not in unchecked:
-        model.model_validate(message)
-
-
 @pytest.fixture(autouse=True)
-def wire_checks(monkeypatch: pytest.MonkeyPatch) -> Iterator[WireChecks]:
-    """Validate every frame and message any test terminal receives."""
-    checks = WireChecks()
+def wire_checks(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Validate every frame any test terminal receives (each message is validated against its
+    model by `Terminal.recv` itself)."""
     original = Terminal.recv
 
     async def checked_recv(self: Terminal, timeout: float = DEFAULT_TIMEOUT) -> dict[str, Any]:
@@ -92,12 +56,10 @@ def wire_checks(monkeypatch: pytest.MonkeyPatch) -> Iterator[WireChecks]:
         message = await original(self, timeout)
         for frame in self.frames[seen:]:
             check_frame(self.encoding, frame)
-        validate(message, checks.unchecked)
-        checks.validated += 1
         return message
 
     monkeypatch.setattr(Terminal, "recv", checked_recv)
-    yield checks
+    yield
 
 
 @pytest.fixture(params=ENCODINGS)
@@ -274,9 +236,8 @@ async def test_create_update_delete_flow(server: RunningServer, encoding: str) -
         await quiet(a, b, c, x)
 
 
-async def test_bulk_update(server: RunningServer, encoding: str, wire_checks: WireChecks) -> None:
+async def test_bulk_update(server: RunningServer, encoding: str) -> None:
     """BULK_UPDATE: one seq, one confirmation, data.updates with every entity's full state."""
-    wire_checks.unchecked.add("data_sync")  # see test_bulk_update_push_matches_its_model
     async with (
         server.terminal("pos-a", encoding=encoding) as a,
         server.terminal("pos-b", encoding=other(encoding)) as b,
