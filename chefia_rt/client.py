@@ -61,11 +61,24 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import quote, urlencode
 
+from pydantic import ValidationError
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 from chefia_rt.errors import Code, InvalidMessage, MessageTooBig
 from chefia_rt.protocol.codec import decode_frame, encode_json, encode_msgpack, msgpack_frame
+from chefia_rt.protocol.messages import (
+    ConfirmStatus,
+    ConnectionEstablished,
+    DataSyncPush,
+    ErrorMessage,
+    ResyncRequired,
+    SyncConfirmation,
+    SyncConflict,
+    SyncError,
+    parse_outgoing,
+)
+from chefia_rt.protocol.messages import Snapshot as SnapshotPage
 
 log = logging.getLogger("chefia_rt.client")
 
@@ -575,12 +588,17 @@ class Client:
             first = await self._recv_messages(ws)
         if not first or first[0].get("type") != "connection_established":
             return None
+        try:
+            greeting = parse_outgoing(ConnectionEstablished, first[0])
+        except ValidationError as invalid:
+            log.warning("%s: malformed connection_established: %s", self.terminal_id, invalid)
+            return None
         established = time.monotonic()
         self.established = first[0]
         self.stats.connects += 1
-        server_epoch = first[0].get("epoch")
+        server_epoch = greeting.epoch
         if self.watermark is None:
-            self.watermark = int(first[0]["last_seq"])
+            self.watermark = greeting.last_seq
             self.epoch = server_epoch
             if self._delivered is None:
                 self._delivered = self.watermark
@@ -744,55 +762,72 @@ class Client:
         return (self.watermark or 0) + 1
 
     def _handle(self, message: dict[str, Any]) -> None:
+        """Act on one server message, its fields read through its model (protocol/outgoing.py);
+        one that does not match the model is logged and ignored."""
         kind = message.get("type")
-        if kind == "data_sync":
-            operation = message.get("operation") or {}
-            seq = operation.get("seq")
-            if isinstance(seq, int):
-                own = operation.get("terminal_id") == self.terminal_id
-                self._arrive(seq, StoreOp(seq, operation, own))
-        elif kind == "sync_confirmation":
-            self._confirmed(message)
-        elif kind in ("sync_error", "sync_conflict"):
-            self._refused(message)
-        elif kind == "resync_required":
-            if not self._awaiting_snapshot:
-                self.stats.resyncs += 1
-                self.request_snapshot()
-        elif kind == "snapshot":
-            self._snapshot(message)
-        elif kind == "error" and self._awaiting_snapshot and message.get("code") in RETRY_CODES:
-            # The snapshot was refused (storage down): reconnecting asks again, after a backoff.
-            self._restart = "snapshot refused; retrying"
+        try:
+            if kind == "data_sync":
+                pushed = parse_outgoing(DataSyncPush, message).operation
+                own = pushed.terminal_id == self.terminal_id
+                self._arrive(pushed.seq, StoreOp(pushed.seq, message["operation"], own))
+            elif kind == "sync_confirmation":
+                self._confirmed(parse_outgoing(SyncConfirmation, message), message)
+            elif kind == "sync_error":
+                error = parse_outgoing(SyncError, message)
+                self._refused(error.operation_id, error.code in RETRY_CODES, "rejected", message)
+            elif kind == "sync_conflict":
+                conflict = parse_outgoing(SyncConflict, message)
+                self._refused(conflict.operation_id, False, "conflict", message)
+            elif kind == "resync_required":
+                parse_outgoing(ResyncRequired, message)
+                if not self._awaiting_snapshot:
+                    self.stats.resyncs += 1
+                    self.request_snapshot()
+            elif kind == "snapshot":
+                self._snapshot(parse_outgoing(SnapshotPage, message), message)
+            elif (
+                kind == "error"
+                and self._awaiting_snapshot
+                and parse_outgoing(ErrorMessage, message).code in RETRY_CODES
+            ):
+                # The snapshot was refused (storage down): reconnecting asks again, after a
+                # backoff.
+                self._restart = "snapshot refused; retrying"
+        except ValidationError as exc:
+            log.warning("%s: ignoring a malformed %s: %s", self.terminal_id, kind, exc)
 
-    def _confirmed(self, message: dict[str, Any]) -> None:
-        op_id = message.get("operation_id")
-        outgoing = self._outbox.pop(op_id, None) if isinstance(op_id, str) else None
+    def _confirmed(self, confirmation: SyncConfirmation, message: dict[str, Any]) -> None:
+        outgoing = self._outbox.pop(confirmation.operation_id, None)
         if outgoing is None:
             return  # the answer to a repeat of an operation already answered
         self._answered.append(outgoing.message["operation"]["id"])
         self._outbox_room.set()
         self.stats.confirmed += 1
-        if message.get("status") == "duplicate":
+        if confirmation.status is ConfirmStatus.DUPLICATE:
             self.stats.duplicates += 1
-        seq = message.get("seq")
-        if isinstance(seq, int):
+        seq = confirmation.seq
+        if seq is not None:
             operation = {
                 **outgoing.message["operation"],
                 "seq": seq,
-                "version": message.get("version"),
-                "status": message.get("status"),
+                "version": confirmation.version,
+                "status": confirmation.status.value,
                 "terminal_id": self.terminal_id,
             }
             self._arrive(seq, StoreOp(seq, operation, own=True))
         _settle(outgoing.answer, Answer(outgoing.message["operation"]["id"], "confirmed", message))
 
-    def _refused(self, message: dict[str, Any]) -> None:
-        op_id = message.get("operation_id")
-        outgoing = self._outbox.get(op_id) if isinstance(op_id, str) else None
+    def _refused(
+        self,
+        op_id: str | None,
+        retry: bool,
+        kind: Literal["conflict", "rejected"],
+        message: dict[str, Any],
+    ) -> None:
+        outgoing = self._outbox.get(op_id) if op_id is not None else None
         if outgoing is None:
             return
-        if message["type"] == "sync_error" and message.get("code") in RETRY_CODES:
+        if retry:
             self.stats.retries += 1
             outgoing.retry_at = time.monotonic() + self.retry_after * (0.5 + self._rand())
             return
@@ -801,23 +836,20 @@ class Client:
         self._answered.append(answered_id)
         self._outbox_room.set()
         self.stats.rejected += 1
-        kind: Literal["conflict", "rejected"] = (
-            "conflict" if message["type"] == "sync_conflict" else "rejected"
-        )
         _settle(outgoing.answer, Answer(outgoing.message["operation"]["id"], kind, message))
 
-    def _snapshot(self, message: dict[str, Any]) -> None:
+    def _snapshot(self, page: SnapshotPage, message: dict[str, Any]) -> None:
         """One page of a snapshot; the one marked complete hands the whole state over."""
-        if message.get("page", 0) == 0:
+        if page.page == 0:
             self._snapshot_entities = []
-        self._snapshot_entities.extend(message.get("entities") or [])
-        if not message.get("complete", True):
+        self._snapshot_entities.extend(message["entities"])  # as the server sent them
+        if not page.complete:
             return
         entities, self._snapshot_entities = self._snapshot_entities, []
-        seq = int(message["seq"])
+        seq = page.seq
         self._awaiting_snapshot = False
         self.watermark = seq
-        self.epoch = message.get("epoch") or self.epoch
+        self.epoch = page.epoch
         self._ahead = {s: e for s, e in self._ahead.items() if s > seq}
         self._emit(Snapshot(seq, entities, self.epoch))
         self._advance()

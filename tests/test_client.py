@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from chefia_rt.client import Backoff, Client, ClientStopped, Event, Snapshot, StoreOp
+from chefia_rt.protocol import messages as m
 from tests.helpers import RunningServer, free_port, op, running_server
 
 BOUND = 15.0  # liveness bound for anything to arrive
@@ -273,22 +274,27 @@ async def test_a_state_file_keeps_the_outbox_of_a_client_dropped_mid_send(tmp_pa
         c.state.close()
 
 
+def page(seq: int, index: int, complete: bool, entity_id: str) -> dict[str, Any]:
+    """A snapshot page of one entity, as the server builds it."""
+    entity = m.snapshot_entity("tables", entity_id, 1, {}, False)
+    return m.snapshot_msg("s1", seq, "e1", index, complete, [entity])
+
+
 def test_snapshot_pages_are_joined_until_the_complete_one() -> None:
     seen = Seen()
     c = Client("ws://127.0.0.1:1/ws", "pos-a", since=0, on_event=seen)
     c.request_snapshot()
-    page = {"type": "snapshot", "store_id": "s1", "seq": 9, "epoch": "e1"}
-    c._handle(page | {"page": 0, "complete": False, "entities": [{"entity_id": "a"}]})
-    c._handle(page | {"page": 1, "complete": False, "entities": [{"entity_id": "b"}]})
+    c._handle(page(9, 0, False, "a"))
+    c._handle(page(9, 1, False, "b"))
     assert seen.events == []  # nothing before the complete page
-    c._handle(page | {"page": 2, "complete": True, "entities": [{"entity_id": "c"}]})
+    c._handle(page(9, 2, True, "c"))
     (snapshot,) = seen.events
     assert isinstance(snapshot, Snapshot) and snapshot.seq == 9 and c.epoch == "e1"
     assert [e["entity_id"] for e in snapshot.entities] == ["a", "b", "c"]
     # A snapshot started anew (page 0 again) forgets the pages of one cut short.
     c.request_snapshot()
-    c._handle(page | {"page": 0, "complete": False, "entities": [{"entity_id": "old"}]})
-    c._handle(page | {"seq": 10, "page": 0, "complete": True, "entities": [{"entity_id": "d"}]})
+    c._handle(page(9, 0, False, "old"))
+    c._handle(page(10, 0, True, "d"))
     assert [e["entity_id"] for e in seen.events[-1].entities] == ["d"]  # type: ignore[union-attr]
 
 
@@ -318,9 +324,38 @@ def test_backoff_grows_to_its_maximum_with_jitter_below_it() -> None:
 # ---- the seq bookkeeping, fed by hand (no connection) ----------------------------------------
 
 
+STAMP = "2024-01-15T10:30:00.000000Z"
+
+
 def push(seq: int, terminal: str = "pos-b") -> dict[str, Any]:
-    operation = {"id": f"p{seq}", "seq": seq, "terminal_id": terminal}
-    return {"type": "data_sync", "operation": operation}
+    return m.data_sync_msg(
+        id=f"p{seq}",
+        seq=seq,
+        entity_type="tables",
+        entity_id="t9",
+        operation="UPDATE",
+        data={},
+        version=seq,
+        deleted=False,
+        timestamp=STAMP,
+        terminal_id=terminal,
+        user_id=None,
+        priority="medium",
+        server_time=STAMP,
+    )
+
+
+def confirmation(op_id: str, seq: int) -> dict[str, Any]:
+    return m.sync_confirmation_msg(
+        operation_id=op_id,
+        seq=seq,
+        version=1,
+        status="applied",
+        conflict_resolved=False,
+        entity_type="tables",
+        entity_id="t1",
+        server_time=STAMP,
+    )
 
 
 async def test_a_confirmation_ahead_of_pushes_waits_for_the_gap() -> None:
@@ -328,7 +363,7 @@ async def test_a_confirmation_ahead_of_pushes_waits_for_the_gap() -> None:
     c = Client("ws://127.0.0.1:1/ws", "pos-a", since=0, on_event=seen)
     answer = await c.send("tables", "t1", {"n": 1}, op_id="mine")
     c._handle(push(1))
-    c._handle({"type": "sync_confirmation", "operation_id": "mine", "seq": 3, "status": "applied"})
+    c._handle(confirmation("mine", 3))
     assert seen.seqs == [1] and c.watermark == 1  # 3 is held until 2 arrives
     c._handle(push(3))  # the same seq again (a replay): dropped
     c._handle(push(2))
@@ -342,12 +377,25 @@ async def test_retryable_errors_keep_the_op_and_final_ones_answer_it() -> None:
     c = Client("ws://127.0.0.1:1/ws", "pos-a", since=0)
     retried = await c.send("tables", "t1", {}, op_id="a")
     refused = await c.send("tables", "t2", {}, op_id="b")
-    c._handle({"type": "sync_error", "operation_id": "a", "code": 1013, "error": "retry"})
-    c._handle({"type": "sync_error", "operation_id": "a", "code": 4005, "error": "rate"})
-    c._handle({"type": "sync_error", "operation_id": "b", "code": 4008, "error": "no"})
+    c._handle(m.sync_error_msg("a", 1013, "retry"))
+    c._handle(m.sync_error_msg("a", 4005, "rate"))
+    c._handle(m.sync_error_msg("b", 4008, "no"))
     assert not retried.done() and [o["id"] for o in c.unanswered()] == ["a"]
     assert refused.result().kind == "rejected"
     assert c.stats.retries == 2 and c.stats.rejected == 1
+
+
+async def test_a_message_off_its_model_is_ignored(caplog: pytest.LogCaptureFixture) -> None:
+    seen = Seen()
+    c = Client("ws://127.0.0.1:1/ws", "pos-a", since=0, on_event=seen)
+    answer = await c.send("tables", "t1", {"n": 1}, op_id="mine")
+    c._handle(push(1) | {"operation": {"seq": "2"}})  # a seq as text: not a push
+    c._handle(confirmation("mine", 1) | {"status": "maybe"})
+    assert seen.seqs == [] and not answer.done()
+    assert "ignoring a malformed data_sync" in caplog.text
+    # Fields a newer server adds are no reason to ignore a message.
+    c._handle(confirmation("mine", 1) | {"added_later": 1})
+    assert seen.seqs == [1] and answer.result().seq == 1
 
 
 async def test_a_close_retrying_cannot_fix_stops_the_client(tmp_path: Path) -> None:
