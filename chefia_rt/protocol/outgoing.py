@@ -276,7 +276,7 @@ class PerformanceMetrics(Outgoing):
 
 class SystemAlert(Outgoing):
     """An alert of the monitor's store; the same `alert_id` comes again with `active: false`
-    when its condition is over. Thresholds: docs/configuration.md (MONITOR_ALERT_*)."""
+    when its condition is over. Thresholds: the MONITOR_ALERT_* settings."""
 
     type: Literal["system_alert"]
     alert_id: str
