@@ -1,9 +1,9 @@
 """docs/protocol.md against the code it describes, so neither can change without the other.
 
-Every message model of chefia_rt/protocol/messages.py has exactly one field table in the page
-(marked `<!-- fields: ModelName -->`) that lists exactly its fields; every code of errors.Code is
-in the codes table with its number; every default in the limits table is the Settings default; the
-fixed limits the page names are the constants of the code.
+Every message model of chefia_rt/protocol (incoming.py, outgoing.py) has exactly one field table
+in the page (marked `<!-- fields: ModelName -->`) that lists exactly its fields; every code of
+errors.Code is in the codes table with its number; every default in the limits table is the
+Settings default; the fixed limits the page names are the constants of the code.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from pydantic import BaseModel
 
 from chefia_rt.config import Settings
 from chefia_rt.errors import Code
-from chefia_rt.protocol import codec, messages
+from chefia_rt.protocol import codec, common, incoming, messages, outgoing
+from chefia_rt.protocol.common import StrictModel
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "protocol.md"
 MARKER = re.compile(r"^<!-- fields: (\w+) -->$")
@@ -53,14 +54,18 @@ def _field_tables() -> dict[str, list[list[str]]]:
     return tables
 
 
+_WIRE_MODULES = {common.__name__, incoming.__name__, outgoing.__name__}
+
+
 def _models() -> dict[str, type[BaseModel]]:
     """Every wire model the module defines (the private bases aside)."""
     return {
         name: cls
         for name, cls in inspect.getmembers(messages, inspect.isclass)
         if issubclass(cls, BaseModel)
-        and cls.__module__ == messages.__name__
+        and cls.__module__ in _WIRE_MODULES
         and not name.startswith("_")
+        and cls not in (StrictModel, outgoing.Outgoing)
     }
 
 
