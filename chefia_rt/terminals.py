@@ -78,8 +78,10 @@ class SessionLike(Protocol):
     ops: int
     conflicts: int
     metrics: dict[str, Any] | None
-    next_seq: int
     acked_seq: int
+
+    @property
+    def next_seq(self) -> int: ...
 
 
 # A change the directory made, for listeners (the monitor feed): what happened and the result.
