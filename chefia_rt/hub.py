@@ -27,7 +27,7 @@ from chefia_rt.domain import OpRecord
 from chefia_rt.errors import Code
 from chefia_rt.frames import OutFrame, Transport, batch_wire, push_message, snapshot_pages
 from chefia_rt.lanes import Flusher, Lanes, Outbound
-from chefia_rt.sync.stream import CatchUp, Deliver, GoLive, Reorder, StreamCursor
+from chefia_rt.sync.stream import DELIVER, CatchUp, GoLive, Reorder, StreamCursor
 
 __all__ = [
     "Flusher",
@@ -146,10 +146,10 @@ class Session(Lanes):
         if self.closed:
             return True
         decision = self._cursor.push(seq, op_id, from_self)
-        if type(decision) is Deliver:
+        if decision is DELIVER:
             self.queue_push(frame)
             return True
-        return type(decision) is not CatchUp
+        return decision.__class__ is not CatchUp
 
     def pause(self) -> None:
         """Stop the stream until the next `resume_from`: no live pushes, and no catch-up either."""
@@ -232,7 +232,7 @@ class Session(Lanes):
             sizes = 0
             for record in records:
                 seq = record.seq
-                if seq is not None and type(cursor.row(seq, record.id)) is Deliver:
+                if seq is not None and cursor.row(seq, record.id) is DELIVER:
                     frame = OutFrame(push_message(record))
                     size = frame.size(self.encoding)
                     sizes += size

@@ -29,40 +29,22 @@ class Mode(enum.Enum):
 # ---- decisions ------------------------------------------------------------------------------
 
 
-@dataclass(slots=True)
-class Deliver:
-    """Send operation `seq` to the terminal. For a stored row, call `StreamCursor.delivered`
-    once it is queued: the stream passes it only then (a pause meanwhile reads it again)."""
+class Verdict(enum.Enum):
+    """What to do with the push or stored row the event brought (a plain value: the live path
+    meets one per session and push)."""
 
-    seq: int
-
-
-@dataclass(slots=True)
-class Duplicate:
-    """Drop: the stream has passed `seq` already."""
-
-    seq: int
+    DELIVER = "deliver"  # send it; a stored row is passed once queued (`delivered`)
+    DUPLICATE = "duplicate"  # drop: the stream has passed it already
+    OWN_OP = "own op"  # drop: the terminal sent it itself; the stream passes it without echo
+    NOT_LIVE = "not live"  # drop: catching up or paused, storage gives it in turn
+    SKIP = "skip"  # drop: a stored row that is not the next one the stream takes
 
 
-@dataclass(slots=True)
-class OwnOp:
-    """Drop: the terminal sent this operation itself; the stream passes it without echo."""
-
-    seq: int
-
-
-@dataclass(slots=True)
-class NotLive:
-    """Drop: the stream is catching up or paused, and storage gives it this push in turn."""
-
-    seq: int
-
-
-@dataclass(slots=True)
-class Skip:
-    """Drop: a stored row that is not the next one the stream takes."""
-
-    seq: int
+DELIVER = Verdict.DELIVER
+DUPLICATE = Verdict.DUPLICATE
+OWN_OP = Verdict.OWN_OP
+NOT_LIVE = Verdict.NOT_LIVE
+SKIP = Verdict.SKIP
 
 
 @dataclass(slots=True)
@@ -83,8 +65,7 @@ class GoLive:
     """The catch-up reached the head: live pushes flow from now on, with nothing between."""
 
 
-PushDecision = Deliver | Duplicate | OwnOp | NotLive | CatchUp
-RowDecision = Deliver | OwnOp | Skip
+_LIVE, _CATCHING_UP = Mode.LIVE, Mode.CATCHING_UP
 
 
 class StreamError(Exception):
@@ -110,23 +91,23 @@ class StreamCursor:
 
     @property
     def live(self) -> bool:
-        return self.mode is Mode.LIVE
+        return self.mode is _LIVE
 
     # ---- live pushes ------------------------------------------------------------------------
 
-    def push(self, seq: int, op_id: str, own: bool) -> PushDecision:
+    def push(self, seq: int, op_id: str, own: bool) -> Verdict | CatchUp:
         """A live push of the store arrived; `own` when this terminal sent it."""
-        if self.mode is not Mode.LIVE:
-            return NotLive(seq)
+        if self.mode is not _LIVE:
+            return NOT_LIVE
         if seq < self.next_seq:
-            return Duplicate(seq)
+            return DUPLICATE
         if seq > self.next_seq:
             return self.resume(self.next_seq - 1)  # a gap: storage has what is missing
         self.next_seq = seq + 1
         if own:
             self.own_ops.discard(op_id)
-            return OwnOp(seq)
-        return Deliver(seq)
+            return OWN_OP
+        return DELIVER
 
     # ---- pause, resume and the catch-up -----------------------------------------------------
 
@@ -144,19 +125,20 @@ class StreamCursor:
         self.mode = Mode.CATCHING_UP
         return CatchUp(since)
 
-    def row(self, seq: int, op_id: str) -> RowDecision:
-        """A row read from storage by the catch-up."""
+    def row(self, seq: int, op_id: str) -> Verdict:
+        """A row read from storage by the catch-up: DELIVER (then `delivered` once it is
+        queued: a pause meanwhile reads it again), OWN_OP or SKIP."""
         self._catching_up()
         if seq != self.next_seq:
-            return Skip(seq)
+            return SKIP
         if op_id in self.own_ops:
             self.own_ops.discard(op_id)
             self.next_seq = seq + 1
-            return OwnOp(seq)
-        return Deliver(seq)
+            return OWN_OP
+        return DELIVER
 
     def delivered(self, seq: int) -> None:
-        """Stored row `seq` (a `Deliver` of `row`) is queued to the terminal."""
+        """Stored row `seq` (DELIVER by `row`) is queued to the terminal."""
         self._catching_up()
         if seq != self.next_seq:
             raise StreamError(f"row {seq} delivered while the stream expects {self.next_seq}")
@@ -190,7 +172,7 @@ class StreamCursor:
         self.own_ops.clear()
 
     def _catching_up(self) -> None:
-        if self.mode is not Mode.CATCHING_UP:
+        if self.mode is not _CATCHING_UP:
             raise StreamError(f"a catch-up event while the stream is {self.mode.value}")
 
 
