@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 from chefia_rt.domain import OpRecord
+from chefia_rt.protocol.builders import data_sync_msg, snapshot_msg
 from chefia_rt.protocol.codec import (
     encode_json,
     encode_msgpack,
@@ -102,24 +103,21 @@ def batch_wire(frames: Sequence[OutFrame], compression_threshold: int | None) ->
 
 def push_message(record: OpRecord) -> dict[str, Any]:
     """`data_sync` as other terminals receive it: the full state after the operation."""
-    return {
-        "type": "data_sync",
-        "operation": {
-            "id": record.id,
-            "seq": record.seq,
-            "entity_type": record.entity_type,
-            "entity_id": record.entity_id,
-            "operation": record.operation,
-            "data": record.data,
-            "version": record.version,
-            "deleted": record.deleted,
-            "timestamp": record.timestamp,
-            "terminal_id": record.terminal_id,
-            "user_id": record.user_id,
-            "priority": record.priority,
-            "server_time": record.server_time,
-        },
-    }
+    return data_sync_msg(
+        id=record.id,
+        seq=record.seq,
+        entity_type=record.entity_type,
+        entity_id=record.entity_id,
+        operation=record.operation,
+        data=record.data,
+        version=record.version,
+        deleted=record.deleted,
+        timestamp=record.timestamp,
+        terminal_id=record.terminal_id,
+        user_id=record.user_id,
+        priority=record.priority,
+        server_time=record.server_time,
+    )
 
 
 def snapshot_pages(
@@ -148,16 +146,6 @@ def snapshot_pages(
         size += need
     last = len(chunks) - 1
     return [
-        OutFrame(
-            {
-                "type": "snapshot",
-                "store_id": store_id,
-                "seq": seq,
-                "epoch": epoch,
-                "page": index,
-                "complete": index == last,
-                "entities": chunk,
-            }
-        )
+        OutFrame(snapshot_msg(store_id, seq, epoch, index, index == last, chunk))
         for index, chunk in enumerate(chunks)
     ]
