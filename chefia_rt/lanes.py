@@ -89,9 +89,7 @@ class Lanes:
     _windowed: bool
     _drain: asyncio.Task[None] | None
     _room: asyncio.Future[None] | None
-
-    def close(self, code: int, reason: str) -> None:
-        raise NotImplementedError
+    close: Callable[[int, str], None]  # the session's: ends the connection with a close code
 
     def start(self) -> None:
         """Send what was queued before the connection was ready (connection_established)."""
