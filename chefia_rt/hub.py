@@ -110,6 +110,14 @@ class Session(Lanes):
         stream skips them); the writer adds and removes them (pipeline)."""
         return self._cursor.own_ops
 
+    def own_op_queued(self, op_id: str) -> None:
+        """The writer queued this session's operation: its stream skips it from now on."""
+        self._cursor.own_op_queued(op_id)
+
+    def own_op_answered(self, op_id: str, seq: int | None) -> None:
+        """The writer answered it, with its place in the stream (None: it got none)."""
+        self._cursor.own_op_answered(op_id, seq)
+
     def close(self, code: int, reason: str) -> None:
         """Close the connection once; queued frames are dropped."""
         if self.closed:

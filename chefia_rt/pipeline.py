@@ -207,7 +207,7 @@ class WritePipeline:
         self.idle.clear()  # set again by the writer once the queue is empty
         self._queued_count += 1
         # Known as this session's own from now on, so no path of the stream echoes it back.
-        session.own_ops.add(own_op_id(item))
+        session.own_op_queued(own_op_id(item))
 
     async def answered_so_far(self) -> None:
         """Until the writer is done with every item queued so far (each one answered)."""
@@ -314,7 +314,7 @@ class WritePipeline:
         self.sink.answered(
             Answer(pending.session, entity_type, operation, status, None, None, False, None)
         )
-        pending.session.own_ops.discard(own_op_id(pending.item))
+        pending.session.own_op_answered(own_op_id(pending.item), None)
         pending.session.send(
             sync_error_msg(_item_id(pending.item), code, reason, *_item_entity(pending.item))
         )
@@ -393,8 +393,7 @@ class WritePipeline:
         for pending, outcome in zip(batch, outcomes, strict=True):
             session = pending.session
             record = outcome.record
-            if record is None or record.seq is None or record.seq < session.next_seq:
-                session.own_ops.discard(own_op_id(pending.item))  # no place ahead in the stream
+            session.own_op_answered(own_op_id(pending.item), None if record is None else record.seq)
             self.sink.answered(self._counted(pending, outcome, done))
             if outcome.status == "error":
                 assert outcome.error is not None
