@@ -9,19 +9,19 @@ answers (`answered`) for the metrics, the worker's stats, the sessions and the m
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Coroutine, Sequence
 from datetime import timedelta
 from typing import Any
 
 from chefia_rt import __version__
 from chefia_rt.bus.base import Bus, Push
 from chefia_rt.cache import RequestCache
+from chefia_rt.chores import Chores
 from chefia_rt.config import Settings
 from chefia_rt.domain import EntityKey, Operation
 from chefia_rt.errors import ChefiaError
@@ -45,13 +45,10 @@ from chefia_rt.terminals import (
     TerminalDirectory,
     connect_signal,
     disconnect_signal,
-    figures_signal,
 )
 from chefia_rt.wiring import known_entity_types, make_bus, make_store
 
 log = logging.getLogger("chefia_rt.node")
-
-HEALTH_PING_TIMEOUT = 2.0
 
 
 class Node:
@@ -75,8 +72,6 @@ class Node:
         self.hub = Hub(store.read_operations)
         self.cache = RequestCache(store, bus, settings.cache_ttls, settings.cache_enabled)
         self.stats = WorkerStats()
-        self._chores: list[asyncio.Task[None]] = []
-        self._log_heads: dict[str, int] = {}
         self.worker_name = f"{socket.gethostname()}/{os.getpid()}"
         # Every terminal of the deployment, from every worker's "terminal" signals.
         self.terminals = TerminalDirectory(
@@ -92,6 +87,7 @@ class Node:
         )
         self.monitor = MonitorFeed(settings, self.terminals, bus, self.worker_name)
         self._background: set[asyncio.Task[Any]] = set()
+        self.chores = Chores(self)
         self.pipeline = WritePipeline(
             Limits(
                 settings.sync_batch_max_ops, settings.sync_queue_size, settings.sync_commit_timeout
@@ -129,37 +125,15 @@ class Node:
         # The last backups, so that a monitor sees them even when this worker started after.
         self.monitor.relay_events(await self.store.server_events(None, 20), live=False)
         self.pipeline.start()
-        self._chores = [
-            asyncio.create_task(self.loop_lag.run(), name="loop-lag"),
-            asyncio.create_task(
-                self._every(self.settings.sync_maintenance_interval, self._maintain)
-            ),
-            asyncio.create_task(self._every(self.settings.sync_reconcile_interval, self.reconcile)),
-            asyncio.create_task(
-                self._every(self.settings.terminal_report_interval, self.report_terminals)
-            ),
-            asyncio.create_task(self._every(self.settings.ws_stats_interval, self.report)),
-            asyncio.create_task(
-                self._every(self.settings.monitor_event_poll_interval, self.poll_server_events)
-            ),
-        ]
+        self.chores.start()
         try:
-            await self.report()  # the other workers count this one from its start
+            await self.chores.report()  # the other workers count this one from its start
         except Exception as exc:  # the periodic report tries again
             log.warning("first stats report failed: %s", exc)
 
     @property
     def retention(self) -> timedelta:
         return timedelta(days=self.settings.sync_log_retention_days)
-
-    @staticmethod
-    async def _every(interval: float, chore: Callable[[], Awaitable[None]]) -> None:
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                await chore()
-            except Exception as exc:  # storage down: try again next time
-                log.warning("%s failed: %s", getattr(chore, "__name__", chore), exc)
 
     def _terminal_states(self) -> list[tuple[str, str, str, bool]]:
         """terminal_status at scrape time: (store_id, terminal_id, type, online) of the
@@ -174,32 +148,6 @@ class Node:
             self.metrics.delivered(pushes[-1].record.server_time)
         self.hub.deliver(store_id, pushes)
         self.monitor.on_pushes(store_id, pushes)
-
-    async def report(self) -> None:
-        """Every few seconds: sample queue depths and health into the metrics, and tell every
-        worker this one's stats (/ws/stats across workers and nodes)."""
-        self.metrics.queues(self.pipeline.depth(), [s.queued for s in self.hub.sessions()])
-        self.metrics.cache(self.cache.stats())
-        ok = [False, False]
-        for index, ping in enumerate((self.store.ping, self.bus.ping)):
-            with contextlib.suppress(Exception):
-                async with asyncio.timeout(HEALTH_PING_TIMEOUT):
-                    ok[index] = await ping()
-        self.metrics.health(*ok)
-        await self.bus.signal(STATS_TOPIC, self.cluster_stats.payload(self.websocket_stats()))
-
-    async def _maintain(self) -> None:
-        await self.store.maintain(self.retention)
-
-    async def report_terminals(self) -> None:
-        """Tell every worker the figures of this worker's sessions; age the directory."""
-        await self.bus.signal(TERMINAL_TOPIC, figures_signal(self.hub.sessions(), self.worker_name))
-        self.terminals.sweep()
-        await self.monitor.tick()
-
-    async def poll_server_events(self) -> None:
-        """Backups and restores (written by the CLI into storage) for the monitors' feeds."""
-        self.monitor.relay_events(await self.store.server_events(self.monitor.last_event, 100))
 
     def _remote_takeover(
         self, store_id: str, terminal_id: str, session_id: str, opened_at: float
@@ -217,25 +165,6 @@ class Node:
             if session.live and not session.closed:
                 self.hub.resume(session, session.next_seq - 1)
 
-    async def reconcile(self) -> None:
-        """Catch up live sessions that stayed behind their store's log since the last check.
-
-        The bus is fast but not complete (a publish lost while Redis restarts, a commit that
-        landed after its timeout): a session still behind what storage had one check ago missed
-        something, and fills the gap from storage like any other gap.
-        """
-        seen = self._log_heads
-        heads = {}
-        for store_id in self.hub.store_ids():
-            heads[store_id] = (await self.store.log_bounds(store_id)).last_seq
-            behind = seen.get(store_id, 0)
-            for session in self.hub.store_sessions(store_id):
-                if session.live and not session.closed and session.next_seq <= behind:
-                    self.hub.resume(session, session.next_seq - 1)
-        # Only a complete round replaces the last one: a failed read must not forget what an
-        # earlier round saw (that would delay the catch-up by a round).
-        self._log_heads = heads
-
     @property
     def draining(self) -> bool:
         return self.pipeline.draining
@@ -245,10 +174,7 @@ class Node:
         await self.pipeline.drain(timeout)
 
     async def stop(self) -> None:
-        for chore in self._chores:
-            chore.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await chore
+        await self.chores.stop()
         await self.pipeline.stop()
         for session in self.hub.sessions():
             await session.stop()

@@ -85,7 +85,7 @@ async def test_read_one_entity_with_etag_and_304(tmp_path: Path) -> None:
         hits, misses = stats["hits"]["tables"], stats["misses"]["tables"]
         assert hits + misses == 7 and hits >= 1
         # The metrics work reads the same figures (cache_requests_total{entity_type, result}).
-        await server.node.report()
+        await server.node.chores.report()
         _, _, text = await http_get(server.http + "/metrics")
         assert f'cache_requests_total{{entity_type="tables",result="hit"}} {float(hits)}' in (
             text.decode()

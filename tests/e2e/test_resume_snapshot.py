@@ -533,8 +533,8 @@ async def test_reconcile_delivers_an_op_whose_publish_was_lost(
         confirmation = await a.expect("sync_confirmation")
         await b.nothing()
         monkeypatch.setattr(server.node.bus, "publish", real_publish)
-        await server.node.reconcile()  # sees the log's head
-        await server.node.reconcile()  # b is still behind it: caught up from storage
+        await server.node.chores.reconcile()  # sees the log's head
+        await server.node.chores.reconcile()  # b is still behind it: caught up from storage
         pushed = await b.expect("data_sync")
         assert pushed["operation"]["id"] == "lost-1"
         assert pushed["operation"]["seq"] == confirmation["seq"]
