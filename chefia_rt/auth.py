@@ -281,7 +281,7 @@ REDACTED_LOGGERS = (
     "chefia_rt",
     "chefia_rt.server",
     "chefia_rt.http",
-    "chefia_rt.node",
+    "chefia_rt.worker",
     "chefia_rt.hub",
 )
 

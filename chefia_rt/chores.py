@@ -15,9 +15,9 @@ from chefia_rt.terminals import TOPIC as TERMINAL_TOPIC
 from chefia_rt.terminals import figures_signal
 
 if TYPE_CHECKING:
-    from chefia_rt.node import Node
+    from chefia_rt.worker import Worker
 
-log = logging.getLogger("chefia_rt.node")
+log = logging.getLogger("chefia_rt.worker")
 
 HEALTH_PING_TIMEOUT = 2.0
 
@@ -25,15 +25,15 @@ HEALTH_PING_TIMEOUT = 2.0
 class Chores:
     """The periodic tasks of one worker, each every its own interval (Settings)."""
 
-    def __init__(self, node: Node) -> None:
-        self.node = node
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
         self._tasks: list[asyncio.Task[None]] = []
         self._log_heads: dict[str, int] = {}
 
     def start(self) -> None:
-        settings = self.node.settings
+        settings = self.worker.settings
         self._tasks = [
-            asyncio.create_task(self.node.loop_lag.run(), name="loop-lag"),
+            asyncio.create_task(self.worker.loop_lag.run(), name="loop-lag"),
             asyncio.create_task(self._every(settings.sync_maintenance_interval, self._maintain)),
             asyncio.create_task(self._every(settings.sync_reconcile_interval, self.reconcile)),
             asyncio.create_task(
@@ -63,35 +63,35 @@ class Chores:
     async def report(self) -> None:
         """Every few seconds: sample queue depths and health into the metrics, and tell every
         worker this one's stats (/ws/stats across workers and nodes)."""
-        self.node.metrics.queues(
-            self.node.pipeline.depth(), [s.queued for s in self.node.hub.sessions()]
+        self.worker.metrics.queues(
+            self.worker.pipeline.depth(), [s.queued for s in self.worker.hub.sessions()]
         )
-        self.node.metrics.cache(self.node.cache.stats())
+        self.worker.metrics.cache(self.worker.cache.stats())
         ok = [False, False]
-        for index, ping in enumerate((self.node.store.ping, self.node.bus.ping)):
+        for index, ping in enumerate((self.worker.store.ping, self.worker.bus.ping)):
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(HEALTH_PING_TIMEOUT):
                     ok[index] = await ping()
-        self.node.metrics.health(*ok)
-        await self.node.bus.signal(
-            STATS_TOPIC, self.node.cluster_stats.payload(self.node.websocket_stats())
+        self.worker.metrics.health(*ok)
+        await self.worker.bus.signal(
+            STATS_TOPIC, self.worker.cluster_stats.payload(self.worker.websocket_stats())
         )
 
     async def _maintain(self) -> None:
-        await self.node.store.maintain(self.node.retention)
+        await self.worker.store.maintain(self.worker.retention)
 
     async def report_terminals(self) -> None:
         """Tell every worker the figures of this worker's sessions; age the directory."""
-        await self.node.bus.signal(
-            TERMINAL_TOPIC, figures_signal(self.node.hub.sessions(), self.node.worker_name)
+        await self.worker.bus.signal(
+            TERMINAL_TOPIC, figures_signal(self.worker.hub.sessions(), self.worker.worker_name)
         )
-        self.node.terminals.sweep()
-        await self.node.monitor.tick()
+        self.worker.terminals.sweep()
+        await self.worker.monitor.tick()
 
     async def poll_server_events(self) -> None:
         """Backups and restores (written by the CLI into storage) for the monitors' feeds."""
-        self.node.monitor.relay_events(
-            await self.node.store.server_events(self.node.monitor.last_event, 100)
+        self.worker.monitor.relay_events(
+            await self.worker.store.server_events(self.worker.monitor.last_event, 100)
         )
 
     async def reconcile(self) -> None:
@@ -103,12 +103,12 @@ class Chores:
         """
         seen = self._log_heads
         heads = {}
-        for store_id in self.node.hub.store_ids():
-            heads[store_id] = (await self.node.store.log_bounds(store_id)).last_seq
+        for store_id in self.worker.hub.store_ids():
+            heads[store_id] = (await self.worker.store.log_bounds(store_id)).last_seq
             behind = seen.get(store_id, 0)
-            for session in self.node.hub.store_sessions(store_id):
+            for session in self.worker.hub.store_sessions(store_id):
                 if session.live and not session.closed and session.next_seq <= behind:
-                    self.node.hub.resume(session, session.next_seq - 1)
+                    self.worker.hub.resume(session, session.next_seq - 1)
         # Only a complete round replaces the last one: a failed read must not forget what an
         # earlier round saw (that would delay the catch-up by a round).
         self._log_heads = heads

@@ -85,9 +85,9 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     try:
         import uvloop
 
-        uvloop.run(run(settings, worker=args.worker))
+        uvloop.run(run(settings, index=args.worker))
     except ImportError:
-        asyncio.run(run(settings, worker=args.worker))
+        asyncio.run(run(settings, index=args.worker))
     return 0
 
 

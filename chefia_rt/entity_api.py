@@ -31,7 +31,7 @@ from chefia_rt.errors import AuthFailed, StorageUnavailable
 from chefia_rt.protocol.messages import NAME_PATTERN, TERMINAL_ID_RE, TERMINAL_TYPES
 
 if TYPE_CHECKING:
-    from chefia_rt.node import Node
+    from chefia_rt.worker import Worker
 
 log = logging.getLogger("chefia_rt.entity_api")
 
@@ -82,12 +82,12 @@ def _error(exc: ApiError) -> Response:
     return _response(exc.status, body, {"Cache-Control": "no-store", **exc.headers})
 
 
-async def handle(node: Node, request: Request) -> Response:
+async def handle(worker: Worker, request: Request) -> Response:
     """Answer a GET under /api/v1/entities."""
     url = urlsplit(request.path)
     try:
         query = parse_qs(url.query, keep_blank_values=True)
-        store_id, terminal_type = _reader(node, url.query, query, request)
+        store_id, terminal_type = _reader(worker, url.query, query, request)
         entity_type, entity_id = _target(url.path)
         readable = READABLE.get(terminal_type, frozenset())
         if readable is not ALL and entity_type not in readable:
@@ -95,8 +95,8 @@ async def handle(node: Node, request: Request) -> Response:
                 403, "forbidden", f"a {terminal_type} terminal may not read {entity_type}"
             )
         if entity_id is None:
-            return await _list(node, store_id, entity_type, query)
-        return await _one(node, EntityKey(store_id, entity_type, entity_id), request)
+            return await _list(worker, store_id, entity_type, query)
+        return await _one(worker, EntityKey(store_id, entity_type, entity_id), request)
     except ApiError as exc:
         return _error(exc)
     except StorageUnavailable as exc:
@@ -107,12 +107,12 @@ async def handle(node: Node, request: Request) -> Response:
 
 
 def _reader(
-    node: Node, raw_query: str, query: dict[str, list[str]], request: Request
+    worker: Worker, raw_query: str, query: dict[str, list[str]], request: Request
 ) -> tuple[str, str]:
     """(store_id, terminal_type) of the caller, as a WebSocket handshake would decide them."""
-    if node.settings.auth_enabled:
+    if worker.settings.auth_enabled:
         try:
-            claims = authenticate(node.settings.jwt_keys, raw_query, request.headers)
+            claims = authenticate(worker.settings.jwt_keys, raw_query, request.headers)
         except AuthFailed as exc:
             bearer = {"WWW-Authenticate": "Bearer"}
             raise ApiError(401, "unauthorized", exc.reason, bearer) from None
@@ -163,8 +163,8 @@ def _one_value(query: dict[str, list[str]], name: str) -> str | None:
     return values[0]
 
 
-async def _one(node: Node, key: EntityKey, request: Request) -> Response:
-    found = await node.cache.read(key)
+async def _one(worker: Worker, key: EntityKey, request: Request) -> Response:
+    found = await worker.cache.read(key)
     if found is None:
         raise ApiError(404, "not_found", f"no {key.entity_type} {key.entity_id!r} in this store")
     etag = f'"{found.version}"'
@@ -186,7 +186,7 @@ def _matches(if_none_match: list[str], etag: str) -> bool:
 
 
 async def _list(
-    node: Node, store_id: str, entity_type: str, query: dict[str, list[str]]
+    worker: Worker, store_id: str, entity_type: str, query: dict[str, list[str]]
 ) -> Response:
     limit_text = _one_value(query, "limit")
     limit = LIST_LIMIT[0]
@@ -197,7 +197,7 @@ async def _list(
     cursor = _one_value(query, "cursor")
     after = _decode_cursor(cursor) if cursor else None
     # Straight from storage: a read that starts after the request sees every confirmed write.
-    entities = await node.store.list_entities(store_id, entity_type, after, limit)
+    entities = await worker.store.list_entities(store_id, entity_type, after, limit)
     last = entities[-1].key.entity_id if len(entities) == limit else None
     body: dict[str, Any] = {
         "entity_type": entity_type,

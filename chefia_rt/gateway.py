@@ -52,11 +52,11 @@ from chefia_rt.errors import (
 from chefia_rt.http import json_response
 from chefia_rt.hub import Outbound, OutFrame, Session, Transport
 from chefia_rt.logs import MessageLog, bind, bound, operation_bound
-from chefia_rt.node import Node
 from chefia_rt.protocol import messages as m
 from chefia_rt.protocol.codec import decode_frame
 from chefia_rt.supervisor import SUPERVISOR_FD_ENV, sd_notify
 from chefia_rt.sync.ratelimit import RateLimiter, Verdict
+from chefia_rt.worker import Worker
 
 log = logging.getLogger("chefia_rt.server")
 
@@ -121,14 +121,14 @@ def choose_subprotocol(offered: Iterable[str]) -> str | None:
 
 
 class Gateway(abc.ABC):
-    """Serves one worker's WebSocket connections for a Node; a front end subclasses it with the
+    """Serves one worker's WebSocket connections for its Worker; a front end subclasses it with the
     listening, the upgrade and the wire (`start`, `port`, `connections`, the shutdown hooks)."""
 
     transport_name = ""
 
-    def __init__(self, settings: Settings, node: Node) -> None:
+    def __init__(self, settings: Settings, worker: Worker) -> None:
         self.settings = settings
-        self.node = node
+        self.worker = worker
         self._messages = MessageLog() if settings.ws_log_messages else None
         # The served sessions, for the worker's one heartbeat task (no task per connection).
         self._sessions: dict[Link, Session] = {}
@@ -206,7 +206,7 @@ class Gateway(abc.ABC):
                 return json_response(400, {"error": "more than one Origin header"})
             if sent and sent[0] not in origins:
                 return json_response(403, {"error": f"origin {sent[0]!r} is not allowed"})
-        held = len(self.node.hub) + self.opening
+        held = len(self.worker.hub) + self.opening
         if held >= self.settings.max_ws_connections and not self._is_takeover(request):
             return json_response(
                 503, {"error": "too many connections on this worker"}, {"Retry-After": "5"}
@@ -230,9 +230,9 @@ class Gateway(abc.ABC):
                 return False
             if claims.terminal_id != terminal_id:
                 return False
-            return self.node.hub.get(claims.store_id, terminal_id) is not None
+            return self.worker.hub.get(claims.store_id, terminal_id) is not None
         store_id = _query(parse_qs(url.query), "store_id") or "default"
-        return self.node.hub.get(store_id, terminal_id) is not None
+        return self.worker.hub.get(store_id, terminal_id) is not None
 
     def _session_for(
         self, link: Link, request: Request, subprotocol: str | None
@@ -294,7 +294,7 @@ class Gateway(abc.ABC):
             claims = authenticate(self.settings.jwt_keys, query, request.headers)
             authorize_terminal(claims, terminal_id, requested_type)
         except AuthFailed as exc:
-            self.node.metrics.refused_auth("websocket")
+            self.worker.metrics.refused_auth("websocket")
             raise HandshakeRejected(exc.code, exc.reason) from None
         return claims
 
@@ -325,7 +325,7 @@ class Gateway(abc.ABC):
         if self._messages is not None:
             session.on_sent = functools.partial(self._log_sent, session)
         try:
-            await self.node.open_session(session, since, epoch)
+            await self.worker.open_session(session, since, epoch)
         except Exception as exc:
             # open_session registers the session before it reads storage: forget it again, or
             # a refused connection would count against MAX_WS_CONNECTIONS and in /ws/stats.
@@ -335,7 +335,7 @@ class Gateway(abc.ABC):
                 log.exception("opening a session of %s failed", session.terminal_id)
                 reason = "server error; retry"
             self._token_deadlines.pop(session.session_id, None)
-            await self.node.close_session(session)
+            await self.worker.close_session(session)
             await link.close(Code.TRY_AGAIN_LATER, reason)
             return
         log.info("%s terminal connected (%s)", session.terminal_type, session.encoding)
@@ -361,7 +361,7 @@ class Gateway(abc.ABC):
             self._token_deadlines.pop(session.session_id, None)
             if session.close_code is None and link.close_code is not None:
                 session.close_code = link.close_code
-            await self.node.close_session(session)
+            await self.worker.close_session(session)
             log.info("terminal disconnected (close code %s)", session.close_code)
         await link.linger()
 
@@ -388,7 +388,7 @@ class Gateway(abc.ABC):
         reconnects would meet the same close, again before any answer, forever."""
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self.settings.sync_commit_timeout):
-                await self.node.pipeline.answered_so_far()
+                await self.worker.pipeline.answered_so_far()
         # The answers' flush was scheduled before this task woke up: it has run.
         session.close(Code.RATE_LIMITED, "rate limit exceeded repeatedly")
 
@@ -445,7 +445,7 @@ class Gateway(abc.ABC):
             if claims.terminal_type != session.terminal_type:
                 raise AuthFailed(f"token was issued to a {claims.terminal_type} terminal")
         except AuthFailed as exc:
-            self.node.metrics.refused_auth("websocket")
+            self.worker.metrics.refused_auth("websocket")
             raise AuthFailed(
                 f"refresh_token refused: {exc.reason}; the connection keeps its current token"
             ) from None
@@ -476,7 +476,7 @@ class Gateway(abc.ABC):
             if self._abusive(invalid, received, limit, window):
                 session.close(Code.INVALID_MESSAGE, "too many invalid messages")
                 return
-        self.node.stats.message(len(raws) or 1)
+        self.worker.stats.message(len(raws) or 1)
         for raw in raws:
             session.messages_in += 1
             try:
@@ -527,20 +527,20 @@ class Gateway(abc.ABC):
 
     async def _dispatch(self, session: Session, raw: dict[str, Any], received: float) -> None:
         msg = m.parse_incoming(raw)
-        node = self.node
+        worker = self.worker
         if isinstance(msg, m.DataSyncIn):
             op = self._operation(session, msg.operation)
             bulk = op.operation == m.OpKind.BULK_UPDATE
             self._charge(session, len(op.data["updates"]) if bulk else 1, received)
-            await node.check_operation(session, op)
-            node.pipeline.submit(op, session, received)
+            await worker.check_operation(session, op)
+            worker.pipeline.submit(op, session, received)
         elif isinstance(msg, m.PingIn):
             session.send(m.pong_msg(msg.timestamp))
         elif isinstance(msg, m.SyncConfirmationIn):
             session.acked_seq = max(session.acked_seq, msg.seq or 0)
         elif isinstance(msg, m.ConflictResolutionIn):
             self._charge(session, 1, received)
-            node.permissions.check_resolve(session.terminal_type)
+            worker.permissions.check_resolve(session.terminal_type)
             resolution = Resolution(
                 conflict_id=msg.conflict_id,
                 store_id=session.store_id,
@@ -550,33 +550,33 @@ class Gateway(abc.ABC):
                 resolved_data=msg.resolved_data,
                 timestamp=m.client_time(msg.timestamp, self.settings.clock_skew_max),
             )
-            node.pipeline.submit(resolution, session, received)
+            worker.pipeline.submit(resolution, session, received)
         elif isinstance(msg, m.AcquireLockIn):
             self._charge(session, self.settings.ws_rate_cost_lock, received, "an acquire_lock")
-            answer = await node.acquire_lock(
+            answer = await worker.acquire_lock(
                 session, msg.entity_type, msg.entity_id, msg.timeout, msg.lock_id
             )
             session.send(answer)
-            await node.monitor.lock(session, answer)
+            await worker.monitor.lock(session, answer)
         elif isinstance(msg, m.ReleaseLockIn):
             self._charge(session, self.settings.ws_rate_cost_lock, received, "a release_lock")
-            answer = await node.release_lock(session, msg.entity_type, msg.entity_id, msg.lock_id)
+            answer = await worker.release_lock(session, msg.entity_type, msg.entity_id, msg.lock_id)
             session.send(answer)
-            await node.monitor.lock(session, answer)
+            await worker.monitor.lock(session, answer)
         elif isinstance(msg, m.ResumeIn):
             self._charge(session, self.settings.ws_rate_cost_resume, received, "a resume")
-            await node.resume(session, msg.since, msg.epoch)
+            await worker.resume(session, msg.since, msg.epoch)
         elif isinstance(msg, m.SnapshotRequestIn):
             self._charge(
                 session, self.settings.ws_rate_cost_snapshot, received, "a snapshot_request"
             )
-            await node.snapshot(session, msg.entity_types)
+            await worker.snapshot(session, msg.entity_types)
         elif isinstance(msg, m.RefreshTokenIn):
             self._charge(session, 1, received)  # each costs a signature check
             session.send(self._refresh_token(session, msg.token))
         elif isinstance(msg, m.PerformanceMetricsIn):
             session.metrics = msg.model_dump(exclude={"type"})
-            await node.monitor.terminal_metrics(session, session.metrics)
+            await worker.monitor.terminal_metrics(session, session.metrics)
 
     def _charge(self, session: Session, cost: float, now: float, what: str = "") -> None:
         """Count a request against the terminal's rate (`cost` operations; `what` names a
@@ -586,7 +586,7 @@ class Gateway(abc.ABC):
         verdict = self._rate.check((session.store_id, session.terminal_id), cost, now)
         if verdict is Verdict.ALLOW:
             return
-        self.node.metrics.rate_limited.inc()
+        self.worker.metrics.rate_limited.inc()
         if verdict is Verdict.ABUSIVE:
             self._abusers.add(session)  # the connection's handler closes it: _close_abusive
         costs = f"; {what} costs {cost:g}" if what else ""
@@ -620,7 +620,7 @@ class Gateway(abc.ABC):
             requires_lock=model.requires_lock,
             priority=model.priority.value,
             claimed_user_id=claimed,
-            existing_only=self.node.permissions.existing_only(
+            existing_only=self.worker.permissions.existing_only(
                 session.terminal_type, model.entity_type
             ),
         )
@@ -632,43 +632,43 @@ class Gateway(abc.ABC):
         # handshake already under way is served until the drain ends (then closed 1001 with the
         # others), so it still counts as serving meanwhile.
         self._stop_listening()
-        await self.node.drain(timeout)
+        await self.worker.drain(timeout)
         if self._heartbeat is not None:
             self._heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._heartbeat
         await self._close_connections(timeout)
-        await self.node.stop()
+        await self.worker.stop()
 
     def _start_heartbeat(self) -> None:
         self._heartbeat = asyncio.create_task(self._heartbeats(), name="heartbeat")
 
 
-def make_server(settings: Settings, node: Node) -> Gateway:
-    """The front end WS_TRANSPORT names, serving `node`."""
+def make_server(settings: Settings, worker: Worker) -> Gateway:
+    """The front end WS_TRANSPORT names, serving `worker`."""
     if settings.ws_transport == "picows":
         from chefia_rt.picows_server import PicowsServer
 
-        return PicowsServer(settings, node)
+        return PicowsServer(settings, worker)
     from chefia_rt.server import Server
 
-    return Server(settings, node)
+    return Server(settings, worker)
 
 
 async def run(
-    settings: Settings, sock: socket.socket | None = None, worker: int | None = None
+    settings: Settings, sock: socket.socket | None = None, index: int | None = None
 ) -> None:
     """Run one worker until SIGTERM/SIGINT, then drain and stop.
 
-    `worker` is the supervisor's index of this worker (None: the only one). METRICS_PORT is
+    `index` is the supervisor's number of this worker (None: the only one). METRICS_PORT is
     served by one process of the node, worker 0: every worker's answer is the whole node's, and
     only a worker has the terminal directory that terminal_status comes from.
     """
-    node = Node.create(settings)
-    await node.start()
-    server = make_server(settings, node)
+    worker = Worker.create(settings)
+    await worker.start()
+    server = make_server(settings, worker)
     await server.start(sock)
-    if settings.metrics_port is not None and settings.ws_enable_metrics and not worker:
+    if settings.metrics_port is not None and settings.ws_enable_metrics and not index:
         await server.start_metrics(settings.metrics_port)
     log.info(
         "chefia-rt listening on %s:%d%s (%s, storage %s, bus %s, auth %s)",
@@ -676,8 +676,8 @@ async def run(
         server.port(),
         settings.ws_path,
         settings.ws_transport,
-        node.store.kind,
-        node.bus.kind,
+        worker.store.kind,
+        worker.bus.kind,
         "jwt" if settings.auth_enabled else "OPEN",
     )
     stop = asyncio.Event()

@@ -27,7 +27,7 @@ from chefia_rt.errors import AuthFailed
 from chefia_rt.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 
 if TYPE_CHECKING:
-    from chefia_rt.node import Node
+    from chefia_rt.worker import Worker
 
 log = logging.getLogger("chefia_rt.http")
 
@@ -45,9 +45,9 @@ def json_response(status: int, body: Any, extra: dict[str, str] | None = None) -
     return Response(status, HTTPStatus(status).phrase, headers, payload)
 
 
-async def _health(node: Node) -> Response:
+async def _health(worker: Worker) -> Response:
     try:
-        ok, body = await node.health()
+        ok, body = await worker.health()
     except Exception as exc:
         # A health check that cannot even ask storage is a "down", not a 500: load balancers
         # and deploy.sh act on 503.
@@ -56,12 +56,12 @@ async def _health(node: Node) -> Response:
     return json_response(200 if ok else 503, body)
 
 
-async def _stats(node: Node) -> Response:
-    return json_response(200, node.cluster_websocket_stats())
+async def _stats(worker: Worker) -> Response:
+    return json_response(200, worker.cluster_websocket_stats())
 
 
-async def _metrics(node: Node) -> Response:
-    payload = node.metrics.exposition()
+async def _metrics(worker: Worker) -> Response:
+    payload = worker.metrics.exposition()
     headers = Headers(
         {
             "Content-Type": METRICS_CONTENT_TYPE,
@@ -72,7 +72,7 @@ async def _metrics(node: Node) -> Response:
     return Response(200, "OK", headers, payload)
 
 
-Route = Callable[["Node"], Awaitable[Response]]
+Route = Callable[["Worker"], Awaitable[Response]]
 
 ROUTES: dict[str, Route] = {
     "/health": _health,
@@ -99,15 +99,17 @@ PROTECTED: dict[str, frozenset[str]] = {
 }
 
 
-def _denied(node: Node, request: Request, allowed: frozenset[str]) -> Response | None:
+def _denied(worker: Worker, request: Request, allowed: frozenset[str]) -> Response | None:
     """401 without a valid token, 403 for a terminal type that may not read this; else None."""
     try:
-        claims = authenticate(node.settings.jwt_keys, urlsplit(request.path).query, request.headers)
+        claims = authenticate(
+            worker.settings.jwt_keys, urlsplit(request.path).query, request.headers
+        )
     except AuthFailed as exc:
-        node.metrics.refused_auth("http")
+        worker.metrics.refused_auth("http")
         return json_response(401, {"error": exc.reason}, {"WWW-Authenticate": "Bearer"})
     if claims.terminal_type not in allowed:
-        node.metrics.refused_auth("http")
+        worker.metrics.refused_auth("http")
         kinds = " or ".join(sorted(allowed))
         return json_response(403, {"error": f"needs a {kinds} token"})
     return None
@@ -200,15 +202,15 @@ def _preflight(origin: str | None, request: Request) -> Response:
     return Response(204, "No Content", Headers(headers), b"")
 
 
-async def handle_http(node: Node, request: Request) -> Response:
+async def handle_http(worker: Worker, request: Request) -> Response:
     """Answer a plain HTTP request (with CORS headers for the API, see above)."""
     path = urlsplit(request.path).path
     if not path.startswith(API_PREFIX):
-        return await _handle_http(node, request, path)
-    origin = cors_origin(node.settings.allowed_origins, request)
+        return await _handle_http(worker, request, path)
+    origin = cors_origin(worker.settings.allowed_origins, request)
     if request.method == "OPTIONS":
         return _preflight(origin, request)
-    response = await _handle_http(node, request, path)
+    response = await _handle_http(worker, request, path)
     response.headers["Vary"] = "Origin"
     if origin is not None:
         response.headers["Access-Control-Allow-Origin"] = origin
@@ -216,36 +218,36 @@ async def handle_http(node: Node, request: Request) -> Response:
     return response
 
 
-async def _handle_http(node: Node, request: Request, path: str) -> Response:
+async def _handle_http(worker: Worker, request: Request, path: str) -> Response:
     if entity_api.is_entity_path(path):
-        return await entity_api.handle(node, request)
+        return await entity_api.handle(worker, request)
     route = ROUTES.get(path)
     if route is None and path.startswith("/monitor"):
-        page = monitor_response(request, path, node.settings.ws_path)
+        page = monitor_response(request, path, worker.settings.ws_path)
         if page is not None:
             return page
-    if route is None or (path in METRICS_PATHS and not node.settings.ws_enable_metrics):
+    if route is None or (path in METRICS_PATHS and not worker.settings.ws_enable_metrics):
         return json_response(404, {"error": "not found", "path": path})
     allowed = PROTECTED.get(path)
-    if allowed is not None and node.settings.auth_enabled:
-        denied = _denied(node, request, allowed)
+    if allowed is not None and worker.settings.auth_enabled:
+        denied = _denied(worker, request, allowed)
         if denied is not None:
             return denied
-    return await _answer(node, path, route)
+    return await _answer(worker, path, route)
 
 
-async def _answer(node: Node, path: str, route: Route) -> Response:
+async def _answer(worker: Worker, path: str, route: Route) -> Response:
     try:
-        return await route(node)
+        return await route(worker)
     except Exception:
         log.exception("HTTP %s failed", path)
         return json_response(500, {"error": "internal error", "path": path})
 
 
-async def handle_metrics_port(node: Node, request: Request) -> Response:
+async def handle_metrics_port(worker: Worker, request: Request) -> Response:
     """METRICS_PORT: only the metrics (and health, for the scraper's own checks), without a
     token: the port is for the scraper, on a private interface."""
     path = urlsplit(request.path).path
     if path in METRICS_PATHS or path in ("/health", "/api/v1/health"):
-        return await _answer(node, path, ROUTES[path])
+        return await _answer(worker, path, ROUTES[path])
     return json_response(404, {"error": "not found", "path": path})

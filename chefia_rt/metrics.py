@@ -8,7 +8,7 @@ depths) from the sums; counters and histograms keep what the dead worker counted
 expects of a counter.
 
 Without the directory (one worker run directly, the in-process test server) the same metric
-objects live in a private registry of this Node: nothing is module-global, so two Nodes in one
+objects live in a private registry of this Worker: nothing is module-global, so two Nodes in one
 process never mix their figures.
 
 `terminal_status{terminal_id, type, store_id}` is not a stored metric: multiprocess gauges cannot

@@ -117,7 +117,7 @@ class _Gate(asyncio.Protocol):
 
 
 class PicowsServer(Gateway):
-    """Serves one worker's WebSocket and HTTP traffic for a Node, on `picows`."""
+    """Serves one worker's WebSocket and HTTP traffic for its Worker, on `picows`."""
 
     transport_name = "picows"
 
@@ -166,9 +166,9 @@ class PicowsServer(Gateway):
             self.answer(transport, json_response(400, {"error": f"invalid HTTP request: {exc}"}))
             return
         if metrics_only:
-            self.spawn(self._http(transport, handle_metrics_port(self.node, request)))
+            self.spawn(self._http(transport, handle_metrics_port(self.worker, request)))
         elif not is_upgrade(request):
-            self.spawn(self._http(transport, handle_http(self.node, request)))
+            self.spawn(self._http(transport, handle_http(self.worker, request)))
         else:
             self._upgrade(transport, request, data)
 

@@ -118,7 +118,7 @@ def _ponged(session: Session, pong: asyncio.Future[float]) -> None:
 
 
 class Server(Gateway):
-    """Serves one worker's WebSocket and HTTP traffic for a Node, on `websockets`."""
+    """Serves one worker's WebSocket and HTTP traffic for its Worker, on `websockets`."""
 
     transport_name = "websockets"
 
@@ -131,7 +131,7 @@ class Server(Gateway):
         self, connection: ServerConnection, request: Request
     ) -> Response | None:
         if not is_upgrade(request):
-            return await handle_http(self.node, request)
+            return await handle_http(self.worker, request)
         return self.refuse_upgrade(request)
 
     @staticmethod
@@ -177,7 +177,7 @@ class Server(Gateway):
             host=self.settings.ws_host,
             port=port,
             reuse_port=True,
-            process_request=lambda _, request: handle_metrics_port(self.node, request),
+            process_request=lambda _, request: handle_metrics_port(self.worker, request),
             server_header=None,
         )
 

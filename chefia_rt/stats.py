@@ -1,6 +1,6 @@
 """/ws/stats across every worker and node: each worker's latest snapshot, from "stats" signals.
 
-Every worker sends its own figures (Node.websocket_stats) on the bus every WS_STATS_INTERVAL
+Every worker sends its own figures (Worker.websocket_stats) on the bus every WS_STATS_INTERVAL
 seconds; every worker keeps the latest one per worker and forgets a worker that has been silent
 for FORGET_AFTER intervals (it died, or its node left), so whichever worker answers /ws/stats sums
 the same deployment. This worker's own entry is always taken fresh at answer time.

@@ -167,7 +167,7 @@ class Workload:
 
 
 def request_for(ops: Sequence[Operation]) -> BatchRequest:
-    """The BatchRequest the node builds for a batch (node.Node._commit)."""
+    """The BatchRequest the node builds for a batch (node.Worker._commit)."""
     request = BatchRequest()
     for op in ops:
         request.operation_keys.append(op.op_key)

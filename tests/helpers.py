@@ -25,9 +25,9 @@ from websockets.exceptions import ConnectionClosed
 
 from chefia_rt.config import Settings, load_settings
 from chefia_rt.gateway import Gateway, make_server
-from chefia_rt.node import Node
 from chefia_rt.protocol.codec import COMPRESSED_PREFIX
 from chefia_rt.protocol.messages import OUTGOING
+from chefia_rt.worker import Worker
 
 DEFAULT_TIMEOUT = 5.0
 # Timestamps of the pings `Terminal.nothing` sends, unique in the test process.
@@ -254,7 +254,7 @@ class RunningServer:
     def __init__(self, settings: Settings, server: Gateway) -> None:
         self.settings = settings
         self.server = server
-        self.node = server.node
+        self.worker = server.worker
         self.port = server.port()
         self.url = f"ws://127.0.0.1:{self.port}{settings.ws_path}"
         self.http = f"http://127.0.0.1:{self.port}"
@@ -309,13 +309,13 @@ class RunningServer:
 
 @asynccontextmanager
 async def running_server(tmp_path: Path, **overrides: Any) -> AsyncIterator[RunningServer]:
-    """Start a Node + Server on 127.0.0.1:<free port> with SQLite under tmp_path."""
+    """Start a Worker + Server on 127.0.0.1:<free port> with SQLite under tmp_path."""
     overrides.setdefault("database_url", f"sqlite:///{tmp_path / 'chefia.db'}")
     overrides.setdefault("ws_host", "127.0.0.1")
     overrides.setdefault("ws_port", 0)
     overrides.setdefault("ws_transport", server_transport())
     settings = load_settings(**overrides)
-    node = Node.create(settings)
+    node = Worker.create(settings)
     await node.start()
     server = make_server(settings, node)
     sock = socket.socket()

@@ -399,7 +399,7 @@ async def test_backup_under_write_load_is_consistent(
         print(
             f"{len(during)} writes confirmed while the {kind} backup ran ({ended - started:.3f}s)"
         )
-        last_seqs = {s: (await server.node.store.log_bounds(s)).last_seq for s in ("s1", "s2")}
+        last_seqs = {s: (await server.worker.store.log_bounds(s)).last_seq for s in ("s1", "s2")}
 
     manifest, rows = read_archive(result.path)
     assert manifest["source"]["kind"] == kind

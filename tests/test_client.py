@@ -48,7 +48,7 @@ def client(running: RunningServer, terminal_id: str, **kwargs: Any) -> Client:
 
 
 def session_of(running: RunningServer, terminal_id: str) -> Any:
-    session = running.node.hub.get("s1", terminal_id)
+    session = running.worker.hub.get("s1", terminal_id)
     assert session is not None
     return session
 
@@ -128,7 +128,7 @@ async def test_a_cut_connection_resumes_and_resends_with_the_same_ids(tmp_path: 
         await seen_b.until(21)
         assert seen_a.seqs == seen_b.seqs == list(range(1, 22))
         assert b.stats.connects == 2 and b.stats.reconnects == 1
-        log = await running.node.store.read_operations("s1", 0, 100)
+        log = await running.worker.store.read_operations("s1", 0, 100)
         assert len(log) == 21 and len({r.id for r in log}) == 21
 
 
@@ -264,7 +264,7 @@ async def test_a_state_file_keeps_the_outbox_of_a_client_dropped_mid_send(tmp_pa
                 while b.unanswered():  # noqa: ASYNC110  # no event tells an emptied outbox
                     await asyncio.sleep(0.01)
             assert b.stats.confirmed == len(left) and b.stats.resent == len(left)
-            log = await running.node.store.read_operations("s1", 0, 1000)
+            log = await running.worker.store.read_operations("s1", 0, 1000)
             assert sorted(r.id for r in log) == sorted(f"op-{i}" for i in range(total))
             watermark = b.watermark
         # Closed cleanly: nothing is left to send, and the stream resumes where it was.

@@ -25,7 +25,7 @@ import websockets
 
 from chefia_rt.config import load_settings
 from chefia_rt.gateway import make_server
-from chefia_rt.node import Node
+from chefia_rt.worker import Worker
 from tests.helpers import free_port, op
 from tests.services import chromium, service_missing
 
@@ -105,20 +105,20 @@ def static_site(script: bytes) -> Iterator[str]:
 
 
 @asynccontextmanager
-async def server_on(port: int, tmp_path: Path) -> AsyncIterator[Node]:
+async def server_on(port: int, tmp_path: Path) -> AsyncIterator[Worker]:
     """A server on `port` (chosen before it starts: the page knows it while it is down)."""
     settings = load_settings(
         database_url=f"sqlite:///{tmp_path / 'chefia.db'}", ws_host="127.0.0.1", ws_port=port
     )
-    node = Node.create(settings)
-    await node.start()
-    server = make_server(settings, node)
+    worker = Worker.create(settings)
+    await worker.start()
+    server = make_server(settings, worker)
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", port))
     await server.start(sock)
     try:
-        yield node
+        yield worker
     finally:
         await server.shutdown(timeout=5)
 
@@ -154,12 +154,12 @@ async def test_a_page_keeps_operations_taken_offline_across_a_reload(tmp_path: P
             kept = await page.evaluate("window.client.unanswered().map((op) => op.id)")
             assert kept == ids  # from IndexedDB, in order
 
-            async with server_on(port, tmp_path) as node:
+            async with server_on(port, tmp_path) as worker:
                 await page.wait_for_function("window.answers.length === 3", timeout=WAIT_MS)
                 answers = await page.evaluate("window.answers")
                 assert [a["id"] for a in answers] == ids
                 assert {a["status"] for a in answers} == {"applied"}
-                log = await node.store.read_operations("s1", 0, 100)
+                log = await worker.store.read_operations("s1", 0, 100)
                 assert [r.id for r in log] == ids  # each once
 
                 # Another terminal's operation reaches the page after its own, in seq order.

@@ -215,11 +215,11 @@ FAST = {"terminal_report_interval": 0.2}
 
 
 def changes_of(server: RunningServer) -> list[tuple[ChangeKind, TerminalView]]:
-    return recorder(server.node.terminals)
+    return recorder(server.worker.terminals)
 
 
 def status(server: RunningServer, terminal_id: str, store: str = "s1") -> str | None:
-    view = server.node.terminals.get(store, terminal_id)
+    view = server.worker.terminals.get(store, terminal_id)
     return None if view is None else view.status
 
 
@@ -227,7 +227,7 @@ async def test_one_worker_sees_connect_figures_disconnect_and_takeover(tmp_path:
     async with running_server(tmp_path, **FAST) as server:
         changes = changes_of(server)
         async with server.terminal("pos-1") as pos, server.terminal("kds-1", type="kds") as kds:
-            directory = server.node.terminals
+            directory = server.worker.terminals
             assert {(v.terminal_id, v.terminal_type, v.status) for v in directory.views("s1")} == {
                 ("pos-1", "pos", "online"),
                 ("kds-1", "kds", "online"),
@@ -267,7 +267,7 @@ async def two_workers(tmp_path: Path) -> AsyncIterator[tuple[RunningServer, Runn
             a = await stack.enter_async_context(running_server(tmp_path, **settings))
             b = await stack.enter_async_context(running_server(tmp_path, **settings))
             # One process holds both: tell them apart as separate processes would be.
-            a.node.worker_name, b.node.worker_name = "host/1", "host/2"
+            a.worker.worker_name, b.worker.worker_name = "host/1", "host/2"
             yield a, b
     finally:
         await drop_pg_schema(dsn)
@@ -301,12 +301,12 @@ async def test_two_workers_share_one_directory(
             ),
             what="every terminal online on both workers",
         )
-        assert {v.worker for v in b.node.terminals.views("s1")} == {"host/1", "host/2"}
-        assert [v.terminal_id for v in a.node.terminals.views("s2")] == ["pos-9"]
+        assert {v.worker for v in b.worker.terminals.views("s1")} == {"host/1", "host/2"}
+        assert [v.terminal_id for v in a.worker.terminals.views("s2")] == ["pos-9"]
         await pos.send(op("op-1", "table-1", {"status": "occupied"}))
         await pos.expect("sync_confirmation")
         await eventually(
-            on_both(two_workers, lambda s: s.node.terminals.get("s1", "pos-1").ops == 1),  # type: ignore[union-attr]
+            on_both(two_workers, lambda s: s.worker.terminals.get("s1", "pos-1").ops == 1),  # type: ignore[union-attr]
             what="pos-1's ops on both workers",
         )
         # pos-1 moves to worker b: a takeover across workers, never a false offline.
@@ -315,7 +315,7 @@ async def test_two_workers_share_one_directory(
             on_both(
                 two_workers,
                 lambda s: (
-                    (v := s.node.terminals.get("s1", "pos-1")) is not None
+                    (v := s.worker.terminals.get("s1", "pos-1")) is not None
                     and v.worker == "host/2"
                     and v.reconnects == 1
                 ),
@@ -346,7 +346,7 @@ async def test_a_silent_worker_has_its_terminals_marked_offline(
     try:
         await eventually(lambda: status(b, "pos-1") == "online", what="pos-1 seen by b")
         # Worker a loses the bus (as a dead worker would): its figures stop reaching b.
-        await a.node.bus.close()
+        await a.worker.bus.close()
         started = time.monotonic()
         await eventually(lambda: status(b, "pos-1") == "offline", timeout=15, what="stale")
         print(f"silent worker: offline after {time.monotonic() - started:.2f}s")

@@ -183,7 +183,7 @@ async def test_missing_token_is_closed_4003(tmp_path: Path) -> None:
         reason = await refused(server, "pos-1", type="pos", store_id="store-a")
         assert "token" in reason
         reason = await refused(server, "pos-1", bearer="")  # "Bearer " with nothing after it
-        assert len(server.node.hub) == 0
+        assert len(server.worker.hub) == 0
 
 
 BAD_TOKENS: list[tuple[str, Any]] = [
@@ -224,7 +224,7 @@ async def test_bad_token_is_closed_4003(tmp_path: Path, make: Any, where: str) -
         kwargs: dict[str, Any] = {"token": bad} if where == "query" else {"bearer": bad}
         reason = await refused(server, "pos-1", **kwargs)
         assert bad not in reason
-        assert len(server.node.hub) == 0
+        assert len(server.worker.hub) == 0
         # The server is fine afterwards.
         pos = await greeted(server, "pos-1", token=token())
         await pos.close()
@@ -240,7 +240,7 @@ async def test_token_of_another_terminal_is_closed_4003(tmp_path: Path) -> None:
     async with auth_server(tmp_path) as server:
         reason = await refused(server, "pos-2", token=token("pos-1"))
         assert "another terminal" in reason
-        assert len(server.node.hub) == 0
+        assert len(server.worker.hub) == 0
 
 
 @pytest.mark.parametrize("asked", ["kds", "monitor", "waiter"])
@@ -312,7 +312,7 @@ async def test_repeated_authorization_headers_are_refused_not_crashed_on(
             server, f"GET /ws/pos-1 HTTP/1.1\r\nHost: x\r\n{upgrade}Upgrade: websocket\r\n\r\n"
         )
         assert not answer.startswith(b"HTTP/1.1 500"), answer[:60]
-        assert len(server.node.hub) == 0
+        assert len(server.worker.hub) == 0
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
@@ -330,8 +330,8 @@ async def test_store_comes_from_the_token_not_the_query(tmp_path: Path) -> None:
         try:
             assert spy.established["store_id"] == "store-a"
             assert b_writer.established["store_id"] == "store-b"
-            assert server.node.hub.get("store-a", "pos-1") is not None
-            assert server.node.hub.get("store-b", "pos-1") is None
+            assert server.worker.hub.get("store-a", "pos-1") is not None
+            assert server.worker.hub.get("store-b", "pos-1") is None
             # Store B's operations never reach it...
             await b_writer.send(op("op-b1", "secret-table", {"bill": 120}))
             assert (await b_writer.expect("sync_confirmation"))["seq"] == 1
@@ -342,7 +342,7 @@ async def test_store_comes_from_the_token_not_the_query(tmp_path: Path) -> None:
             assert confirmation["seq"] == 1
             pushed = await spy.expect("data_sync")
             assert pushed["operation"]["id"] == "op-a1"
-            assert (await server.node.store.log_bounds("store-a")).last_seq == 1
+            assert (await server.worker.store.log_bounds("store-a")).last_seq == 1
             # Resume and snapshot are the token's store too.
             await spy.send({"type": "snapshot_request"})
             snapshot = await spy.until("snapshot")
@@ -380,7 +380,7 @@ async def test_same_terminal_id_in_two_stores_are_two_terminals(tmp_path: Path) 
         try:
             await a.send({"type": "ping"})
             await a.expect("pong")  # not replaced (4004) by store-b's pos-1
-            assert len(server.node.hub) == 2
+            assert len(server.worker.hub) == 2
         finally:
             await a.close()
             await b.close()

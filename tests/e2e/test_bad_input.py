@@ -208,8 +208,8 @@ async def test_rejected_operation_is_not_applied_or_pushed(server: RunningServer
         await writer.send(_with(BASE, version=0))
         await writer.expect("sync_error")
         await reader.nothing()
-        assert await server.node.store.get_entity(EntityKey("s1", "tables", "t1")) is None
-        bounds = await server.node.store.log_bounds("s1")
+        assert await server.worker.store.get_entity(EntityKey("s1", "tables", "t1")) is None
+        bounds = await server.worker.store.log_bounds("s1")
         assert bounds.last_seq == 0
 
 
@@ -260,7 +260,7 @@ async def test_connections_over_limit_are_refused_with_503(tmp_path: Path) -> No
         assert refused.value.response.status_code == 503
         # A freed slot can be used again.
         await second.close()
-        await eventually(lambda: len(server.node.hub) == 1)
+        await eventually(lambda: len(server.worker.hub) == 1)
         async with server.terminal("pos-3") as third:
             await still_usable(third)
 
@@ -276,7 +276,7 @@ async def test_concurrent_handshakes_respect_the_connection_limit(tmp_path: Path
             assert len(opened) + len(refused) == 12, results
             assert all(r.response.status_code == 503 for r in refused)
             assert len(opened) <= 3
-            assert len(server.node.hub) <= 3
+            assert len(server.worker.hub) <= 3
         finally:
             for r in results:
                 if isinstance(r, Terminal):
@@ -296,7 +296,7 @@ async def test_monitor_may_not_write(server: RunningServer) -> None:
         error = await monitor.until("error")
         assert error["code"] == 4008
         await still_usable(monitor)
-    assert (await server.node.store.log_bounds("s1")).last_seq == 0
+    assert (await server.worker.store.log_bounds("s1")).last_seq == 0
 
 
 async def test_kds_may_not_touch_cashier_operations(server: RunningServer) -> None:
@@ -403,7 +403,7 @@ async def test_slow_reader_is_closed_1013_and_others_keep_receiving(tmp_path: Pa
         try:
             slow.established = await slow.expect("connection_established")
             async with server.terminal("pos-1") as writer, server.terminal("pos-2") as reader:
-                session = server.node.hub.get("s1", "slow-1")
+                session = server.worker.hub.get("s1", "slow-1")
                 assert session is not None
                 received: list[dict[str, Any]] = []
 
@@ -501,7 +501,7 @@ async def test_a_batch_larger_than_the_queue_reaches_a_terminal_that_reads(
 )
 async def test_bad_handshake_is_closed(server: RunningServer, path: str, code: int) -> None:
     assert await handshake_close(server, path) == code
-    assert len(server.node.hub) == 0
+    assert len(server.worker.hub) == 0
 
 
 async def test_longest_valid_terminal_id_is_accepted(server: RunningServer) -> None:
@@ -617,7 +617,7 @@ async def test_silent_connection_is_closed_after_the_timeout(tmp_path: Path) -> 
             assert code == 1001
             assert 1.0 <= elapsed < 10.0, elapsed  # timeout 1 s; generous for a loaded machine
             client.close()  # a peer that is really gone; the server then forgets it at once
-            await eventually(lambda: len(server.node.hub) == 0, timeout=2)
+            await eventually(lambda: len(server.worker.hub) == 0, timeout=2)
         finally:
             client.close()
 
@@ -665,7 +665,7 @@ async def test_stuck_reader_with_a_full_socket_is_closed_after_the_timeout(
         # From here on the client reads nothing (its pongs would come from reading).
         try:
             async with server.terminal("pos-1") as pos:
-                session = server.node.hub.get("s1", "stuck-1")
+                session = server.worker.hub.get("s1", "stuck-1")
                 assert session is not None
                 pad = "q" * 16_000
                 for i in range(100):  # 1.6 MB: more than the sockets hold, less than the queue
@@ -674,7 +674,7 @@ async def test_stuck_reader_with_a_full_socket_is_closed_after_the_timeout(
                     await pos.expect("sync_confirmation")
                 assert not session.closed, "closed for overflowing its queue; send less"
                 # Timeout 2 s, then the close may take a close_timeout (here 0.3 s) to give up.
-                await eventually(lambda: server.node.hub.get("s1", "stuck-1") is None, timeout=8)
+                await eventually(lambda: server.worker.hub.get("s1", "stuck-1") is None, timeout=8)
                 assert session.close_code == 1001
         finally:
             client.close()
@@ -699,12 +699,12 @@ async def test_a_reader_that_stalls_its_catch_up_is_closed_1013(tmp_path: Path) 
                 await pos.expect("sync_confirmation")
         client = await RawClient.connect(server.port, "/ws/stuck-2?store_id=s1&since=0", 4096)
         try:
-            await eventually(lambda: server.node.hub.get("s1", "stuck-2") is not None)
-            session = server.node.hub.get("s1", "stuck-2")
+            await eventually(lambda: server.worker.hub.get("s1", "stuck-2") is not None)
+            session = server.worker.hub.get("s1", "stuck-2")
             assert session is not None
             # From here on it reads nothing. Liveness bound, not a timing: 0.5 s of stall, then
             # the bounded close.
-            await eventually(lambda: server.node.hub.get("s1", "stuck-2") is None, timeout=15)
+            await eventually(lambda: server.worker.hub.get("s1", "stuck-2") is None, timeout=15)
             assert session.close_code == 1013
         finally:
             client.close()
@@ -728,7 +728,7 @@ async def test_an_unexpected_error_costs_one_answer_not_the_connection(
     async def broken(*args: Any, **kwargs: Any) -> None:
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr(server.node, "snapshot", broken)
+    monkeypatch.setattr(server.worker, "snapshot", broken)
     async with server.terminal("pos-1") as terminal:
         await terminal.send({"type": "snapshot_request"})
         error = await terminal.expect("error")

@@ -115,7 +115,7 @@ async def test_a_far_future_timestamp_counts_as_server_time(server: RunningServe
             a, [b], op("a1", "t1", {"status": "busy"}, version=2, timestamp=FAR_FUTURE)
         )
         assert push["timestamp"] <= bound(push["server_time"])
-        stored = await server.node.store.get_entity(EntityKey("s1", "tables", "t1"))
+        stored = await server.worker.store.get_entity(EntityKey("s1", "tables", "t1"))
         assert stored is not None
         assert stored.timestamp <= bound(push["server_time"])
 
@@ -139,7 +139,7 @@ async def test_a_far_future_timestamp_counts_as_server_time(server: RunningServe
         conf = await confirmed(a, "x1", "resolved")
         push_of_resolution = await pushed(b, "x1")
         assert push_of_resolution["data"] == {"amount": 3}
-        stored = await server.node.store.get_entity(EntityKey("s1", "cashier_operations", "co1"))
+        stored = await server.worker.store.get_entity(EntityKey("s1", "cashier_operations", "co1"))
         assert stored is not None and stored.version == conf["version"]
         latest = bound(conf["server_time"])
         assert stored.timestamp <= latest

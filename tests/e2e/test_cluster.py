@@ -430,7 +430,7 @@ async def test_no_echo_of_own_ops_committed_during_a_catch_up(tmp_path: Path) ->
 
 
 async def test_workers_starting_together_on_a_fresh_database() -> None:
-    """What every worker of every node does at start (Node.start: open, maintain), at once:
+    """What every worker of every node does at start (Worker.start: open, maintain), at once:
     none may fail (they raced for the audit partitions, and the losers exited)."""
     from datetime import timedelta
 

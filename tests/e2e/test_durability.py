@@ -365,7 +365,7 @@ async def test_a_commit_that_fails_is_answered_retry_never_confirmed(tmp_path: P
         await a.send(op("small", "t0", {"n": 0}, operation="CREATE"))
         assert (await a.expect("sync_confirmation"))["seq"] == 1
         assert (await b.expect("data_sync"))["operation"]["id"] == "small"
-        store = server.node.store
+        store = server.worker.store
         assert isinstance(store, SQLiteStore)
 
         def cap(db: sqlite3.Connection) -> int:

@@ -80,12 +80,12 @@ async def test_read_one_entity_with_etag_and_304(tmp_path: Path) -> None:
         await write(server, op("o3", entity_id, operation="DELETE", version=3))
         status, _, body = await get(server, path)
         assert (status, body["version"], body["deleted"], body["data"]) == (200, 3, True, {})
-        stats = server.node.cache.stats()
+        stats = server.worker.cache.stats()
         # Written through before each confirmation: reads rarely need storage at all.
         hits, misses = stats["hits"]["tables"], stats["misses"]["tables"]
         assert hits + misses == 7 and hits >= 1
         # The metrics work reads the same figures (cache_requests_total{entity_type, result}).
-        await server.node.chores.report()
+        await server.worker.chores.report()
         _, _, text = await http_get(server.http + "/metrics")
         assert f'cache_requests_total{{entity_type="tables",result="hit"}} {float(hits)}' in (
             text.decode()

@@ -504,10 +504,10 @@ async def test_live_fuzz(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> No
         # Every fuzzing connection is gone from the server, and nothing is stuck in the queue.
         loop = asyncio.get_running_loop()
         until = loop.time() + 10
-        while len(server.node.hub) or server.server.connections():
+        while len(server.worker.hub) or server.server.connections():
             assert loop.time() < until, f"{context}: sessions left behind"
             await asyncio.sleep(0.05)
-        await asyncio.wait_for(server.node.pipeline.idle.wait(), 20)
+        await asyncio.wait_for(server.worker.pipeline.idle.wait(), 20)
 
         # It still does its job, for a new store.
         async with asyncio.timeout(10):

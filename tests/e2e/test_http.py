@@ -83,7 +83,7 @@ class FailingPing(SQLiteStore):
 
 def break_storage(server: RunningServer) -> sqlite3.Connection:
     """Make the SQLite store unusable under the running server; returns the connection."""
-    store = server.node.store
+    store = server.worker.store
     assert isinstance(store, SQLiteStore)
     db = store._db
     assert db is not None
@@ -92,7 +92,7 @@ def break_storage(server: RunningServer) -> sqlite3.Connection:
 
 
 def repair_storage(server: RunningServer, db: sqlite3.Connection) -> None:
-    store = server.node.store
+    store = server.worker.store
     assert isinstance(store, SQLiteStore)
     store._db = db
 
@@ -107,7 +107,7 @@ async def test_health_ok(server: RunningServer, path: str) -> None:
     assert body["status"] == "ok"
     assert body["version"] == __version__
     assert isinstance(body["uptime_seconds"], int | float) and body["uptime_seconds"] >= 0
-    assert body["storage"] == {"kind": server.node.store.kind, "ok": True}
+    assert body["storage"] == {"kind": server.worker.store.kind, "ok": True}
     assert body["bus"] == {"kind": "memory", "ok": True}
     assert body["workers"] == 1
     # Open mode is shown, loudly.
@@ -117,12 +117,12 @@ async def test_health_ok(server: RunningServer, path: str) -> None:
 
 async def test_health_503_when_storage_ping_fails(tmp_path: Path) -> None:
     async with running_server(tmp_path) as server:
-        real = server.node.store
-        server.node.store = FailingPing(str(tmp_path / "other.db"))
+        real = server.worker.store
+        server.worker.store = FailingPing(str(tmp_path / "other.db"))
         try:
             status, body = await get(server, "/health")
         finally:
-            server.node.store = real
+            server.worker.store = real
         assert status == 503
         assert body["status"] != "ok"
         assert body["storage"]["ok"] is False
@@ -162,7 +162,7 @@ async def refused_with_retry(server: RunningServer) -> None:
 async def test_health_503_after_the_store_is_closed(tmp_path: Path) -> None:
     """`store.close()` under a running server: health says 503, never a 500."""
     async with running_server(tmp_path) as server:
-        store = server.node.store
+        store = server.worker.store
         await store.close()
         status, body = await get(server, "/health")
         assert status == 503
@@ -170,11 +170,11 @@ async def test_health_503_after_the_store_is_closed(tmp_path: Path) -> None:
         assert body["version"] == __version__
         # A terminal connecting now is told to retry, and leaves nothing behind.
         await refused_with_retry(server)
-        assert len(server.node.hub) == 0
+        assert len(server.worker.hub) == 0
         # Put a working store back so that the server can shut down normally.
         fresh = SQLiteStore(str(tmp_path / "chefia.db"))
         await fresh.open()
-        server.node.store = fresh
+        server.worker.store = fresh
 
 
 # ---- stats ------------------------------------------------------------------------------------
@@ -216,7 +216,7 @@ async def test_stats_reflect_traffic(server: RunningServer) -> None:
         assert body["average_latency"] > 0
         assert body["conflict_rate"] == pytest.approx(1 / 11, abs=1e-3)
         assert body["uptime_seconds"] >= 0
-    await eventually(lambda: len(server.node.hub) == 0)
+    await eventually(lambda: len(server.worker.hub) == 0)
     _, body = await get(server, "/api/v1/websocket/stats")
     assert body["total_connections"] == 0
     assert body["connections_by_type"] == {}
@@ -367,7 +367,7 @@ async def test_allowed_origins_refuse_other_browsers(tmp_path: Path) -> None:
 
 
 async def test_failed_session_log_write_is_handled(tmp_path: Path) -> None:
-    """(Regression: Node.spawn left a side task's exception unretrieved, so a session-log write
+    """(Regression: Worker.spawn left a side task's exception unretrieved, so a session-log write
     failing while storage is down surfaced as "Task exception was never retrieved".)"""
     loop = asyncio.get_running_loop()
     leaked: list[str] = []
@@ -377,8 +377,8 @@ async def test_failed_session_log_write_is_handled(tmp_path: Path) -> None:
             async with server.terminal("pos-1"):
                 db = break_storage(server)
             # The disconnect spawns the session-log write, which fails on the broken storage.
-            await eventually(lambda: len(server.node.hub) == 0)
-            await eventually(lambda: not server.node._background)
+            await eventually(lambda: len(server.worker.hub) == 0)
+            await eventually(lambda: not server.worker._background)
             gc.collect()
             repair_storage(server, db)
     finally:
@@ -389,8 +389,8 @@ async def test_failed_session_log_write_is_handled(tmp_path: Path) -> None:
 async def test_health_is_503_while_draining_so_balancers_stop_sending(
     server: RunningServer,
 ) -> None:
-    server.node.pipeline.draining = True
+    server.worker.pipeline.draining = True
     status, body = await get(server, "/health")
     assert status == 503
     assert body["status"] == "draining"
-    server.node.pipeline.draining = False
+    server.worker.pipeline.draining = False

@@ -87,7 +87,7 @@ async def test_a_kds_cannot_create_upsert_or_undelete_an_order(tmp_path: Path) -
         await kds.send(op("k-ok", "O2", {"status": "ready"}, entity_type="orders", version=2))
         assert (await kds.until("sync_confirmation"))["status"] == "applied"
 
-        store = server.node.store
+        store = server.worker.store
         assert await store.get_entity(EntityKey("s1", "orders", "O9")) is None
         o1 = await store.get_entity(EntityKey("s1", "orders", "O1"))
         assert o1 is not None and o1.deleted and o1.version == 2

@@ -261,7 +261,7 @@ async def test_a_takeover_that_fails_to_open_releases_the_locks(
         try:
             await first.send(acquire("o1"))
             await first.expect("lock_acquired")
-            original = server.node.store.log_bounds
+            original = server.worker.store.log_bounds
             failures = [StorageUnavailable("storage error: disk I/O error")]
 
             async def failing_log_bounds(*args: Any) -> Any:
@@ -269,14 +269,14 @@ async def test_a_takeover_that_fails_to_open_releases_the_locks(
                     raise failures.pop()
                 return await original(*args)
 
-            monkeypatch.setattr(server.node.store, "log_bounds", failing_log_bounds)
+            monkeypatch.setattr(server.worker.store, "log_bounds", failing_log_bounds)
             second = await server.connect("pos-a", greet=False)
             await second.ws.wait_closed()
             assert second.ws.close_code == Code.TRY_AGAIN_LATER
             await first.ws.wait_closed()
             assert first.ws.close_code == Code.REPLACED
             await wait_for_lock(b, "o1")
-            assert [s.terminal_id for s in server.node.hub.sessions()] == ["pos-b"]
+            assert [s.terminal_id for s in server.worker.hub.sessions()] == ["pos-b"]
         finally:
             await first.close()
 
@@ -286,7 +286,7 @@ async def test_a_lock_granted_while_a_write_waits_in_the_queue_stops_it(tmp_path
     write still queued behind a slow commit when another terminal is granted the lock gets
     4009, and only the one already committing goes through."""
     async with running_server(tmp_path) as server:
-        node = server.node
+        node = server.worker
         async with server.terminal("pos-a") as a, server.terminal("pos-b") as b:
             await sync(a, [b], op("c1", "o1", {"status": "open"}, operation="CREATE"))
             # Another connection holds the file's write lock: the writer's next commit waits.
@@ -319,7 +319,7 @@ async def test_locked_writes_of_one_batch_are_told_apart_in_one_log_read(tmp_pat
     confirmed ones) are answered `duplicate`, the others 4009, in their order, after one read
     of the log for all of them."""
     async with running_server(tmp_path) as server:
-        node = server.node
+        node = server.worker
         reads: list[int] = []
         logged = node.store.logged
 

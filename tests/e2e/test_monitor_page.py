@@ -269,7 +269,7 @@ async def test_waiter_activity_and_reconnect_after_a_restart_of_the_feed(
         await waiter.until("sync_confirmation")
         await page.locator("#activity tbody tr", has_text="table-3").wait_for()
         # The server drops the monitor (as a restart would): the page comes back within seconds.
-        monitor = next(s for s in server.node.hub.sessions() if s.terminal_type == "monitor")
+        monitor = next(s for s in server.worker.hub.sessions() if s.terminal_type == "monitor")
         monitor.close(1012, "restart")
         await page.wait_for_selector('#connection[data-state="connected"]', timeout=15_000)
         await waiter.send(op("w-2", "table-4", {"status": "occupied"}))

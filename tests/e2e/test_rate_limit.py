@@ -45,7 +45,7 @@ async def test_burst_passes_then_4005(tmp_path: Path) -> None:
         assert "rate limit" in refused[0]["error"]
         await still_usable(pos)  # refusals keep the connection
         # Nothing refused was applied.
-        assert (await server.node.store.log_bounds("s1")).last_seq == 10
+        assert (await server.worker.store.log_bounds("s1")).last_seq == 10
         # The bucket refills at the rate: one more op after half a second.
         await asyncio.sleep(0.6)
         await pos.send(op("op-later", "t-later", {"seats": 1}))
@@ -91,15 +91,15 @@ async def test_sustained_abuse_closes_4005_and_spares_the_others(tmp_path: Path)
         # Promptly, though the abuser pipelined far more than the server's unread-frame queue:
         # the closing handshake must not wait the 5 s close timeout behind those frames.
         assert await closed_with(abuser, timeout=2) == 4005
-        session_gone = server.node.hub.get("s1", "pos-1") is None
+        session_gone = server.worker.hub.get("s1", "pos-1") is None
         for _ in range(100):
             if session_gone:
                 break
             await asyncio.sleep(0.02)
-            session_gone = server.node.hub.get("s1", "pos-1") is None
+            session_gone = server.worker.hub.get("s1", "pos-1") is None
         assert session_gone
         # The burst was applied, and nothing after the close was.
-        assert 5 <= (await server.node.store.log_bounds("s1")).last_seq < 10
+        assert 5 <= (await server.worker.store.log_bounds("s1")).last_seq < 10
         # The neighbour (same store) and a terminal of another store write as usual.
         for i in range(5):
             await neighbour.send(op(f"n-{i}", f"n{i}", {"seats": 2}))
@@ -203,4 +203,4 @@ async def test_the_abuse_close_comes_after_the_answers_to_what_was_let_in(
         assert [got[f"op-{i}"]["type"] for i in range(5)] == ["sync_confirmation"] * 5, got
         assert [got[f"op-{i}"]["code"] for i in range(5, 8)] == [4005] * 3, got
         assert not {f"op-{i}" for i in (8, 9)} & got.keys()  # not read after the third strike
-        assert (await server.node.store.log_bounds("s1")).last_seq == 5
+        assert (await server.worker.store.log_bounds("s1")).last_seq == 5

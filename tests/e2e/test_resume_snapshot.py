@@ -448,7 +448,7 @@ async def test_snapshot_answer_delayed_while_a_catch_up_runs(
     the watermark before the snapshot, and they come again after it."""
     stored, extra = 1200, 20
     read, writes_done = asyncio.Event(), asyncio.Event()
-    original = server.node.store.snapshot
+    original = server.worker.store.snapshot
 
     async def slow_snapshot(*args: Any) -> Any:
         result = await original(*args)
@@ -456,7 +456,7 @@ async def test_snapshot_answer_delayed_while_a_catch_up_runs(
         await writes_done.wait()
         return result
 
-    monkeypatch.setattr(server.node.store, "snapshot", slow_snapshot)
+    monkeypatch.setattr(server.worker.store, "snapshot", slow_snapshot)
     async with server.terminal("pos-a", encoding="msgpack") as a:
         await fill(a, "old", stored)
         async with server.terminal("late", since=0) as late:
@@ -491,7 +491,7 @@ async def test_resume_answer_delayed_while_a_catch_up_runs(
         await fill(a, "old", stored)
         async with server.terminal("late", since=0) as late:
             read, writes_done = asyncio.Event(), asyncio.Event()
-            original = server.node.store.log_bounds
+            original = server.worker.store.log_bounds
 
             async def slow_log_bounds(*args: Any) -> Any:
                 result = await original(*args)
@@ -499,7 +499,7 @@ async def test_resume_answer_delayed_while_a_catch_up_runs(
                 await writes_done.wait()
                 return result
 
-            monkeypatch.setattr(server.node.store, "log_bounds", slow_log_bounds)
+            monkeypatch.setattr(server.worker.store, "log_bounds", slow_log_bounds)
             await late.send({"type": "resume", "since": stored - 10})
 
             async def until_live() -> list[int]:
@@ -523,18 +523,18 @@ async def test_reconcile_delivers_an_op_whose_publish_was_lost(
     server: RunningServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     async with server.terminal("pos-a") as a, server.terminal("pos-b") as b:
-        real_publish = server.node.bus.publish
+        real_publish = server.worker.bus.publish
 
         async def lost(store_id: str, pushes: Any) -> None:
             return None  # committed, confirmed, but never published (a Redis hiccup)
 
-        monkeypatch.setattr(server.node.bus, "publish", lost)
+        monkeypatch.setattr(server.worker.bus, "publish", lost)
         await a.send(op("lost-1", "t1", {"n": 1}))
         confirmation = await a.expect("sync_confirmation")
         await b.nothing()
-        monkeypatch.setattr(server.node.bus, "publish", real_publish)
-        await server.node.chores.reconcile()  # sees the log's head
-        await server.node.chores.reconcile()  # b is still behind it: caught up from storage
+        monkeypatch.setattr(server.worker.bus, "publish", real_publish)
+        await server.worker.chores.reconcile()  # sees the log's head
+        await server.worker.chores.reconcile()  # b is still behind it: caught up from storage
         pushed = await b.expect("data_sync")
         assert pushed["operation"]["id"] == "lost-1"
         assert pushed["operation"]["seq"] == confirmation["seq"]

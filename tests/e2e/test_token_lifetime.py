@@ -67,7 +67,7 @@ async def test_a_live_connection_is_closed_4003_when_its_token_expires(tmp_path:
             assert "expired" in reason
         finally:
             await pos.close()
-        await eventually(lambda: len(server.node.hub) == 0)
+        await eventually(lambda: len(server.worker.hub) == 0)
 
 
 async def test_refresh_token_keeps_the_connection_past_the_old_expiry(tmp_path: Path) -> None:

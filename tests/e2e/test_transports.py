@@ -78,7 +78,7 @@ async def test_the_peer_close_is_answered_with_its_code(server: RunningServer) -
     assert terminal.ws.protocol.close_rcvd is not None
     assert terminal.ws.protocol.close_rcvd.code == 4321
     async with asyncio.timeout(5):
-        while len(server.node.hub):  # noqa: ASYNC110  # the server's own state, no event
+        while len(server.worker.hub):  # noqa: ASYNC110  # the server's own state, no event
             await asyncio.sleep(0.01)
 
 

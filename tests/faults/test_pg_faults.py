@@ -185,7 +185,7 @@ async def test_a_catch_up_that_meets_a_storage_hiccup_keeps_the_connection(
         await writer.expect("sync_confirmation")
         assert (await reader.expect("data_sync"))["operation"]["seq"] == 1
 
-        hub = running.node.hub
+        hub = running.worker.hub
         read_ops = hub._read_ops
         failures = [StorageUnavailable("PostgreSQL unavailable: ConnectionDoesNotExistError")]
 

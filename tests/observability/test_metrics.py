@@ -99,7 +99,7 @@ async def test_health_queue_and_rejection_metrics(tmp_path: Path) -> None:
             assert (await pos.until("sync_error"))["code"] == 4005
         status, _, _ = await asyncio.to_thread(http_get, s.http + "/ws/stats")  # no token: 401
         assert status == 401
-        await s.node.chores.report()  # the periodic sample, now
+        await s.worker.chores.report()  # the periodic sample, now
         text = await scrape(s.http + f"/metrics?token={good}")  # JWT on: a token
         assert value(text, "websocket_rate_limited_total") == 1
         assert value(text, "websocket_auth_failures_total", endpoint="http") == 1

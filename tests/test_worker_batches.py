@@ -1,4 +1,4 @@
-"""The writer's batches on a real Node (SQLite, in-process bus) with the hub's fake transport:
+"""The writer's batches on a real Worker (SQLite, in-process bus) with the hub's fake transport:
 what it does after a commit, seen from the connections."""
 
 from __future__ import annotations
@@ -14,24 +14,24 @@ import pytest
 from chefia_rt.config import load_settings
 from chefia_rt.domain import Operation
 from chefia_rt.hub import Outbound, Session
-from chefia_rt.node import Node
 from chefia_rt.pipeline import ANSWER_SLICE
+from chefia_rt.worker import Worker
 from tests.test_hub import FakeTransport
 
 pytestmark = pytest.mark.asyncio
 
 
 @pytest.fixture
-async def node(tmp_path: Path) -> AsyncIterator[Node]:
-    node = Node.create(load_settings(database_url=f"sqlite:///{tmp_path / 'chefia.db'}"))
-    await node.start()
+async def worker(tmp_path: Path) -> AsyncIterator[Worker]:
+    worker = Worker.create(load_settings(database_url=f"sqlite:///{tmp_path / 'chefia.db'}"))
+    await worker.start()
     try:
-        yield node
+        yield worker
     finally:
-        await node.stop()
+        await worker.stop()
 
 
-async def connect(node: Node, terminal_id: str, transport: FakeTransport) -> Session:
+async def connect(worker: Worker, terminal_id: str, transport: FakeTransport) -> Session:
     limits = Outbound(
         queue_size=10_000,
         urgent_size=10_000,
@@ -42,7 +42,7 @@ async def connect(node: Node, terminal_id: str, transport: FakeTransport) -> Ses
     session = Session(
         terminal_id, "pos", "s1", uuid.uuid4().hex, "msgpack", None, transport, limits
     )
-    await node.open_session(session, None)
+    await worker.open_session(session, None)
     return session
 
 
@@ -60,12 +60,12 @@ def update(op_id: str, entity_id: str) -> Operation:
     )
 
 
-async def test_a_large_batch_lets_other_connections_go_between_its_slices(node: Node) -> None:
+async def test_a_large_batch_lets_other_connections_go_between_its_slices(worker: Worker) -> None:
     """The answers and pushes of a large batch go out a slice at a time, the event loop
     running in between: what other connections need waits for one slice, not the batch."""
     sender, receiver = FakeTransport(), FakeTransport()
-    pos = await connect(node, "pos-1", sender)
-    await connect(node, "pos-2", receiver)
+    pos = await connect(worker, "pos-1", sender)
+    await connect(worker, "pos-2", receiver)
     await asyncio.sleep(0.05)  # both greeted, live
     greeted = len(sender.messages())
     size = 4 * ANSWER_SLICE
@@ -82,8 +82,8 @@ async def test_a_large_batch_lets_other_connections_go_between_its_slices(node: 
 
     watcher = asyncio.create_task(other_connection())
     for i in range(size):  # all queued before the writer runs: one batch
-        node.pipeline.submit(update(f"op{i}", f"t{i}"), pos, time.monotonic())
-    await node.pipeline.answered_so_far()
+        worker.pipeline.submit(update(f"op{i}", f"t{i}"), pos, time.monotonic())
+    await worker.pipeline.answered_so_far()
     await asyncio.sleep(0.05)
     watcher.cancel()
     confirmations = [m for m in sender.messages() if m["type"] == "sync_confirmation"]

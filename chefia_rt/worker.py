@@ -1,7 +1,7 @@
 """One worker: the composition of storage, bus, engine, hub and write pipeline, its sessions,
 locks, periodic chores and health.
 
-`Node.create(settings)` builds the store and the bus (`wiring.py`), the engine and the hub; the
+`Worker.create(settings)` builds the store and the bus (`wiring.py`), the engine and the hub; the
 write pipeline (`pipeline.py`) commits what the connections send, and this class counts its
 answers (`answered`) for the metrics, the worker's stats, the sessions and the monitors.
 """
@@ -48,10 +48,10 @@ from chefia_rt.terminals import (
 )
 from chefia_rt.wiring import known_entity_types, make_bus, make_store
 
-log = logging.getLogger("chefia_rt.node")
+log = logging.getLogger("chefia_rt.worker")
 
 
-class Node:
+class Worker:
     """One worker: storage, bus, engine, hub, and the write pipeline between them."""
 
     def __init__(
@@ -101,7 +101,7 @@ class Node:
         )
 
     @classmethod
-    def create(cls, settings: Settings) -> Node:
+    def create(cls, settings: Settings) -> Worker:
         return cls(
             settings,
             make_store(settings),
