@@ -218,16 +218,25 @@ _UPSERT_ENTITY = (
 )
 
 
+_INSERT_OPS = f"INSERT INTO sync_operations ({OP_COLUMNS}) VALUES ({_marks(SYNC_OPERATIONS)})"
+_INSERT_AUDIT = f"INSERT INTO audit_logs_master ({AUDIT_COLUMNS}) VALUES ({_marks(AUDIT_LOGS)})"
+_INSERT_CONFLICTS = f"INSERT INTO conflicts ({CONFLICT_COLUMNS}) VALUES ({_marks(CONFLICTS)})"
+_DELETE_CONFLICTS = "DELETE FROM conflicts WHERE store_id = ? AND id = ?"
+_UPSERT_SEQ = (
+    "INSERT INTO store_seqs (store_id, last_seq) VALUES (?, ?) "
+    "ON CONFLICT (store_id) DO UPDATE SET last_seq = excluded.last_seq"
+)
+
+
 def write_batch(db: sqlite3.Connection, write: BatchWrite) -> None:
-    db.executemany(
-        _UPSERT_ENTITY, [entity_values(e, json_text, compact_json, _same) for e in write.entities]
-    )
+    """The batch's rows; a kind of row the batch has none of costs no statement."""
+    if write.entities:
+        entities = [entity_values(e, json_text, compact_json, _same) for e in write.entities]
+        db.executemany(_UPSERT_ENTITY, entities)
     # The log is append-only: an id the store already logged, or a seq another operation
     # holds, fails the transaction (never INSERT OR REPLACE, never an upsert).
-    db.executemany(
-        f"INSERT INTO sync_operations ({OP_COLUMNS}) VALUES ({_marks(SYNC_OPERATIONS)})",
-        [op_values(r, json_text) for r in write.op_records],
-    )
+    if write.op_records:
+        db.executemany(_INSERT_OPS, [op_values(r, json_text) for r in write.op_records])
     for r in write.settled_records:
         # A resolution replaces the row its pending conflict left, and nothing else.
         row = op_values(r, json_text)
@@ -236,17 +245,12 @@ def write_batch(db: sqlite3.Connection, write: BatchWrite) -> None:
             raise StorageUnavailable(
                 f"operation {r.id!r} of {r.store_id} is no pending conflict any more; retry"
             )
-    db.executemany(
-        f"INSERT INTO audit_logs_master ({AUDIT_COLUMNS}) VALUES ({_marks(AUDIT_LOGS)})",
-        [audit_values(a, str, str) for a in write.audit],
-    )
-    db.executemany(
-        f"INSERT INTO conflicts ({CONFLICT_COLUMNS}) VALUES ({_marks(CONFLICTS)})",
-        [conflict_values(c, _operation_json, compact_json) for c in write.new_conflicts],
-    )
-    db.executemany("DELETE FROM conflicts WHERE store_id = ? AND id = ?", write.settled_conflicts)
-    db.executemany(
-        "INSERT INTO store_seqs (store_id, last_seq) VALUES (?, ?) "
-        "ON CONFLICT (store_id) DO UPDATE SET last_seq = excluded.last_seq",
-        list(write.last_seqs.items()),
-    )
+    if write.audit:
+        db.executemany(_INSERT_AUDIT, [audit_values(a, str, str) for a in write.audit])
+    if write.new_conflicts:
+        conflicts = [conflict_values(c, _operation_json, compact_json) for c in write.new_conflicts]
+        db.executemany(_INSERT_CONFLICTS, conflicts)
+    if write.settled_conflicts:
+        db.executemany(_DELETE_CONFLICTS, write.settled_conflicts)
+    if write.last_seqs:
+        db.executemany(_UPSERT_SEQ, list(write.last_seqs.items()))
