@@ -65,8 +65,10 @@ class WalSync:
         await waiter
 
     def sync_now(self) -> None:
-        """The fsync itself, on the calling thread (writes made in the connection's own thread
-        sync there, before they return)."""
+        """The sync itself, on the calling thread (writes made in the connection's own thread
+        sync there, before they return). fdatasync, as SQLite itself syncs on Linux: it still
+        syncs the file's size when a commit grew the WAL, and it skips the journal commit of
+        timestamps that made fsync several times slower on ext4."""
         if self._path is None:
             return
         try:
@@ -74,7 +76,7 @@ class WalSync:
                 if self._fd is None:
                     self._fd = os.open(self._path, os.O_RDONLY)
                 fd = self._fd
-            os.fsync(fd)
+            os.fdatasync(fd)
         except OSError as exc:
             if self.failure is None:
                 log.critical("fsync of the SQLite WAL failed, storage stops: %s", exc)
