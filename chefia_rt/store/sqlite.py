@@ -44,7 +44,7 @@ from chefia_rt.store.sqlite_batch import (
     read_batch,
     write_batch,
 )
-from chefia_rt.store.sqlite_file import CHECKPOINT_INTERVAL, SQLiteFile, begin_at_once, rollback
+from chefia_rt.store.sqlite_file import CHECKPOINT_INTERVAL, SQLiteFile, rollback
 from chefia_rt.sync.engine import compact_json
 
 T = TypeVar("T")
@@ -91,7 +91,7 @@ class SQLiteStore(SQLiteFile):
             self._wal.check()
             if self._closed or self._db is None:
                 raise StorageUnavailable("storage is closed" if self._closed else "not open")
-            if not begin_at_once(self._db):
+            if not self._begin_at_once(self._db):
                 generation = None
             else:
                 result = transact(self._db)

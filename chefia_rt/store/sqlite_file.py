@@ -78,21 +78,6 @@ def _checkpoint(db: sqlite3.Connection) -> None:
     db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
 
-def begin_at_once(db: sqlite3.Connection) -> bool:
-    """BEGIN IMMEDIATE without waiting: False when another connection holds the write lock."""
-    waits = db.execute("PRAGMA busy_timeout").fetchone()[0]
-    db.execute("PRAGMA busy_timeout=0")
-    try:
-        db.execute("BEGIN IMMEDIATE")
-    except sqlite3.OperationalError as exc:
-        if exc.sqlite_errorcode in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
-            return False
-        raise
-    finally:
-        db.execute(f"PRAGMA busy_timeout={int(waits)}")
-    return True
-
-
 def rollback(db: sqlite3.Connection) -> None:
     """End a failed transaction, keeping the error that failed it (SQLite may have rolled back
     already, after an I/O error or a full disk)."""
@@ -115,6 +100,11 @@ class SQLiteFile:
         self._checkpointer: asyncio.Task[None] | None = None
         self._commits = 0  # commits since the last checkpoint began
         self._wal = WalSync(None if path == ":memory:" else f"{path}-wal")
+        # How long a call in the thread waits for another process's write lock (busy_timeout);
+        # a commit on the event loop never waits. The connection keeps the setting of whoever
+        # used it last, so a run of commits on the loop costs no PRAGMA.
+        self.lock_wait = _LOCK_WAIT
+        self._waits = True
 
     async def _submit(self, fn: Callable[[], T]) -> T:
         """Run `fn` on the connection's thread; every failure of storage is StorageUnavailable."""
@@ -167,6 +157,23 @@ class SQLiteFile:
             raise
         return done
 
+    def _waiting(self, db: sqlite3.Connection, waits: bool) -> None:
+        """busy_timeout for the next user of the connection: the thread (True) or the loop."""
+        if waits != self._waits:
+            db.execute(f"PRAGMA busy_timeout={int(self.lock_wait * 1000) if waits else 0}")
+            self._waits = waits
+
+    def _begin_at_once(self, db: sqlite3.Connection) -> bool:
+        """BEGIN IMMEDIATE without waiting: False when another connection holds the write lock."""
+        self._waiting(db, False)
+        try:
+            db.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+                return False
+            raise
+        return True
+
     async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """`fn` on the connection's thread. What it returns may rest on the commits made so
         far, so it is returned once they are on disk."""
@@ -174,6 +181,7 @@ class SQLiteFile:
         def call() -> T:
             if self._db is None:
                 raise StorageUnavailable("storage is not open")
+            self._waiting(self._db, True)
             return fn(self._db)
 
         self._wal.check()
@@ -187,7 +195,7 @@ class SQLiteFile:
             if self.path != ":memory:":
                 Path(self.path).parent.mkdir(parents=True, exist_ok=True)
             db = sqlite3.connect(
-                self.path, isolation_level=None, check_same_thread=False, timeout=_LOCK_WAIT
+                self.path, isolation_level=None, check_same_thread=False, timeout=self.lock_wait
             )
             try:
                 _use_wal(db)

@@ -246,7 +246,7 @@ async def test_two_stores_on_one_file_never_fork(db_path: Path) -> None:
 async def test_a_locked_database_is_unavailable_not_an_sqlite_error(
     opened: SQLiteStore, db_path: Path
 ) -> None:
-    await opened._run(lambda db: db.execute("PRAGMA busy_timeout=50"))
+    opened.lock_wait = 0.05
     holder = sqlite3.connect(db_path, isolation_level=None)
     holder.execute("BEGIN IMMEDIATE")
     try:
