@@ -160,7 +160,7 @@ class Gateway(abc.ABC):
         )
         # Sessions found abusive (4005), closed once what they sent before is answered.
         self._abusers: set[Session] = set()
-        # Upgrades accepted whose session open_session has not registered yet: they count
+        # Upgrades accepted whose session `Sessions.open` has not registered yet: they count
         # against MAX_WS_CONNECTIONS (a front end whose upgrade and session start apart).
         self.opening = 0
 
@@ -307,7 +307,7 @@ class Gateway(abc.ABC):
         handshake's `request`: its headers are let go once the session is made. `opening`: the
         front end counted the connection in `opening` when it accepted the upgrade."""
         if opening:
-            # open_session registers the session in its first step, in this same step.
+            # `Sessions.open` registers the session in its first step, in this same step.
             self.opening -= 1
         try:
             session, since, epoch = self._session_for(link, request, subprotocol)
@@ -325,9 +325,9 @@ class Gateway(abc.ABC):
         if self._messages is not None:
             session.on_sent = functools.partial(self._log_sent, session)
         try:
-            await self.worker.open_session(session, since, epoch)
+            await self.worker.sessions.open(session, since, epoch)
         except Exception as exc:
-            # open_session registers the session before it reads storage: forget it again, or
+            # `Sessions.open` registers the session before it reads storage: forget it again, or
             # a refused connection would count against MAX_WS_CONNECTIONS and in /ws/stats.
             if isinstance(exc, ChefiaError):
                 reason = exc.reason
@@ -335,7 +335,7 @@ class Gateway(abc.ABC):
                 log.exception("opening a session of %s failed", session.terminal_id)
                 reason = "server error; retry"
             self._token_deadlines.pop(session.session_id, None)
-            await self.worker.close_session(session)
+            await self.worker.sessions.close(session)
             await link.close(Code.TRY_AGAIN_LATER, reason)
             return
         log.info("%s terminal connected (%s)", session.terminal_type, session.encoding)
@@ -361,7 +361,7 @@ class Gateway(abc.ABC):
             self._token_deadlines.pop(session.session_id, None)
             if session.close_code is None and link.close_code is not None:
                 session.close_code = link.close_code
-            await self.worker.close_session(session)
+            await self.worker.sessions.close(session)
             log.info("terminal disconnected (close code %s)", session.close_code)
         await link.linger()
 
@@ -565,12 +565,12 @@ class Gateway(abc.ABC):
             await worker.monitor.lock(session, answer)
         elif isinstance(msg, m.ResumeIn):
             self._charge(session, self.settings.ws_rate_cost_resume, received, "a resume")
-            await worker.resume(session, msg.since, msg.epoch)
+            await worker.sessions.resume(session, msg.since, msg.epoch)
         elif isinstance(msg, m.SnapshotRequestIn):
             self._charge(
                 session, self.settings.ws_rate_cost_snapshot, received, "a snapshot_request"
             )
-            await worker.snapshot(session, msg.entity_types)
+            await worker.sessions.snapshot(session, msg.entity_types)
         elif isinstance(msg, m.RefreshTokenIn):
             self._charge(session, 1, received)  # each costs a signature check
             session.send(self._refresh_token(session, msg.token))

@@ -42,7 +42,7 @@ async def connect(worker: Worker, terminal_id: str, transport: FakeTransport) ->
     session = Session(
         terminal_id, "pos", "s1", uuid.uuid4().hex, "msgpack", None, transport, limits
     )
-    await worker.open_session(session, None)
+    await worker.sessions.open(session, None)
     return session
 
 
