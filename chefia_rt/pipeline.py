@@ -8,8 +8,8 @@ hub (a slice of the batch at a time, senders first). Group commit comes from the
 while one transaction is on disk the next batch gathers, so a busy server commits large batches
 and an idle one commits at once.
 
-Every answer, whatever it says, is reported once to an `AnswerSink`: the metrics, the worker's
-stats, the session's counts and the monitors' feed all take their figures from there.
+Every answer, whatever it says, is reported once to an `AnswerSink`; what each item is answered
+and how it is counted: `answers.py`.
 """
 
 from __future__ import annotations
@@ -20,8 +20,16 @@ import logging
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
+from chefia_rt.answers import (
+    AnswerSink,
+    counted,
+    own_op_id,
+    refusal,
+    refused,
+    reply,
+)
 from chefia_rt.bus.base import Bus, Push
 from chefia_rt.cache import RequestCache
 from chefia_rt.domain import (
@@ -30,19 +38,13 @@ from chefia_rt.domain import (
     Entity,
     EntityKey,
     Operation,
-    OpRecord,
     Resolution,
 )
 from chefia_rt.errors import ChefiaError, Code, Locked, Overloaded, StorageUnavailable
 from chefia_rt.hub import Session
-from chefia_rt.protocol.messages import (
-    sync_confirmation_msg,
-    sync_conflict_msg,
-    sync_error_msg,
-    utc_now_iso,
-)
+from chefia_rt.protocol.messages import utc_now_iso
 from chefia_rt.store.base import BatchRequest, Store
-from chefia_rt.sync.engine import Engine, Outcome, conflict_id_for
+from chefia_rt.sync.engine import Engine, Outcome
 from chefia_rt.sync.locks import Lease, check_write
 
 log = logging.getLogger("chefia_rt.pipeline")
@@ -59,32 +61,6 @@ class Pending:
     item: Operation | Resolution
     session: Session
     received: float
-
-
-@dataclass(slots=True, frozen=True)
-class Answer:
-    """What one operation or resolution was answered, for whoever counts answers."""
-
-    session: Session
-    entity_type: str | None
-    operation: str  # CREATE, UPDATE, ..., RESOLUTION
-    status: str  # the confirmation's status, "conflict", "error" or "retry"
-    # Seconds from arrival to answer, for new work only (not duplicates, errors or refusals).
-    latency: float | None
-    policy: str | None  # the entity type's conflict policy, when a conflict was raised or settled
-    conflicted: bool  # a conflict raised (pending) or settled by this answer
-    noted: Operation | OpRecord | None  # what the monitors' conflict feed shows, if anything
-
-
-class AnswerSink(Protocol):
-    """Where the pipeline reports its answers and commits."""
-
-    def answered(self, answer: Answer) -> None: ...
-
-    def committed(self, operations: int, seconds: float) -> None: ...
-
-    async def flush(self) -> None:
-        """After each batch's answers: send what was gathered from them (the conflicts)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,38 +85,6 @@ def batch_request(items: Sequence[Operation | Resolution]) -> BatchRequest:
             request.entity_keys.extend(item.touched_keys())
     request.store_ids = sorted(stores)
     return request
-
-
-def confirmation_msg(outcome: Outcome, server_time: str) -> dict[str, Any]:
-    record = outcome.record
-    assert record is not None
-    return sync_confirmation_msg(
-        operation_id=record.id,
-        seq=record.seq,
-        version=record.version,
-        status=outcome.status,
-        conflict_resolved=record.conflict_resolved,
-        entity_type=record.entity_type,
-        entity_id=record.entity_id,
-        server_time=server_time,
-    )
-
-
-def conflict_msg(outcome: Outcome, policy: str) -> dict[str, Any]:
-    conflict = outcome.conflict
-    assert conflict is not None
-    op = conflict.operation
-    return sync_conflict_msg(
-        operation_id=op.id,
-        conflict_id=conflict.id,
-        entity_type=op.entity_type,
-        entity_id=op.entity_id,
-        policy=policy,
-        local_data=op.data,
-        local_version=op.version,
-        server_data=conflict.server_data,
-        server_version=conflict.server_version,
-    )
 
 
 class WritePipeline:
@@ -269,29 +213,29 @@ class WritePipeline:
                 self._refuse(pending, code, reason)
             return [p for p in batch if not isinstance(p.item, Operation)]
         now = time.time()
-        refused: dict[int, Locked] = {}
+        forbidden: dict[int, Locked] = {}
         for index, pending in enumerate(batch):
             item = pending.item
             if isinstance(item, Operation):
                 try:
                     self._check_leases(item, pending.session.terminal_id, leases, now)
                 except Locked as exc:
-                    refused[index] = exc
-        if not refused:
+                    forbidden[index] = exc
+        if not forbidden:
             return batch
         # A terminal retries when it lost the confirmation, typically with the connection,
         # and that also released its locks. An operation already in the log must still be
         # answered `duplicate` (docs/protocol.md §7.4), never 4009: one read for all of them.
         try:
-            logged = await self.store.logged([_operation(batch[i]).op_key for i in refused])
+            logged = await self.store.logged([_operation(batch[i]).op_key for i in forbidden])
         except Exception as exc:
             code, reason = _retry_later(exc, "reading the operation log")
-            for index in refused:
+            for index in forbidden:
                 self._refuse(batch[index], code, reason)
-            return [p for i, p in enumerate(batch) if i not in refused]
+            return [p for i, p in enumerate(batch) if i not in forbidden]
         admitted = []
         for index, pending in enumerate(batch):
-            locked = refused.get(index)
+            locked = forbidden.get(index)
             if locked is None or _operation(pending).op_key in logged:
                 admitted.append(pending)  # a logged one is answered `duplicate` by the batch
             else:
@@ -309,15 +253,10 @@ class WritePipeline:
 
     def _refuse(self, pending: Pending, code: int, reason: str) -> None:
         """Answer an item that does not join the batch, or whose batch failed."""
-        status = "retry" if code == Code.TRY_AGAIN_LATER else "error"
-        entity_type, operation = _item_labels(pending.item)
-        self.sink.answered(
-            Answer(pending.session, entity_type, operation, status, None, None, False, None)
-        )
-        pending.session.own_op_answered(own_op_id(pending.item), None)
-        pending.session.send(
-            sync_error_msg(_item_id(pending.item), code, reason, *_item_entity(pending.item))
-        )
+        item = pending.item
+        self.sink.answered(refused(pending.session, item, code == Code.TRY_AGAIN_LATER))
+        pending.session.own_op_answered(own_op_id(item), None)
+        pending.session.send(refusal(item, code, reason))
 
     async def _commit(self, batch: list[Pending]) -> None:
         items = [p.item for p in batch]
@@ -390,60 +329,12 @@ class WritePipeline:
     def _answer(self, batch: list[Pending], outcomes: list[Outcome]) -> None:
         done = time.monotonic()
         server_time = utc_now_iso()
+        policies = self.engine.policies
         for pending, outcome in zip(batch, outcomes, strict=True):
-            session = pending.session
-            record = outcome.record
-            session.own_op_answered(own_op_id(pending.item), None if record is None else record.seq)
-            self.sink.answered(self._counted(pending, outcome, done))
-            if outcome.status == "error":
-                assert outcome.error is not None
-                session.send(
-                    sync_error_msg(
-                        outcome.id,
-                        outcome.error.code,
-                        outcome.error.reason,
-                        *_item_entity(pending.item),
-                    )
-                )
-            elif outcome.status == "conflict":
-                assert outcome.conflict is not None
-                policy = self.engine.policies[outcome.conflict.operation.entity_type].policy
-                session.send(conflict_msg(outcome, policy))
-            else:
-                session.send(confirmation_msg(outcome, server_time))
-
-    def _counted(self, pending: Pending, outcome: Outcome, done: float) -> Answer:
-        """The answer to one item as the sink sees it."""
-        record = outcome.record
-        labels: tuple[str | None, str]
-        if record is not None:
-            labels = (record.entity_type, record.operation)
-        elif outcome.conflict is not None:
-            labels = (outcome.conflict.operation.entity_type, outcome.conflict.operation.operation)
-        else:
-            labels = _item_labels(pending.item)
-        fresh = outcome.status not in ("duplicate", "error")
-        raised = outcome.status == "conflict"
-        settled = fresh and record is not None and record.conflict_resolved
-        policy = None
-        if raised or settled:
-            policy = self.engine.policies[labels[0] or ""].policy
-        noted: Operation | OpRecord | None = None
-        if raised:
-            assert outcome.conflict is not None
-            noted = outcome.conflict.operation
-        elif settled:
-            noted = record
-        return Answer(
-            pending.session,
-            labels[0],
-            labels[1],
-            outcome.status,
-            done - pending.received if fresh else None,
-            policy,
-            raised or settled,
-            noted,
-        )
+            session, item, record = pending.session, pending.item, outcome.record
+            session.own_op_answered(own_op_id(item), None if record is None else record.seq)
+            self.sink.answered(counted(session, item, pending.received, outcome, done, policies))
+            session.send(reply(item, outcome, server_time, policies))
 
     async def _publish(self, batch: list[Pending], outcomes: list[Outcome]) -> None:
         pushes: dict[str, list[Push]] = {}
@@ -472,30 +363,6 @@ def _retry_later(exc: Exception, doing: str) -> tuple[int, str]:
     return Code.TRY_AGAIN_LATER, f"{doing} failed; retry"
 
 
-def own_op_id(item: Operation | Resolution) -> str:
-    """The operation an item writes: a resolution writes its conflict's operation."""
-    if isinstance(item, Operation):
-        return item.id
-    return item.conflict_id.removeprefix(conflict_id_for(""))
-
-
-def _item_labels(item: Operation | Resolution) -> tuple[str | None, str]:
-    """(entity_type, operation) of an item with no outcome record to name them."""
-    if isinstance(item, Operation):
-        return item.entity_type, item.operation
-    return None, "RESOLUTION"
-
-
 def _operation(pending: Pending) -> Operation:
     assert isinstance(pending.item, Operation)
     return pending.item
-
-
-def _item_id(item: Operation | Resolution) -> str:
-    return item.id if isinstance(item, Operation) else item.conflict_id
-
-
-def _item_entity(item: Operation | Resolution) -> tuple[str | None, str | None]:
-    if isinstance(item, Operation):
-        return item.entity_type, item.entity_id
-    return None, None

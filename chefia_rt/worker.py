@@ -19,6 +19,7 @@ from datetime import timedelta
 from typing import Any
 
 from chefia_rt import __version__
+from chefia_rt.answers import Answer
 from chefia_rt.bus.base import Bus, Push
 from chefia_rt.cache import RequestCache
 from chefia_rt.chores import Chores
@@ -28,7 +29,7 @@ from chefia_rt.hub import Hub, Session
 from chefia_rt.metrics import Metrics, multiproc_dir_from_env
 from chefia_rt.monitoring import TOPIC as MONITOR_TOPIC
 from chefia_rt.monitoring import MonitorFeed
-from chefia_rt.pipeline import Answer, Limits, WritePipeline
+from chefia_rt.pipeline import Limits, WritePipeline
 from chefia_rt.protocol import messages as m
 from chefia_rt.sessions import Sessions
 from chefia_rt.stats import TOPIC as STATS_TOPIC

@@ -12,13 +12,14 @@ from typing import Any
 
 import pytest
 
+from chefia_rt.answers import Answer
 from chefia_rt.bus.base import Push
 from chefia_rt.bus.memory import MemoryBus
 from chefia_rt.cache import RequestCache
 from chefia_rt.domain import EntityKey, Operation, Resolution
 from chefia_rt.errors import Overloaded, StorageUnavailable
 from chefia_rt.hub import Outbound, Session
-from chefia_rt.pipeline import Answer, Limits, WritePipeline
+from chefia_rt.pipeline import Limits, WritePipeline
 from chefia_rt.store.sqlite import SQLiteStore
 from chefia_rt.sync.engine import Engine
 from tests.test_hub import FakeTransport
