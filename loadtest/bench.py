@@ -13,7 +13,10 @@ process (uvloop, raw `websockets` clients); the servers are separate processes i
 - ours, `--mode pg`: the same with PostgreSQL (a fresh schema of the DSN's database) + Redis (a
   unique REDIS_PREFIX) + `--workers` (2) workers under the supervisor; both cleaned up after;
 - baseline (loadtest/baseline_server.py): bare websockets on uvloop that only acknowledges and
-  forwards (no storage, validation or batching), under the same load, in the same invocation.
+  forwards (no storage, validation or batching), under the same load, in the same invocation;
+- with `--durable-baseline`, also that relay acknowledging and forwarding only once each operation
+  is on disk (group commit into SQLite, fdatasync of the WAL): `baseline_durable`, and ratios
+  `ratio_durable` (`ratio_websockets_durable`, ...) beside the ratios to the bare relay.
 
 `--transport` is our server's WS_TRANSPORT; `both` runs ours once on each WebSocket front end, then
 the baseline, and reports each (`ours_websockets`, `ours_picows`) with its own ratios to the
@@ -238,9 +241,11 @@ def spawn(
 
 
 @contextlib.asynccontextmanager
-async def baseline_server(workdir: Path) -> AsyncIterator[ServerProcess]:
+async def baseline_server(workdir: Path, durable: bool = False) -> AsyncIterator[ServerProcess]:
     port = free_port()
     argv = [sys.executable, "-m", "loadtest.baseline_server", "--port", str(port)]
+    if durable:
+        argv += ["--durable", str(workdir / f"durable-{port}.db")]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     server = spawn("baseline", argv, env, workdir, "/ws", port)
     try:
@@ -661,8 +666,8 @@ def lost(figures: dict[str, Any]) -> bool:
 async def server_of(
     kind: str, args: argparse.Namespace, workdir: Path
 ) -> AsyncIterator[ServerProcess]:
-    if kind == "baseline":
-        async with baseline_server(workdir) as server:
+    if kind in BASELINES:
+        async with baseline_server(workdir, durable=kind == "baseline_durable") as server:
             yield server
     else:
         async with our_server(args, workdir, transport_of(kind, args.transport)) as server:
@@ -825,6 +830,10 @@ async def flat(kind: str, args: argparse.Namespace, workdir: Path) -> dict[str, 
 
 
 SCENARIOS = {"rush": rush, "sweep": sweep, "idle": idle, "flat": flat}
+# The baselines' run names and table labels: the bare relay, and the relay that acknowledges and
+# forwards only once the operation is on disk (loadtest/baseline_server.py --durable).
+BASELINES = {"baseline": "baseline relay", "baseline_durable": "baseline durable relay"}
+
 RATIO_KEYS = (
     "achieved_ops_s",
     "ack_p50_ms",
@@ -859,18 +868,20 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     }
     try:
         ours = our_kinds(args)
-        kinds = {"both": [*ours, "baseline"], "ours": ours, "baseline": ["baseline"]}
+        baselines = ["baseline", "baseline_durable"] if args.durable_baseline else ["baseline"]
+        kinds = {"both": [*ours, *baselines], "ours": ours, "baseline": baselines}
         for kind in kinds[args.server]:
             result[kind] = await SCENARIOS[args.scenario](kind, args, workdir)
             await asyncio.sleep(1.0)
         if args.scenario in ("rush", "idle") and args.server == "both":
             for kind in ours:
-                name = "ratio" + kind.removeprefix("ours")
-                result[name] = {
-                    key: _ratio(result[kind].get(key), result["baseline"].get(key))
-                    for key in RATIO_KEYS
-                    if key in result[kind]
-                }
+                for baseline in baselines:
+                    name = "ratio" + kind.removeprefix("ours") + baseline.removeprefix("baseline")
+                    result[name] = {
+                        key: _ratio(result[kind].get(key), result[baseline].get(key))
+                        for key in RATIO_KEYS
+                        if key in result[kind]
+                    }
     finally:
         if args.keep_logs:
             result["logs"] = str(workdir)
@@ -905,6 +916,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--scenario", choices=sorted(SCENARIOS), default="rush")
     parser.add_argument("--mode", choices=("embedded", "pg"), default="embedded")
     parser.add_argument("--server", choices=("both", "ours", "baseline"), default="both")
+    parser.add_argument(
+        "--durable-baseline",
+        action="store_true",
+        help="also the relay that acknowledges only once on disk (ratio_*_durable)",
+    )
     parser.add_argument(
         "--transport",
         choices=(*TRANSPORTS, "both"),
@@ -963,12 +979,12 @@ def table(result: dict[str, Any]) -> str:
         "| worst loop lag ms per worker | load average |"
     )
     rows = [head, "|" + "---|" * head.count(" | ") + "---|"]
-    for kind in ("ours", *(f"ours_{t}" for t in TRANSPORTS), "baseline"):
+    for kind in ("ours", *(f"ours_{t}" for t in TRANSPORTS), *BASELINES):
         f = result.get(kind)
         if not isinstance(f, dict) or "ack_p99_ms" not in f:
             continue
-        if kind == "baseline":
-            label = "baseline relay"
+        if kind in BASELINES:
+            label = BASELINES[kind]
         else:
             label = f"ours {result['mode']} ({transport_of(kind, result['transport'])})"
         lag = f.get("loop_lag_max_ms_by_worker")

@@ -53,15 +53,17 @@ async def test_bench_prints_one_json_line_and_loses_nothing() -> None:
     result = await run_bench(
         "loadtest.bench",
         *("--stores", "2", "--terminals", "3", "--rate", "4", "--duration", "2"),
-        *("--transport", "both"),
-        timeout=150,
+        *("--transport", "both", "--durable-baseline"),
+        timeout=180,
     )
     print(f"bench smoke run took {time.monotonic() - started:.1f}s")
     assert result["bench"] == "rush_hour" and result["mode"] == "embedded"
-    # Ours on each WebSocket front end, then the relay; each with its ratios to the relay.
+    # Ours on each WebSocket front end, then the relay and the durable relay; each of ours with
+    # its ratios to both.
     assert result["transport"] == "both"
-    assert set(result["ratio_websockets"]) == set(result["ratio_picows"]) == set(RATIO_KEYS)
-    for kind in ("ours_websockets", "ours_picows", "baseline"):
+    for name in ("ratio_websockets", "ratio_picows"):
+        assert set(result[name]) == set(result[f"{name}_durable"]) == set(RATIO_KEYS)
+    for kind in ("ours_websockets", "ours_picows", "baseline", "baseline_durable"):
         figures = result[kind]
         assert set(figures) == FIGURES, kind
         assert figures["connections"] == 6
@@ -85,6 +87,7 @@ async def test_bench_prints_one_json_line_and_loses_nothing() -> None:
         assert result[kind]["loop_lag_max_ms"] == max(lags.values())
         assert set(result[kind]["loop_lag_ms_by_second"]) == set(lags)
     assert result["baseline"]["loop_lag_max_ms_by_worker"] is None
+    assert result["baseline_durable"]["loop_lag_max_ms_by_worker"] is None
 
 
 def test_p99_per_window_of_send_times() -> None:
