@@ -12,7 +12,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from chefia_rt.store import postgres as postgres_module
+from chefia_rt.store import postgres_pool as postgres_module
 from chefia_rt.store import sqlite_file as sqlite_module
 from chefia_rt.store.base import Store
 from chefia_rt.store.postgres import PostgresStore
