@@ -16,7 +16,8 @@ A monitor is an ordinary read-only terminal of its store that also receives:
 
 Every worker runs one feed for its own monitors. Each message is built once per store and event
 and shared as one OutFrame (encoded at most once per encoding) by the store's monitors; monitors
-are slow readers like any terminal (bounded push lane, closed 1013 when it overflows).
+are slow readers like any terminal (bounded push lane, closed 1013 when it overflows). The
+server's figures are counted in `monitor_figures.py`, the alerts' rules are `monitor_alerts.py`.
 """
 
 from __future__ import annotations
@@ -32,9 +33,10 @@ from chefia_rt.bus.base import Push, Signals
 from chefia_rt.config import Settings
 from chefia_rt.domain import Operation, OpRecord
 from chefia_rt.hub import OutFrame, Session
+from chefia_rt.monitor_alerts import StoreAlerts, wanted_alerts
+from chefia_rt.monitor_figures import StoreFigures
 from chefia_rt.protocol import messages as m
 from chefia_rt.protocol.messages import format_epoch, utc_now_iso
-from chefia_rt.stats import PerSecond
 from chefia_rt.store.base import ServerEvent
 from chefia_rt.terminals import ChangeKind, TerminalDirectory, TerminalView, reported_figures
 
@@ -45,10 +47,6 @@ RECENT_ACTIVITY = 200  # lines of activity per store a monitor gets when it conn
 # Stores whose recent activity is kept (the most recently active ones): every worker sees every
 # store's operations, and a chain of thousands of stores must not cost each worker gigabytes.
 RECENT_STORES = 256
-WINDOW = 60.0  # seconds behind ops/min, average latency and the conflict rate
-SHORT_WINDOW = 10.0  # seconds behind ops/s and the recent latency (the charts)
-# The conflict rate alert needs this many operations in the window: 1 conflict of 2 ops is noise.
-MIN_OPS_FOR_CONFLICT_RATE = 20
 # What a terminal's performance_metrics may carry on to monitors besides the known figures.
 MAX_EXTRA_METRICS = 32
 MAX_METRIC_TEXT = 128
@@ -113,14 +111,12 @@ class MonitorFeed:
         self.bus = bus
         self.worker = worker
         self._clock = clock
-        self.started = time.monotonic()
+        self.figures = StoreFigures(time.monotonic())
+        self.alerts = StoreAlerts()
         self._monitors: dict[str, dict[str, Session]] = {}
         self._recent: OrderedDict[str, deque[dict[str, Any]]] = OrderedDict()
         self._last_seq: dict[str, int] = {}
-        self._windows: dict[str, PerSecond] = {}
-        self._local: dict[str, list[float]] = {}  # this worker's counts since the last tick
         self._queued: list[dict[str, Any]] = []  # activity to signal at the next flush
-        self._alerts: dict[str, dict[str, dict[str, Any]]] = {}  # store -> id -> active alert
         self._changed: dict[str, dict[str, TerminalView]] = {}  # figures to send at the tick
         self._last_event = 0  # the newest server event relayed
         directory.subscribe(self._terminal_changed, self._monitors.__contains__)
@@ -138,7 +134,7 @@ class MonitorFeed:
         now = utc_now_iso()
         terminals = [terminal_message(v, "listed", now) for v in self.directory.views(store_id)]
         session.queue_push(OutFrame(m.terminal_list_msg(store_id, True, terminals, now)))
-        for alert in self._alerts.get(store_id, {}).values():
+        for alert in self.alerts.active(store_id):
             session.queue_push(OutFrame(alert))
         for line in self._recent.get(store_id, ()):
             session.queue_push(OutFrame(line))
@@ -152,7 +148,7 @@ class MonitorFeed:
         if not monitors:
             del self._monitors[session.store_id]
             # Nobody watches: alerts are evaluated afresh when a monitor comes back.
-            self._alerts.pop(session.store_id, None)
+            self.alerts.forget(session.store_id)
             self._changed.pop(session.store_id, None)
 
     def _send(self, store_id: str, message: dict[str, Any]) -> None:
@@ -209,13 +205,7 @@ class MonitorFeed:
 
     def count(self, store_id: str, latency: float, conflict: bool) -> None:
         """An answered operation of this worker (receive → answer `latency` seconds)."""
-        figures = self._local.get(store_id)
-        if figures is None:
-            figures = self._local[store_id] = [0.0, 0.0, 0.0, 0.0]
-        figures[0] += 1
-        figures[1] += latency * 1000
-        figures[2] += 1
-        figures[3] += conflict
+        self.figures.count(store_id, latency, conflict)
 
     def note_conflict(self, op: Operation | OpRecord, status: str, policy: str) -> None:
         """A conflict this worker settled (or left pending); sent at the next `flush`."""
@@ -285,12 +275,7 @@ class MonitorFeed:
             for item in payload["items"]:
                 self._activity(item)
         elif event == "stats":
-            now = time.monotonic()
-            for store_id, (ops, latency_sum, latency_n, conflicts) in payload["stores"].items():
-                window = self._windows.get(store_id)
-                if window is None:
-                    window = self._windows[store_id] = PerSecond(4, WINDOW)
-                window.add(now, ops, latency_sum, latency_n, conflicts)
+            self.figures.add(payload["stores"], time.monotonic())
         elif event == "terminal_metrics":
             store_id, terminal_id = payload["store_id"], payload["terminal_id"]
             metrics = payload["metrics"]
@@ -317,16 +302,11 @@ class MonitorFeed:
 
     async def tick(self) -> None:
         """Share this worker's counts; send changed figures, the server's figures and alerts."""
-        if self._local:
-            stores, self._local = self._local, {}
+        stores = self.figures.take_counts()
+        if stores:
             payload = {"event": "stats", "worker": self.worker, "stores": stores}
             await self.bus.signal(TOPIC, payload)
-        now = time.monotonic()
-        for window in self._windows.values():
-            window.trim(now)
-        for store_id, window in list(self._windows.items()):
-            if not window.buckets and store_id not in self._monitors:
-                del self._windows[store_id]
+        self.figures.trim(time.monotonic(), self._monitors)
         for store_id in list(self._monitors):
             changed = self._changed.pop(store_id, None)
             if changed:
@@ -337,141 +317,21 @@ class MonitorFeed:
             self._send(store_id, self._server_metrics(store_id))
 
     def _figures(self, store_id: str) -> dict[str, Any]:
-        now = time.monotonic()
-        window = self._windows.get(store_id)
-        ops, latency_sum, latency_n, conflicts = (
-            window.totals(now, WINDOW) if window else (0.0, 0.0, 0.0, 0.0)
-        )
-        short = window.totals(now, SHORT_WINDOW) if window else (0.0, 0.0, 0.0, 0.0)
-        # Until the server has run a whole window, per-minute figures count what there is.
-        span = min(SHORT_WINDOW, max(1.0, now - self.started))
-        views = self.directory.views(store_id)
-        by_status = {"online": 0, "offline": 0, "error": 0}
-        for view in views:
-            by_status[view.status] += 1
-        return {
-            "operations_per_minute": int(ops),
-            "operations_per_second": round(short[0] / span, 2),
-            "average_latency_ms": round(latency_sum / latency_n, 3) if latency_n else None,
-            "recent_latency_ms": round(short[1] / short[2], 3) if short[2] else None,
-            "conflict_rate": round(conflicts / ops, 4) if ops else 0.0,
-            "window_operations": int(ops),
-            "terminals": len(views),
-            **by_status,
-            "connections": by_status["online"],
-            "uptime_seconds": round(now - self.started, 1),
-        }
+        return self.figures.figures(store_id, self.directory.views(store_id), time.monotonic())
 
     def _server_metrics(self, store_id: str) -> dict[str, Any]:
         metrics = self._figures(store_id)
-        alerts = self._alerts.get(store_id, {}).values()
-        metrics["health"] = (
-            "critical"
-            if any(a["severity"] == "critical" for a in alerts)
-            else "warning"
-            if alerts
-            else "ok"
-        )
-        metrics["active_alerts"] = len(alerts)
+        metrics["health"] = self.alerts.health(store_id)
+        metrics["active_alerts"] = len(self.alerts.active(store_id))
         return m.performance_metrics_msg("server", store_id, None, None, metrics)
-
-    # ---- alerts ----------------------------------------------------------------------------
 
     def _evaluate(self, store_id: str) -> None:
         """Raise the alerts whose condition holds now, clear those whose condition ended."""
-        s = self.settings
         now = self._clock()
-        figures = self._figures(store_id)
-        wanted: dict[str, dict[str, Any]] = {}
-
-        def want(
-            kind: str,
-            severity: str,
-            message: str,
-            value: float,
-            threshold: float,
-            terminal_id: str | None = None,
-            since: float | None = None,
-        ) -> None:
-            key = f"{kind}:{store_id}:{terminal_id or '*'}"
-            wanted[key] = {
-                "kind": kind,
-                "severity": severity,
-                "message": message,
-                "value": round(value, 3),
-                "threshold": threshold,
-                "terminal_id": terminal_id,
-                "since": since,
-            }
-
-        latency = figures["average_latency_ms"]
-        if latency is not None and latency > s.monitor_alert_latency_ms:
-            want(
-                "latency",
-                "warning",
-                f"average latency {latency:.0f} ms over the last minute "
-                f"(threshold {s.monitor_alert_latency_ms:g} ms)",
-                latency,
-                s.monitor_alert_latency_ms,
-            )
-        rate = figures["conflict_rate"]
-        if (
-            figures["window_operations"] >= MIN_OPS_FOR_CONFLICT_RATE
-            and rate > s.monitor_alert_conflict_rate
-        ):
-            want(
-                "conflict_rate",
-                "warning",
-                f"conflict rate {rate:.1%} over the last minute "
-                f"(threshold {s.monitor_alert_conflict_rate:.0%})",
-                rate,
-                s.monitor_alert_conflict_rate,
-            )
-        for view in self.directory.views(store_id):
-            if view.status != "online" and view.disconnected_at is not None:
-                away = now - view.disconnected_at
-                # A monitor closing its page is no outage of the restaurant.
-                if view.terminal_type != "monitor" and away > s.monitor_alert_offline_after:
-                    want(
-                        "terminal_offline",
-                        "critical",
-                        f"{view.terminal_type} terminal {view.terminal_id} has been {view.status} "
-                        f"for {away:.0f} s",
-                        away,
-                        s.monitor_alert_offline_after,
-                        view.terminal_id,
-                        view.disconnected_at,
-                    )
-            elif view.memory_mb is not None and view.memory_mb > s.monitor_alert_memory_mb:
-                want(
-                    "terminal_memory",
-                    "warning",
-                    f"{view.terminal_type} terminal {view.terminal_id} uses "
-                    f"{view.memory_mb:.0f} MB (threshold {s.monitor_alert_memory_mb:g} MB)",
-                    view.memory_mb,
-                    s.monitor_alert_memory_mb,
-                    view.terminal_id,
-                )
-        active = self._alerts.setdefault(store_id, {})
-        stamp = utc_now_iso()
-        for key, alert in wanted.items():
-            if key in active:
-                continue
-            since = alert.pop("since") or now
-            # The same outage has the same id on every worker (a page that reconnects elsewhere
-            # keeps its acknowledgement); a new outage gets a new one.
-            message = m.system_alert_msg(
-                alert_id=f"{key}:{int(since * 1000)}",
-                **alert,
-                store_id=store_id,
-                active=True,
-                since=since,
-                server_time=stamp,
-            )
-            active[key] = message
+        views = self.directory.views(store_id)
+        wanted = wanted_alerts(self.settings, store_id, self._figures(store_id), views, now)
+        for message in self.alerts.update(store_id, wanted, now, utc_now_iso()):
             self._send(store_id, message)
-        for key in [k for k in active if k not in wanted]:
-            self._send(store_id, m.alert_cleared_msg(active.pop(key), stamp))
 
     # ---- server events (backups) -----------------------------------------------------------
 

@@ -1,5 +1,6 @@
-"""The monitor feed's rules without a server (chefia_rt/monitoring.py): what a terminal's report
-may carry on, and which stores' recent activity is kept."""
+"""The monitor feed's rules without a server (chefia_rt/monitoring.py, monitor_alerts.py): what a
+terminal's report may carry on, which stores' recent activity is kept, and when an alert is raised
+and cleared."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any
 
 from chefia_rt.bus.memory import MemoryBus
 from chefia_rt.config import load_settings
+from chefia_rt.monitor_alerts import StoreAlerts, wanted_alerts
 from chefia_rt.monitoring import (
     MAX_EXTRA_METRICS,
     MAX_METRIC_TEXT,
@@ -76,3 +78,33 @@ def test_a_backup_event_shows_each_store_only_its_own_watermark() -> None:
     assert lines["s1"]["detail"] == {"status": "ok", "watermark": 4}
     assert "s2" not in str(lines["s1"])
     assert monitor.last_event == 7
+
+
+def figures(latency_ms: float | None, ops: int, conflicts: int) -> dict[str, Any]:
+    return {
+        "average_latency_ms": latency_ms,
+        "conflict_rate": conflicts / ops if ops else 0.0,
+        "window_operations": ops,
+    }
+
+
+def test_latency_and_conflict_alerts_hold_over_their_thresholds_only() -> None:
+    settings = load_settings()  # latency 100 ms, conflict rate 0.05 from 20 operations on
+    assert wanted_alerts(settings, "s1", figures(100.0, 20, 1), [], 0.0) == {}
+    wanted = wanted_alerts(settings, "s1", figures(150.0, 20, 2), [], 0.0)
+    assert set(wanted) == {"latency:s1:*", "conflict_rate:s1:*"}
+    assert wanted["latency:s1:*"]["value"] == 150.0
+    # 1 conflict of 2 operations is noise, not a rate.
+    assert wanted_alerts(settings, "s1", figures(None, 2, 1), [], 0.0) == {}
+
+
+def test_an_alert_is_raised_once_and_cleared_when_its_condition_ends() -> None:
+    alerts = StoreAlerts()
+    slow = wanted_alerts(load_settings(), "s1", figures(150.0, 0, 0), [], 0.0)
+    (raised,) = alerts.update("s1", slow, 1000.0, "t1")
+    assert raised["type"] == "system_alert" and raised["active"]
+    assert raised["alert_id"] == "latency:s1:*:1000000" and alerts.health("s1") == "warning"
+    assert alerts.update("s1", slow, 1001.0, "t2") == []  # still active: not sent again
+    (cleared,) = alerts.update("s1", {}, 1002.0, "t3")
+    assert cleared["alert_id"] == raised["alert_id"] and not cleared["active"]
+    assert alerts.health("s1") == "ok" and list(alerts.active("s1")) == []
