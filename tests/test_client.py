@@ -7,12 +7,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from chefia_rt.client import Backoff, Client, ClientStopped, Event, Snapshot, StoreOp
+from chefia_rt.client.model import Reconnects
 from chefia_rt.protocol import messages as m
 from tests.helpers import RunningServer, free_port, op, running_server
 
@@ -248,8 +250,9 @@ async def test_a_state_file_keeps_the_outbox_of_a_client_dropped_mid_send(tmp_pa
         total = len(answers) + 10
         for i in range(len(answers), total):
             answers.append(await a.send("tables", f"t{i}", {"n": i}, op_id=f"op-{i}"))
-        assert a._ws is not None and a._runner is not None
-        a._ws.transport.abort()
+        ws = a._connection.ws if a._connection is not None else None
+        assert ws is not None and a._runner is not None
+        ws.transport.abort()
         a._runner.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await a._runner
@@ -274,6 +277,12 @@ async def test_a_state_file_keeps_the_outbox_of_a_client_dropped_mid_send(tmp_pa
         c.state.close()
 
 
+def feed(client: Client, message: dict[str, Any]) -> None:
+    """One server message, handed to the client's bookkeeping (chefia_rt/client/core.py) as its
+    connection hands it over."""
+    client._core.handle(message, time.monotonic())
+
+
 def page(seq: int, index: int, complete: bool, entity_id: str) -> dict[str, Any]:
     """A snapshot page of one entity, as the server builds it."""
     entity = m.snapshot_entity("tables", entity_id, 1, {}, False)
@@ -284,17 +293,17 @@ def test_snapshot_pages_are_joined_until_the_complete_one() -> None:
     seen = Seen()
     c = Client("ws://127.0.0.1:1/ws", "pos-a", since=0, on_event=seen)
     c.request_snapshot()
-    c._handle(page(9, 0, False, "a"))
-    c._handle(page(9, 1, False, "b"))
+    feed(c, page(9, 0, False, "a"))
+    feed(c, page(9, 1, False, "b"))
     assert seen.events == []  # nothing before the complete page
-    c._handle(page(9, 2, True, "c"))
+    feed(c, page(9, 2, True, "c"))
     (snapshot,) = seen.events
     assert isinstance(snapshot, Snapshot) and snapshot.seq == 9 and c.epoch == "e1"
     assert [e["entity_id"] for e in snapshot.entities] == ["a", "b", "c"]
     # A snapshot started anew (page 0 again) forgets the pages of one cut short.
     c.request_snapshot()
-    c._handle(page(9, 0, False, "old"))
-    c._handle(page(10, 0, True, "d"))
+    feed(c, page(9, 0, False, "old"))
+    feed(c, page(10, 0, True, "d"))
     assert [e["entity_id"] for e in seen.events[-1].entities] == ["d"]  # type: ignore[union-attr]
 
 
@@ -311,6 +320,28 @@ async def test_backoff_gives_up_after_its_attempts() -> None:
             async with asyncio.timeout(BOUND):
                 await pending
     assert c.unanswered()[0]["entity_id"] == "t1"  # still there for the application to keep
+
+
+def test_reconnects_count_failed_attempts_in_a_row_and_give_up_by_their_limits() -> None:
+    backoff = Backoff(max_attempts=3, max_elapsed=60.0, stable_after=2.0)
+    tries = Reconnects(backoff, down_since=0.0)
+    urls = ["ws://a/ws", "ws://b/ws"]
+    assert tries.url(urls) == "ws://a/ws"
+    assert tries.ended(None, None, 1.0) is None and tries.url(urls) == "ws://b/ws"
+    assert tries.ended(None, 1006, 2.0) is None
+    # A connection that lived long enough starts the count again, from the first URL.
+    assert tries.ended(10.0, 1001, 13.0) is None and tries.attempt == 0
+    assert tries.url(urls) == "ws://a/ws"
+    # A short one does not: it counts as failed, and three failed in a row give up.
+    assert tries.ended(13.5, 1013, 14.0) is None
+    assert tries.ended(None, None, 15.0) is None
+    assert tries.ended(None, None, 16.0) == "gave up after 3 failed attempts"
+    # Without a connection for longer than max_elapsed, whatever the count.
+    patient = Reconnects(Backoff(max_elapsed=60.0), down_since=0.0)
+    assert patient.ended(None, None, 30.0) is None
+    assert patient.ended(None, None, 61.0) == "no connection for 61s"
+    # A close retrying cannot fix stops at once.
+    assert patient.ended(5.0, 4004, 62.0) == "closed by the server with 4004"
 
 
 def test_backoff_grows_to_its_maximum_with_jitter_below_it() -> None:
@@ -362,14 +393,14 @@ async def test_a_confirmation_ahead_of_pushes_waits_for_the_gap() -> None:
     seen = Seen()
     c = Client("ws://127.0.0.1:1/ws", "pos-a", since=0, on_event=seen)
     answer = await c.send("tables", "t1", {"n": 1}, op_id="mine")
-    c._handle(push(1))
-    c._handle(confirmation("mine", 3))
+    feed(c, push(1))
+    feed(c, confirmation("mine", 3))
     assert seen.seqs == [1] and c.watermark == 1  # 3 is held until 2 arrives
-    c._handle(push(3))  # the same seq again (a replay): dropped
-    c._handle(push(2))
+    feed(c, push(3))  # the same seq again (a replay): dropped
+    feed(c, push(2))
     assert seen.seqs == [1, 2, 3] and c.watermark == 3
     assert answer.done() and answer.result().seq == 3
-    c._handle(push(2))
+    feed(c, push(2))
     assert seen.seqs == [1, 2, 3]
 
 
@@ -377,9 +408,9 @@ async def test_retryable_errors_keep_the_op_and_final_ones_answer_it() -> None:
     c = Client("ws://127.0.0.1:1/ws", "pos-a", since=0)
     retried = await c.send("tables", "t1", {}, op_id="a")
     refused = await c.send("tables", "t2", {}, op_id="b")
-    c._handle(m.sync_error_msg("a", 1013, "retry"))
-    c._handle(m.sync_error_msg("a", 4005, "rate"))
-    c._handle(m.sync_error_msg("b", 4008, "no"))
+    feed(c, m.sync_error_msg("a", 1013, "retry"))
+    feed(c, m.sync_error_msg("a", 4005, "rate"))
+    feed(c, m.sync_error_msg("b", 4008, "no"))
     assert not retried.done() and [o["id"] for o in c.unanswered()] == ["a"]
     assert refused.result().kind == "rejected"
     assert c.stats.retries == 2 and c.stats.rejected == 1
@@ -389,12 +420,12 @@ async def test_a_message_off_its_model_is_ignored(caplog: pytest.LogCaptureFixtu
     seen = Seen()
     c = Client("ws://127.0.0.1:1/ws", "pos-a", since=0, on_event=seen)
     answer = await c.send("tables", "t1", {"n": 1}, op_id="mine")
-    c._handle(push(1) | {"operation": {"seq": "2"}})  # a seq as text: not a push
-    c._handle(confirmation("mine", 1) | {"status": "maybe"})
+    feed(c, push(1) | {"operation": {"seq": "2"}})  # a seq as text: not a push
+    feed(c, confirmation("mine", 1) | {"status": "maybe"})
     assert seen.seqs == [] and not answer.done()
     assert "ignoring a malformed data_sync" in caplog.text
     # Fields a newer server adds are no reason to ignore a message.
-    c._handle(confirmation("mine", 1) | {"added_later": 1})
+    feed(c, confirmation("mine", 1) | {"added_later": 1})
     assert seen.seqs == [1] and answer.result().seq == 1
 
 
@@ -405,3 +436,11 @@ async def test_a_close_retrying_cannot_fix_stops_the_client(tmp_path: Path) -> N
             with pytest.raises(ClientStopped) as stopped:
                 await c.wait_connected(BOUND)
         assert stopped.value.code == 4006 and c.stats.connects == 0
+
+
+async def test_answered_ids_are_not_kept_without_a_state_file() -> None:
+    c = Client("ws://127.0.0.1:1/ws", "pos-a", since=0)
+    await c.send("tables", "t1", {}, op_id="mine")
+    feed(c, confirmation("mine", 1))
+    c._save_state()  # what every tick of a connection does
+    assert c._core.unsaved() is None  # nothing left to write, and nothing piling up

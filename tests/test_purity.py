@@ -162,6 +162,21 @@ def test_protocol_and_sync_import_no_io(module: str) -> None:
     assert not violations, "sans-I/O module imports I/O:\n" + "\n".join(violations)
 
 
+# The terminal client's rules (docs/clients.md). Their package re-exports the asyncio Client, so
+# its __init__ is not followed: what is held is that these modules, and all they import, do no I/O.
+CLIENT_RULES = ("chefia_rt.client.core", "chefia_rt.client.stream", "chefia_rt.client.model")
+
+
+@pytest.mark.parametrize("module", CLIENT_RULES)
+def test_the_clients_rules_import_no_io(module: str) -> None:
+    def load(name: str) -> tuple[str, bool] | None:
+        return ("", True) if name == "chefia_rt.client" else load_from_disk(name)
+
+    assert load_from_disk(module) is not None
+    violations = forbidden_imports([module], load)
+    assert not violations, "sans-I/O module imports I/O:\n" + "\n".join(violations)
+
+
 def test_transitive_walk_reaches_shared_modules() -> None:
     # The walk really follows chefia_rt imports: codec pulls in chefia_rt.errors.
     source, is_package = load_from_disk("chefia_rt.protocol.codec") or ("", False)
