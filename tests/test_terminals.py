@@ -266,8 +266,10 @@ async def two_workers(tmp_path: Path) -> AsyncIterator[tuple[RunningServer, Runn
         async with AsyncExitStack() as stack:
             a = await stack.enter_async_context(running_server(tmp_path, **settings))
             b = await stack.enter_async_context(running_server(tmp_path, **settings))
-            # One process holds both: tell them apart as separate processes would be.
-            a.worker.worker_name, b.worker.worker_name = "host/1", "host/2"
+            # One process holds both: tell them apart as separate processes would be (the name
+            # is handed to the worker's sessions when it is built).
+            for server, name in ((a, "host/1"), (b, "host/2")):
+                server.worker.worker_name = server.worker.sessions.worker_name = name
             yield a, b
     finally:
         await drop_pg_schema(dsn)
