@@ -58,8 +58,8 @@ def settle_gc() -> None:
 
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
-    from chefia_rt.gateway import run
     from chefia_rt.logs import setup_logging
+    from chefia_rt.process import run
 
     setup_logging(settings.ws_log_level)
     if args.worker is None:

@@ -24,7 +24,8 @@ from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
 from chefia_rt.config import Settings, load_settings
-from chefia_rt.gateway import Gateway, make_server
+from chefia_rt.gateway import Gateway
+from chefia_rt.process import make_server
 from chefia_rt.protocol.codec import COMPRESSED_PREFIX
 from chefia_rt.protocol.messages import OUTGOING
 from chefia_rt.worker import Worker

@@ -352,7 +352,7 @@ def test_serve_freezes_start_up_objects_and_raises_gc_thresholds(tmp_path: Path)
     (fewer full collections walking every connection's objects: stalls of 100-400 ms at 1000
     connections with Python's defaults). Checked where `serve` hands over to the server."""
     probe = (
-        "import gc, chefia_rt.gateway as server\n"
+        "import gc, chefia_rt.process as server\n"
         "from chefia_rt.cli import GC_THRESHOLDS, main\n"
         "async def run(*args, **kwargs):\n"
         "    print(gc.get_threshold() == GC_THRESHOLDS, gc.get_freeze_count() > 1000)\n"

@@ -24,7 +24,7 @@ from typing import Any
 import websockets
 
 from chefia_rt.config import load_settings
-from chefia_rt.gateway import make_server
+from chefia_rt.process import make_server
 from chefia_rt.worker import Worker
 from tests.helpers import free_port, op
 from tests.services import chromium, service_missing
