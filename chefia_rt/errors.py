@@ -1,5 +1,6 @@
-"""The error tree. Every error knows its wire code; the boundary (gateway.py) turns it into a
-frame (`error` / `sync_error`) or a close, nothing else decides codes."""
+"""The error tree. Every error knows its wire code; the boundary (gateway.py, handshake.py,
+dispatch.py) turns it into a frame (`error` / `sync_error`) or a close, nothing else decides
+codes."""
 
 from __future__ import annotations
 

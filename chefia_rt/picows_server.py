@@ -33,7 +33,8 @@ from websockets.http11 import Request, Response
 from websockets.streams import StreamReader
 
 from chefia_rt.auth import install_log_redaction
-from chefia_rt.gateway import CLOSE_TIMEOUT, LISTEN_BACKLOG, Gateway, choose_subprotocol
+from chefia_rt.gateway import CLOSE_TIMEOUT, LISTEN_BACKLOG, Gateway
+from chefia_rt.handshake import choose_subprotocol
 from chefia_rt.http import handle_http, handle_metrics_port, is_upgrade, json_response
 from chefia_rt.picows_link import PicowsLink
 

@@ -20,13 +20,8 @@ from websockets.protocol import State
 from websockets.typing import Subprotocol
 
 from chefia_rt.auth import install_log_redaction
-from chefia_rt.gateway import (
-    CLOSE_TIMEOUT,
-    LISTEN_BACKLOG,
-    SUBPROTOCOLS,
-    Gateway,
-    choose_subprotocol,
-)
+from chefia_rt.gateway import CLOSE_TIMEOUT, LISTEN_BACKLOG, Gateway
+from chefia_rt.handshake import SUBPROTOCOLS, choose_subprotocol
 from chefia_rt.http import handle_http, handle_metrics_port, is_upgrade
 from chefia_rt.hub import Session
 
