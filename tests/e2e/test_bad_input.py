@@ -728,7 +728,7 @@ async def test_an_unexpected_error_costs_one_answer_not_the_connection(
     async def broken(*args: Any, **kwargs: Any) -> None:
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr(server.worker, "snapshot", broken)
+    monkeypatch.setattr(server.worker.sessions, "snapshot", broken)
     async with server.terminal("pos-1") as terminal:
         await terminal.send({"type": "snapshot_request"})
         error = await terminal.expect("error")
