@@ -5,6 +5,8 @@
 # (chefia_rt/sync, tests/sync), protocol (chefia_rt/protocol, tests/protocol), pipeline
 # (chefia_rt/pipeline.py, its unit tests, tests/test_worker_batches.py and three end-to-end files).
 #   scripts/mutation.sh [sync|protocol|pipeline]...   (default: all three; at nice 19)
+# The property tests run under the Hypothesis profile `mutation` (tests/conftest.py, chosen in
+# [tool.mutmut] pytest_add_cli_args): a few fixed examples each, no shrinking.
 # Each target works in .mutation/TARGET (its mutants/ keeps the results: a rerun tests only the
 # mutants it has no result for; delete the folder to start over). There,
 # `../../.venv/bin/mutmut show NAME` prints a mutant's diff and `mutmut browse` lists them all.
@@ -16,7 +18,7 @@ targets=("$@")
 for target in "${targets[@]}"; do
   work="$ROOT/.mutation/$target"
   mkdir -p "$work"
-  for linked in chefia_rt tests config; do ln -sfn "$ROOT/$linked" "$work/$linked"; done
+  for linked in chefia_rt tests config docs; do ln -sfn "$ROOT/$linked" "$work/$linked"; done
   # The target's copy of pyproject.toml: [tool.mutmut] with its only_mutate and tests.
   mapfile -t mutants < <(python - "$target" "$work/pyproject.toml" <<'PY'
 import json
