@@ -130,7 +130,7 @@ def creates_entity(op: Operation, current: Entity | None) -> bool:
 
 def not_existing(op: Operation, entity_id: str, current: Entity | None) -> PermissionDenied:
     """A terminal that may only change existing entities tried to create or undelete one."""
-    what = "deleted" if current is not None else "missing"
+    what = "missing" if current is None else "deleted" if current.deleted else "live"
     return PermissionDenied(
         f"{op.terminal_id} may only change existing {op.entity_type}: "
         f"{op.entity_type}/{entity_id} is {what} (no CREATE, upsert or undelete)"
