@@ -11,7 +11,7 @@ from typing import Any, cast
 import lz4.frame
 import msgpack
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 from websockets.frames import Frame, Opcode
 
@@ -298,6 +298,21 @@ def test_broken_lz4_is_invalid(payload: bytes, reason: str) -> None:
     assert reason in invalid(COMPRESSED_PREFIX + payload).reason
 
 
+def test_broken_lz4_reasons_are_exact() -> None:
+    """The reason a client reads names what is wrong with its frame, in so many words."""
+    frame = lz4.frame.compress(msgpack.packb(DATA_SYNC))
+    assert invalid(COMPRESSED_PREFIX + frame[:-3]).reason == "truncated lz4 frame"
+    trailing = invalid(COMPRESSED_PREFIX + frame + b"junk").reason
+    assert trailing == "trailing bytes after the lz4 frame"
+    broken = b"\x04\x22\x4d\x18" + b"\xff" * 20
+    with pytest.raises(RuntimeError) as lz4_error:
+        lz4.frame.LZ4FrameDecompressor().decompress(broken)
+    assert invalid(COMPRESSED_PREFIX + broken).reason == f"bad lz4 frame: {lz4_error.value}"
+    with pytest.raises(MessageTooBig) as too_big:
+        inflate(lz4.frame.compress(bytes(1001)), 1000)
+    assert too_big.value.reason == "compressed frame inflates beyond 1000 bytes"
+
+
 def test_corrupt_lz4_checksum_is_invalid() -> None:
     payload = bytearray(lz4.frame.compress(msgpack.packb(DATA_SYNC), content_checksum=True))
     payload[-1] ^= 0xFF
@@ -369,10 +384,10 @@ UINT64_MAX = b"\x81\xa1a\xcf" + b"\xff" * 8
         (msgpack.packb("ping"), "object"),
         (msgpack.packb(None), "object"),
         # map keys
-        (msgpack.packb({1: "a"}), "map key"),
+        (msgpack.packb({1: "a"}), "undecodable msgpack"),  # msgpack's own strict_map_key
         (msgpack.packb({b"type": "ping"}), "keys must be strings"),
         (msgpack.packb({"a": {b"k": 1}}), "keys must be strings at a"),
-        (msgpack.packb({"type": "x", "m": {"ok": {1: 2}}}), "map key"),
+        (msgpack.packb({"type": "x", "m": {"ok": {1: 2}}}), "undecodable msgpack"),
         # non-finite numbers
         ('{"a": NaN}', "undecodable JSON"),
         ('{"a": Infinity}', "undecodable JSON"),
@@ -411,6 +426,31 @@ UINT64_MAX = b"\x81\xa1a\xcf" + b"\xff" * 8
 )
 def test_bad_frames_are_invalid_with_a_reason(frame: str | bytes, reason: str) -> None:
     assert reason in invalid(frame).reason
+
+
+@pytest.mark.parametrize(
+    ("frame", "reason"),
+    [
+        ('{"a":' + "[" * 100_000 + "]" * 100_000 + "}", "message nested too deeply"),
+        ("[1, 2]", "a frame must hold one object (map)"),
+        (msgpack.packb(None), "a frame must hold one object (map)"),
+        (msgpack.packb({"type": "message_batch"}), "message_batch.messages must be a list"),
+        # At exactly the depth limit the reason names what is wrong, not the depth.
+        (
+            msgpack.packb(nested(MAX_DEPTH, "\x00")),
+            "strings may not hold NUL (\\u0000) at " + ".".join(["n"] * MAX_DEPTH),
+        ),
+    ],
+    ids=["deep", "list", "nil", "batch", "at-the-limit"],
+)
+def test_whole_reasons_are_exact(frame: str | bytes, reason: str) -> None:
+    assert invalid(frame).reason == reason
+
+
+def test_too_big_names_the_size_and_the_limit() -> None:
+    with pytest.raises(MessageTooBig) as info:
+        decode_frame(b"\x90" * 11, 10)
+    assert info.value.reason == "frame of 11 bytes exceeds 10"
 
 
 def test_nesting_limit_counts_containers_not_leaves() -> None:
@@ -478,6 +518,28 @@ def test_bad_batches_are_invalid(batch: dict[str, Any], reason: str) -> None:
     assert reason in invalid(msgpack.packb(batch)).reason
     if "finite" not in reason:  # JSON cannot even carry the non-finite ones
         assert reason in invalid(json.dumps(batch)).reason
+
+
+def test_a_json_batch_refuses_lone_surrogates_as_a_json_message_does() -> None:
+    """In a text frame the batch and each of its messages are checked as JSON: a lone surrogate
+    in a message or in the batch's own keys is refused as it is in a message sent alone."""
+    alone = '{"type": "x", "v": "\\ud800"}'
+    assert invalid(alone).reason == "strings may not hold a lone surrogate at v"
+    in_a_message = '{"type": "message_batch", "messages": [' + alone + "]}"
+    assert invalid(in_a_message).reason == (
+        "strings may not hold a lone surrogate at message_batch.messages[0].v"
+    )
+    beside = '{"type": "message_batch", "messages": [], "v": "\\ud800"}'
+    assert invalid(beside).reason == "strings may not hold a lone surrogate at message_batch.v"
+
+
+def test_a_batchs_own_keys_may_nest_as_deep_as_a_message() -> None:
+    deepest = nested(MAX_DEPTH - 1)
+    assert decode_frame(msgpack.packb({"type": "x", "v": deepest}), MAX)
+    batch = {"type": "message_batch", "messages": [PING], "v": deepest}
+    assert decode_frame(msgpack.packb(batch), MAX) == [PING]
+    too_deep = {"type": "message_batch", "messages": [PING], "v": nested(MAX_DEPTH)}
+    assert invalid(msgpack.packb(too_deep)).reason.startswith("message nested deeper than 32")
 
 
 def test_nested_batch_is_rejected_even_when_compressed() -> None:
@@ -716,6 +778,15 @@ def check_value_accepts(message: dict[Any, Any], from_json: bool) -> bool:
 @given(
     st.dictionaries(st.text(max_size=3) | STORABLE_EDGES, LOOSE_VALUES, max_size=4), st.booleans()
 )
+# The lines drawn exactly, whatever the draws: text from JSON (ASCII, UTF-8, a lone surrogate),
+# the constants and the two ends of the signed 64-bit range.
+@example({"ascii": "a", "açaí": "açaí"}, True)
+@example({"v": [None, True, False]}, False)
+@example({"v": "\ud800"}, True)
+@example({"\ud800": 1}, True)
+@example({"v": [-(2**63), 2**63 - 1]}, False)
+@example({"v": [-(2**63) - 1]}, False)
+@example({"v": [2**63]}, False)
 def test_storable_says_exactly_what_check_value_accepts(
     message: dict[Any, Any], from_json: bool
 ) -> None:
@@ -749,6 +820,13 @@ def test_a_key_that_cannot_be_printed_is_escaped_in_the_reason() -> None:
     with pytest.raises(InvalidMessage) as info:
         decode_frame('{"a\\nb": {"c": "\\u0000"}, "ok": 1}', 1000)
     assert info.value.reason == "strings may not hold NUL (\\u0000) at a\\nb.c"
+
+
+def test_a_printable_key_is_named_as_it_is() -> None:
+    """Only a key that cannot be printed is escaped: a backslash or quote stays itself."""
+    with pytest.raises(InvalidMessage) as info:
+        decode_frame(json.dumps({"a\\b'\"": "\u0000"}), 1000)
+    assert info.value.reason == "strings may not hold NUL (\\u0000) at a\\b'\""
 
 
 @pytest.mark.parametrize(("size", "named"), [(40, "k" * 40), (41, "k" * 37 + "...")])

@@ -779,10 +779,21 @@ def test_server_time_is_utc_whatever_the_machines_zone(monkeypatch: pytest.Monke
         before = format_timestamp(datetime.now(UTC))
         stamped = [utc_now_iso(), client_time(None, 5.0), client_time("9999-01-01T00:00:00Z", 5.0)]
         after = format_timestamp(datetime.now(UTC))
+        expiry = token_refreshed_msg(1_700_000_000)["expires_at"]
     finally:
         monkeypatch.undo()
         time.tzset()
     assert all(before <= moment <= after for moment in stamped), (before, stamped, after)
+    assert expiry == "2023-11-14T22:13:20.000000Z"  # an epoch, not a wall-clock time
+
+
+def test_no_timestamp_is_server_time_right_after_a_bound_was_kept() -> None:
+    """client_time keeps the last bound it computed for a skew; a write without a timestamp
+    must not take the shortcut meant for one within that bound."""
+    before = utc_now_iso()
+    assert client_time("2024-01-15T10:30:00.000000Z", 5.0) == "2024-01-15T10:30:00.000000Z"
+    stamped = client_time(None, 5.0)
+    assert before <= stamped <= utc_now_iso()
 
 
 def test_reasons_name_what_is_wrong_exactly() -> None:

@@ -30,16 +30,18 @@ NOW = time.time()
 STAMP = "2024-01-15T10:30:00.000000Z"
 
 
-def _monitor_terminal() -> dict[str, Any]:
+def _monitor_terminal(
+    connected_since: float | None = NOW - 60, disconnected_at: float | None = None
+) -> dict[str, Any]:
     return b.terminal_status_update_msg(
         store_id="s1",
         terminal_id="pos-1",
         terminal_type="pos",
         status="online",
         change="listed",
-        connected_since=NOW - 60,
+        connected_since=connected_since,
         last_seen=NOW,
-        disconnected_at=None,
+        disconnected_at=disconnected_at,
         ops=3,
         conflicts=1,
         bytes_in=100,
@@ -241,6 +243,23 @@ def test_builder_output_validates_against_its_model(
 def test_an_extra_field_is_refused(kind: str) -> None:
     with pytest.raises(ValidationError, match="Extra inputs are not permitted"):
         b.OUTGOING[kind][0].model_validate({**example(kind), "surplus": 1})
+
+
+def test_builders_write_the_moments_and_flags_they_are_given() -> None:
+    """A moment given in epoch seconds arrives as that moment's canonical timestamp; a cleared
+    alert is the raised one, inactive."""
+    at, moment = 1_700_000_000.0, "2023-11-14T22:13:20.000000Z"
+    assert b.lock_acquired_msg("l-1", "tables", "t-1", at)["expires_at"] == moment
+    failed = b.lock_failed_msg("l-1", "tables", "t-1", "locked", "pos-2", at)
+    assert (failed["locked_by"], failed["locked_until"]) == ("pos-2", moment)
+    terminal = _monitor_terminal(connected_since=at, disconnected_at=at + 60)
+    assert (terminal["connected_since"], terminal["disconnected_at"]) == (
+        moment,
+        "2023-11-14T22:14:20.000000Z",
+    )
+    raised = _alert()
+    assert raised["active"] is True
+    assert b.alert_cleared_msg(raised, STAMP) == {**raised, "active": False, "server_time": STAMP}
 
 
 def test_a_missing_field_is_refused() -> None:

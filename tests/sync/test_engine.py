@@ -158,7 +158,23 @@ def run(
     st_: BatchState | None = None,
     policies: PolicyTable | None = None,
 ) -> tuple[list[Outcome], BatchWrite]:
-    return Engine(policies).decide(items, st_ if st_ is not None else state(), NOW)
+    outcomes, write = Engine(policies).decide(items, st_ if st_ is not None else state(), NOW)
+    assert_answers_name_their_items(items, outcomes)
+    return outcomes, write
+
+
+def assert_answers_name_their_items(
+    items: Sequence[Operation | Resolution], outcomes: Sequence[Outcome]
+) -> None:
+    """One outcome per item, in order, each under the id its answer is sent with: an operation's
+    own id; for a resolution, the id of the operation whose conflict it settles (or the conflict
+    id it named, when there is no such conflict)."""
+    assert len(outcomes) == len(items)
+    for item, out in zip(items, outcomes, strict=True):
+        if isinstance(item, Resolution):
+            assert item.conflict_id in (out.id, conflict_id_for(out.id)), (item, out)
+        else:
+            assert out.id == item.id, (item, out)
 
 
 def carry(before: BatchState, write: BatchWrite, *, copy_write: bool = True) -> BatchState:
@@ -327,6 +343,7 @@ def test_delete_makes_a_tombstone_that_keeps_its_data_but_shows_none() -> None:
     assert out.record.deleted is True
     assert out.record.data == {}
     assert (out.record.version, out.record.seq) == (3, 1)
+    assert out.record.conflict_resolved is False  # no conflict: the version was the next one
     (tomb,) = w.entities
     assert tomb.deleted and tomb.version == 3
     assert tomb.data == {"status": "open", "total": 10}
@@ -373,6 +390,8 @@ def test_create_over_a_tombstone_recreates(entity_type: str, version: int) -> No
     assert out.record.deleted is False
     (after,) = w.entities
     assert after.data == {"c": 1} and not after.deleted and after.version == 4
+    # A CREATE replaces the whole state: the fields it drops changed too.
+    assert after.field_versions == {f: [4, ts(1)] for f in ("a", "b", "c")}
 
 
 @pytest.mark.parametrize("entity_type", ["orders", "tables", "products", "customers", "misc"])
@@ -904,10 +923,10 @@ def test_bulk_update_applies_every_item_under_one_seq() -> None:
     before = state(ent(1, {"s": "open", "n": 1}), seqs={STORE: 9})
     o, w = run([bulk("b1", [("e1", {"s": "paid"}, 2), ("e2", {"s": "new"}, 1)], t=3)], before)
     out = only(o)
-    assert out.status == "applied"
+    assert (out.id, out.status) == ("b1", "applied")
     assert out.record is not None
     assert out.record.seq == 10 and out.record.version is None
-    assert out.record.conflict_resolved is False
+    assert (out.record.status, out.record.conflict_resolved) == ("applied", False)
     assert out.record.operation == "BULK_UPDATE"
     assert out.record.data == {
         "updates": [
@@ -920,6 +939,11 @@ def test_bulk_update_applies_every_item_under_one_seq() -> None:
     assert w.last_seqs == {STORE: 10}
     assert [a.entity_id for a in w.audit] == ["e1", "e2"]
     assert {a.operation for a in w.audit} == {"BULK_UPDATE"}
+    # The log row is written from the text the engine measured against ENTITY_MAX_BYTES.
+    assert out.record.data_json == (
+        '{"updates":[{"entity_id":"e1","data":{"s":"paid","n":1},"version":2,"deleted":false},'
+        '{"entity_id":"e2","data":{"s":"new"},"version":1,"deleted":false}]}'
+    )
 
 
 def test_bulk_update_items_are_each_resolved_like_an_update() -> None:
@@ -950,9 +974,10 @@ def test_bulk_update_that_changes_nothing_takes_no_seq() -> None:
     before = state(lww_entity(), seqs={STORE: 2})
     o, w = run([bulk("b1", [("e1", {"b": 0}, 2)], t=0)], before)
     out = only(o)
-    assert out.status == "resolved"
+    assert (out.id, out.status) == ("b1", "resolved")
     assert out.record is not None
     assert (out.record.seq, out.record.version, out.record.data) == (None, None, {})
+    assert (out.record.status, out.record.conflict_resolved) == ("resolved", True)
     assert_no_change(w, before)
 
 
@@ -1432,3 +1457,63 @@ def test_a_restricted_bulk_update_of_an_entity_not_there_changes_nothing(
     assert o[1].status == "applied" and o[1].record is not None
     assert [(e.key.entity_id, e.version, e.data) for e in w.entities] == [("e3", 4, {"s": "ready"})]
     assert [a.operation_id for a in w.audit] == ["u1"]
+
+
+# ---- the reasons a terminal reads ----------------------------------------------------------
+
+
+def test_refused_operations_say_why_exactly() -> None:
+    before = state(ent(1, {"a": 1}), seqs={STORE: 1})
+    listed: Any = [1]  # what a decoded message may hold where an object belongs
+    not_an_object = dataclasses.replace(op("x2", "UPDATE", {}, 2), data=listed)
+    o, w = run(
+        [
+            op("x1", "MERGE", {"a": 2}, 2),
+            not_an_object,
+            op("x3", "DELETE", {}, 1, entity_id="gone"),
+        ],
+        before,
+    )
+    assert [(out.status, out.error.reason if out.error else None) for out in o] == [
+        ("error", "unknown operation 'MERGE'"),
+        ("error", "operation data must be an object"),
+        ("error", "orders/gone does not exist"),
+    ]
+    assert_no_change(w, before)
+
+
+def test_refused_resolutions_say_why_exactly() -> None:
+    o, _ = run(
+        [
+            resolution("conflict:nope", "accept_remote"),
+            resolution("conflict:op1", "ignore"),
+            resolution("conflict:op1", "merge", None),
+        ],
+        conflicted(),
+    )
+    assert [(out.id, out.error.reason if out.error else None) for out in o] == [
+        ("conflict:nope", "no pending conflict 'conflict:nope'"),
+        ("op1", "unknown resolution 'ignore'"),
+        ("op1", "merge needs resolved_data"),
+    ]
+
+
+def test_what_is_left_unchanged_is_logged_with_no_data() -> None:
+    """A conflict and a lost last-write-wins write change nothing: their log rows hold no data
+    (the confirmation carries none), and a resolution is audited as one."""
+    conflict = only(run([cash_op()], state(cash(version=3)))[0])
+    assert conflict.status == "conflict" and conflict.record is not None
+    assert (conflict.record.data, conflict.record.conflict_resolved) == ({}, False)
+    assert conflict.record.deleted is False
+    stale = only(run([op("op1", "UPDATE", {"b": 0}, 2, t=0)], state(lww_entity()))[0])
+    assert stale.status == "resolved" and stale.record is not None
+    assert (stale.record.data, stale.record.conflict_resolved) == ({}, True)
+    kept = only(run([resolution("conflict:op1", "accept_remote")], conflicted())[0])
+    assert kept.record is not None
+    assert (kept.record.data, kept.record.conflict_resolved) == ({}, True)
+    outcomes, w = run([resolution("conflict:op1", "merge", {"amount": 7})], conflicted())
+    merged = only(outcomes)
+    assert merged.record is not None and merged.record.conflict_resolved is True
+    assert [(a.sync_status, a.conflict_resolved) for a in w.audit] == [("resolved", True)]
+    # A merge is a whole new state: the field it leaves out ("note") changed too.
+    assert set(w.entities[0].field_versions) == {"amount", "note"}

@@ -21,6 +21,7 @@ from chefia_rt.sync.engine import Engine, Outcome, compact_json, state_bytes
 from tests.sync.test_engine import (
     NOW,
     STORE,
+    assert_answers_name_their_items,
     bulk,
     carry,
     conflicted,
@@ -45,7 +46,9 @@ JSON_VALUES = st.recursive(
 def run(
     items: list[Operation | Resolution], before: BatchState, limit: int = LIMIT
 ) -> tuple[list[Outcome], BatchWrite]:
-    return Engine(None, limit).decide(items, before, NOW)
+    outcomes, write = Engine(None, limit).decide(items, before, NOW)
+    assert_answers_name_their_items(items, outcomes)
+    return outcomes, write
 
 
 def filler(size: int) -> dict[str, Any]:
@@ -101,7 +104,7 @@ def test_a_bulk_update_with_one_item_past_the_limit_changes_nothing() -> None:
     before = state(ent(1, {"a": 1}, entity_id="e1"), ent(1, {"b": 1}, entity_id="e2"))
     items = [("e1", {"a": 2}, 2), ("e2", filler(LIMIT), 2)]
     (out,), w = run([bulk("b1", items)], before)
-    assert out.status == "error" and out.error is not None
+    assert out.status == "error" and out.error is not None and out.id == "b1"
     assert out.error.code == Code.INVALID_MESSAGE and "e2" in out.error.reason
     assert_nothing_written(w, before)
     # The batch goes on as if the bulk had never been there.
@@ -116,12 +119,17 @@ def test_a_bulk_update_logs_no_more_than_one_entity_may_hold() -> None:
     before = state(*(ent(1, {"a": 1}, entity_id=f"e{i}") for i in range(4)))
     items = [(f"e{i}", filler(LIMIT // 3), 2) for i in range(4)]
     (out,), w = run([bulk("b1", items)], before)
-    assert out.status == "error" and out.error is not None
+    assert out.status == "error" and out.error is not None and out.id == "b1"
     assert out.error.code == Code.INVALID_MESSAGE and "split it" in out.error.reason
     assert_nothing_written(w, before)
     (fits,), _ = run([bulk("b2", items[:2])], before)
     assert fits.status == "applied" and fits.record is not None
     assert state_bytes(fits.record.data) <= LIMIT
+    # A log row of exactly ENTITY_MAX_BYTES is allowed, one byte more is not.
+    size = state_bytes(fits.record.data)
+    (exact,), _ = run([bulk("b2", items[:2])], before, size)
+    (over,), _ = run([bulk("b2", items[:2])], before, size - 1)
+    assert (exact.status, over.status) == ("applied", "error")
 
 
 def test_a_merge_resolution_past_the_limit_keeps_the_conflict_pending() -> None:
@@ -169,6 +177,36 @@ def test_an_existing_only_terminal_cannot_create_upsert_or_undelete(
     assert_nothing_written(w, before)
 
 
+@pytest.mark.parametrize(
+    ("entities", "item", "what"),
+    [
+        ((), op("k1", "CREATE", {"status": "ready"}), "missing"),
+        ((ent(1, {"status": "new"}),), op("k1", "CREATE", {"status": "ready"}, 2), "live"),
+        ((ent(2, {}, deleted=True),), op("k1", "UPDATE", {"status": "ready"}, 3), "deleted"),
+    ],
+    ids=["missing", "live", "deleted"],
+)
+def test_an_existing_only_refusal_says_what_the_entity_is(
+    entities: tuple[Any, ...], item: Operation, what: str
+) -> None:
+    (out,), _ = run(
+        [dataclasses.replace(existing_only(item), terminal_id="kds-1")], state(*entities)
+    )
+    assert out.error is not None and out.error.reason == (
+        f"kds-1 may only change existing orders: orders/e1 is {what} "
+        "(no CREATE, upsert or undelete)"
+    )
+
+
+def test_an_existing_only_terminal_deletes_like_any_other() -> None:
+    """A DELETE never creates: of a missing entity it is not found (4007), not refused (4008)."""
+    (out,), _ = run([existing_only(op("k1", "DELETE", {}, 1))], state())
+    assert out.error is not None and out.error.code == Code.ENTITY_NOT_FOUND
+    tomb = state(ent(2, {"status": "new"}, deleted=True))
+    (again,), _ = run([existing_only(op("k1", "DELETE", {}, 3))], tomb)
+    assert again.status == "resolved"
+
+
 def test_an_existing_only_terminal_updates_what_exists() -> None:
     before = state(ent(1, {"status": "new", "total": 5}), seqs={STORE: 1})
     (out,), w = run([existing_only(op("k1", "UPDATE", {"status": "ready"}, 2))], before)
@@ -196,6 +234,35 @@ def test_the_audit_keeps_the_identity_and_the_claim_apart() -> None:
     (audit,) = w.audit
     assert (audit.user_id, audit.claimed_user_id) == ("token-user", "boss")
     assert out.record is not None and out.record.user_id == "token-user"
+
+
+def test_a_bulk_update_audits_every_item_as_the_connection_that_sent_it() -> None:
+    """Each item of a BULK_UPDATE is a change of its own entity: its audit row names the
+    operation, the terminal and the token's user beside the claimed one, and carries the text
+    storage writes (as one UPDATE's would)."""
+    before = state(ent(1, {"a": 1}, entity_id="e1"))
+    item = dataclasses.replace(
+        bulk("b1", [("e1", {"a": 2}, 2), ("e2", {"nome": "Açaí"}, 1)]),
+        terminal_id="pos-7",
+        user_id="token-user",
+        claimed_user_id="boss",
+    )
+    (out,), w = run([item], before)
+    assert out.status == "applied"
+    assert [
+        (a.entity_id, a.operation_id, a.terminal_id, a.user_id, a.claimed_user_id) for a in w.audit
+    ] == [
+        ("e1", "b1", "pos-7", "token-user", "boss"),
+        ("e2", "b1", "pos-7", "token-user", "boss"),
+    ]
+    assert [(e.updated_by, e.updated_at, e.data_json) for e in w.entities] == [
+        ("pos-7", NOW, '{"a":2}'),
+        ("pos-7", NOW, '{"nome":"Açaí"}'),
+    ]
+    assert [(a.before, a.after_json) for a in w.audit] == [
+        ({"a": 1}, '{"a":2}'),
+        (None, '{"nome":"Açaí"}'),
+    ]
 
 
 def test_entity_max_bytes_must_leave_room_in_a_message() -> None:
@@ -260,7 +327,10 @@ def test_every_change_carries_the_text_of_its_state() -> None:
         assert all(o.status != "error" for o in outcomes), outcomes
         texts += assert_texts_are_the_encodings(write)
         before = carry(before, write)
-    assert texts >= 15  # the texts are there, not only checked when present
+    # Every state above has its text, not only checked when present: 7 entities (a tombstone has
+    # none), 7 log rows (a delete's is "{}"), 12 audit sides (none before a create or after a
+    # delete).
+    assert texts == 26
 
 
 def test_a_resolution_carries_the_text_of_its_state() -> None:
@@ -268,4 +338,35 @@ def test_a_resolution_carries_the_text_of_its_state() -> None:
         before = conflicted()
         (out,), write = run([resolution("conflict:op1", kind, resolved)], before)
         assert out.status == "resolved"
-        assert assert_texts_are_the_encodings(write) >= 2
+        assert assert_texts_are_the_encodings(write) == 3  # the entity, its log row, its audit
+
+
+# ---- the reasons a terminal reads ----------------------------------------------------------
+
+
+def test_a_state_at_the_limit_is_allowed_and_one_byte_more_is_not() -> None:
+    assert state_bytes(filler(LIMIT - 12)) == LIMIT  # {"notes":""} is 12 bytes
+    (at,), _ = run([op("op1", "CREATE", filler(LIMIT - 12))], state())
+    (over,), _ = run([op("op1", "CREATE", filler(LIMIT - 11))], state())
+    assert (at.status, over.status) == ("applied", "error")
+    assert over.error is not None and over.error.reason == (
+        f"orders state would be {LIMIT + 1} bytes, over ENTITY_MAX_BYTES ({LIMIT}); nothing changed"
+    )
+
+
+def test_a_state_past_the_limit_is_named_by_what_refused_it() -> None:
+    """The same refusal, prefixed by the BULK_UPDATE item it came from, or followed by what
+    becomes of the conflict a resolution was to settle."""
+    big = filler(LIMIT)
+    before = state(ent(1, {"a": 1}, entity_id="e1"), ent(1, {"b": 1}, entity_id="e2"))
+    (item,), _ = run([bulk("b1", [("e1", {"a": 2}, 2), ("e2", big, 2)])], before)
+    size = state_bytes({"b": 1, **big})
+    assert item.error is not None and item.error.reason == (
+        f"BULK_UPDATE e2: orders state would be {size} bytes, over ENTITY_MAX_BYTES ({LIMIT}); "
+        "nothing changed"
+    )
+    (res,), _ = run([resolution("conflict:op1", "merge", big)], conflicted())
+    assert res.error is not None and res.error.reason == (
+        f"cashier_operations state would be {state_bytes(big)} bytes, over ENTITY_MAX_BYTES "
+        f"({LIMIT}); nothing changed; the conflict stays pending"
+    )

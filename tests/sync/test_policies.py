@@ -130,6 +130,29 @@ def test_malformed_override_is_a_value_error(spec: Any) -> None:
         PolicyTable({"tables": spec})
 
 
+@pytest.mark.parametrize(
+    ("spec", "reason"),
+    [
+        ("merge_changes", "policy of 'tables' must be a mapping, got 'merge_changes'"),
+        (
+            {"polcy": "merge_changes", "lock": True},
+            "unknown policy setting(s) lock, polcy for 'tables'; known: policy, requires_lock",
+        ),
+        (
+            {"policy": "lww"},
+            "unknown conflict policy 'lww' for 'tables'; known: "
+            "last_write_wins, manual_resolution, merge_changes, merge_non_conflicting",
+        ),
+    ],
+    ids=["not-a-mapping", "unknown-setting", "unknown-policy"],
+)
+def test_a_bad_override_says_what_is_wrong_exactly(spec: Any, reason: str) -> None:
+    """The operator reads this at startup: it names the setting and what would be accepted."""
+    with pytest.raises(ValueError) as info:
+        PolicyTable({"tables": spec})
+    assert str(info.value) == reason
+
+
 def test_no_overrides_is_the_default_table() -> None:
     for entity_type, policy in DEFAULT_POLICY_TABLE.items():
         assert PolicyTable(None)[entity_type] == PolicyTable({})[entity_type] == policy

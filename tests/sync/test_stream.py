@@ -128,6 +128,13 @@ STEPS: list[tuple[str, State, Event, State, object]] = [
         state(5, CATCHING_UP),
         CatchUp(4),
     ),
+    (
+        "short page, head one row on",
+        state(5, CATCHING_UP),
+        page_end(3, 16, 5),
+        state(5, CATCHING_UP),
+        CatchUp(4),
+    ),
     ("pause when live", state(5, LIVE), pause(), state(5, PAUSED), StopCatchUp()),
     ("pause during resume", state(5, CATCHING_UP), pause(), state(5, PAUSED), StopCatchUp()),
     ("resume to an older since", state(9, LIVE), resume(3), state(4, CATCHING_UP), CatchUp(3)),
@@ -182,6 +189,15 @@ def test_illegal_step(before: State, event: Event) -> None:
     with pytest.raises(StreamError):
         event(cursor)
     assert state_of(cursor) == before
+
+
+def test_an_illegal_step_says_what_the_driver_did() -> None:
+    with pytest.raises(StreamError) as out_of_turn:
+        cursor_in(state(3, CATCHING_UP)).delivered(4)
+    assert str(out_of_turn.value) == "row 4 delivered while the stream expects 3"
+    with pytest.raises(StreamError) as live:
+        cursor_in(state(3, LIVE)).page_end(0, 16, 2)
+    assert str(live.value) == "a catch-up event while the stream is live"
 
 
 # ---- scenarios: events in the order a session meets them -------------------------------------
