@@ -3,7 +3,7 @@
 # time into a target and runs the target's tests that reach the mutated function; a mutant that
 # leaves them green survives. Targets ([tool.chefia.mutation.*] in pyproject.toml): sync
 # (chefia_rt/sync, tests/sync), protocol (chefia_rt/protocol, tests/protocol), pipeline
-# (chefia_rt/pipeline.py, its unit tests, tests/test_worker_batches.py and three end-to-end files).
+# (chefia_rt/pipeline.py and answers.py, its unit tests, tests/test_worker_batches.py and three end-to-end files).
 #   scripts/mutation.sh [sync|protocol|pipeline]...   (default: all three; at nice 19)
 # The property tests run under the Hypothesis profile `mutation` (tests/conftest.py, chosen in
 # [tool.mutmut] pytest_add_cli_args): a few fixed examples each, no shrinking.
