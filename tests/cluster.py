@@ -45,7 +45,9 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake
 from tests.helpers import Terminal, free_port, server_transport
 from tests.services import REDIS_URL, drop_pg_schema, new_pg_schema, service_missing
 
-READY_TIMEOUT = 20.0
+# Hang guards, not limits under test: a loaded machine starts processes and answers slowly.
+READY_TIMEOUT = 120.0
+HEALTH_HANG_GUARD = 60.0
 STOP_TIMEOUT = 5.0
 PROBE_STORE = "cluster-probe"  # probes stay out of the stores tests look at
 
@@ -258,7 +260,8 @@ class Cluster:
             self._check_running(node)
             if time.monotonic() > deadline:
                 raise AssertionError(
-                    f"node {node.index}: /health never answered 200 (last {status}):\n" + node.log()
+                    f"hang guard: node {node.index}: /health never answered 200 (last {status}):\n"
+                    + node.log()
                 )
             await asyncio.sleep(0.05)
         node.workers = sorted(await self.serving_workers(node, deadline - time.monotonic()))
@@ -271,7 +274,7 @@ class Cluster:
             )
 
     async def serving_workers(
-        self, node: ClusterNode, timeout: float = 10.0, count: int | None = None
+        self, node: ClusterNode, timeout: float = READY_TIMEOUT, count: int | None = None
     ) -> set[str]:
         """Connect probe terminals until `count` (default W) distinct live workers answered.
 
@@ -303,9 +306,12 @@ class Cluster:
             await probe.close()
 
     async def health_status(self, node: ClusterNode) -> int | None:
-        """The HTTP status of GET /health, None when nothing answers."""
+        """The HTTP status of GET /health, None when nothing answers (nothing listens, or the
+        connection ends without a status line). The timeout is a hang guard: a server that
+        takes long to answer (its storage down, the machine loaded) is waited for, since the
+        answer it gives then is what the tests look at."""
         try:
-            async with asyncio.timeout(2):
+            async with asyncio.timeout(HEALTH_HANG_GUARD):
                 reader, writer = await asyncio.open_connection("127.0.0.1", node.port)
                 try:
                     writer.write(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")

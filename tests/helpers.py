@@ -12,10 +12,10 @@ import sys
 import urllib.error
 import urllib.request
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import lz4.frame
 import msgpack
@@ -30,7 +30,11 @@ from chefia_rt.protocol.codec import COMPRESSED_PREFIX
 from chefia_rt.protocol.messages import OUTGOING
 from chefia_rt.worker import Worker
 
-DEFAULT_TIMEOUT = 5.0
+# How long a test waits for something that must come: a hang guard, never the thing tested. A
+# loaded machine (the suite beside a CPU burner, docs/testing.md) may take seconds for what takes
+# milliseconds when quiet, so this only ends a test that would otherwise wait forever.
+DEFAULT_TIMEOUT = 60.0
+T = TypeVar("T")
 # Timestamps of the pings `Terminal.nothing` sends, unique in the test process.
 _PING_MARKERS = itertools.count(9_000_000_001)
 REPOSITORY = Path(__file__).resolve().parent.parent
@@ -135,7 +139,29 @@ def validate(message: dict[str, Any]) -> None:
     OUTGOING[kind][0].model_validate(message)
 
 
-async def closed_with(terminal: Terminal, timeout: float = 5.0) -> int | None:
+async def eventually(
+    condition: Callable[[], bool], timeout: float = DEFAULT_TIMEOUT, what: str = ""
+) -> None:
+    """Wait until `condition()` holds, polling. `timeout` is a hang guard, not a limit under
+    test: tripping it means the condition never came."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():
+        if loop.time() > deadline:
+            raise AssertionError(f"hang guard: not reached in {timeout:g} s: {what or condition}")
+        await asyncio.sleep(0.01)
+
+
+async def hang_guarded(awaitable: Awaitable[T], what: str, timeout: float = DEFAULT_TIMEOUT) -> T:
+    """Await something that must end; past `timeout` it is a hang, said as such."""
+    try:
+        async with asyncio.timeout(timeout):
+            return await awaitable
+    except TimeoutError:
+        raise AssertionError(f"hang guard: {what} not done in {timeout:g} s") from None
+
+
+async def closed_with(terminal: Terminal, timeout: float = DEFAULT_TIMEOUT) -> int | None:
     """Read until the server closes the connection; return the close code it sent."""
     with contextlib.suppress(ConnectionClosed):
         async with asyncio.timeout(timeout):
@@ -170,15 +196,20 @@ class Terminal:
             await self.ws.send(json.dumps(message))
 
     async def recv(self, timeout: float = DEFAULT_TIMEOUT) -> dict[str, Any]:
-        async with asyncio.timeout(timeout):
-            while not self._pending:
-                frame = await self.ws.recv()
-                self.frames.append(frame)
-                messages = decode_server_frame(frame)
-                for message in messages:
-                    validate(message)
-                self._pending.extend(messages)
-            return self._pending.popleft()
+        try:
+            async with asyncio.timeout(timeout):
+                while not self._pending:
+                    frame = await self.ws.recv()
+                    self.frames.append(frame)
+                    messages = decode_server_frame(frame)
+                    for message in messages:
+                        validate(message)
+                    self._pending.extend(messages)
+                return self._pending.popleft()
+        except TimeoutError:
+            if timeout < DEFAULT_TIMEOUT:
+                raise
+            raise TimeoutError(f"hang guard: no message in {timeout:g} s") from None
 
     async def expect(self, kind: str, timeout: float = DEFAULT_TIMEOUT) -> dict[str, Any]:
         """The next message of type `kind`, failing on anything else first."""

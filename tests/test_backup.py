@@ -46,7 +46,7 @@ from chefia_rt.store.base import SessionRecord, Store
 from chefia_rt.store.postgres import PostgresStore
 from chefia_rt.store.sqlite import SQLiteStore
 from tests.bus.conftest import drop_prefix, redis_reachable, unique_prefix
-from tests.helpers import RunningServer, Terminal, op, running_server
+from tests.helpers import RunningServer, Terminal, eventually, hang_guarded, op, running_server
 from tests.services import PG_DSN, REDIS_URL, drop_pg_schema, new_pg_schema, service_missing
 from tests.store.test_contract import STAMPS, UNICODE, make_op, sync
 
@@ -315,15 +315,17 @@ async def write_until(
     store: str,
     terminal_id: str,
     stop: asyncio.Event,
-    confirmed_at: list[float],
+    confirmed_at: list[tuple[str, float, float]],
     history: asyncio.Event,
 ) -> None:
-    """One terminal updating its own table as fast as it is confirmed, until `stop`; `history`
-    is set once 600 writes are confirmed in all."""
+    """One terminal updating its own table as fast as it is confirmed, until `stop`, noting
+    (store, sent, confirmed) times of each write; `history` is set once 600 writes are
+    confirmed in all."""
     async with server.terminal(terminal_id, store=store) as terminal:
         version = 0
         while not stop.is_set():
             version += 1
+            sent = time.monotonic()
             await terminal.send(
                 op(
                     f"{terminal_id}-{version}",
@@ -335,7 +337,7 @@ async def write_until(
             )
             conf = await terminal.until("sync_confirmation")
             assert conf["status"] == "applied", conf
-            confirmed_at.append(time.monotonic())
+            confirmed_at.append((store, sent, time.monotonic()))
             if len(confirmed_at) >= 600:
                 history.set()
 
@@ -373,7 +375,7 @@ async def test_backup_under_write_load_is_consistent(
 ) -> None:
     url = await databases.url(kind)
     stop, history = asyncio.Event(), asyncio.Event()
-    confirmed_at: list[float] = []
+    confirmed_at: list[tuple[str, float, float]] = []
     async with running_server(tmp_path, database_url=url) as server:
         writers = [
             asyncio.create_task(
@@ -383,19 +385,24 @@ async def test_backup_under_write_load_is_consistent(
             for n in range(3)
         ]
         try:
-            await asyncio.wait_for(history.wait(), 60)  # some history first
+            await hang_guarded(history.wait(), "600 writes before the backup", timeout=300)
             started = time.monotonic()
             result = await create_backup(
                 server.settings, output_dir=tmp_path / "backups", progress=QUIET
             )
             ended = time.monotonic()
-            await asyncio.sleep(0.2)  # and writes after it
+            # And writes after it in each store (sent once it ended, so beyond its watermark):
+            # waited for by their confirmations, not by time.
+            await eventually(
+                lambda: {s for s, sent, _ in confirmed_at if sent > ended} == {"s1", "s2"},
+                what="writes in both stores after the backup",
+            )
         finally:
             stop.set()
             await asyncio.gather(*writers)
         # Writes went on before and after the snapshot (the watermarks below sit strictly
         # between); how many land inside the backup's window depends on the machine's speed.
-        during = [t for t in confirmed_at if started <= t <= ended]
+        during = [t for _, _, t in confirmed_at if started <= t <= ended]
         print(
             f"{len(during)} writes confirmed while the {kind} backup ran ({ended - started:.3f}s)"
         )

@@ -20,8 +20,9 @@ from chefia_rt.cache import CachedEntity, RequestCache, entity_body, entity_fiel
 from chefia_rt.domain import BatchWrite, Entity, EntityKey
 from chefia_rt.store.base import BatchRequest
 from chefia_rt.store.sqlite import SQLiteStore
-from tests.bus.conftest import drop_prefix, eventually, redis_reachable, unique_prefix
+from tests.bus.conftest import drop_prefix, redis_reachable, unique_prefix
 from tests.faults.redis import throwaway_redis
+from tests.helpers import eventually
 from tests.services import REDIS_URL
 
 KEY = EntityKey("s1", "orders", "order-1")

@@ -22,8 +22,8 @@ from chefia_rt.terminals import (
     TerminalDirectory,
     TerminalView,
 )
-from tests.bus.conftest import drop_prefix, eventually, redis_reachable
-from tests.helpers import RunningServer, op, running_server
+from tests.bus.conftest import drop_prefix, redis_reachable
+from tests.helpers import RunningServer, eventually, op, running_server
 from tests.services import REDIS_URL, drop_pg_schema, new_pg_schema
 
 # ---- the rules, with a hand-driven clock -------------------------------------------------------
@@ -350,7 +350,7 @@ async def test_a_silent_worker_has_its_terminals_marked_offline(
         # Worker a loses the bus (as a dead worker would): its figures stop reaching b.
         await a.worker.bus.close()
         started = time.monotonic()
-        await eventually(lambda: status(b, "pos-1") == "offline", timeout=15, what="stale")
+        await eventually(lambda: status(b, "pos-1") == "offline", what="stale")
         print(f"silent worker: offline after {time.monotonic() - started:.2f}s")
     finally:
         await pos.close()

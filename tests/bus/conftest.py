@@ -9,8 +9,6 @@ key and channel a test touches is under that prefix, and the keys are deleted af
 
 from __future__ import annotations
 
-import asyncio
-import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -25,6 +23,7 @@ from chefia_rt.bus.base import Bus, Push
 from chefia_rt.bus.memory import MemoryBus
 from chefia_rt.bus.redis import RedisBus
 from chefia_rt.domain import EntityKey, OpRecord
+from tests.helpers import eventually
 from tests.services import REDIS_URL, service_missing
 
 BACKENDS = ["memory", "redis"]
@@ -57,15 +56,6 @@ class Worker:
     def seqs(self, store_id: str | None = None) -> list[int | None]:
         """Seqs delivered, in delivery order (of one store, or all)."""
         return [p.record.seq for s, ps in self.delivered for p in ps if store_id in (None, s)]
-
-
-async def eventually(check: Callable[[], bool], timeout: float = 5.0, what: str = "") -> None:
-    """Wait until `check()` holds (polling), failing after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout}s: {what or check}")
-        await asyncio.sleep(0.01)
 
 
 async def redis_reachable(url: str) -> None:

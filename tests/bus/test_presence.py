@@ -6,7 +6,8 @@ from __future__ import annotations
 import time
 
 from chefia_rt.domain import EntityKey
-from tests.bus.conftest import KEY, Worker, eventually, heard_everything
+from tests.bus.conftest import KEY, Worker, heard_everything
+from tests.helpers import eventually
 
 
 async def test_unregister_of_the_current_session_releases_its_leases(worker: Worker) -> None:

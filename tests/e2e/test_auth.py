@@ -30,7 +30,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from chefia_rt.auth import issue_token
 from chefia_rt.config import load_settings
 from chefia_rt.errors import ConfigError
-from tests.helpers import RunningServer, Terminal, op, running_server
+from tests.helpers import DEFAULT_TIMEOUT, RunningServer, Terminal, op, running_server
 
 KEY = "chefia-test-key-0123456789abcdef-0123456789"
 OLD_KEY = "chefia-old-key-fedcba9876543210-fedcba9876543210"
@@ -102,7 +102,9 @@ async def greeted(server: RunningServer, terminal_id: str, **kwargs: Any) -> Ter
     return terminal
 
 
-async def closed_with(terminal: Terminal, timeout: float = 5.0) -> tuple[int | None, str]:
+async def closed_with(
+    terminal: Terminal, timeout: float = DEFAULT_TIMEOUT
+) -> tuple[int | None, str]:
     """Read until the server closes; (code, reason) of its close frame."""
     with contextlib.suppress(ConnectionClosed):
         async with asyncio.timeout(timeout):
@@ -126,14 +128,6 @@ async def refused(server: RunningServer, terminal_id: str, **kwargs: Any) -> str
         if isinstance(value, str) and len(value) > 20:
             assert value not in reason  # the token is never echoed
     return reason
-
-
-async def eventually(condition: Any, timeout: float = 5.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not condition():
-        assert loop.time() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.01)
 
 
 # ---- accepted tokens --------------------------------------------------------------------------

@@ -12,7 +12,6 @@ import json
 import os
 import socket
 import struct
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,19 +22,18 @@ import websockets
 from websockets.exceptions import InvalidStatus
 
 from chefia_rt.domain import EntityKey
-from tests.helpers import RunningServer, Terminal, closed_with, op, running_server, still_usable
+from tests.helpers import (
+    DEFAULT_TIMEOUT,
+    RunningServer,
+    Terminal,
+    closed_with,
+    eventually,
+    op,
+    running_server,
+    still_usable,
+)
 
 pytestmark = pytest.mark.asyncio
-
-
-async def eventually(condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    """Wait until `condition()` holds, failing after `timeout` seconds."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not condition():
-        if loop.time() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.01)
 
 
 async def handshake_close(server: RunningServer, path_and_query: str) -> int | None:
@@ -425,7 +423,7 @@ async def test_slow_reader_is_closed_1013_and_others_keep_receiving(tmp_path: Pa
                         sent += 8
                     assert session.closed, "slow reader not closed"
                     assert session.close_code == 1013
-                    await eventually(lambda: len(received) >= sent, timeout=10)
+                    await eventually(lambda: len(received) >= sent)
                 finally:
                     reading.cancel()
                 # The others got every operation, in order.
@@ -604,7 +602,7 @@ async def test_silent_connection_is_closed_after_the_timeout(tmp_path: Path) -> 
             loop = asyncio.get_running_loop()
             started = loop.time()
             pings = 0
-            async with asyncio.timeout(5):
+            async with asyncio.timeout(DEFAULT_TIMEOUT):  # a hang guard
                 while True:
                     opcode, payload = await client.frame()
                     if opcode == 0x9:
@@ -613,11 +611,13 @@ async def test_silent_connection_is_closed_after_the_timeout(tmp_path: Path) -> 
                         code = struct.unpack("!H", payload[:2])[0]
                         break
             elapsed = loop.time() - started
-            assert pings >= 2
+            # How many pings fit in the timeout depends on the machine's load; that the server
+            # sends them is what test_client_answering_pings_stays_open_past_the_timeout needs.
+            print(f"{pings} pings before the close")
             assert code == 1001
-            assert 1.0 <= elapsed < 10.0, elapsed  # timeout 1 s; generous for a loaded machine
+            assert elapsed >= 1.0, elapsed  # not before the timeout
             client.close()  # a peer that is really gone; the server then forgets it at once
-            await eventually(lambda: len(server.worker.hub) == 0, timeout=2)
+            await eventually(lambda: len(server.worker.hub) == 0)
         finally:
             client.close()
 
@@ -632,7 +632,7 @@ async def test_raw_client_sending_frames_is_not_idle(tmp_path: Path) -> None:
             deadline = loop.time() + 2.0
             while loop.time() < deadline:
                 client.send_text('{"type":"ping"}')
-                async with asyncio.timeout(1):
+                async with asyncio.timeout(DEFAULT_TIMEOUT):  # a hang guard
                     while True:
                         opcode, payload = await client.frame()
                         assert opcode != 0x8, f"closed: {payload!r}"
@@ -659,22 +659,25 @@ async def test_stuck_reader_with_a_full_socket_is_closed_after_the_timeout(
     """A terminal that stopped reading once the server's socket buffer filled, in a store that
     then goes quiet: nothing overflows its queue, so only the heartbeat can notice it."""
     async with running_server(
-        tmp_path, ws_connection_timeout=2, ws_heartbeat_interval=0.3
+        tmp_path, ws_connection_timeout=5, ws_heartbeat_interval=0.3
     ) as server:
         client = await RawClient.connect(server.port, "/ws/stuck-1?store_id=s1", 4096)
-        # From here on the client reads nothing (its pongs would come from reading).
+        # From here on the client reads nothing (its pongs would come from reading). Until the
+        # socket is full it sends a frame at every step, so that the timeout counts from the
+        # end of the setup, however long a loaded machine takes for it; then it goes silent.
         try:
             async with server.terminal("pos-1") as pos:
                 session = server.worker.hub.get("s1", "stuck-1")
                 assert session is not None
                 pad = "q" * 16_000
                 for i in range(100):  # 1.6 MB: more than the sockets hold, less than the queue
+                    client.send_text('{"type":"ping"}')
                     await pos.send(op(f"op-{i}", f"t{i}", {"pad": pad}))
                 for _ in range(100):
+                    client.send_text('{"type":"ping"}')
                     await pos.expect("sync_confirmation")
                 assert not session.closed, "closed for overflowing its queue; send less"
-                # Timeout 2 s, then the close may take a close_timeout (here 0.3 s) to give up.
-                await eventually(lambda: server.worker.hub.get("s1", "stuck-1") is None, timeout=8)
+                await eventually(lambda: server.worker.hub.get("s1", "stuck-1") is None)
                 assert session.close_code == 1001
         finally:
             client.close()
@@ -704,7 +707,7 @@ async def test_a_reader_that_stalls_its_catch_up_is_closed_1013(tmp_path: Path) 
             assert session is not None
             # From here on it reads nothing. Liveness bound, not a timing: 0.5 s of stall, then
             # the bounded close.
-            await eventually(lambda: server.worker.hub.get("s1", "stuck-2") is None, timeout=15)
+            await eventually(lambda: server.worker.hub.get("s1", "stuck-2") is None)
             assert session.close_code == 1013
         finally:
             client.close()

@@ -41,7 +41,10 @@ from tests.helpers import op
 from tests.services import drop_pg_schema, new_pg_schema
 
 STORE = "s1"
-TEST_BUDGET = 40.0  # seconds per test, cluster start and stop excluded
+# Seconds per test, cluster start and stop excluded: a hang guard for a loaded machine, never a
+# time limit under test.
+TEST_BUDGET = 120.0
+DRAINING_PROBES = 20  # connections tried while a retiring worker drains
 
 
 @pytest.fixture
@@ -573,7 +576,7 @@ async def test_worker_killed_under_load_loses_nothing(cluster: Cluster) -> None:
                 assert time.monotonic() - started < 20, f"no new worker: {pids}"
                 await asyncio.sleep(0.02)
             spawned.append(time.monotonic() - started)
-            serving = await cluster.serving_workers(node, timeout=20)
+            serving = await cluster.serving_workers(node)
             assert victim not in serving
             return time.monotonic() - started
 
@@ -704,10 +707,17 @@ async def test_sighup_replaces_workers_one_by_one_without_refusing(cluster: Clus
         attempts = itertools.count()
         counts: list[int] = []
         sent = 0
+        # What the reload loop below last saw: old and new workers side by side ("mixed") is
+        # the window the connections must get through; how many fit in it is the machine's
+        # speed, so the test asks only that some were tried there.
+        seen = {"mixed": False}
+        tried_while_mixed = 0
 
         async def keep_connecting() -> None:
+            nonlocal tried_while_mixed
             while not stop.is_set():
                 n = next(attempts)
+                tried_while_mixed += seen["mixed"]
                 probe, failure = await try_connect(
                     cluster, 0, f"pos-probe-{n}", "probes", tolerated_503
                 )
@@ -741,12 +751,15 @@ async def test_sighup_replaces_workers_one_by_one_without_refusing(cluster: Clus
             while True:
                 pids = set(node.worker_pids())
                 counts.append(len(pids))
+                seen["mixed"] = bool(pids & old and pids - old)
                 if len(pids) == cluster.workers_per_node and not pids & old:
                     break
-                assert time.monotonic() - started < 40, f"reload stuck: {pids} (old {old})"
+                assert time.monotonic() - started < TEST_BUDGET, (
+                    f"hang guard: reload stuck: {pids} (old {old})"
+                )
                 await asyncio.sleep(0.01)
             reload_time = time.monotonic() - started
-            serving = await cluster.serving_workers(node, timeout=20)
+            serving = await cluster.serving_workers(node)
             await asyncio.sleep(0.3)
         finally:
             stop.set()
@@ -763,8 +776,9 @@ async def test_sighup_replaces_workers_one_by_one_without_refusing(cluster: Clus
 
         tried = next(attempts)
         print(
-            f"reload in {reload_time:.2f}s, {tried} connections ({len(tolerated_503)} got a 503 "
-            f"and retried), worker counts {set(counts)}"
+            f"reload in {reload_time:.2f}s, {tried} connections ({tried_while_mixed} while old "
+            f"and new workers served, {len(tolerated_503)} got a 503 and retried), worker "
+            f"counts {set(counts)}"
         )
         for failure in sticky.connect_failures:
             if "HTTP 503" in failure:
@@ -772,7 +786,7 @@ async def test_sighup_replaces_workers_one_by_one_without_refusing(cluster: Clus
             else:
                 refused.append(f"sticky: {failure}")
         assert not refused, f"refused during the reload: {refused[:5]} ({len(refused)})"
-        assert tried > 20
+        assert tried_while_mixed > 0, "no connection tried while old and new workers served"
         assert {worker_pid(w) for w in serving} == set(node.worker_pids())
         assert not {worker_pid(w) for w in serving} & old
         assert not await wait_gone(old, 2), "a replaced worker is still running"
@@ -804,6 +818,7 @@ async def test_reload_refuses_no_connection_while_a_worker_drains_writes(tmp_pat
         blocker = await asyncpg.connect(cluster.dsn)
         refused: list[str] = []
         probes = 0
+        new_serves = False
         try:
             transaction = blocker.transaction()
             await transaction.start()
@@ -813,16 +828,20 @@ async def test_reload_refuses_no_connection_while_a_worker_drains_writes(tmp_pat
             for i, writer in enumerate(writers):
                 await writer.send(table_op(f"pos-w{i}", 1))
             signal_pid(node.pid, signal.SIGHUP)
-            drain_seen: float | None = None
-            while drain_seen is None or time.monotonic() - drain_seen < 1.5:
+            # Until a new worker serves, then DRAINING_PROBES more: the held row keeps an old
+            # worker draining all along, so every one of them is tried while it drains (a
+            # count, not a time: however slow the machine, the window stays open).
+            draining_probes = 0
+            while draining_probes < DRAINING_PROBES:
                 probes += 1
                 probe, failure = await try_connect(cluster, 0, f"pos-probe-{probes}", "probes")
                 if probe is not None:
-                    if drain_seen is None and probe.pid not in old:
-                        drain_seen = time.monotonic()  # a new worker serves: an old one drains
+                    if probe.pid not in old:
+                        new_serves = True  # a new worker serves: an old one drains
                     await probe.close()
                 if failure is not None:
                     refused.append(failure)
+                draining_probes += new_serves
                 await asyncio.sleep(0.01)
             await transaction.rollback()
         finally:
@@ -837,7 +856,6 @@ async def test_reload_refuses_no_connection_while_a_worker_drains_writes(tmp_pat
             assert writer.close_code == 1001, writer.close_code
         await until("the old workers gone", lambda: not set(node.worker_pids()) & old, 20)
         assert len(await check_log(cluster)) == 3
-        assert probes > 20
         assert not refused, f"{len(refused)} of {probes} refused while draining: {refused[:3]}"
 
 

@@ -9,7 +9,6 @@ import json
 import sqlite3
 import urllib.error
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,19 +19,9 @@ from websockets.typing import Origin
 
 from chefia_rt import __version__
 from chefia_rt.store.sqlite import SQLiteStore
-from tests.helpers import RunningServer, op, running_server
+from tests.helpers import RunningServer, eventually, op, running_server
 
 pytestmark = pytest.mark.asyncio
-
-
-async def eventually(condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    """Wait until `condition()` holds, failing after `timeout` seconds."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not condition():
-        if loop.time() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.01)
 
 
 STATS_KEYS = {

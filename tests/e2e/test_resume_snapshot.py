@@ -385,8 +385,15 @@ async def test_writing_while_catching_up(server: RunningServer) -> None:
     async with server.terminal("pos-a", encoding="msgpack", since=0) as a:
         await a.send(op("mine", "mine", operation="CREATE"))
         messages = await receive(a, 1001)
-        with contextlib.suppress(TimeoutError):
-            messages.append(await a.recv(0.3))
+        # Whether its own op comes back as a push too is settled by order, not by waiting: a
+        # later op of the store is pushed after it (pushes go in seq order).
+        async with server.terminal("pos-b") as b:
+            await b.send(op("marker", "marker", operation="CREATE"))
+            await confirmed(b, "marker")
+        while (message := await a.recv())["type"] != "data_sync" or message["operation"][
+            "id"
+        ] != "marker":
+            messages.append(message)
         confirmations = [x for x in messages if x["type"] == "sync_confirmation"]
         assert [c["operation_id"] for c in confirmations] == ["mine"]
         assert confirmations[0]["seq"] == 1001

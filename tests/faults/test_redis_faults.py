@@ -41,9 +41,9 @@ from chefia_rt.bus import redis as redis_bus
 from chefia_rt.bus.redis import RedisBus
 from chefia_rt.domain import EntityKey
 from chefia_rt.errors import StorageUnavailable
-from tests.bus.conftest import Worker, eventually, pushes, two_workers
+from tests.bus.conftest import Worker, pushes, two_workers
 from tests.faults.redis import ThrowawayRedis, throwaway_redis
-from tests.helpers import Terminal, free_port, op
+from tests.helpers import Terminal, eventually, free_port, op
 from tests.services import drop_pg_schema, new_pg_schema
 
 pytestmark = [pytest.mark.faults, pytest.mark.asyncio]
@@ -129,9 +129,9 @@ async def test_bus_survives_redis_killed_and_restarted_empty(
     )
 
     redis_server.restart()
-    await eventually(lambda: a.resyncs >= 1 and b.resyncs >= 1, timeout=5, what="resyncs")
+    await eventually(lambda: a.resyncs >= 1 and b.resyncs >= 1, what="resyncs")
     await asyncio.gather(*at_resync)
-    await eventually(lambda: 100 in b.seqs(), timeout=3, what="the push published at resync")
+    await eventually(lambda: 100 in b.seqs(), what="the push published at resync")
     assert 3 not in b.seqs()  # lost with Redis: what B's node catches up from storage on resync
     assert await a.bus.ping() is True
     assert await b.bus.ping() is True
@@ -167,7 +167,7 @@ async def test_first_calls_after_a_quiet_restart_succeed(
         await w.bus.register("s1", "pos-0", "sess-0", time.time())
         assert await w.bus.get_lease(KEY) is None
     redis_server.restart()
-    await eventually(lambda: a.resyncs >= 1 and b.resyncs >= 1, timeout=5, what="resyncs")
+    await eventually(lambda: a.resyncs >= 1 and b.resyncs >= 1, what="resyncs")
     assert await a.bus.get_lease(KEY) is None
     assert (await b.bus.acquire_lease(KEY, "pos-1", "lock-1", 30))[0]
     assert await a.bus.release_lease(KEY, "pos-1")
@@ -188,7 +188,7 @@ async def test_presence_lost_with_redis_still_releases_locks_on_disconnect(
     a, _ = pair
     await a.bus.register("s1", "pos-1", "sess-1", time.time())
     redis_server.restart()
-    await eventually(lambda: a.resyncs >= 1, timeout=5, what="resync")
+    await eventually(lambda: a.resyncs >= 1, what="resync")
     await a.bus.ping()  # (not the point here: a dead pooled connection, see the test above)
     assert (await a.bus.acquire_lease(KEY, "pos-1", "lock-1", 300))[0]
     await a.bus.unregister("s1", "pos-1", "sess-1")
@@ -219,7 +219,7 @@ async def test_bus_rides_out_a_frozen_redis(
     assert not taken
     assert holder is not None
     assert holder.owner == "pos-1"  # nothing was lost: the lease is still there
-    await eventually(lambda: b.seqs() == [1, 2, 3], timeout=5, what="pushes after the freeze")
+    await eventually(lambda: b.seqs() == [1, 2, 3], what="pushes after the freeze")
     assert await b.bus.ping() is True
     await b.bus.publish("s1", pushes(4, 1))
     await eventually(lambda: a.seqs()[-1] == 4)
@@ -240,7 +240,7 @@ async def test_subscriber_gives_up_on_a_silent_connection(
             await asyncio.sleep(2.0)  # several liveness windows
         finally:
             redis_server.resume()
-        await eventually(lambda: a.resyncs >= 1 and b.resyncs >= 1, timeout=5, what="resyncs")
+        await eventually(lambda: a.resyncs >= 1 and b.resyncs >= 1, what="resyncs")
         await a.bus.publish("s1", pushes(1, 1))
         await eventually(lambda: b.seqs() == [1], what="pushes after resubscribing")
         # Quiet but alive: answered pings keep the subscription (no resubscribe every window).
@@ -265,9 +265,9 @@ async def test_bus_starts_while_redis_is_down(tmp_path: Path) -> None:
             assert await late.bus.ping() is False
             server.start()
             await other.start()
-            await eventually(lambda: late.resyncs >= 1, timeout=5, what="resync once joined")
+            await eventually(lambda: late.resyncs >= 1, what="resync once joined")
             await other.bus.publish("s1", pushes(1, 1))
-            await eventually(lambda: late.seqs() == [1], timeout=5, what="push after joining")
+            await eventually(lambda: late.seqs() == [1], what="push after joining")
         finally:
             await late.bus.close()
             await other.bus.close()

@@ -16,16 +16,22 @@ from tests.helpers import running_server
 from tests.observability.prometheus import Prometheus, running_prometheus
 
 KNOWN = 'chefia:terminal_known{store_id="s9", terminal_id="pos-9"}'
-WITHIN = 30.0  # seconds for Prometheus to scrape (every second) and evaluate the rules
+# Prometheus scrapes every second and evaluates the rules every second, but on a loaded machine
+# a scrape or an evaluation may be late or time out and be done again: the queries wait for the
+# result, and give up only after HANG_GUARD seconds, as a guard against a hang (not a time limit
+# under test).
+HANG_GUARD = 180.0
 
 
 async def until(prometheus: Prometheus, expr: str, count: int) -> list[dict[str, Any]]:
-    deadline = time.monotonic() + WITHIN
+    deadline = time.monotonic() + HANG_GUARD
     while True:
         result = await prometheus.query(expr)
         if len(result) == count:
             return result
-        assert time.monotonic() < deadline, f"{expr}: {result}\n{prometheus.output()}"
+        assert time.monotonic() < deadline, (
+            f"hang guard: {expr} never had {count} series: {result}\n{prometheus.output()}"
+        )
         await asyncio.sleep(0.2)
 
 

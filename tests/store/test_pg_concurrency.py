@@ -25,7 +25,6 @@ import contextlib
 import json
 import random
 import sys
-import time
 from collections import defaultdict
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -48,7 +47,9 @@ TYPES = ["tables", "products", "customers"]
 ENTITY_IDS = ["e1", "e2", "e3", "e4"]
 FIELDS = ["status", "total", "note", "seats"]
 SHARED_OPS = 60  # sent by several processes with the same ids
-DEADLINE = 30.0  # seconds for the whole test
+# A hang guard for the hammer processes (start, run, report), not a time limit under test: on
+# a loaded machine four processes contending for the same rows take what they take.
+HANG_GUARD = 300.0
 
 
 def _timestamp(rng: random.Random) -> str:
@@ -189,7 +190,10 @@ class Hammer:
 
 
 async def _child(args: dict[str, Any]) -> None:
-    store = PostgresStore(args["dsn"], max_size=2)
+    # A commit waiting its turn on a contended row is not a failure here, however slow the
+    # machine: only a real error may count as `unavailable` (the command timeout is a hang
+    # guard, as HANG_GUARD is for the whole run).
+    store = PostgresStore(args["dsn"], max_size=2, command_timeout=HANG_GUARD)
     await store.open()
     try:
         print("ready", flush=True)
@@ -220,7 +224,7 @@ async def _spawn(dsn: str, index: int) -> asyncio.subprocess.Process:
 async def _hammer(dsn: str) -> list[dict[str, Any]]:
     procs = [await _spawn(dsn, i) for i in range(PROCESSES)]
     try:
-        async with asyncio.timeout(DEADLINE - 5):
+        async with asyncio.timeout(HANG_GUARD):
             for proc in procs:
                 assert proc.stdout is not None
                 line = await proc.stdout.readline()
@@ -237,6 +241,8 @@ async def _hammer(dsn: str) -> list[dict[str, Any]]:
                 assert proc.returncode == 0, err.decode()
                 results.append(json.loads(out.decode().strip().splitlines()[-1]))
             return results
+    except TimeoutError:
+        raise AssertionError(f"hang guard: the hammer processes ran {HANG_GUARD:g} s") from None
     finally:
         for proc in procs:
             if proc.returncode is None:
@@ -257,7 +263,6 @@ def _touched_versions(record: OpRecord) -> list[tuple[EntityKey, int]]:
 
 
 async def test_processes_hammering_the_same_entities_never_fork_or_skip() -> None:
-    started = time.monotonic()
     dsn = await new_pg_schema()
     try:
         migrated = PostgresStore(dsn)
@@ -360,7 +365,6 @@ async def test_processes_hammering_the_same_entities_never_fork_or_skip() -> Non
             replayed.update((e.key, e) for e in outcome.changed)
             seq = outcome.record.seq or seq
     assert replayed == entities
-    assert time.monotonic() - started < DEADLINE
 
 
 if __name__ == "__main__":
