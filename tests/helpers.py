@@ -161,6 +161,19 @@ async def hang_guarded(awaitable: Awaitable[T], what: str, timeout: float = DEFA
         raise AssertionError(f"hang guard: {what} not done in {timeout:g} s") from None
 
 
+async def drain(terminal: Terminal, timeout: float = DEFAULT_TIMEOUT) -> list[dict[str, Any]]:
+    """Every message until the connection ends (which it must: `timeout` is a hang guard)."""
+    messages: list[dict[str, Any]] = []
+    with contextlib.suppress(ConnectionClosed):
+        await hang_guarded(_read_all(terminal, messages), "the connection's end", timeout)
+    return messages
+
+
+async def _read_all(terminal: Terminal, into: list[dict[str, Any]]) -> None:
+    while True:
+        into.append(await terminal.recv())
+
+
 async def closed_with(terminal: Terminal, timeout: float = DEFAULT_TIMEOUT) -> int | None:
     """Read until the server closes the connection; return the close code it sent."""
     with contextlib.suppress(ConnectionClosed):

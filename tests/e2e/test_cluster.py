@@ -37,7 +37,7 @@ from tests.cluster import (
     worker_pid,
 )
 from tests.e2e.test_sync_flow import check_frame
-from tests.helpers import op
+from tests.helpers import drain, op
 from tests.services import drop_pg_schema, new_pg_schema
 
 STORE = "s1"
@@ -254,16 +254,6 @@ async def check_log(cluster: Cluster) -> list[tuple[int, str]]:
     return log
 
 
-async def drain(terminal: ClusterTerminal, timeout: float = 10.0) -> list[dict[str, Any]]:
-    """Every message until the connection ends."""
-    messages: list[dict[str, Any]] = []
-    with contextlib.suppress(ConnectionClosed, TimeoutError):
-        async with asyncio.timeout(timeout):
-            while True:
-                messages.append(await terminal.recv(timeout))
-    return messages
-
-
 async def answer(terminal: ClusterTerminal, message: dict[str, Any]) -> dict[str, Any]:
     """Send a request and return the next message (the answer)."""
     await terminal.send(message)
@@ -471,7 +461,7 @@ async def test_takeover_across_nodes_keeps_the_locks(cluster: Cluster) -> None:
 
             new = await cluster.connect(1, "pos-x")
             try:
-                await drain(old, timeout=5)
+                await drain(old)
                 assert old.close_code == Code.REPLACED, old.close_code
                 # The lock held across the takeover: the new connection writes under it ...
                 await new.send(order_op("x2", "o1", 2, status="cooking"))
@@ -573,7 +563,9 @@ async def test_worker_killed_under_load_loses_nothing(cluster: Cluster) -> None:
                 pids = set(node.worker_pids())
                 if len(pids) == cluster.workers_per_node and not pids <= old_pids:
                     break
-                assert time.monotonic() - started < 20, f"no new worker: {pids}"
+                assert time.monotonic() - started < TEST_BUDGET, (
+                    f"hang guard: no new worker: {pids}"
+                )
                 await asyncio.sleep(0.02)
             spawned.append(time.monotonic() - started)
             serving = await cluster.serving_workers(node)
@@ -641,10 +633,12 @@ async def test_sigterm_drains_a_node_while_the_other_keeps_serving(cluster: Clus
             signal_pid(node.pid, signal.SIGTERM)
             rest, pushed = await asyncio.gather(drain(sender), drain(listener))
             assert node.proc is not None
-            code = await asyncio.to_thread(node.proc.wait, 10)
+            # A hang guard past the supervisor's own drain timeout (25 s), whose kill the log
+            # check below tells apart.
+            code = await asyncio.to_thread(node.proc.wait, 60)
             elapsed = time.monotonic() - started
             assert code == 0, node.log()
-            assert not await wait_gone(workers, 2), "a worker outlived its supervisor's stop"
+            assert not await wait_gone(workers, 10), "a worker outlived its supervisor's stop"
             assert sender.close_code == 1001, sender.close_code
             assert listener.close_code == 1001, listener.close_code
         finally:
@@ -666,8 +660,7 @@ async def test_sigterm_drains_a_node_while_the_other_keeps_serving(cluster: Clus
 
         try:
             # The other node got every committed op, and goes on serving old and new terminals.
-            async with asyncio.timeout(10):
-                got = [await remote.expect("data_sync") for _ in log]
+            got = [await remote.expect("data_sync") for _ in log]
             assert [(m["operation"]["seq"], m["operation"]["id"]) for m in got] == log
             newcomer = await cluster.connect(1, "pos-new")
             try:
@@ -682,8 +675,8 @@ async def test_sigterm_drains_a_node_while_the_other_keeps_serving(cluster: Clus
             await remote.close()
         print(f"node stopped in {elapsed:.2f}s, {len(confirmed)} of {total} ops committed")
         print(f"the node stopped in {elapsed:.2f}s")
-        assert elapsed < 20, f"the node took {elapsed:.1f}s to stop"  # drain timeout is 25 s
         assert "Traceback" not in node.log(), node.log()
+        # Stopped by draining, not by the drain timeout's kill: the supervisor says which.
         assert "did not drain in time" not in node.log()
 
 
@@ -849,7 +842,7 @@ async def test_reload_refuses_no_connection_while_a_worker_drains_writes(tmp_pat
         # The queued writes were committed once the row was free, then the old workers closed
         # their terminals with 1001.
         for i, writer in enumerate(writers):
-            answers = await drain(writer, timeout=15)
+            answers = await drain(writer)
             confirmation = next((a for a in answers if a["type"] == "sync_confirmation"), None)
             assert confirmation is not None, (answers, writer.close_code)
             assert confirmation["operation_id"] == f"pos-w{i}-op0001", answers
@@ -873,7 +866,7 @@ async def test_sigkill_of_the_supervisor_takes_its_workers_down(cluster: Cluster
             await asyncio.to_thread(node.proc.wait, 5)
             left = await wait_gone(workers, 5)
             assert not left, f"workers {left} outlived their supervisor (orphans)"
-            await drain(here, timeout=5)
+            await drain(here)
             assert here.close_code == 1001, here.close_code
             assert port_is_free(node.port), "something still listens on the node's port"
             with pytest.raises(OSError):

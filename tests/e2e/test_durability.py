@@ -21,7 +21,7 @@ import websockets
 from websockets.exceptions import ConnectionClosed
 
 from chefia_rt.store.sqlite import SQLiteStore
-from tests.helpers import Terminal, free_port, op, running_server, server_transport
+from tests.helpers import Terminal, drain, free_port, op, running_server, server_transport
 
 pytestmark = pytest.mark.asyncio
 
@@ -129,16 +129,6 @@ async def proc(tmp_path: Path) -> AsyncIterator[ServerProcess]:
 def table_op(i: int) -> dict[str, Any]:
     """Operation i: its own table, so every op applies on its own and retries are exact."""
     return op(f"op-{i:04d}", f"t{i:04d}", {"seats": i % 12, "n": i})
-
-
-async def drain(terminal: Terminal, timeout: float = 5.0) -> list[dict[str, Any]]:
-    """Every message until the connection ends."""
-    messages: list[dict[str, Any]] = []
-    with contextlib.suppress(ConnectionClosed, TimeoutError):
-        async with asyncio.timeout(timeout):
-            while True:
-                messages.append(await terminal.recv(timeout))
-    return messages
 
 
 def check_log(proc: ServerProcess) -> list[tuple[str, int]]:
@@ -266,8 +256,8 @@ async def test_sigterm_drains_closes_1001_and_exits_0(proc: ServerProcess) -> No
         assert proc.proc is not None
         started = time.monotonic()
         proc.proc.send_signal(signal.SIGTERM)
-        rest = await drain(sender, timeout=10)
-        pushed = await drain(listener, timeout=10)
+        rest = await drain(sender)
+        pushed = await drain(listener)
         assert proc.proc.wait(10) == 0, proc.log()
         assert time.monotonic() - started < 15
         assert sender.ws.protocol.close_rcvd is not None
@@ -340,7 +330,7 @@ async def test_sigterm_with_a_terminal_that_stopped_reading(proc: ServerProcess)
             assert proc.proc is not None
             started = time.monotonic()
             proc.proc.send_signal(signal.SIGTERM)
-            await drain(sender, timeout=15)
+            await drain(sender)
             assert sender.ws.protocol.close_rcvd is not None
             assert sender.ws.protocol.close_rcvd.code == 1001
             assert proc.proc.wait(15) == 0, proc.log()

@@ -43,7 +43,7 @@ from chefia_rt.domain import EntityKey
 from chefia_rt.errors import StorageUnavailable
 from tests.bus.conftest import Worker, pushes, two_workers
 from tests.faults.redis import ThrowawayRedis, throwaway_redis
-from tests.helpers import Terminal, eventually, free_port, op
+from tests.helpers import DEFAULT_TIMEOUT, Terminal, eventually, free_port, op
 from tests.services import drop_pg_schema, new_pg_schema
 
 pytestmark = [pytest.mark.faults, pytest.mark.asyncio]
@@ -341,9 +341,10 @@ class ClusterProcess:
             )
 
     async def get(self, path: str) -> tuple[int, dict[str, Any]]:
-        """(status, JSON body) of an HTTP GET; (0, {}) when nobody answers."""
+        """(status, JSON body) of an HTTP GET; (0, {}) when nobody answers (the timeout is a
+        hang guard: a slow answer on a loaded machine is still the answer)."""
         try:
-            async with asyncio.timeout(3):
+            async with asyncio.timeout(DEFAULT_TIMEOUT):
                 reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
                 writer.write(
                     f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
@@ -506,7 +507,7 @@ class Client:
                 "timeout": 30000,
             }
         )
-        async with asyncio.timeout(5):
+        async with asyncio.timeout(DEFAULT_TIMEOUT):  # a hang guard
             while (message := await self.other.get())["type"] not in (
                 "lock_acquired",
                 "lock_failed",
@@ -628,11 +629,10 @@ async def bus_health(cluster: ClusterProcess) -> bool | None:
 
 
 @pytest.mark.parametrize("fault", ["kill-restart-empty", "freeze"])
-@bounded(60)
+@bounded(300)
 async def test_terminals_on_two_workers_ride_out_a_redis_fault(
     cluster: ClusterProcess, redis_server: ThrowawayRedis, fault: str
 ) -> None:
-    started = time.monotonic()
     clients = await connect_on_both_workers(cluster)
     stop = asyncio.Event()
     counter = [0]
@@ -641,9 +641,9 @@ async def test_terminals_on_two_workers_ride_out_a_redis_fault(
     dropped = [next(c for c in clients if c.worker == w) for w in {c.worker for c in clients}]
     senders = [asyncio.create_task(send_steadily(c, stop, counter)) for c in clients]
     try:
-        await asyncio.sleep(1.5)
+        # Counts, not rates: the fault comes once 20 ops are confirmed, however long that takes.
+        await eventually(lambda: counter[0] > 20, what="the terminals sending")
         before = counter[0]
-        assert before > 20, "the terminals are not sending"
         if fault == "kill-restart-empty":
             redis_server.kill()
             await asyncio.sleep(0.5)
@@ -660,8 +660,10 @@ async def test_terminals_on_two_workers_ride_out_a_redis_fault(
             await asyncio.sleep(2.5)
             redis_server.resume()
         during = counter[0]
-        await asyncio.sleep(3.0)
-        assert counter[0] > during + 20, "operations are not confirmed again after the fault"
+        await eventually(
+            lambda: counter[0] > during + 20,
+            what="operations confirmed again after the fault",
+        )
         assert await bus_health(cluster) is True
     finally:
         stop.set()
@@ -687,14 +689,17 @@ async def test_terminals_on_two_workers_ride_out_a_redis_fault(
             for b in clients
             if a.store_id == b.store_id and a.worker != b.worker
         )
+        # The lock expires 30 s after the server granted it, which is after it was asked for:
+        # taken again before asked + 30 s, it was released, not expired. (An exact bound, not
+        # a margin.)
+        asked = time.monotonic()
         assert (await first.lock("orders", "o-1"))["type"] == "lock_acquired"
         refused = await second.lock("orders", "o-1")
         assert refused["type"] == "lock_failed"
         assert refused["locked_by"] == first.terminal_id
         await first.close()
-        deadline = time.monotonic() + 3  # far below the lock's 30 s: released, not expired
         while (answer := await second.lock("orders", "o-1"))["type"] != "lock_acquired":
-            assert time.monotonic() < deadline, (
+            assert time.monotonic() < asked + 30, (
                 f"the lock outlived its owner's connection: {answer}"
             )
             await asyncio.sleep(0.1)
@@ -706,4 +711,3 @@ async def test_terminals_on_two_workers_ride_out_a_redis_fault(
     finally:
         for client in clients:
             await client.close()
-    assert time.monotonic() - started < 40
