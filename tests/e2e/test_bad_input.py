@@ -677,7 +677,10 @@ async def test_stuck_reader_with_a_full_socket_is_closed_after_the_timeout(
                     client.send_text('{"type":"ping"}')
                     await pos.expect("sync_confirmation")
                 assert not session.closed, "closed for overflowing its queue; send less"
-                await eventually(lambda: server.worker.hub.get("s1", "stuck-1") is None)
+                await eventually(
+                    lambda: server.worker.hub.get("s1", "stuck-1") is None,
+                    what="the silent terminal closed by the heartbeat",
+                )
                 assert session.close_code == 1001
         finally:
             client.close()
