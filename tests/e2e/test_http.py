@@ -19,7 +19,7 @@ from websockets.typing import Origin
 
 from chefia_rt import __version__
 from chefia_rt.store.sqlite import SQLiteStore
-from tests.helpers import RunningServer, eventually, op, running_server
+from tests.helpers import DEFAULT_TIMEOUT, RunningServer, eventually, op, running_server
 
 pytestmark = pytest.mark.asyncio
 
@@ -57,7 +57,7 @@ async def raw_http(server: RunningServer, request: bytes) -> bytes:
     try:
         writer.write(request)
         await writer.drain()
-        async with asyncio.timeout(5):
+        async with asyncio.timeout(DEFAULT_TIMEOUT):  # a hang guard
             return await reader.read(-1)
     finally:
         writer.close()
