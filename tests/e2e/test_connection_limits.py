@@ -47,7 +47,7 @@ async def fill(terminal: Terminal, count: int, chunk: int = 250) -> None:
             )
         confirmed = 0
         while confirmed < min(chunk, count - start):
-            message = await terminal.recv(timeout=30)
+            message = await terminal.recv()
             assert message["type"] != "sync_error", message
             confirmed += message["type"] == "sync_confirmation"
 
@@ -56,7 +56,7 @@ async def snapshot_pages(terminal: Terminal) -> list[dict[str, Any]]:
     """The pages of one snapshot, up to the complete one."""
     pages = []
     while True:
-        page = await terminal.until("snapshot", timeout=10)
+        page = await terminal.until("snapshot")
         pages.append(page)
         if page.get("complete", True):
             return pages
@@ -203,7 +203,7 @@ async def test_snapshot_flood_from_a_terminal_that_never_reads(tmp_path: Path) -
                 n += 1
                 begun = time.monotonic()
                 await other.send(op(f"o-{n}", "t-1", {"seats": n}))
-                answer = await other.until("sync_confirmation", timeout=10)
+                answer = await other.until("sync_confirmation")
                 assert answer["operation_id"] == f"o-{n}"
                 latencies.append(time.monotonic() - begun)
                 await asyncio.sleep(0.05)
@@ -248,7 +248,7 @@ async def test_lock_spam_is_capped_and_a_disconnect_releases_only_its_own(tmp_pa
         answers: dict[str, int] = {}
         reasons = set()
         while sum(answers.values()) < asked:
-            message = await spammer.recv(timeout=10)
+            message = await spammer.recv()
             if message["type"] in ("lock_acquired", "lock_failed"):
                 answers[message["type"]] = answers.get(message["type"], 0) + 1
                 if message["type"] == "lock_failed":

@@ -242,7 +242,7 @@ async def test_the_confirmed_version_is_read_at_once_even_from_a_large_batch(
             fillers = [op(f"f{i}", f"t-fill-{i}") for i in range(size - 1)]
             update = op("o2", "t-read", {"n": 2}, version=2)
             await pos.send({"type": "message_batch", "messages": [update, *fillers]})
-            confirmation = await pos.expect("sync_confirmation", timeout=30)  # a 2048-op commit
+            confirmation = await pos.expect("sync_confirmation")  # a 2048-op commit
             assert (confirmation["operation_id"], confirmation["version"]) == ("o2", 2)
             writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
             head = await reader.readuntil(b"\r\n\r\n")

@@ -322,14 +322,14 @@ async def test_a_locked_database_times_out_and_the_retry_is_safe(tmp_path: Path)
         try:
             blocker.execute("BEGIN IMMEDIATE")  # another writer holds the database
             await pos.send(op("op-1", "t1", {"seats": 1}))
-            error = await pos.expect("sync_error", timeout=5)
+            error = await pos.expect("sync_error")
             assert error["code"] == 1013
             assert error["operation_id"] == "op-1"
         finally:
             blocker.execute("ROLLBACK")
             blocker.close()
         # The pending transaction lands now and is pushed; the retry is a duplicate.
-        pushed = await other.expect("data_sync", timeout=12)
+        pushed = await other.expect("data_sync")
         assert pushed["operation"]["id"] == "op-1"
         await pos.send(op("op-1", "t1", {"seats": 1}))
         confirmation = await pos.expect("sync_confirmation")

@@ -167,7 +167,7 @@ async def test_a_stream_request_refused_while_postgres_is_down_keeps_the_stream(
         await writer.send(op("op2", "T2", {"n": 2}))
         await writer.expect("sync_confirmation")
         # The terminal asked for nothing new (its request was refused): the stream goes on.
-        pushed = await reader.until("data_sync", timeout=5)
+        pushed = await reader.until("data_sync")
         assert pushed["operation"]["seq"] == 2
     finally:
         await reader.close()
@@ -197,7 +197,7 @@ async def test_a_catch_up_that_meets_a_storage_hiccup_keeps_the_connection(
 
         hub._read_ops = hiccup
         await reader.send({"type": "resume", "since": 0})
-        replayed = await reader.until("data_sync", timeout=5)
+        replayed = await reader.until("data_sync")
         assert replayed["operation"]["seq"] == 1
 
 
