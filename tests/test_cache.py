@@ -109,7 +109,9 @@ async def test_concurrent_misses_cost_one_storage_read(store: GatedStore, bus: B
     store.gate = asyncio.Event()
     readers = [asyncio.create_task(cache.read(KEY)) for _ in range(50)]
     await eventually(lambda: store.reads == 1, what="the first storage read")
-    await asyncio.sleep(0.3)  # every other reader has asked the cache and joined by now
+    # Every reader counts its miss and joins the read in flight in one step: 50 misses, all
+    # joined.
+    await eventually(lambda: figures(cache, "orders")["misses"] == 50, what="every reader joined")
     store.gate.set()
     found = await asyncio.gather(*readers)
     assert {version(f) for f in found} == {1}

@@ -27,6 +27,7 @@ from tests.bus.conftest import (
 from tests.services import REDIS_URL
 
 CAP = 5
+SHORT_TTL = 1.0  # seconds: leases that expire during the test
 
 
 def key(n: int, store: str = "s1") -> EntityKey:
@@ -74,11 +75,13 @@ async def test_a_terminal_holds_at_most_its_cap_of_leases(capped: tuple[Bus, str
 
 async def test_expired_leases_make_room(capped: tuple[Bus, str]) -> None:
     bus, _ = capped
+    # SHORT_TTL must outlast the CAP acquisitions and the refused one (a loaded machine's
+    # round trips); the sleep then outlasts it, which a loaded machine only lengthens.
     for n in range(CAP):
-        assert (await bus.acquire_lease(key(n), "pos-1", f"l{n}", 0.2))[0]
+        assert (await bus.acquire_lease(key(n), "pos-1", f"l{n}", SHORT_TTL))[0]
     with pytest.raises(TooManyLocks):
         await bus.acquire_lease(key(CAP), "pos-1", "l-over", 30)
-    await asyncio.sleep(0.3)
+    await asyncio.sleep(SHORT_TTL + 0.1)
     for n in range(CAP, 2 * CAP):
         assert (await bus.acquire_lease(key(n), "pos-1", f"l{n}", 30))[0]
 
@@ -86,8 +89,8 @@ async def test_expired_leases_make_room(capped: tuple[Bus, str]) -> None:
 async def test_leases_taken_over_after_expiry_make_room(capped: tuple[Bus, str]) -> None:
     bus, _ = capped
     for n in range(CAP):
-        assert (await bus.acquire_lease(key(n), "pos-1", f"l{n}", 0.2))[0]
-    await asyncio.sleep(0.3)
+        assert (await bus.acquire_lease(key(n), "pos-1", f"l{n}", SHORT_TTL))[0]
+    await asyncio.sleep(SHORT_TTL + 0.1)
     assert (await bus.acquire_lease(key(0), "pos-2", "taken", 30))[0]
     assert (await bus.acquire_lease(key(100), "pos-1", "new", 30))[0]
     # pos-1's release of its old entity releases nothing of pos-2's.
