@@ -22,12 +22,11 @@ from tests.e2e.test_auth import (
     OTHER_KEY,
     auth_server,
     closed_with,
-    eventually,
     greeted,
     token,
 )
 from tests.e2e.test_sync_flow import wire_checks  # noqa: F401  (autouse fixture)
-from tests.helpers import Terminal, op, running_server, still_usable
+from tests.helpers import Terminal, eventually, op, running_server, still_usable
 
 LEFT = 2  # seconds a short token still has when a test connects with it
 
