@@ -23,7 +23,14 @@ from websockets.exceptions import ConnectionClosed
 
 from chefia_rt.errors import Code
 from tests.cluster import Cluster, running_cluster, worker_pid
-from tests.helpers import Terminal, closed_with, decode_server_frame, op, running_server
+from tests.helpers import (
+    DEFAULT_TIMEOUT,
+    Terminal,
+    closed_with,
+    decode_server_frame,
+    op,
+    running_server,
+)
 
 FRAME_LIMIT = 65_536
 NOTE = "x" * 1500  # about 1.6 KB an entity
@@ -262,7 +269,7 @@ async def test_lock_spam_is_capped_and_a_disconnect_releases_only_its_own(tmp_pa
             await other.send(op("o-1", "t-1", {"seats": 1}))
             assert (await other.until("sync_confirmation"))["operation_id"] == "o-1"
             await spammer.close()
-            deadline = time.monotonic() + 5
+            deadline = time.monotonic() + DEFAULT_TIMEOUT  # a hang guard
             while len(held) != 3 and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
                 held = [

@@ -26,7 +26,7 @@ from chefia_rt.errors import Code
 from chefia_rt.protocol import messages as m
 from chefia_rt.store.sqlite import SQLiteStore
 from tests.cluster import running_cluster, signal_pid
-from tests.helpers import RunningServer, Terminal, op, running_server
+from tests.helpers import DEFAULT_TIMEOUT, RunningServer, Terminal, op, running_server
 
 MONITOR_MODELS: dict[str, type[BaseModel]] = {
     "terminal_status_update": m.TerminalStatusUpdate,
@@ -50,7 +50,7 @@ class Monitor:
         self.seen: list[dict[str, Any]] = []
 
     async def wait_for(
-        self, check: Callable[[dict[str, Any]], bool], what: str, timeout: float = 15.0
+        self, check: Callable[[dict[str, Any]], bool], what: str, timeout: float = DEFAULT_TIMEOUT
     ) -> dict[str, Any]:
         """The first message (seen before or arriving within `timeout`) that passes `check`."""
         for message in self.seen:

@@ -34,7 +34,9 @@ from tests.store.test_contract import make_op, sync
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
 
-RECOVERY_BOUND = 15.0  # PostgreSQL back → /health 200 within this many seconds
+# PostgreSQL back → /health 200 within this many seconds: a hang guard (a loaded machine's
+# reconnect takes what it takes), not a recovery time under test.
+RECOVERY_BOUND = 60.0
 
 
 class ServerProcess:

@@ -22,7 +22,7 @@ from tests.observability.promtext import http_get
 from tests.services import service_missing
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "config"
-READY_TIMEOUT = 30.0
+READY_TIMEOUT = 120.0  # a hang guard: a loaded machine starts Prometheus slowly
 
 
 class Prometheus:

@@ -45,7 +45,7 @@ async def serving(tmp_path: Path, **env: str) -> AsyncIterator[tuple[int, Path]]
     )
     proc = _spawn([sys.executable, "-m", "chefia_rt", "serve"], tmp_path, environ, log)
     try:
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 120  # a hang guard: a loaded machine starts slowly
         while True:
             try:
                 if (await asyncio.to_thread(http_get, f"http://127.0.0.1:{port}/health"))[0]:
