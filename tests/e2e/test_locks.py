@@ -13,7 +13,6 @@ from typing import Any
 import pytest
 
 from chefia_rt.errors import Code, StorageUnavailable
-from tests.bus.conftest import eventually
 from tests.e2e.test_sync_flow import (  # noqa: F401  (wire_checks: autouse fixture)
     ENCODINGS,
     confirmed,
@@ -22,7 +21,7 @@ from tests.e2e.test_sync_flow import (  # noqa: F401  (wire_checks: autouse fixt
     sync,
     wire_checks,
 )
-from tests.helpers import RunningServer, Terminal, op, running_server
+from tests.helpers import RunningServer, Terminal, eventually, op, running_server
 
 
 def acquire(entity_id: str, entity_type: str = "orders", **extra: Any) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from chefia_rt.store.base import BatchRequest
 from chefia_rt.store.rows import migrations
 from chefia_rt.store.sqlite import SQLiteStore
 from chefia_rt.sync.engine import Outcome
-from tests.bus.conftest import eventually
+from tests.helpers import eventually
 from tests.store.test_contract import ENGINE, NOW, make_op, request_for, sync
 
 
