@@ -9,7 +9,7 @@ a batch costs its CPU time and nothing more. A commit that would have to wait fo
 holding the write lock goes to the thread instead, where waiting blocks nothing.
 
 A commit is durable before `commit` returns, so a confirmation sent after it survives `kill -9`
-and power loss: the WAL is synced after each commit, in a thread of its own, by one fsync for
+and power loss: the WAL is synced after each commit, in a thread of its own, by one sync for
 every commit made meanwhile (see `wal.py`).
 """
 

@@ -2,12 +2,12 @@
 
 The writer's connection runs `synchronous=NORMAL`, so COMMIT only writes the transaction's
 frames into the WAL file, and the event loop that runs it never waits for the disk. Each commit
-takes the next *generation*; `durable(generation)` returns once an fsync of the WAL that began
-after that commit has finished. One fsync covers every commit made before it began, so at most
+takes the next *generation*; `durable(generation)` returns once a sync of the WAL that began
+after that commit has finished. One sync covers every commit made before it began, so at most
 one runs at a time and the commits that arrive meanwhile share the next.
 
 What waits for it: every answer to a commit, and every read that may have seen one (a catch-up
-must not push an operation that a power cut could still take back). After an fsync fails,
+must not push an operation that a power cut could still take back). After a sync fails,
 nothing that was written since the last good one can be trusted to be on disk: every waiter and
 every later call gets StorageUnavailable, and the process must be restarted to recover from
 what the file holds.
@@ -27,7 +27,7 @@ log = logging.getLogger("chefia_rt.store.wal")
 
 
 class WalSync:
-    """The WAL's fsyncs for one SQLite file, and who waits for them (event-loop side)."""
+    """The WAL's syncs for one SQLite file, and who waits for them (event-loop side)."""
 
     def __init__(self, wal_path: str | None) -> None:
         # None: an in-memory database, which has nothing to sync.
@@ -37,7 +37,7 @@ class WalSync:
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-sync")
         self.written = 0  # generation of the last commit
         self.synced = 0  # every generation up to this one is on disk
-        self.syncs = 0  # fsyncs begun for commits made on the event loop
+        self.syncs = 0  # syncs begun for commits made on the event loop
         self._syncing: Future[None] | None = None
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
         self.failure: OSError | None = None
@@ -79,7 +79,7 @@ class WalSync:
             os.fdatasync(fd)
         except OSError as exc:
             if self.failure is None:
-                log.critical("fsync of the SQLite WAL failed, storage stops: %s", exc)
+                log.critical("sync of the SQLite WAL failed, storage stops: %s", exc)
                 self.failure = exc
             raise
 
