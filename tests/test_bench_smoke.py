@@ -54,7 +54,6 @@ async def test_bench_prints_one_json_line_and_loses_nothing() -> None:
         "loadtest.bench",
         *("--stores", "2", "--terminals", "3", "--rate", "4", "--duration", "2"),
         *("--transport", "both", "--durable-baseline"),
-        timeout=180,
     )
     print(f"bench smoke run took {time.monotonic() - started:.1f}s")
     assert result["bench"] == "rush_hour" and result["mode"] == "embedded"

@@ -24,7 +24,6 @@ async def test_capacity_bus_delivers_every_operation_to_every_subscriber() -> No
     result = await run_bench(
         "loadtest.capacity",
         *("bus", "--subscribers", "1,2", "--rate", "300", "--duration", "1", "--stores", "5"),
-        timeout=120,
     )
     print(result)
     assert result["bench"] == "capacity_bus"
@@ -41,7 +40,6 @@ async def test_capacity_services_measures_postgres_and_redis_apart() -> None:
     result = await run_bench(
         "loadtest.capacity",
         *("services", "--stores", "2", "--terminals", "3", "--rate", "4", "--duration", "2"),
-        timeout=180,
     )
     print(result)
     assert result["bench"] == "capacity_services" and result["errors"] == 0
