@@ -97,8 +97,24 @@ class Site:
             yield
 
 
-def build_wheel(tmp_path: Path, source: Path = ROOT) -> Path:
-    """This checkout as a wheel, once: both releases install it (no source build per release)."""
+# What a wheel is not built from. `build` and `dist` above all: setuptools builds in the source
+# tree's build/, so two tests building from one tree at once (xdist) trip over each other.
+NOT_SOURCE = shutil.ignore_patterns(
+    ".*", "tests", "loadtest", "docs", "__pycache__", "*.egg-info", "build", "dist", "mutants"
+)
+
+
+def source_copy(tmp_path: Path) -> Path:
+    """This checkout's sources, copied: each test builds in a tree of its own."""
+    source = tmp_path / "source"
+    shutil.copytree(ROOT, source, ignore=NOT_SOURCE)
+    return source
+
+
+def build_wheel(tmp_path: Path, source: Path | None = None) -> Path:
+    """This checkout (or `source`) as a wheel, once: both releases install it (no source build
+    per release)."""
+    source = source or source_copy(tmp_path)
     out = tmp_path / "wheels"
     built = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", str(out), str(source)],
@@ -238,9 +254,7 @@ def test_tune_stages_sysctl_and_limits(tmp_path: Path) -> None:
 def broken_wheel(tmp_path: Path) -> Path:
     """This checkout as a wheel whose server starts (READY=1) but whose /health always answers
     503: a release that passes check-config and migrate and only `verify` can catch."""
-    source = tmp_path / "broken-source"
-    ignore = shutil.ignore_patterns(".*", "tests", "loadtest", "docs", "__pycache__", "*.egg-info")
-    shutil.copytree(ROOT, source, ignore=ignore)
+    source = source_copy(tmp_path / "broken")
     http = source / "chefia_rt/http.py"
     healthy = "return json_response(200 if ok else 503, body)"
     assert healthy in http.read_text()
