@@ -182,6 +182,9 @@ class BatchState:
     entities: dict[EntityKey, Entity]
     conflicts: dict[ConflictKey, Conflict]
     last_seqs: dict[str, int]
+    # Of the requested entities, those a lock lease may be in force on (stores that keep lease
+    # marks only; see Store.commit).
+    leased: frozenset[EntityKey] = frozenset()
 
 
 @dataclass(slots=True)

@@ -180,7 +180,8 @@ class WritePipeline:
                 batch.append(self._queue.get_nowait())
             taken = len(batch)
             try:
-                batch = await self._admit(batch)
+                if not self.store.marks_leases:
+                    batch = await self._admit(batch)
                 if batch:
                     await self._commit(batch)
             except Exception:
@@ -192,8 +193,8 @@ class WritePipeline:
                     self.idle.set()
 
     async def _admit(self, batch: list[Pending]) -> list[Pending]:
-        """The batch less the operations that the leases of their entities forbid, which are
-        answered 4009 here.
+        """For a store that keeps no lease marks: the batch less the operations that the leases
+        of their entities forbid, which are answered 4009 here.
 
         The leases of the whole batch are read in one call (one round trip to Redis), after
         the operations left the queue and right before their commit starts: a lock granted
@@ -242,6 +243,55 @@ class WritePipeline:
                 self._refuse(pending, locked.code, locked.reason)
         return admitted
 
+    def _screen(
+        self, batch: list[Pending], refused: dict[int, tuple[int, str]]
+    ) -> Callable[[BatchState], Coroutine[Any, Any, None]]:
+        """For a store that marks leases: what checks the batch's leases inside its transaction,
+        putting the operations they forbid into `refused` (by position in the batch, with the
+        code and reason to answer) for the commit to leave out.
+
+        The store read the marks of the batch's entities with the batch's other rows, after the
+        operations left the queue; every grant is marked before it is answered. So a lock
+        granted before that read stops the batch, as `_admit` describes, and only the marked
+        entities' leases are read from the bus: none at all while nobody locks. Operations
+        already logged are answered `duplicate` by the batch, never 4009 (the store read them).
+        """
+
+        async def screen(state: BatchState) -> None:
+            refused.clear()
+            ops = [(i, p.item, p.session.terminal_id) for i, p in enumerate(batch)]
+            marked = list(
+                dict.fromkeys(
+                    k
+                    for _, op, _ in ops
+                    if isinstance(op, Operation)
+                    for k in op.touched_keys()
+                    if k in state.leased
+                )
+            )
+            leases: dict[EntityKey, Lease | None] = {}
+            if marked:
+                try:
+                    leases = dict(zip(marked, await self.bus.get_leases(marked), strict=True))
+                except Exception as exc:
+                    failed = _retry_later(exc, "reading the batch's leases")
+                    for i, op, _ in ops:
+                        if isinstance(op, Operation) and state.leased.intersection(
+                            op.touched_keys()
+                        ):
+                            refused[i] = failed
+            now = time.time()
+            for i, op, writer in ops:
+                if not isinstance(op, Operation) or i in refused:
+                    continue
+                try:
+                    self._check_leases(op, writer, leases, now)
+                except Locked as exc:
+                    if op.op_key not in state.known_ops:
+                        refused[i] = (exc.code, exc.reason)
+
+        return screen
+
     def _check_leases(
         self, op: Operation, writer: str, leases: dict[EntityKey, Lease | None], now: float
     ) -> None:
@@ -249,7 +299,7 @@ class WritePipeline:
             op.requires_lock or self.engine.policies[op.entity_type].requires_lock
         )
         for key in op.touched_keys():
-            check_write(key, leases[key], writer, needs_lock, now)
+            check_write(key, leases.get(key), writer, needs_lock, now)
 
     def _refuse(self, pending: Pending, code: int, reason: str) -> None:
         """Answer an item that does not join the batch, or whose batch failed."""
@@ -264,18 +314,21 @@ class WritePipeline:
         now = utc_now_iso()
 
         written: list[Entity] = []
+        # What the leases forbid, when the store's transaction checks them (`_screen`).
+        refused: dict[int, tuple[int, str]] = {}
+        screen = self._screen(batch, refused) if self.store.marks_leases else None
 
         def decide(state: BatchState) -> tuple[list[Outcome], BatchWrite]:
-            outcomes, write = self.engine.decide(items, state, now)
+            admitted = [item for i, item in enumerate(items) if i not in refused]
+            outcomes, write = self.engine.decide(admitted, state, now)
             written[:] = write.entities  # the last decision is the one committed
             return outcomes, write
 
         started = time.monotonic()
-        commit = asyncio.ensure_future(self.store.commit(request, decide))
+        commit = asyncio.ensure_future(self.store.commit(request, decide, screen))
         try:
             async with asyncio.timeout(self.limits.commit_timeout):
                 outcomes = await asyncio.shield(commit)
-            self.sink.committed(len(batch), time.monotonic() - started)
         except Exception as exc:
             if isinstance(exc, TimeoutError):
                 # The transaction may still land: its pushes go out then, and a retry of any
@@ -290,6 +343,10 @@ class WritePipeline:
             for pending in batch:
                 self._refuse(pending, Code.TRY_AGAIN_LATER, reason)
             return
+        for index, (code, reason) in sorted(refused.items()):
+            self._refuse(batch[index], code, reason)
+        batch = [p for i, p in enumerate(batch) if i not in refused]
+        self.sink.committed(len(batch), time.monotonic() - started)
         # Before anyone is answered: a read after a confirmation must find this version. A
         # timed-out commit that landed since goes too: a retry of its ops is answered
         # `duplicate` in this batch, perhaps before its own write-through has run.

@@ -37,7 +37,7 @@ from chefia_rt.stats import ClusterStats, LoopLag, WorkerStats
 from chefia_rt.store.base import Store
 from chefia_rt.supervisor import NODE_ID_ENV
 from chefia_rt.sync.engine import Engine
-from chefia_rt.sync.locks import TooManyLocks
+from chefia_rt.sync.locks import Lease, TooManyLocks
 from chefia_rt.sync.permissions import Permissions
 from chefia_rt.sync.policies import PolicyTable
 from chefia_rt.terminals import TOPIC as TERMINAL_TOPIC
@@ -202,6 +202,7 @@ class Worker:
         except TooManyLocks as exc:
             return m.lock_failed_msg(lock_id, entity_type, entity_id, str(exc))
         if taken and lease is not None:
+            await self._mark(lease)
             return m.lock_acquired_msg(lease.lock_id, entity_type, entity_id, lease.expires_at)
         return m.lock_failed_msg(
             lock_id,
@@ -211,6 +212,13 @@ class Worker:
             lease.owner if lease else None,
             lease.expires_at if lease else None,
         )
+
+    async def _mark(self, lease: Lease) -> None:
+        """Mark a granted lease in storage before the grant is answered: a store that marks
+        leases has its writer read only the marked entities' leases. A grant that could not be
+        marked is answered 1013 (StorageUnavailable, retry), never granted: its lease stays in
+        the bus until it expires, and writes check it only as far as an earlier mark reaches."""
+        await self.store.mark_lease(lease.key, lease.expires_at)
 
     async def release_lock(
         self, session: Session, entity_type: str, entity_id: str, lock_id: str | None

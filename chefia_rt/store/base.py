@@ -26,6 +26,8 @@ from chefia_rt.domain import (
 T = TypeVar("T")
 
 Decide = Callable[[BatchState], tuple[T, BatchWrite]]
+# Awaited with what a batch read, inside its transaction, before `Decide` (Store.commit).
+Screen = Callable[[BatchState], Awaitable[None]]
 
 
 @dataclass(slots=True)
@@ -90,6 +92,10 @@ class Store(Protocol):
     """
 
     kind: str
+    # True: lock grants are marked here (`mark_lease`), and `commit` reads the marks of the
+    # batch's entities and takes a `screen`; the writer then asks the bus for the leases of the
+    # marked entities only (docs/architecture.md §3.12).
+    marks_leases: bool
 
     async def open(self) -> None:
         """Connect and apply pending migrations."""
@@ -97,7 +103,9 @@ class Store(Protocol):
     async def close(self) -> None:
         """Release connections; pending calls finish first."""
 
-    async def commit(self, request: BatchRequest, decide: Decide[T]) -> T:
+    async def commit(
+        self, request: BatchRequest, decide: Decide[T], screen: Screen | None = None
+    ) -> T:
         """Read the request's rows under lock, call `decide`, write its BatchWrite, commit.
 
         The BatchState holds the requested operation records (with or without a seq), the
@@ -112,10 +120,21 @@ class Store(Protocol):
         (StorageUnavailable: the retry is answered `duplicate`). A settled_records row replaces
         only that store's `status='conflict'` row of its id; any other fails the transaction.
 
-        An exception from `decide` propagates unchanged and nothing is written. Raises
-        StorageUnavailable when nothing could be written; after it returns, the batch is
-        durable.
+        A store that marks leases also fills BatchState.leased: the requested entity keys
+        whose lease mark was read in force (read before the store seq rows are locked, so a mark
+        made while the batch waits for them may be missed: its grant was answered after the
+        batch began). It awaits `screen`, when given, with the state before calling `decide`;
+        other stores take no `screen` (ValueError).
+
+        An exception from `decide` or `screen` propagates unchanged and nothing is written.
+        Raises StorageUnavailable when nothing could be written; after it returns, the batch
+        is durable.
         """
+
+    async def mark_lease(self, key: EntityKey, until: float) -> None:
+        """Mark that a lock lease on `key` may be in force until `until` (epoch seconds; a mark
+        never moves earlier), durably, before the grant is answered. Raises StorageUnavailable
+        when it could not. A store that does not mark leases does nothing."""
 
     async def read_operations(self, store_id: str, after_seq: int, limit: int) -> list[OpRecord]:
         """Applied operations of a store with seq > after_seq, in seq order, at most `limit`.
@@ -167,8 +186,8 @@ class Store(Protocol):
     async def maintain(self, retention: timedelta, now: datetime | None = None) -> None:
         """Daily upkeep: prune operation-log rows older than `retention` without leaving a hole
         in any store's seqs (resumes from before the oldest kept seq get resync_required), prune
-        server events older than `retention`, and keep time partitions ahead where the backend
-        has them."""
+        server events older than `retention`, drop lease marks long past, and keep time
+        partitions ahead where the backend has them."""
 
 
 class Coalesced(Generic[T]):

@@ -25,6 +25,7 @@ from chefia_rt.store.base import (
     Coalesced,
     Decide,
     LogBounds,
+    Screen,
     ServerEvent,
     SessionRecord,
 )
@@ -51,6 +52,7 @@ class PostgresStore(PostgresPool):
     """The Store port on PostgreSQL."""
 
     kind = "postgresql"
+    marks_leases = True
 
     def __init__(
         self, dsn: str, *, min_size: int = 1, max_size: int = 8, command_timeout: float = 10.0
@@ -107,18 +109,40 @@ class PostgresStore(PostgresPool):
         await self._with(
             lambda c: c.execute("DELETE FROM server_events WHERE created_at < $1", now - retention)
         )
+        # A mark an hour past its lease's expiry stops nothing any more (MARK_CLOCK_SLACK).
+        marks_past = int((now - timedelta(hours=1)).timestamp() * 1000)
+        await self._with(
+            lambda c: c.execute("DELETE FROM lease_marks WHERE until_ms < $1", marks_past)
+        )
 
     # ---- the batch --------------------------------------------------------------------------
 
-    async def commit(self, request: BatchRequest, decide: Decide[T]) -> T:
+    async def commit(
+        self, request: BatchRequest, decide: Decide[T], screen: Screen | None = None
+    ) -> T:
         async def work(conn: asyncpg.Connection) -> T:
             async with conn.transaction():
                 state = await read_batch(conn, request)
+                if screen is not None:
+                    await screen(state)
                 result, write = decide(state)
                 await write_batch(conn, write)
             return result
 
         return await self._with(work)
+
+    async def mark_lease(self, key: EntityKey, until: float) -> None:
+        await self._with(
+            lambda c: c.execute(
+                "INSERT INTO lease_marks (store_id, entity_type, entity_id, until_ms) "
+                "VALUES ($1, $2, $3, $4) ON CONFLICT (store_id, entity_type, entity_id) "
+                "DO UPDATE SET until_ms = greatest(lease_marks.until_ms, excluded.until_ms)",
+                key.store_id,
+                key.entity_type,
+                key.entity_id,
+                int(until * 1000) + 1,
+            )
+        )
 
     async def read_operations(self, store_id: str, after_seq: int, limit: int) -> list[OpRecord]:
         rows = await self._with(

@@ -4,6 +4,7 @@ reads, one for the rows it writes."""
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import asdict
 from datetime import datetime
 from typing import Any
@@ -85,6 +86,25 @@ _WRITE = (
 )
 
 
+# The seq rows, made where missing and locked, in the order of the sorted ids (rows are
+# inserted, and so locked, in that order), and with them the lease marks of the batch's entities
+# that may still be in force: rows (store_id, last_seq, NULL, NULL) and (store_id, NULL,
+# entity_type, entity_id).
+_LOCK_SEQS = (
+    "WITH seqs AS (INSERT INTO store_seqs (store_id, last_seq) "
+    'SELECT s, 0 FROM unnest($1::text[]) AS s ORDER BY s COLLATE "C" '
+    "ON CONFLICT (store_id) DO UPDATE SET last_seq = store_seqs.last_seq "
+    "RETURNING store_id, last_seq) "
+    "SELECT store_id, last_seq, NULL::text, NULL::text FROM seqs "
+    "UNION ALL SELECT m.store_id, NULL, m.entity_type, m.entity_id FROM lease_marks m "
+    "JOIN unnest($2::text[], $3::text[], $4::text[]) AS k(s, t, i) "
+    "ON m.store_id = k.s AND m.entity_type = k.t AND m.entity_id = k.i WHERE m.until_ms > $5"
+)
+# A mark counts as in force this long after its lease's expiry: a lease's expiry is computed
+# on the clock of the node that granted it, the mark is read on another's.
+MARK_CLOCK_SLACK = 60.0
+
+
 def _same(value: Any) -> Any:
     return value
 
@@ -115,20 +135,23 @@ def _parse_time(value: str) -> datetime:
 async def read_batch(conn: asyncpg.Connection, request: BatchRequest) -> BatchState:
     # Seq rows first, in sorted order: this serialises writers per store without deadlocks,
     # and everything read after it (conflicts, entities) cannot change under the batch.
+    # One statement makes a missing row and locks every row: the conflict's no-op update takes
+    # the row lock, waits for a writer holding it, and returns the seq that writer committed.
     stores = sorted(set(request.store_ids) | {k.store_id for k in request.entity_keys})
-    await conn.execute(
-        "INSERT INTO store_seqs (store_id, last_seq) SELECT unnest($1::text[]), 0 "
-        "ON CONFLICT (store_id) DO NOTHING",
+    last_seqs: dict[str, int] = {}
+    leased = set()
+    for row in await conn.fetch(
+        _LOCK_SEQS,
         stores,
-    )
-    last_seqs = {
-        r[0]: r[1]
-        for r in await conn.fetch(
-            "SELECT store_id, last_seq FROM store_seqs WHERE store_id = ANY($1::text[]) "
-            'ORDER BY store_id COLLATE "C" FOR UPDATE',
-            stores,
-        )
-    }
+        [k.store_id for k in request.entity_keys],
+        [k.entity_type for k in request.entity_keys],
+        [k.entity_id for k in request.entity_keys],
+        int((time.time() - MARK_CLOCK_SLACK) * 1000),
+    ):
+        if row[2] is None:
+            last_seqs[row[0]] = row[1]
+        else:
+            leased.add(EntityKey(row[0], row[2], row[3]))
     known = {}
     for row in await conn.fetch(
         f"SELECT {OP_COLUMNS} FROM sync_operations "
@@ -175,7 +198,7 @@ async def read_batch(conn: asyncpg.Connection, request: BatchRequest) -> BatchSt
         for row in rows:
             entity = entity_from_row(row)
             entities[entity.key] = entity
-    return BatchState(known, entities, conflicts, last_seqs)
+    return BatchState(known, entities, conflicts, last_seqs, frozenset(leased))
 
 
 async def write_batch(conn: asyncpg.Connection, write: BatchWrite) -> None:

@@ -50,6 +50,8 @@ class Table:
     key: tuple[str, ...]
     record: tuple[str, ...] = ()
     backed_up: bool = True
+    # The stores whose migrations make it (the others keep the state elsewhere).
+    stores: tuple[str, ...] = ("sqlite", "postgresql")
 
     def __post_init__(self) -> None:
         unknown = [c for c in (*self.key, *self.record) if c not in self.names]
@@ -198,6 +200,17 @@ SERVER_EVENTS = Table(
     backed_up=False,
 )
 
+# PostgreSQL only: every lock lease granted, by entity, until when it may be in force (epoch ms,
+# renewals only push it later). A batch checks the leases, in the bus, only of the entities
+# marked here (docs/architecture.md §3.12). Operational state: never backed up.
+LEASE_MARKS = Table(
+    "lease_marks",
+    (*_columns("store_id entity_type entity_id"), Column("until_ms", BIGINT)),
+    key=("store_id", "entity_type", "entity_id"),
+    backed_up=False,
+    stores=("postgresql",),
+)
+
 # In the order a restore loads them (there are no foreign keys); a backup archive numbers its
 # members in this order (the nonces of an encrypted one start with that number).
 TABLES = (
@@ -208,4 +221,5 @@ TABLES = (
     CONFLICTS,
     WEBSOCKET_CONNECTIONS,
     SERVER_EVENTS,
+    LEASE_MARKS,
 )

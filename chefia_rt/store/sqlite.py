@@ -26,6 +26,7 @@ from chefia_rt.store.base import (
     Coalesced,
     Decide,
     LogBounds,
+    Screen,
     ServerEvent,
     SessionRecord,
 )
@@ -55,13 +56,19 @@ class SQLiteStore(SQLiteFile):
     """The Store port on one SQLite file."""
 
     kind = "sqlite"
+    marks_leases = False  # the writer reads a batch's leases from the bus before its commit
 
     def __init__(self, path: str, checkpoint_interval: float = CHECKPOINT_INTERVAL) -> None:
         super().__init__(path, checkpoint_interval)
         self._sessions = Coalesced(self._record_sessions)
         self._written = Written(WRITTEN_MAX_ENTITIES, WRITTEN_MAX_BYTES)
 
-    async def commit(self, request: BatchRequest, decide: Decide[T]) -> T:
+    async def commit(
+        self, request: BatchRequest, decide: Decide[T], screen: Screen | None = None
+    ) -> T:
+        if screen is not None:
+            raise ValueError("SQLiteStore keeps no lease marks: its commit takes no screen")
+
         def transact(db: sqlite3.Connection) -> T:
             # BEGIN IMMEDIATE (by the caller): the write lock is held from the first read, so
             # what the engine decides on cannot change under it, even with another process on
@@ -105,6 +112,9 @@ class SQLiteStore(SQLiteFile):
             return await self._run(wait_and_transact)
         await self._wal.durable(generation)
         return result
+
+    async def mark_lease(self, key: EntityKey, until: float) -> None:
+        return None
 
     async def read_operations(self, store_id: str, after_seq: int, limit: int) -> list[OpRecord]:
         def read(db: sqlite3.Connection) -> list[OpRecord]:

@@ -6,10 +6,12 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 
 from chefia_rt.errors import Code, StorageUnavailable
@@ -21,7 +23,7 @@ from tests.e2e.test_sync_flow import (  # noqa: F401  (wire_checks: autouse fixt
     sync,
     wire_checks,
 )
-from tests.helpers import RunningServer, Terminal, eventually, op, running_server
+from tests.helpers import RunningServer, Terminal, eventually, op
 
 
 def acquire(entity_id: str, entity_type: str = "orders", **extra: Any) -> dict[str, Any]:
@@ -116,6 +118,11 @@ async def test_a_lock_blocks_writes_to_any_entity_type(server: RunningServer) ->
         bulk = {"updates": [{"entity_id": "t1", "data": {"status": "busy"}, "version": 2}]}
         await locked_error(b, op("b3", "tX", bulk, operation="BULK_UPDATE"))
         await sync(a, [b], op("a1", "t1", {"status": "busy"}, version=2))
+        # An entity that does not exist yet can be locked too: nobody else creates it.
+        await a.send(acquire("t9", entity_type="tables"))
+        await a.expect("lock_acquired")
+        await locked_error(b, op("b4", "t9", {"status": "free"}, operation="CREATE"))
+        await sync(a, [b], op("a2", "t9", {"status": "free"}, operation="CREATE"))
         await quiet(a, b)
 
 
@@ -280,87 +287,103 @@ async def test_a_takeover_that_fails_to_open_releases_the_locks(
             await first.close()
 
 
-async def test_a_lock_granted_while_a_write_waits_in_the_queue_stops_it(tmp_path: Path) -> None:
-    """Leases are read by the writer just before the commit, not when the write arrived: a
-    write still queued behind a slow commit when another terminal is granted the lock gets
-    4009, and only the one already committing goes through."""
-    async with running_server(tmp_path) as server:
-        node = server.worker
-        async with server.terminal("pos-a") as a, server.terminal("pos-b") as b:
-            await sync(a, [b], op("c1", "o1", {"status": "open"}, operation="CREATE"))
-            # Another connection holds the file's write lock: the writer's next commit waits.
-            blocker = sqlite3.connect(tmp_path / "chefia.db", isolation_level=None)
-            try:
-                blocker.execute("BEGIN IMMEDIATE")
-                await a.send(op("c2", "o2", {"status": "open"}, operation="CREATE"))
-                await a.send({"type": "ping", "timestamp": 1})
-                await a.expect("pong")
-                # The writer took c2 and waits on the file.
-                await eventually(node.pipeline._queue.empty, what="the writer takes c2")
-                await a.send(op("u1", "o1", {"status": "paid"}))
-                await a.send({"type": "ping", "timestamp": 2})
-                await a.expect("pong")  # u1 passed the server's checks and waits in the queue
-                await b.send(acquire("o1", "tables", timeout=60_000))
-                await b.expect("lock_acquired")
-            finally:
-                blocker.execute("ROLLBACK")
-                blocker.close()
-            await confirmed(a, "c2")
-            error = await a.expect("sync_error")
-            assert (error["operation_id"], error["code"]) == ("u1", Code.LOCKED), error
-            assert "locked by pos-b" in error["error"], error
-            await b.expect("data_sync")  # c2 only
-            await quiet(a, b)
+@asynccontextmanager
+async def commits_held(server: RunningServer) -> AsyncIterator[None]:
+    """Another connection holds what the writer's next commit needs first: the SQLite file's
+    write lock, or store s1's seq row in PostgreSQL. That commit waits until this ends."""
+    settings = server.settings
+    if settings.storage_kind == "sqlite":
+        blocker = sqlite3.connect(settings.sqlite_path, isolation_level=None)
+        try:
+            blocker.execute("BEGIN IMMEDIATE")
+            yield
+        finally:
+            blocker.execute("ROLLBACK")
+            blocker.close()
+        return
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        await conn.execute("BEGIN")
+        await conn.execute("SELECT 1 FROM store_seqs WHERE store_id = 's1' FOR UPDATE")
+        yield
+    finally:
+        await conn.execute("ROLLBACK")
+        await conn.close()
 
 
-async def test_locked_writes_of_one_batch_are_told_apart_in_one_log_read(tmp_path: Path) -> None:
+async def test_a_lock_granted_while_a_write_waits_in_the_queue_stops_it(
+    server: RunningServer,
+) -> None:
+    """Leases are checked when the batch's commit begins, not when the write arrived: a write
+    still queued behind a waiting commit when another terminal is granted the lock gets 4009,
+    and only the one already committing goes through. (On PostgreSQL the grant is marked in
+    storage without waiting for the held seq row.)"""
+    node = server.worker
+    async with server.terminal("pos-a") as a, server.terminal("pos-b") as b:
+        await sync(a, [b], op("c1", "o1", {"status": "open"}, operation="CREATE"))
+        async with commits_held(server):
+            await a.send(op("c2", "o2", {"status": "open"}, operation="CREATE"))
+            await a.send({"type": "ping", "timestamp": 1})
+            await a.expect("pong")
+            # The writer took c2 and waits.
+            await eventually(node.pipeline._queue.empty, what="the writer takes c2")
+            await a.send(op("u1", "o1", {"status": "paid"}))
+            await a.send({"type": "ping", "timestamp": 2})
+            await a.expect("pong")  # u1 passed the server's checks and waits in the queue
+            await b.send(acquire("o1", "tables", timeout=60_000))
+            await b.expect("lock_acquired")
+        await confirmed(a, "c2")
+        error = await a.expect("sync_error")
+        assert (error["operation_id"], error["code"]) == ("u1", Code.LOCKED), error
+        assert "locked by pos-b" in error["error"], error
+        await b.expect("data_sync")  # c2 only
+        await quiet(a, b)
+
+
+async def test_locked_writes_of_one_batch_are_told_apart_in_one_log_read(
+    server: RunningServer,
+) -> None:
     """Several writes of one batch that a lock forbids: those already in the log (retries of
-    confirmed ones) are answered `duplicate`, the others 4009, in their order, after one read
-    of the log for all of them."""
-    async with running_server(tmp_path) as server:
-        node = server.worker
-        reads: list[int] = []
-        logged = node.store.logged
+    confirmed ones) are answered `duplicate`, the others 4009, in their order. On SQLite the
+    writer tells them apart with one read of the log for all of them; on PostgreSQL the batch's
+    own read of the log does, and there is no other."""
+    node = server.worker
+    reads: list[int] = []
+    logged = node.store.logged
 
-        async def counted(keys: Any) -> set[tuple[str, str]]:
-            reads.append(len(keys))
-            return await logged(keys)
+    async def counted(keys: Any) -> set[tuple[str, str]]:
+        reads.append(len(keys))
+        return await logged(keys)
 
-        node.store.logged = counted  # type: ignore[method-assign]
-        async with server.terminal("pos-a") as a, server.terminal("pos-b") as b:
-            for i in (1, 2):
-                await sync(a, [b], op(f"c{i}", f"o{i}", {"n": i}, operation="CREATE"))
-            await b.send(acquire("o1", "tables"))
+    node.store.logged = counted  # type: ignore[method-assign]
+    async with server.terminal("pos-a") as a, server.terminal("pos-b") as b:
+        for i in (1, 2):
+            await sync(a, [b], op(f"c{i}", f"o{i}", {"n": i}, operation="CREATE"))
+        for entity_id in ("o1", "o2"):
+            await b.send(acquire(entity_id, "tables"))
             await b.expect("lock_acquired")
-            await b.send(acquire("o2", "tables"))
-            await b.expect("lock_acquired")
-            blocker = sqlite3.connect(tmp_path / "chefia.db", isolation_level=None)
-            try:
-                blocker.execute("BEGIN IMMEDIATE")  # the writer's next commit waits
-                await a.send(op("c3", "o3", {"n": 3}, operation="CREATE"))
-                await a.send({"type": "ping", "timestamp": 0})
-                await a.expect("pong")  # c3 is queued
-                await eventually(node.pipeline._queue.empty, what="the writer takes c3")
-                for message in (
-                    op("u1", "o1", {"n": 9}, version=2),  # locked: 4009
-                    op("c1", "o1", {"n": 1}, operation="CREATE"),  # a retry: duplicate
-                    op("u2", "o2", {"n": 9}, version=2),  # locked: 4009
-                    op("c2", "o2", {"n": 2}, operation="CREATE"),  # a retry: duplicate
-                ):
-                    await a.send(message)
-                await a.send({"type": "ping", "timestamp": 1})
-                await a.expect("pong")  # all four wait in the queue: one batch
-            finally:
-                blocker.execute("ROLLBACK")
-                blocker.close()
-            await confirmed(a, "c3")
-            answers = [await a.expect("sync_error"), await a.expect("sync_error")]
-            assert [(e["operation_id"], e["code"]) for e in answers] == [
-                ("u1", Code.LOCKED),
-                ("u2", Code.LOCKED),
-            ]
-            await confirmed(a, "c1", "duplicate")
-            await confirmed(a, "c2", "duplicate")
-            assert reads == [4]
-            await b.expect("data_sync")  # c3 only
-            await quiet(a, b)
+        async with commits_held(server):  # the writer's next commit waits
+            await a.send(op("c3", "o3", {"n": 3}, operation="CREATE"))
+            await a.send({"type": "ping", "timestamp": 0})
+            await a.expect("pong")  # c3 is queued
+            await eventually(node.pipeline._queue.empty, what="the writer takes c3")
+            for message in (
+                op("u1", "o1", {"n": 9}, version=2),  # locked: 4009
+                op("c1", "o1", {"n": 1}, operation="CREATE"),  # a retry: duplicate
+                op("u2", "o2", {"n": 9}, version=2),  # locked: 4009
+                op("c2", "o2", {"n": 2}, operation="CREATE"),  # a retry: duplicate
+            ):
+                await a.send(message)
+            await a.send({"type": "ping", "timestamp": 1})
+            await a.expect("pong")  # all four wait in the queue: one batch
+        await confirmed(a, "c3")
+        answers = [await a.expect("sync_error"), await a.expect("sync_error")]
+        assert [(e["operation_id"], e["code"]) for e in answers] == [
+            ("u1", Code.LOCKED),
+            ("u2", Code.LOCKED),
+        ]
+        await confirmed(a, "c1", "duplicate")
+        await confirmed(a, "c2", "duplicate")
+        assert reads == ([] if node.store.marks_leases else [4])
+        await b.expect("data_sync")  # c3 only
+        await quiet(a, b)

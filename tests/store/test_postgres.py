@@ -1,18 +1,22 @@
 """What only the PostgreSQL backend has: audit partitions, concurrent migration, lost
-connections mid-transaction, COPY at batch size."""
+connections mid-transaction, COPY at batch size, lease marks."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import pytest
 
-from chefia_rt.domain import Operation
+from chefia_rt.domain import BatchState, BatchWrite, EntityKey, Operation
 from chefia_rt.errors import StorageUnavailable
+from chefia_rt.store.base import BatchRequest
 from chefia_rt.store.postgres import PostgresStore
+from chefia_rt.store.postgres_batch import MARK_CLOCK_SLACK
+from chefia_rt.store.rows import migrations
 from tests.services import drop_pg_schema, new_pg_schema
 from tests.store.test_contract import make_op, sync
 
@@ -79,7 +83,7 @@ async def test_workers_starting_together_migrate_once(dsn: str) -> None:
             ]
         finally:
             await conn.close()
-        assert versions == [1, 2, 3, 4]
+        assert versions == [version for version, _ in migrations("postgres")] == [1, 2, 3, 4, 5]
     finally:
         await asyncio.gather(*(s.close() for s in stores))
 
@@ -173,3 +177,51 @@ async def test_the_log_carries_only_the_indexes_its_queries_use(dsn: str) -> Non
         ("sync_operations", "sync_operations_server_time", "brin"),
         ("sync_operations", "sync_operations_store_seq", "btree"),
     ]
+
+
+async def leased(store: PostgresStore, *keys: EntityKey) -> frozenset[EntityKey]:
+    """The keys a batch over `keys` reads as possibly leased."""
+
+    def decide(state: BatchState) -> tuple[frozenset[EntityKey], BatchWrite]:
+        return state.leased, BatchWrite()
+
+    request = BatchRequest(entity_keys=list(keys), store_ids=sorted({k.store_id for k in keys}))
+    return await store.commit(request, decide)
+
+
+async def test_a_batch_reads_the_lease_marks_of_its_entities(dsn: str) -> None:
+    """A mark counts while its lease may be in force, with MARK_CLOCK_SLACK for the clocks of
+    other nodes; a later mark never moves it earlier; the daily upkeep drops marks an hour past."""
+    store = PostgresStore(dsn)
+    await store.open()
+    try:
+        t1, t2, o1 = (EntityKey("s1", "tables", i) for i in ("t1", "t2", "o1"))
+        other_store = EntityKey("s2", "tables", "t1")
+        assert await leased(store, t1, t2) == frozenset()
+        now = time.time()
+        await store.mark_lease(t1, now + 30)
+        await store.mark_lease(t1, now - 3600)  # an older grant's expiry: no earlier
+        await store.mark_lease(o1, now - MARK_CLOCK_SLACK - 5)  # gone, slack included
+        await store.mark_lease(t2, now - MARK_CLOCK_SLACK + 30)  # expired, within the slack
+        await store.mark_lease(EntityKey("s1", "tables", "old"), now - 7200)
+        assert await leased(store, t1, t2, o1, other_store) == {t1, t2}
+        assert await leased(store, other_store, o1) == frozenset()
+        await store.maintain(timedelta(days=30))
+        conn = await asyncpg.connect(dsn)
+        try:
+            kept = {r[0] for r in await conn.fetch("SELECT entity_id FROM lease_marks")}
+        finally:
+            await conn.close()
+        assert kept == {"t1", "t2", "o1"}  # only "old" is an hour past
+        await store.maintain(timedelta(days=30), datetime.now(UTC) + timedelta(hours=2))
+        assert await leased(store, t1, t2) == frozenset()
+    finally:
+        await store.close()
+
+
+async def test_a_mark_that_cannot_be_written_raises_storage_unavailable(dsn: str) -> None:
+    store = PostgresStore(dsn)
+    await store.open()
+    await store.close()
+    with pytest.raises(StorageUnavailable):
+        await store.mark_lease(EntityKey("s1", "tables", "t1"), time.time() + 30)

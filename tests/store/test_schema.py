@@ -47,6 +47,8 @@ PG_TYPE_NAMES = {"timestamptz": "timestamp with time zone"}
 def described(database: str) -> dict[str, Shape]:
     shapes: dict[str, Shape] = {}
     for table in schema.TABLES:
+        if database not in table.stores:
+            continue
         columns = []
         for c in table.columns:
             kind = c.kind.sqlite if database == "sqlite" else c.kind.postgres
