@@ -5,13 +5,23 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterable
 from dataclasses import asdict
 from datetime import datetime
 from typing import Any
 
 import asyncpg
 
-from chefia_rt.domain import BatchState, BatchWrite, Entity, EntityKey
+from chefia_rt.domain import (
+    BatchState,
+    BatchWrite,
+    Conflict,
+    ConflictKey,
+    Entity,
+    EntityKey,
+    OpKey,
+    OpRecord,
+)
 from chefia_rt.errors import StorageUnavailable
 from chefia_rt.store.base import BatchRequest
 from chefia_rt.store.rows import (
@@ -143,38 +153,28 @@ async def read_batch(conn: asyncpg.Connection, request: BatchRequest) -> BatchSt
     for row in await conn.fetch(
         _LOCK_SEQS,
         stores,
-        [k.store_id for k in request.entity_keys],
-        [k.entity_type for k in request.entity_keys],
-        [k.entity_id for k in request.entity_keys],
+        *_key_columns(request.entity_keys),
         int((time.time() - MARK_CLOCK_SLACK) * 1000),
     ):
         if row[2] is None:
             last_seqs[row[0]] = row[1]
         else:
             leased.add(EntityKey(row[0], row[2], row[3]))
-    known = {}
-    for row in await conn.fetch(
-        f"SELECT {OP_COLUMNS} FROM sync_operations "
-        "WHERE (store_id, id) IN (SELECT * FROM unnest($1::text[], $2::text[]))",
-        [k[0] for k in request.operation_keys],
-        [k[1] for k in request.operation_keys],
-    ):
-        record = op_record_from_row(row)
-        known[record.op_key] = record
-    conflicts = {}
-    conflict_keys = conflicts_to_read(request, known)
-    if conflict_keys:
-        for row in await conn.fetch(
-            "SELECT id, operation, server_version, server_data, created_at FROM conflicts "
-            "WHERE (store_id, id) IN (SELECT * FROM unnest($1::text[], $2::text[])) "
-            "FOR UPDATE",
-            [k[0] for k in conflict_keys],
-            [k[1] for k in conflict_keys],
-        ):
-            conflict = conflict_from_row(row)
-            conflicts[conflict.key] = conflict
-    keys = sorted(set(request.entity_keys) | {c.operation.key for c in conflicts.values()})
-    for store_id in {k.store_id for k in keys} - set(last_seqs):
+    if request.conflict_keys:
+        # Resolutions: their conflicts name entities the request does not, and every entity is
+        # locked in one sorted statement, so the log and the conflicts are read first.
+        known = await _read_operations(conn, request)
+        conflicts = await _read_conflicts(conn, conflicts_to_read(request, known))
+        keys = set(request.entity_keys) | {c.operation.key for c in conflicts.values()}
+        entities = await _read_entities(conn, keys)
+    else:
+        # The usual batch: its log records and entities in one round trip. A retry of an
+        # operation logged as a conflict reads that conflict, whose entity is the operation's.
+        known, entities = await _read_operations_and_entities(conn, request)
+        conflicts = await _read_conflicts(conn, conflicts_to_read(request, known))
+        more = {c.operation.key for c in conflicts.values()} - set(request.entity_keys)
+        entities.update(await _read_entities(conn, more))
+    for store_id in {c.operation.store_id for c in conflicts.values()} - set(last_seqs):
         # A conflict of a store the request did not name (the engine refuses to settle it
         # across stores, but its seq row must still be known).
         last_seqs[store_id] = (
@@ -183,22 +183,98 @@ async def read_batch(conn: asyncpg.Connection, request: BatchRequest) -> BatchSt
             )
             or 0
         )
-    entities: dict[EntityKey, Entity] = {}
-    if keys:
-        rows = await conn.fetch(
-            f"SELECT {ENTITY_COLUMNS} FROM entities e "
-            "JOIN unnest($1::text[], $2::text[], $3::text[]) AS k(s, t, i) "
-            "ON e.store_id = k.s AND e.entity_type = k.t AND e.entity_id = k.i "
-            'ORDER BY e.store_id COLLATE "C", e.entity_type COLLATE "C", '
-            'e.entity_id COLLATE "C" FOR UPDATE OF e',
-            [k.store_id for k in keys],
-            [k.entity_type for k in keys],
-            [k.entity_id for k in keys],
-        )
-        for row in rows:
-            entity = entity_from_row(row)
-            entities[entity.key] = entity
     return BatchState(known, entities, conflicts, last_seqs, frozenset(leased))
+
+
+def _key_columns(keys: Iterable[EntityKey]) -> tuple[list[str], list[str], list[str]]:
+    keys = list(keys)
+    return [k.store_id for k in keys], [k.entity_type for k in keys], [k.entity_id for k in keys]
+
+
+_READ_OPERATIONS = (
+    f"SELECT {OP_COLUMNS} FROM sync_operations "
+    "WHERE (store_id, id) IN (SELECT * FROM unnest($1::text[], $2::text[]))"
+)
+
+
+def _read_entities_sql(first: int) -> str:
+    """The entities of the keys in parameters `first` to `first + 2`, locked in code-point
+    order of their keys whatever the database's collation: no deadlocks."""
+    return (
+        f"SELECT {ENTITY_COLUMNS} FROM entities e "
+        f"JOIN unnest(${first}::text[], ${first + 1}::text[], ${first + 2}::text[]) AS k(s, t, i) "
+        "ON e.store_id = k.s AND e.entity_type = k.t AND e.entity_id = k.i "
+        'ORDER BY e.store_id COLLATE "C", e.entity_type COLLATE "C", '
+        'e.entity_id COLLATE "C" FOR UPDATE OF e'
+    )
+
+
+_READ_ENTITIES = _read_entities_sql(1)
+
+
+def _nulls(types: list[str]) -> str:
+    return ", ".join(f"NULL::{kind}" for kind in types)
+
+
+# Both in one statement: the entities' columns then the log's, the other half NULL (an entity
+# row's store_id is never NULL, a log row's is).
+_READ_OPERATIONS_AND_ENTITIES = (
+    f"WITH e AS ({_read_entities_sql(3)}) "
+    f"SELECT *, {_nulls(_OP_TYPES)} FROM e "
+    f"UNION ALL SELECT {_nulls(_ENTITY_TYPES)}, o.* FROM ({_READ_OPERATIONS}) o"
+)
+
+
+async def _read_operations(
+    conn: asyncpg.Connection, request: BatchRequest
+) -> dict[OpKey, OpRecord]:
+    keys = request.operation_keys
+    rows = await conn.fetch(_READ_OPERATIONS, [k[0] for k in keys], [k[1] for k in keys])
+    return {r.op_key: r for r in map(op_record_from_row, rows)}
+
+
+async def _read_entities(conn: asyncpg.Connection, keys: set[EntityKey]) -> dict[EntityKey, Entity]:
+    if not keys:
+        return {}
+    rows = await conn.fetch(_READ_ENTITIES, *_key_columns(sorted(keys)))
+    return {e.key: e for e in map(entity_from_row, rows)}
+
+
+async def _read_operations_and_entities(
+    conn: asyncpg.Connection, request: BatchRequest
+) -> tuple[dict[OpKey, OpRecord], dict[EntityKey, Entity]]:
+    keys = request.operation_keys
+    known: dict[OpKey, OpRecord] = {}
+    entities: dict[EntityKey, Entity] = {}
+    width = len(_ENTITY_TYPES)
+    for row in await conn.fetch(
+        _READ_OPERATIONS_AND_ENTITIES,
+        [k[0] for k in keys],
+        [k[1] for k in keys],
+        *_key_columns(dict.fromkeys(request.entity_keys)),
+    ):
+        if row[0] is not None:
+            entity = entity_from_row(row[:width])
+            entities[entity.key] = entity
+        else:
+            record = op_record_from_row(row[width:])
+            known[record.op_key] = record
+    return known, entities
+
+
+async def _read_conflicts(
+    conn: asyncpg.Connection, keys: list[ConflictKey]
+) -> dict[ConflictKey, Conflict]:
+    if not keys:
+        return {}
+    rows = await conn.fetch(
+        "SELECT id, operation, server_version, server_data, created_at FROM conflicts "
+        "WHERE (store_id, id) IN (SELECT * FROM unnest($1::text[], $2::text[])) "
+        "FOR UPDATE",
+        [k[0] for k in keys],
+        [k[1] for k in keys],
+    )
+    return {c.key: c for c in map(conflict_from_row, rows)}
 
 
 async def write_batch(conn: asyncpg.Connection, write: BatchWrite) -> None:
