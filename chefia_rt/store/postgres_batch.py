@@ -96,15 +96,12 @@ _WRITE = (
 )
 
 
-# The seq rows, made where missing and locked, in the order of the sorted ids (rows are
-# inserted, and so locked, in that order), and with them the lease marks of the batch's entities
-# that may still be in force: rows (store_id, last_seq, NULL, NULL) and (store_id, NULL,
-# entity_type, entity_id).
+# The seq rows, locked in code-point order of the ids, and with them the lease marks of the
+# batch's entities that may still be in force: rows (store_id, last_seq, NULL, NULL) and
+# (store_id, NULL, entity_type, entity_id).
 _LOCK_SEQS = (
-    "WITH seqs AS (INSERT INTO store_seqs (store_id, last_seq) "
-    'SELECT s, 0 FROM unnest($1::text[]) AS s ORDER BY s COLLATE "C" '
-    "ON CONFLICT (store_id) DO UPDATE SET last_seq = store_seqs.last_seq "
-    "RETURNING store_id, last_seq) "
+    "WITH seqs AS (SELECT store_id, last_seq FROM store_seqs WHERE store_id = ANY($1::text[]) "
+    'ORDER BY store_id COLLATE "C" FOR UPDATE) '
     "SELECT store_id, last_seq, NULL::text, NULL::text FROM seqs "
     "UNION ALL SELECT m.store_id, NULL, m.entity_type, m.entity_id FROM lease_marks m "
     "JOIN unnest($2::text[], $3::text[], $4::text[]) AS k(s, t, i) "
@@ -145,8 +142,6 @@ def _parse_time(value: str) -> datetime:
 async def read_batch(conn: asyncpg.Connection, request: BatchRequest) -> BatchState:
     # Seq rows first, in sorted order: this serialises writers per store without deadlocks,
     # and everything read after it (conflicts, entities) cannot change under the batch.
-    # One statement makes a missing row and locks every row: the conflict's no-op update takes
-    # the row lock, waits for a writer holding it, and returns the seq that writer committed.
     stores = sorted(set(request.store_ids) | {k.store_id for k in request.entity_keys})
     last_seqs: dict[str, int] = {}
     leased = set()
@@ -160,6 +155,20 @@ async def read_batch(conn: asyncpg.Connection, request: BatchRequest) -> BatchSt
             last_seqs[row[0]] = row[1]
         else:
             leased.add(EntityKey(row[0], row[2], row[3]))
+    missing = [store_id for store_id in stores if store_id not in last_seqs]
+    if missing:
+        # A store's first batch: its row is made, then locked as the others are.
+        await conn.execute(
+            "INSERT INTO store_seqs (store_id, last_seq) SELECT unnest($1::text[]), 0 "
+            "ON CONFLICT (store_id) DO NOTHING",
+            missing,
+        )
+        for row in await conn.fetch(
+            "SELECT store_id, last_seq FROM store_seqs WHERE store_id = ANY($1::text[]) "
+            'ORDER BY store_id COLLATE "C" FOR UPDATE',
+            missing,
+        ):
+            last_seqs[row[0]] = row[1]
     if request.conflict_keys:
         # Resolutions: their conflicts name entities the request does not, and every entity is
         # locked in one sorted statement, so the log and the conflicts are read first.
