@@ -231,7 +231,7 @@ class Worker:
 
     async def check_operation(self, session: Session, op: Operation) -> None:
         """Permissions, before an operation may join a batch (its locks are checked by the
-        writer, just before the batch commits: see `_admit`)."""
+        writer as the batch's commit begins: see WritePipeline `_admit` and `_screen`)."""
         fields: set[str] = set(op.data)
         if op.operation == "BULK_UPDATE":
             fields = {f for u in op.data["updates"] for f in u.get("data", {})}

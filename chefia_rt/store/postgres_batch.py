@@ -1,5 +1,6 @@
-"""What a batch reads and writes in PostgreSQL: one statement for the rows it locks and
-reads, one for the rows it writes."""
+"""What a batch reads and writes in PostgreSQL: one statement locks the seq rows of its stores
+(and reads its entities' lease marks), one reads its log records and locks and reads its
+entities, one writes every row."""
 
 from __future__ import annotations
 
@@ -245,7 +246,7 @@ async def _read_operations(
 async def _read_entities(conn: asyncpg.Connection, keys: set[EntityKey]) -> dict[EntityKey, Entity]:
     if not keys:
         return {}
-    rows = await conn.fetch(_READ_ENTITIES, *_key_columns(sorted(keys)))
+    rows = await conn.fetch(_READ_ENTITIES, *_key_columns(keys))
     return {e.key: e for e in map(entity_from_row, rows)}
 
 
