@@ -7,6 +7,7 @@ and the monitors' feed all take their figures, so an answer is counted in one pl
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -43,7 +44,9 @@ class AnswerSink(Protocol):
 
     def answered(self, answer: Answer) -> None: ...
 
-    def committed(self, operations: int, seconds: float) -> None: ...
+    def committed(self, operations: int, seconds: float, laps: Mapping[str, float]) -> None:
+        """A batch of `operations` committed in `seconds` and was answered; `laps`: seconds by
+        stage, from the lease check to the last answer (`Laps`)."""
 
     async def flush(self) -> None:
         """After each batch's answers: send what was gathered from them (the conflicts)."""

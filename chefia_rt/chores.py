@@ -61,12 +61,14 @@ class Chores:
                 log.warning("%s failed: %s", getattr(chore, "__name__", chore), exc)
 
     async def report(self) -> None:
-        """Every few seconds: sample queue depths and health into the metrics, and tell every
-        worker this one's stats (/ws/stats across workers and nodes)."""
+        """Every few seconds: sample queue depths and health into the metrics, write the batch
+        stages timed since, and tell every worker this one's stats (/ws/stats across workers and
+        nodes)."""
         self.worker.metrics.queues(
             self.worker.pipeline.depth(), [s.queued for s in self.worker.hub.sessions()]
         )
         self.worker.metrics.cache(self.worker.cache.stats())
+        self.worker.metrics.flush_stages()
         ok = [False, False]
         for index, ping in enumerate((self.worker.store.ping, self.worker.bus.ping)):
             with contextlib.suppress(Exception):

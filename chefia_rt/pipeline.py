@@ -43,7 +43,7 @@ from chefia_rt.domain import (
 from chefia_rt.errors import ChefiaError, Code, Locked, Overloaded, StorageUnavailable
 from chefia_rt.hub import Session
 from chefia_rt.protocol.messages import utc_now_iso
-from chefia_rt.store.base import BatchRequest, Store
+from chefia_rt.store.base import BatchRequest, Laps, Store
 from chefia_rt.sync.engine import Engine, Outcome
 from chefia_rt.sync.locks import Lease, check_write
 
@@ -70,9 +70,11 @@ class Limits:
     commit_timeout: float
 
 
-def batch_request(items: Sequence[Operation | Resolution]) -> BatchRequest:
+def batch_request(
+    items: Sequence[Operation | Resolution], laps: Laps | None = None
+) -> BatchRequest:
     """What the store must read under lock before the engine can decide these items."""
-    request = BatchRequest()
+    request = BatchRequest(laps=Laps() if laps is None else laps)
     stores: set[str] = set()
     for item in items:
         stores.add(item.store_id)
@@ -179,11 +181,13 @@ class WritePipeline:
             while len(batch) < limit and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
             taken = len(batch)
+            laps = Laps()
             try:
                 if not self.store.marks_leases:
                     batch = await self._admit(batch)
+                    laps.lap("leases")
                 if batch:
-                    await self._commit(batch)
+                    await self._commit(batch, laps)
             except Exception:
                 log.exception("batch of %d failed unexpectedly", len(batch))
             finally:
@@ -308,9 +312,9 @@ class WritePipeline:
         pending.session.own_op_answered(own_op_id(item), None)
         pending.session.send(refusal(item, code, reason))
 
-    async def _commit(self, batch: list[Pending]) -> None:
+    async def _commit(self, batch: list[Pending], laps: Laps) -> None:
         items = [p.item for p in batch]
-        request = batch_request(items)
+        request = batch_request(items, laps)
         now = utc_now_iso()
 
         written: list[Entity] = []
@@ -346,11 +350,12 @@ class WritePipeline:
         for index, (code, reason) in sorted(refused.items()):
             self._refuse(batch[index], code, reason)
         batch = [p for i, p in enumerate(batch) if i not in refused]
-        self.sink.committed(len(batch), time.monotonic() - started)
+        committed = time.monotonic() - started
         # Before anyone is answered: a read after a confirmation must find this version. A
         # timed-out commit that landed since goes too: a retry of its ops is answered
         # `duplicate` in this batch, perhaps before its own write-through has run.
         await self.cache.written([*self._late_written, *written])
+        laps.lap("cache")
         # Answered and published a slice at a time, letting the loop run in between: a large
         # batch would otherwise hold every other connection up until all of it is done.
         for start in range(0, len(batch), ANSWER_SLICE):
@@ -360,6 +365,8 @@ class WritePipeline:
             self._answer(batch[start:end], outcomes[start:end])
             await self._publish(batch[start:end], outcomes[start:end])
         await self.sink.flush()
+        laps.lap("answer")
+        self.sink.committed(len(batch), committed, laps)
 
     def _late_commit(self, commit: asyncio.Future[list[Outcome]], written: list[Entity]) -> None:
         if commit.cancelled() or commit.exception() is not None:

@@ -14,7 +14,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -254,8 +254,8 @@ class Worker:
             assert answer.policy is not None
             self.monitor.note_conflict(answer.noted, status, answer.policy)
 
-    def committed(self, operations: int, seconds: float) -> None:
-        self.metrics.committed(operations, seconds)
+    def committed(self, operations: int, seconds: float, laps: Mapping[str, float]) -> None:
+        self.metrics.committed(operations, seconds, laps)
 
     async def flush(self) -> None:
         await self.monitor.flush()  # the batch's conflicts, after its operations

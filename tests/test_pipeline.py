@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,8 @@ from chefia_rt.cache import RequestCache
 from chefia_rt.domain import EntityKey, Operation, Resolution
 from chefia_rt.errors import Overloaded, StorageUnavailable
 from chefia_rt.hub import Outbound, Session
-from chefia_rt.pipeline import Limits, WritePipeline
+from chefia_rt.pipeline import Limits, WritePipeline, batch_request
+from chefia_rt.store.base import Laps
 from chefia_rt.store.sqlite import SQLiteStore
 from chefia_rt.sync.engine import Engine
 from tests.test_hub import FakeTransport
@@ -33,13 +34,15 @@ class Kept:
     def __init__(self) -> None:
         self.answers: list[Answer] = []
         self.commits: list[int] = []
+        self.laps: list[dict[str, float]] = []
         self.flushes = 0
 
     def answered(self, answer: Answer) -> None:
         self.answers.append(answer)
 
-    def committed(self, operations: int, seconds: float) -> None:
+    def committed(self, operations: int, seconds: float, laps: Mapping[str, float]) -> None:
         self.commits.append(operations)
+        self.laps.append(dict(laps))
 
     async def flush(self) -> None:
         self.flushes += 1
@@ -109,6 +112,20 @@ def op(op_id: str, entity_id: str, data: dict[str, Any], version: int = 0, **kw:
 
 def answered(transport: FakeTransport) -> list[dict[str, Any]]:
     return [m for m in transport.messages() if m["type"] != "connection_established"]
+
+
+async def test_a_committed_batch_reports_where_its_time_went(rig: Rig) -> None:
+    pos, _ = rig.session("pos-1")
+    await rig.run((op("a", "t1", {"n": 1}), pos))
+    (laps,) = rig.sink.laps
+    stages = ["leases", "wait", "read", "decide", "write", "commit", "sync", "cache", "answer"]
+    assert list(laps) == stages
+    assert all(seconds >= 0 for seconds in laps.values())
+
+
+def test_the_store_notes_its_stages_where_the_writer_does() -> None:
+    laps = Laps()  # empty, as on PostgreSQL, which has no lease check before the commit
+    assert batch_request([op("a", "t1", {"n": 1})], laps).laps is laps
 
 
 async def test_one_batch_one_commit_one_answer_each(rig: Rig) -> None:

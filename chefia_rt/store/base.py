@@ -8,6 +8,7 @@ same transaction. The store never imports the engine.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -30,14 +31,32 @@ Decide = Callable[[BatchState], tuple[T, BatchWrite]]
 Screen = Callable[[BatchState], Awaitable[None]]
 
 
+class Laps(dict[str, float]):
+    """Where a batch spent its time: seconds by stage, each `lap` ending the stage that ran
+    since the previous one (the writer's stages and, inside `Store.commit`, the store's)."""
+
+    __slots__ = ("_mark",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._mark = time.monotonic()
+
+    def lap(self, stage: str) -> None:
+        now = time.monotonic()
+        self[stage] = self.get(stage, 0.0) + now - self._mark
+        self._mark = now
+
+
 @dataclass(slots=True)
 class BatchRequest:
-    """What a batch needs read under lock before the engine can decide it."""
+    """What a batch needs read under lock before the engine can decide it; `laps` is where the
+    store's commit notes its stages."""
 
     operation_keys: list[OpKey] = field(default_factory=list)
     entity_keys: list[EntityKey] = field(default_factory=list)
     conflict_keys: list[ConflictKey] = field(default_factory=list)
     store_ids: list[str] = field(default_factory=list)
+    laps: Laps = field(default_factory=Laps)
 
 
 @dataclass(slots=True)
@@ -119,6 +138,10 @@ class Store(Protocol):
         logged, or a seq another operation holds, fails the whole transaction
         (StorageUnavailable: the retry is answered `duplicate`). A settled_records row replaces
         only that store's `status='conflict'` row of its id; any other fails the transaction.
+
+        It ends a lap of `request.laps` after each stage it goes through (PostgreSQL: `begin`,
+        `lock`, `read`, `screen`, `decide`, `write`, `commit`; SQLite: `wait` for the file,
+        `read`, `decide`, `write`, `commit`, `sync`), for the metrics.
 
         A store that marks leases also fills BatchState.leased: the requested entity keys
         whose lease mark was read in force (read before the store seq rows are locked, so a mark

@@ -120,13 +120,20 @@ class PostgresStore(PostgresPool):
     async def commit(
         self, request: BatchRequest, decide: Decide[T], screen: Screen | None = None
     ) -> T:
+        laps = request.laps
+
         async def work(conn: asyncpg.Connection) -> T:
             async with conn.transaction():
+                laps.lap("begin")
                 state = await read_batch(conn, request)
                 if screen is not None:
                     await screen(state)
+                    laps.lap("screen")
                 result, write = decide(state)
+                laps.lap("decide")
                 await write_batch(conn, write)
+                laps.lap("write")
+            laps.lap("commit")
             return result
 
         return await self._with(work)

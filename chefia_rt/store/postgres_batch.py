@@ -156,6 +156,7 @@ async def read_batch(conn: asyncpg.Connection, request: BatchRequest) -> BatchSt
             last_seqs[row[0]] = row[1]
         else:
             leased.add(EntityKey(row[0], row[2], row[3]))
+    request.laps.lap("lock")
     missing = [store_id for store_id in stores if store_id not in last_seqs]
     if missing:
         # A store's first batch: its row is made, then locked as the others are.
@@ -193,6 +194,7 @@ async def read_batch(conn: asyncpg.Connection, request: BatchRequest) -> BatchSt
             )
             or 0
         )
+    request.laps.lap("read")
     return BatchState(known, entities, conflicts, last_seqs, frozenset(leased))
 
 

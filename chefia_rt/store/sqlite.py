@@ -69,16 +69,23 @@ class SQLiteStore(SQLiteFile):
         if screen is not None:
             raise ValueError("SQLiteStore keeps no lease marks: its commit takes no screen")
 
+        laps = request.laps
+
         def transact(db: sqlite3.Connection) -> T:
             # BEGIN IMMEDIATE (by the caller): the write lock is held from the first read, so
             # what the engine decides on cannot change under it, even with another process on
             # the file.
+            laps.lap("wait")
             try:
                 self._written.check(db)
                 state = read_batch(db, request, self._written)
+                laps.lap("read")
                 result, write = decide(state)
+                laps.lap("decide")
                 write_batch(db, write)
+                laps.lap("write")
                 db.execute("COMMIT")
+                laps.lap("commit")
             except BaseException:
                 self._written.clear()
                 rollback(db)
@@ -91,6 +98,7 @@ class SQLiteStore(SQLiteFile):
             db.execute("BEGIN IMMEDIATE")
             result = transact(db)
             self._wal.sync_now()
+            laps.lap("sync")
             return result
 
         handed = await self._connection_to_loop()
@@ -111,6 +119,7 @@ class SQLiteStore(SQLiteFile):
         if generation is None:
             return await self._run(wait_and_transact)
         await self._wal.durable(generation)
+        laps.lap("sync")
         return result
 
     async def mark_lease(self, key: EntityKey, until: float) -> None:

@@ -92,6 +92,7 @@ def test_grafana_dashboard_panels() -> None:
         "Conflict rate": "sync_conflicts_total",
         "Commit latency": "sync_commit_duration_seconds_bucket",
         "Queue depth": "sync_write_queue_depth",
+        "Where a batch's time goes": "sync_batch_stage_seconds_total",
     }
     for title, metric in expected.items():
         exprs = " ".join(t["expr"] for t in titles[title]["targets"])

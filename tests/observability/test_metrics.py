@@ -52,6 +52,7 @@ async def test_scrape_after_traffic_names_labels_counts_and_promtool(tmp_path: P
             await pos.send(op("odd-1", "x-1", {"a": 1}, entity_type="something_new"))
             await pos.until("sync_confirmation")
 
+            server.worker.metrics.flush_stages()  # as the worker's periodic report does
             text = await scrape(server.http + "/metrics")
             promtool_check_metrics(text)
             for name in DOCUMENTED_NAMES:
@@ -73,6 +74,10 @@ async def test_scrape_after_traffic_names_labels_counts_and_promtool(tmp_path: P
             assert value(text, "websocket_message_duration_seconds_count") == ops + 2
             assert value(text, "sync_batch_size_sum") >= ops + 2
             assert value(text, "sync_commit_duration_seconds_count") >= 1
+            stages = ("leases", "wait", "read", "decide", "write", "commit", "sync", "cache")
+            for stage in (*stages, "answer"):
+                assert value(text, "sync_batch_stage_seconds_total", stage=stage) > 0, stage
+            assert value(text, "sync_batches_timed_total") >= 1
             assert value(text, "websocket_resumes_total", kind="resume") == 1
             assert value(text, "bus_delivery_lag_seconds_count") >= 1
             # The worker's event-loop lag (stats.LoopLag): each check and the worst so far.

@@ -225,3 +225,23 @@ async def test_a_mark_that_cannot_be_written_raises_storage_unavailable(dsn: str
     await store.close()
     with pytest.raises(StorageUnavailable):
         await store.mark_lease(EntityKey("s1", "tables", "t1"), time.time() + 30)
+
+
+async def test_a_commit_notes_its_stages(dsn: str) -> None:
+    store = PostgresStore(dsn)
+    await store.open()
+    try:
+        screened: list[frozenset[EntityKey]] = []
+
+        async def screen(state: BatchState) -> None:
+            screened.append(state.leased)
+
+        key = EntityKey("s1", "tables", "t1")
+        request = BatchRequest(entity_keys=[key], store_ids=["s1"])
+        await store.commit(request, lambda state: (None, BatchWrite()), screen)
+        stages = ["begin", "lock", "read", "screen", "decide", "write", "commit"]
+        assert list(request.laps) == stages
+        assert all(seconds >= 0 for seconds in request.laps.values())
+        assert screened == [frozenset()]
+    finally:
+        await store.close()
