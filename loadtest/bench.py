@@ -35,7 +35,10 @@ Stalls: latency over time is the p99 of each 250 ms window of scheduled send tim
 (`ack_window_p99_ms`, `propagation_window_p99_ms`), with the worst window, when it started in the
 run and its ratio to the run's p99 (`*_worst_window_*`); for our server, the worst event-loop lag
 of each worker over the run (`loop_lag_max_ms_by_worker`, from /ws/stats, which lists each
-worker's worst lag of every recent second). A Markdown table of the rush run goes to stderr.
+worker's worst lag of every recent second). Where a batch's time went: for our server, the mean
+milliseconds per committed batch of each stage over the run (`batch_stages_ms`, from the
+`sync_batch_stage_seconds_total` counters of /metrics; docs/operations.md names the stages).
+A Markdown table of the rush run goes to stderr, and the stages under it.
 
 Scenarios:
 - rush (default): one run at --rate, ours and the baseline, with ratios ours / baseline;
@@ -54,6 +57,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import resource
 import shutil
 import signal
@@ -478,6 +482,10 @@ class Load:
         pids = self.server.pids()
         total_rate = rate * len(self.terms)
         planned = int(total_rate * duration)
+        if self.server.name.startswith("ours"):
+            # Every worker's report has written the stages of what ran before (the warm-up).
+            await asyncio.sleep(STATS_INTERVAL + 0.5)
+        stages_before = await self.batch_stages()
         cpu_before = cpu_ticks(pids)
         pg_before = postgres_cpu()
         client_before = time.process_time()
@@ -539,6 +547,7 @@ class Load:
         confirmed = len(phase.acks)
         span = (phase.last_ack - started) if phase.last_ack > started else send_seconds
         lag = await self.loop_lag(wall_started, time.time())
+        stages = stage_means(stages_before, await self.batch_stages())
         return {
             "connections": len(self.terms),
             "rate_per_terminal": rate,
@@ -562,7 +571,22 @@ class Load:
             **window_figures("ack", phase.ack_sent, phase.acks, started),
             **window_figures("propagation", phase.propagation_sent, phase.propagation, started),
             **lag,
+            "batch_stages_ms": stages,
         }
+
+    async def batch_stages(self) -> dict[str, float] | None:
+        """Our server's stage counters so far, from /metrics (every worker's, as each wrote them
+        at its last report): seconds by stage, and the batches timed (`batches`); None for the
+        baseline."""
+        if not self.server.name.startswith("ours"):
+            return None
+        url = f"http://127.0.0.1:{self.server.port}/metrics"
+        text = (await asyncio.to_thread(_http_get, url)).decode()
+        found: dict[str, float] = {}
+        for stage, number in STAGE_SAMPLE.findall(text):
+            found[stage] = found.get(stage, 0.0) + float(number)
+        found["batches"] = sum(float(number) for number in BATCHES_SAMPLE.findall(text))
+        return found
 
     async def loop_lag(self, since: float, until: float) -> dict[str, Any]:
         """The worst event-loop lag of each worker of our server between two wall-clock times,
@@ -597,6 +621,29 @@ class Load:
 
 def cpu_used_us_pids(before: dict[int, int], after: dict[int, int]) -> float:
     return CLOCK_TICK_US * sum(t - before.get(pid, 0) for pid, t in after.items())
+
+
+STAGE_SAMPLE = re.compile(
+    r'^sync_batch_stage_seconds_total\{[^}]*stage="([a-z]+)"[^}]*\} (\S+)$', re.M
+)
+BATCHES_SAMPLE = re.compile(r"^sync_batches_timed_total(?:\{[^}]*\})? (\S+)$", re.M)
+
+
+def stage_means(
+    before: dict[str, float] | None, after: dict[str, float] | None
+) -> dict[str, float] | None:
+    """Mean milliseconds per committed batch of each stage between two readings of the
+    counters, and the batches timed (`batches`)."""
+    if before is None or after is None:
+        return None
+    batches = after["batches"] - before["batches"]
+    means = {
+        stage: round(1000 * (spent - before.get(stage, 0.0)) / batches, 2)
+        for stage, spent in after.items()
+        if stage != "batches" and batches > 0
+    }
+    means["batches"] = batches
+    return means
 
 
 def _http_get(url: str) -> bytes:
@@ -1000,6 +1047,13 @@ def table(result: dict[str, Any]) -> str:
             f"| {_ms(f['server_cpu_us_per_op'])}{pg} | {lags} "
             f"| {' '.join(_ms(x) for x in f['load_average'])} |"
         )
+    for kind in ("ours", *(f"ours_{t}" for t in TRANSPORTS)):
+        f = result.get(kind)
+        stages = f.get("batch_stages_ms") if isinstance(f, dict) else None
+        if stages:
+            spent = ", ".join(f"{k} {_ms(v)}" for k, v in stages.items() if k != "batches")
+            label = f"ours {result['mode']} ({transport_of(kind, result['transport'])})"
+            rows.append(f"\n{label}, ms per batch ({stages['batches']:g} batches): {spent}")
     return "\n".join(rows)
 
 

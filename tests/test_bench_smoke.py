@@ -45,6 +45,7 @@ FIGURES = {
     "loop_lag_max_ms_by_worker",
     "loop_lag_max_ms",
     "loop_lag_ms_by_second",
+    "batch_stages_ms",
 }
 
 
@@ -87,6 +88,13 @@ async def test_bench_prints_one_json_line_and_loses_nothing() -> None:
         assert set(result[kind]["loop_lag_ms_by_second"]) == set(lags)
     assert result["baseline"]["loop_lag_max_ms_by_worker"] is None
     assert result["baseline_durable"]["loop_lag_max_ms_by_worker"] is None
+    # Where the run's batches spent their time, stage by stage, from our server's /metrics.
+    sqlite = ["leases", "wait", "read", "decide", "write", "commit", "sync", "cache", "answer"]
+    for kind in ("ours_websockets", "ours_picows"):
+        stages = result[kind]["batch_stages_ms"]
+        assert set(stages) == {*sqlite, "batches"}, stages
+        assert 1 <= stages["batches"] <= 48 and all(ms >= 0 for ms in stages.values()), stages
+    assert result["baseline"]["batch_stages_ms"] is None
 
 
 def test_p99_per_window_of_send_times() -> None:
