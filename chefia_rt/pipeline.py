@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Container, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -206,26 +206,18 @@ class WritePipeline:
         queue. A lease that cannot be read refuses the operations with 1013 (retry), never
         lets them past.
         """
-        ops = [p for p in batch if isinstance(p.item, Operation)]
-        if not ops:
+        keys = _touched(batch)
+        if not keys:
             return batch
-        keys = list(dict.fromkeys(k for p in ops for k in _operation(p).touched_keys()))
         try:
             leases = dict(zip(keys, await self.bus.get_leases(keys), strict=True))
         except Exception as exc:
             code, reason = _retry_later(exc, "reading the batch's leases")
-            for pending in ops:
-                self._refuse(pending, code, reason)
+            for pending in batch:
+                if isinstance(pending.item, Operation):
+                    self._refuse(pending, code, reason)
             return [p for p in batch if not isinstance(p.item, Operation)]
-        now = time.time()
-        forbidden: dict[int, Locked] = {}
-        for index, pending in enumerate(batch):
-            item = pending.item
-            if isinstance(item, Operation):
-                try:
-                    self._check_leases(item, pending.session.terminal_id, leases, now)
-                except Locked as exc:
-                    forbidden[index] = exc
+        forbidden = self._forbidden(batch, leases)
         if not forbidden:
             return batch
         # A terminal retries when it lost the confirmation, typically with the connection,
@@ -263,38 +255,40 @@ class WritePipeline:
 
         async def screen(state: BatchState) -> None:
             refused.clear()
-            ops = [(i, p.item, p.session.terminal_id) for i, p in enumerate(batch)]
-            marked = list(
-                dict.fromkeys(
-                    k
-                    for _, op, _ in ops
-                    if isinstance(op, Operation)
-                    for k in op.touched_keys()
-                    if k in state.leased
-                )
-            )
+            marked = _touched(batch, state.leased)
             leases: dict[EntityKey, Lease | None] = {}
             if marked:
                 try:
                     leases = dict(zip(marked, await self.bus.get_leases(marked), strict=True))
                 except Exception as exc:
                     failed = _retry_later(exc, "reading the batch's leases")
-                    for i, op, _ in ops:
-                        if isinstance(op, Operation) and state.leased.intersection(
-                            op.touched_keys()
-                        ):
-                            refused[i] = failed
-            now = time.time()
-            for i, op, writer in ops:
-                if not isinstance(op, Operation) or i in refused:
-                    continue
-                try:
-                    self._check_leases(op, writer, leases, now)
-                except Locked as exc:
-                    if op.op_key not in state.known_ops:
-                        refused[i] = (exc.code, exc.reason)
+                    for index, pending in enumerate(batch):
+                        if _touched([pending], state.leased):
+                            refused[index] = failed
+            for index, locked in self._forbidden(batch, leases, refused).items():
+                if _operation(batch[index]).op_key not in state.known_ops:
+                    refused[index] = (locked.code, locked.reason)
 
         return screen
+
+    def _forbidden(
+        self,
+        batch: list[Pending],
+        leases: dict[EntityKey, Lease | None],
+        skip: Container[int] = (),
+    ) -> dict[int, Locked]:
+        """The operations of the batch (but those at `skip`) that these leases forbid, by
+        position; an entity missing from `leases` has none."""
+        now = time.time()
+        forbidden: dict[int, Locked] = {}
+        for index, pending in enumerate(batch):
+            item = pending.item
+            if isinstance(item, Operation) and index not in skip:
+                try:
+                    self._check_leases(item, pending.session.terminal_id, leases, now)
+                except Locked as exc:
+                    forbidden[index] = exc
+        return forbidden
 
     def _check_leases(
         self, op: Operation, writer: str, leases: dict[EntityKey, Lease | None], now: float
@@ -425,6 +419,21 @@ def _retry_later(exc: Exception, doing: str) -> tuple[int, str]:
         return exc.code, exc.reason
     log.exception("%s failed unexpectedly", doing)
     return Code.TRY_AGAIN_LATER, f"{doing} failed; retry"
+
+
+def _touched(
+    batch: Sequence[Pending], within: Container[EntityKey] | None = None
+) -> list[EntityKey]:
+    """The entities the batch's operations touch (those `within`, if given), each once."""
+    return list(
+        dict.fromkeys(
+            key
+            for pending in batch
+            if isinstance(pending.item, Operation)
+            for key in pending.item.touched_keys()
+            if within is None or key in within
+        )
+    )
 
 
 def _operation(pending: Pending) -> Operation:
