@@ -11,7 +11,7 @@ import asyncpg
 import pytest
 
 from chefia_rt.domain import EntityKey
-from chefia_rt.errors import Code
+from chefia_rt.errors import Code, StorageUnavailable
 from chefia_rt.sync.locks import Lease
 from tests.e2e.test_locks import acquire
 from tests.e2e.test_sync_flow import (  # noqa: F401  (wire_checks: autouse fixture)
@@ -93,3 +93,27 @@ async def test_a_grant_that_cannot_be_marked_is_not_granted(
             await quiet(a, b)
     finally:
         await conn.close()
+
+
+async def test_leases_that_cannot_be_read_stop_only_writes_to_locked_entities(
+    pg: tuple[RunningServer, str],
+) -> None:
+    """The bus cannot answer lease reads (Redis down): a write to an entity someone locked is
+    refused 1013 (retry), never let past the lock; a write to one nobody locked needs no lease
+    and is confirmed."""
+    server, _ = pg
+    async with server.terminal("pos-a") as a, server.terminal("pos-b") as b:
+        for entity_id in ("t1", "t2"):
+            await sync(a, [b], op(f"c-{entity_id}", entity_id, {"n": 1}, operation="CREATE"))
+        await b.send(acquire("t1", "tables"))
+        await b.expect("lock_acquired")
+
+        async def unreachable(keys: Sequence[EntityKey]) -> list[Lease | None]:
+            raise StorageUnavailable("lock service unavailable: test")
+
+        server.worker.bus.get_leases = unreachable  # type: ignore[method-assign]
+        await a.send(op("u1", "t1", {"n": 2}, version=2))
+        refused = await a.expect("sync_error")
+        assert (refused["operation_id"], refused["code"]) == ("u1", Code.TRY_AGAIN_LATER)
+        await sync(a, [b], op("u2", "t2", {"n": 2}, version=2))
+        await quiet(a, b)
